@@ -1,0 +1,174 @@
+"""Activation-aware Weight Quantization (Lin et al., 2023) on the layerwise runner.
+
+Per scaling group: a 20-point grid over ``alpha``, ``s = mean|x|^alpha`` normalised by
+``sqrt(max(s) * min(s))``; each candidate is judged by the MSE of ``module2inspect``'s output
+when the group's weights are replaced by ``Q(W * s) / s``. Then, per linear, a clipping search
+shrinks each group's weight range (down to 50%) to minimise the output error. Results are data
+(:class:`ScaleResult`, plus the clipped weights left in the module).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
+from quark.torch.algorithm.utils.quant import IntGrid, fake_quant_weight, int_grid_from_spec
+from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
+from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn
+from quark.torch.algorithm.utils.specs import weight_spec_for
+from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
+from quark.torch.quantization.config.type import Dtype, QSchemeType
+
+logger = logging.getLogger(__name__)
+
+N_GRID = 20
+CLIP_STEPS = 10  # shrink ratios 1.0, 0.95, ..., 0.55
+CLIP_TOKENS = 512
+
+
+class AwqStep(ScalingStep):
+    """Per-layer AWQ: scale search, scale application, then weight clipping."""
+
+    owner = "AWQConfig"
+
+    def __init__(self, groups: Sequence[ScalingGroup], layers: Sequence[nn.Module],
+                 grids: list[dict[str, IntGrid]]) -> None:
+        super().__init__(groups, layers)
+        self.grids = grids
+        self._mse = loss_fn("MSE")
+        self._clip_inputs: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def search(self, layer: nn.Module, index: int, inputs: list) -> list[ScaleResult]:
+        head_dim = find_head_dim(layer)
+        grids = self.grids[index]
+        results = []
+        self._clip_inputs = {}
+        for g in self.active[index]:
+            quantized = [n for n in g.layers if n in grids]
+            if not quantized:
+                continue
+            prev = submodule(layer, g.prev_op, f"{self.owner}.prev_op")
+            n_prev = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.numel()
+            x = self.group_input(g)
+            x_mean = reduce_to_prev(x.abs().float().mean(0), n_prev, head_dim, how="mean")
+            module, calls = self.inspect_calls(layer, g)
+            reference = self.run(module, calls)
+            fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in quantized}
+            saved = {n: fc.weight.data.clone() for n, fc in fcs.items()}
+            best, best_loss = None, float("inf")
+            for r in range(N_GRID):
+                s = x_mean.pow(r / N_GRID).clamp(min=1e-4)
+                s = s / (s.max() * s.min()).sqrt()
+                for n, fc in fcs.items():
+                    se = expand_scales(s, fc.in_features, head_dim).to(fc.weight.dtype)
+                    fc.weight.data.copy_(fake_quant_weight(saved[n] * se, grids[n]) / se)
+                loss = self._mse(self.run(module, calls), reference)
+                if loss < best_loss:
+                    best, best_loss = s.clone(), loss
+            for n, fc in fcs.items():
+                fc.weight.data.copy_(saved[n])
+            if best is None:
+                raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
+            results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu()))
+            for n in g.layers:
+                if n in grids:
+                    se = expand_scales(best, x.shape[-1], head_dim).to(x.dtype)
+                    self._clip_inputs[n] = x / se
+        return results
+
+    def _clip_skip(self, index: int) -> set[str]:
+        """Linears of attention-input groups that feed the softmax (not the prev_op of another group)."""
+        producers = {g.prev_op for g in self.active[index]}
+        return {n for g in self.active[index] if g.has_kwargs for n in g.layers if n not in producers}
+
+    @torch.no_grad()
+    def after_scaling(self, layer: nn.Module, index: int, results: list[ScaleResult]) -> None:
+        skip = self._clip_skip(index)
+        for name, x in self._clip_inputs.items():
+            if name in skip:
+                continue
+            fc = submodule(layer, name, f"{self.owner}.layers")
+            fc.weight.data.copy_(clip_search(fc.weight.data, x, self.grids[index][name]))
+        self._clip_inputs = {}
+
+
+@torch.no_grad()
+def clip_search(w: torch.Tensor, x: torch.Tensor, grid: IntGrid, oc_chunk: int = 256) -> torch.Tensor:
+    """Clip each (row, group) of ``w`` to the shrink ratio that minimises the group's output error."""
+    out, cols = w.shape
+    gs = grid.group_size
+    step = max(x.shape[0] // CLIP_TOKENS, 1)
+    xs = x[::step][:CLIP_TOKENS].float().reshape(-1, cols // gs, gs)
+    clipped = []
+    for o0 in range(0, out, oc_chunk):
+        wg = w[o0:o0 + oc_chunk].float().reshape(-1, cols // gs, gs)
+        ref = torch.einsum("ngk,ogk->nog", xs, wg)
+        max0 = wg.abs().amax(-1, keepdim=True)
+        best_err = torch.full(max0.shape[:2], float("inf"), device=w.device)
+        best_max = max0.clone()
+        for i in range(CLIP_STEPS):
+            mx = max0 * (1 - i / N_GRID)
+            cur = torch.maximum(torch.minimum(wg, mx), -mx)
+            q = fake_quant_weight(cur.reshape(-1, cols), grid).reshape(wg.shape)
+            err = (torch.einsum("ngk,ogk->nog", xs, q) - ref).pow(2).mean(0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better[..., None], mx, best_max)
+        clipped.append(torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(-1, cols))
+    return torch.cat(clipped, 0).to(w.dtype)
+
+
+def awq_grids(model: nn.Module, path: str, layers: nn.ModuleList, groups: Sequence[ScalingGroup],
+              quant_config: Any, owner: str = "AWQConfig") -> list[dict[str, IntGrid]]:
+    """Validate names and weight specs of every group in every layer; return the grids."""
+    grids: list[dict[str, IntGrid]] = []
+    for i, layer in enumerate(layers):
+        validate_groups(layer, groups, owner)
+        per: dict[str, IntGrid] = {}
+        for g in groups:
+            for n in g.layers:
+                fc = layer.get_submodule(n)
+                spec = weight_spec_for(f"{path}.{i}.{n}", fc, quant_config)
+                if spec is None:
+                    continue
+                per[n] = int_grid_from_spec(spec, f"{owner}: {path}.{i}.{n}", fc.in_features,
+                                            allowed=(QSchemeType.per_group,), dtypes=(Dtype.int4, Dtype.uint4))
+        grids.append(per)
+    return grids
+
+
+class AwqProcessor:
+    """AWQ over a whole model: ``AwqProcessor(model, algo_config, data, quant_config=...).apply()``.
+
+    Only int4/uint4 per-group weights are accepted (checked for every targeted linear before any
+    weight changes). ``results`` holds the per-layer scales after ``apply``. On failure the
+    model's weights are restored.
+    """
+
+    def __init__(self, model: nn.Module, algo_config: Any, data: Sequence[Any], quant_config: Any = None,
+                 device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.cfg = algo_config
+        self.data = list(data)
+        self.quant_config = quant_config
+        self.device = device or next(model.parameters()).device
+        self.results: list[ScaleResult] = []
+
+    def build_step(self) -> tuple[str, AwqStep]:
+        path, groups = groups_from_config(self.cfg, self.model, self.data, "AWQConfig")
+        _, layers = find_decoder_layers(self.model, path)
+        grids = awq_grids(self.model, path, layers, groups, self.quant_config)
+        if not any(grids):
+            raise ValueError("AWQConfig: no linear of the scaling groups has a quantized weight")
+        return path, AwqStep(groups, list(layers), grids)
+
+    def apply(self, backup: ModelBackup | None = None) -> None:
+        path, step = self.build_step()
+        run_layerwise(self.model, self.data, [step], self.device, decoder_path=path, backup=backup, desc="AWQ")
+        self.results = step.results

@@ -1,0 +1,147 @@
+"""GPTQ as a layer step of the layerwise runner, and the public ``GptqProcessor``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from quark.torch.algorithm.gptq.math import accumulate_hessian, gptq_quantize
+from quark.torch.algorithm.utils.model_info import sequential_groups
+from quark.torch.algorithm.utils.quant import IntGrid, int_grid_from_spec
+from quark.torch.algorithm.utils.specs import set_weight_qparams, weight_spec_for
+from quark.torch.quantization.calibration.layerwise import (
+    ModelBackup,
+    collecting,
+    find_decoder_layers,
+    run_layerwise,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _linears(layer: nn.Module, names: Sequence[str] | None, owner: str) -> dict[str, nn.Linear]:
+    if not names:
+        return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    found: dict[str, nn.Linear] = {}
+    for n in names:
+        try:
+            m = layer.get_submodule(n)
+        except AttributeError:
+            raise ValueError(f"{owner}.inside_layer_modules: {n!r} names no module of the decoder layer") from None
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"{owner}.inside_layer_modules: {n!r} is a {type(m).__name__}, not nn.Linear")
+        found[n] = m
+    return found
+
+
+class GptqStep:
+    """Per-layer GPTQ: Hessians from the layer's inputs, then column-wise quantization.
+
+    ``grids[i][name]`` is the integer grid of linear ``name`` in decoder layer ``i``; linears
+    without a grid (excluded) are left alone. With ``true_sequential`` the linears are quantized in
+    groups that share an input, in execution order, each group's Hessians collected after the
+    previous groups were quantized.
+    """
+
+    def __init__(self, cfg: Any, grids: list[dict[str, IntGrid]], prefix: str) -> None:
+        self.cfg = cfg
+        self.grids = grids
+        self.prefix = prefix
+        self.hessians: dict[str, tuple[torch.Tensor | None, int]] = {}
+        self._only: set[str] | None = None
+
+    def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]:
+        names = self._only if self._only is not None else set(self.grids[index])
+        return {n: layer.get_submodule(n) for n in names}
+
+    def collect(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        h, count = self.hessians.get(name, (None, 0))
+        self.hessians[name] = accumulate_hessian(h, count, args[0])
+
+    def _quantize(self, layer: nn.Module, index: int, name: str) -> None:
+        module = layer.get_submodule(name)
+        h, _ = self.hessians.pop(name, (None, 0))
+        if h is None:
+            raise RuntimeError(f"GPTQ {self.prefix}.{index}.{name}: no inputs reached this linear")
+        full = f"{self.prefix}.{index}.{name}"
+        res = gptq_quantize(module.weight.data, h, self.grids[index][name],
+                            damp_percent=float(getattr(self.cfg, "damp_percent", 0.01)),
+                            desc_act=bool(getattr(self.cfg, "desc_act", True)),
+                            static_groups=bool(getattr(self.cfg, "static_groups", True)), name=full)
+        module.weight.data.copy_(res.weight)
+        set_weight_qparams(module, res.scale, res.zero_point)
+        logger.debug("GPTQ %s: loss %.4g (damp %g)", full, res.loss, res.damp)
+
+    def apply(self, layer: nn.Module, index: int, inputs: list[tuple[tuple, dict]]) -> None:
+        names = list(self.grids[index])
+        if not bool(getattr(self.cfg, "true_sequential", True)):
+            for n in names:
+                self._quantize(layer, index, n)
+            return
+        groups = sequential_groups(layer, *inputs[0], names=names)
+        missing = set(names) - {n for g in groups for n in g}
+        if missing:
+            groups.append(sorted(missing))
+        for k, group in enumerate(groups):
+            if k > 0:
+                for n in group:
+                    self.hessians.pop(n, None)
+                self._only = set(group)
+                try:
+                    with collecting(layer, self, index), torch.no_grad():
+                        for args, kwargs in inputs:
+                            layer(*args, **kwargs)
+                finally:
+                    self._only = None
+            for n in group:
+                self._quantize(layer, index, n)
+
+
+class GptqProcessor:
+    """GPTQ over a whole model: ``GptqProcessor(model, algo_config, data, quant_config=...).apply()``.
+
+    ``quant_config`` (a ``Config``) decides each linear's weight spec through the resolver; only
+    int4/uint4/int8/uint8 per-group or per-channel weights are accepted, checked for every
+    targeted linear before any weight changes. On failure the model's weights are restored.
+    """
+
+    def __init__(self, model: nn.Module, algo_config: Any, data: Sequence[Any], quant_config: Any = None,
+                 device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.cfg = algo_config
+        self.data = list(data)
+        self.quant_config = quant_config
+        self.device = device or next(model.parameters()).device
+
+    def build_step(self) -> GptqStep:
+        path, layers = find_decoder_layers(self.model, getattr(self.cfg, "model_decoder_layers", None) or None)
+        inside = getattr(self.cfg, "inside_layer_modules", None)
+        grids: list[dict[str, IntGrid]] = []
+        for i, layer in enumerate(layers):
+            per_layer: dict[str, IntGrid] = {}
+            for name, module in _linears(layer, inside, "GPTQConfig").items():
+                full = f"{path}.{i}.{name}"
+                spec = weight_spec_for(full, module, self.quant_config)
+                if spec is None:
+                    continue
+                per_layer[name] = int_grid_from_spec(spec, f"GPTQConfig: {full}", module.in_features)
+            grids.append(per_layer)
+        if not any(grids):
+            raise ValueError("GPTQConfig: no linear of the decoder layers has a quantized weight to optimise")
+        desc, static = getattr(self.cfg, "desc_act", True), getattr(self.cfg, "static_groups", True)
+        for per in grids:
+            for g in per.values():
+                if desc and not static and g.qscheme.name == "per_group":
+                    raise ValueError("GPTQConfig.static_groups=False with desc_act=True is not supported for "
+                                     "per_group weights (needs a group index); set static_groups=True")
+        return GptqStep(self.cfg, grids, path)
+
+    def apply(self, backup: ModelBackup | None = None) -> None:
+        step = self.build_step()
+        run_layerwise(self.model, self.data, [step], self.device,
+                      decoder_path=getattr(self.cfg, "model_decoder_layers", None) or None,
+                      backup=backup, desc="GPTQ")

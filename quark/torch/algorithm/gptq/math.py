@@ -1,0 +1,142 @@
+"""GPTQ on one weight matrix (Frantar et al., 2022): pure tensor math, no modules.
+
+Columns are quantized one after another; each column's rounding error is spread over the columns
+not yet quantized through the inverse Hessian's upper Cholesky factor. Updates are applied
+lazily per block of columns (``block_size``, a multiple of the group size so that a group never
+straddles two blocks, which keeps the result identical to the unblocked algorithm).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from quark.torch.algorithm.utils.quant import IntGrid, fake_quant_with, minmax_qparams
+from quark.torch.quantization.config.type import QSchemeType
+
+logger = logging.getLogger(__name__)
+
+_MAX_DAMP_RETRIES = 4
+
+
+@dataclass
+class GptqResult:
+    """Quantized (dequantized-float) weight, its fixed qparams and the GPTQ loss estimate.
+
+    ``scale``/``zero_point``: ``[out]`` per channel or ``[out, in // group]`` per group.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    loss: float
+    damp: float
+
+
+def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Running mean of ``2 x xᵀ`` over tokens: ``x`` is ``[..., in]``; returns ``(H, count)``."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    n = x.shape[0]
+    if h is None:
+        h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+    total = count + n
+    h.mul_(count / total)
+    x = x * (2.0 / total) ** 0.5
+    h.addmm_(x.t(), x)
+    return h, total
+
+
+def _inverse_cholesky(h: torch.Tensor, damp_percent: float, name: str) -> tuple[torch.Tensor, float]:
+    mean_diag = torch.mean(torch.diag(h)).item()
+    damp = damp_percent
+    for attempt in range(_MAX_DAMP_RETRIES + 1):
+        hd = h.clone()
+        hd.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0:
+                return upper, damp
+        if attempt < _MAX_DAMP_RETRIES:
+            new = max(damp * 10, 0.01)
+            logger.warning("GPTQ %s: Hessian not positive definite with damp_percent=%g; retrying with %g",
+                           name, damp, new)
+            damp = new
+    raise RuntimeError(
+        f"GPTQ {name}: the Hessian is not positive definite even with damp_percent={damp:g}; "
+        "raise GPTQConfig.damp_percent or use more calibration data"
+    )
+
+
+def _group_params(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    return minmax_qparams(w.amin(dim=1), w.amax(dim=1), grid)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, damp_percent: float = 0.01,
+                  desc_act: bool = False, static_groups: bool = False, block_size: int = 128,
+                  name: str = "layer") -> GptqResult:
+    """Quantize ``weight [out, in]`` given the input Hessian ``[in, in]``."""
+    out, cols = weight.shape
+    per_group = grid.qscheme == QSchemeType.per_group
+    gs = grid.group_size if per_group else cols
+    if per_group and desc_act and not static_groups:
+        raise ValueError(
+            f"GPTQ {name}: desc_act=True with static_groups=False needs a per-column group index, "
+            "which quantized linears do not store; set GPTQConfig.static_groups=True or desc_act=False"
+        )
+    # float64 weights are processed in float64 (used by the exactness tests), all else in float32.
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().clone().to(work)
+    h = hessian.detach().clone().to(device=w.device, dtype=work)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    n_groups = cols // gs
+    scales = torch.zeros(out, n_groups, device=w.device, dtype=work)
+    zeros = torch.zeros(out, n_groups, device=w.device, dtype=work)
+    fixed = static_groups or not per_group
+    if fixed:
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = _group_params(w[:, g * gs:(g + 1) * gs], grid)
+
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv, damp = _inverse_cholesky(h, damp_percent, name)
+
+    block = max(block_size // gs, 1) * gs if per_group else block_size
+    q_all = torch.zeros_like(w)
+    losses = torch.zeros(out, device=w.device, dtype=work)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(perm[col]) if perm is not None else col
+            g = orig // gs
+            if not fixed and col % gs == 0:
+                scales[:, g], zeros[:, g] = _group_params(w1[:, i:i + gs], grid)
+            c = w1[:, i]
+            q = fake_quant_with(c, scales[:, g], zeros[:, g], grid)
+            d = hinv1[i, i]
+            q_all[:, col] = q
+            losses += (c - q) ** 2 / d**2 / 2
+            e = (c - q) / d
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        q_all = q_all[:, torch.argsort(perm)]
+    if not torch.isfinite(q_all).all():
+        raise RuntimeError(f"GPTQ {name}: the quantized weight contains NaN or inf")
+    if per_group:
+        return GptqResult(q_all.to(weight.dtype), scales, zeros, float(losses.sum()), damp)
+    return GptqResult(q_all.to(weight.dtype), scales[:, 0], zeros[:, 0], float(losses.sum()), damp)

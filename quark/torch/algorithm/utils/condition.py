@@ -1,0 +1,82 @@
+"""A small, safe evaluator for the ``condition`` strings of scaling-layer configs.
+
+Grammar (anything else raises ``ValueError``): names (only ``module``), attribute access,
+``.shape``, subscripts with integer constants, comparisons (``== != < > <= >=``), ``and`` /
+``or`` / ``not``, integer constants and parentheses. Example:
+``module.self_attn.v_proj.weight.shape == module.self_attn.o_proj.weight.shape``.
+Strings are parsed with :mod:`ast`; nothing is ever passed to ``eval``.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from typing import Any
+
+_COMPARE = {
+    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
+    ast.Gt: operator.gt, ast.LtE: operator.le, ast.GtE: operator.ge,
+}
+
+
+def _fail(node: ast.AST, text: str) -> ValueError:
+    return ValueError(
+        f"condition {text!r}: {type(node).__name__} is not allowed; allowed: the name 'module', "
+        "attribute access, .shape, integer subscripts, comparisons, and/or/not, integer constants"
+    )
+
+
+def _eval(node: ast.AST, module: Any, text: str) -> Any:
+    if isinstance(node, ast.Expression):
+        return _eval(node.body, module, text)
+    if isinstance(node, ast.Name):
+        if node.id != "module":
+            raise ValueError(f"condition {text!r}: unknown name {node.id!r}; only 'module' is allowed")
+        return module
+    if isinstance(node, ast.Attribute):
+        if node.attr.startswith("_"):
+            raise ValueError(f"condition {text!r}: private attribute {node.attr!r} is not allowed")
+        base = _eval(node.value, module, text)
+        try:
+            return getattr(base, node.attr)
+        except AttributeError:
+            raise ValueError(f"condition {text!r}: {type(base).__name__} has no attribute {node.attr!r}") from None
+    if isinstance(node, ast.Subscript):
+        index = node.slice
+        sign = 1
+        if isinstance(index, ast.UnaryOp) and isinstance(index.op, ast.USub):
+            sign, index = -1, index.operand
+        if not (isinstance(index, ast.Constant) and type(index.value) is int):
+            raise _fail(index, text)
+        return _eval(node.value, module, text)[sign * index.value]
+    if isinstance(node, ast.Constant):
+        if type(node.value) is not int:
+            raise _fail(node, text)
+        return node.value
+    if isinstance(node, ast.Compare):
+        left = _eval(node.left, module, text)
+        for op, right_node in zip(node.ops, node.comparators):
+            if type(op) not in _COMPARE:
+                raise _fail(op, text)
+            right = _eval(right_node, module, text)
+            if not _COMPARE[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, ast.BoolOp):
+        values = (_eval(v, module, text) for v in node.values)
+        return all(values) if isinstance(node.op, ast.And) else any(values)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return not _eval(node.operand, module, text)
+    raise _fail(node, text)
+
+
+def evaluate_condition(text: str | None, module: Any) -> bool:
+    """Evaluate ``text`` with ``module`` bound to the decoder layer; empty means true."""
+    if text is None or not str(text).strip():
+        return True
+    try:
+        tree = ast.parse(str(text), mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"condition {text!r} is not a valid expression: {exc.msg}") from None
+    return bool(_eval(tree, module, str(text)))

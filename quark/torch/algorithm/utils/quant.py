@@ -1,0 +1,163 @@
+"""Integer weight grids used inside the algorithms' searches (AWQ, GPTQ, AutoSmoothQuant).
+
+Conventions (the Quark ones, see ``reference/quark-hf-format.md``): ``q = clamp(round(x / s) + zp,
+qmin, qmax)`` and ``x_hat = (q - zp) * s``; ``qmin``/``qmax`` come from the format table.
+Min-max parameters follow torch's observer rule: symmetric ``s = amax / ((qmax - qmin) / 2)``,
+``zp = 0``; asymmetric ``s = (max+ - min-) / (qmax - qmin)``, ``zp = qmin - round(min- / s)``
+with ``min- = min(x, 0)``, ``max+ = max(x, 0)``.
+
+A weight is ``[out, in]``: per-channel parameters have shape ``[out]`` (``ch_axis=0``), per-group
+ones ``[out, in // group]`` (groups along the input dimension, ``ch_axis`` 1 or -1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
+from quark.torch.quantization.formats.table import FORMATS
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """The parts of a ``QuantizationSpec`` an integer weight search needs."""
+
+    dtype: Dtype
+    qscheme: QSchemeType
+    group_size: int  # columns per group; the whole row for per-channel
+    symmetric: bool
+    round_method: RoundType
+
+    @property
+    def qmin(self) -> int:
+        return int(FORMATS[self.dtype].qmin)
+
+    @property
+    def qmax(self) -> int:
+        return int(FORMATS[self.dtype].qmax)
+
+
+def int_grid_from_spec(
+    spec: Any, owner: str, in_features: int, allowed: tuple[QSchemeType, ...] = (QSchemeType.per_group,
+                                                                              QSchemeType.per_channel),
+    dtypes: tuple[Dtype, ...] = (Dtype.int4, Dtype.uint4, Dtype.int8, Dtype.uint8),
+) -> IntGrid:
+    """Validate a weight spec for an integer algorithm and return its grid, or raise ValueError."""
+    if spec is None:
+        raise ValueError(f"{owner}: the layer has no weight quantization spec; the algorithm needs one")
+    dtype = Dtype.from_any("QuantizationSpec", "dtype", spec.dtype)
+    if dtype not in dtypes:
+        raise ValueError(f"{owner}: weight dtype={dtype.name} is not supported; allowed: "
+                         + ", ".join(d.name for d in dtypes))
+    qscheme = QSchemeType.from_any("QuantizationSpec", "qscheme", spec.qscheme)
+    if qscheme not in allowed:
+        raise ValueError(f"{owner}: weight qscheme={qscheme.name} is not supported; allowed: "
+                         + ", ".join(q.name for q in allowed))
+    if qscheme == QSchemeType.per_group:
+        group = getattr(spec, "group_size", None)
+        if not isinstance(group, int) or group <= 0 or in_features % group != 0:
+            raise ValueError(f"{owner}: weight group_size={group!r} must be a positive divisor of the "
+                             f"layer's in_features={in_features}")
+        ch_axis = getattr(spec, "ch_axis", -1)
+        if ch_axis not in (1, -1, None):
+            raise ValueError(f"{owner}: per_group weight ch_axis={ch_axis!r} is not supported; allowed: 1, -1")
+    else:
+        group = in_features
+        ch_axis = getattr(spec, "ch_axis", 0)
+        if ch_axis not in (0, None):
+            raise ValueError(f"{owner}: per_channel weight ch_axis={ch_axis!r} is not supported; allowed: 0")
+    rnd = getattr(spec, "round_method", None)
+    round_method = RoundType.half_even if rnd is None else RoundType.from_any("QuantizationSpec", "round_method", rnd)
+    symmetric = bool(getattr(spec, "symmetric", True))
+    return IntGrid(dtype, qscheme, group, symmetric, round_method)
+
+
+def round_to_grid(x: torch.Tensor, method: RoundType) -> torch.Tensor:
+    """Round with the spec's method: half away from zero, floor, or half to even."""
+    if method == RoundType.round:
+        return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    if method == RoundType.floor:
+        return torch.floor(x)
+    return torch.round(x)
+
+
+def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point from per-group minima and maxima."""
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if grid.symmetric:
+        amax = torch.maximum(-xmin, xmax)
+        scale = (amax / ((grid.qmax - grid.qmin) / 2)).clamp(min=_EPS)
+        zp = torch.zeros_like(scale)
+        if not FORMATS[grid.dtype].signed:
+            zp = torch.full_like(scale, float((grid.qmax + grid.qmin + 1) // 2))
+    else:
+        scale = ((xmax - xmin) / (grid.qmax - grid.qmin)).clamp(min=_EPS)
+        zp = (grid.qmin - round_to_grid(xmin / scale, RoundType.half_even)).clamp(grid.qmin, grid.qmax)
+    return scale, zp
+
+
+def weight_qparams(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max qparams of a ``[out, in]`` weight: shape ``[out]`` (per-channel) or ``[out, G]``."""
+    out, inp = w.shape
+    g = w.reshape(out, inp // grid.group_size, grid.group_size).float()
+    scale, zp = minmax_qparams(g.amin(-1), g.amax(-1), grid)
+    if grid.qscheme == QSchemeType.per_channel:
+        return scale[:, 0], zp[:, 0]
+    return scale, zp
+
+
+def fake_quant_with(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with parameters broadcastable to it."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    q = (round_to_grid(xf / scale, grid.round_method) + zp).clamp(grid.qmin, grid.qmax)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+def fake_quant_weight(w: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """Round-to-nearest fake quantization of a ``[out, in]`` weight with min-max parameters."""
+    out, inp = w.shape
+    scale, zp = weight_qparams(w, grid)
+    if grid.qscheme == QSchemeType.per_channel:
+        return fake_quant_with(w, scale[:, None], zp[:, None], grid)
+    g = w.reshape(out, inp // grid.group_size, grid.group_size)
+    return fake_quant_with(g, scale[..., None], zp[..., None], grid).reshape(out, inp)
+
+
+def simulate_quant(x: torch.Tensor, spec: Any) -> torch.Tensor:
+    """Fake-quantize ``x`` with min-max parameters taken from ``x`` itself (used inside searches).
+
+    Integer dtypes are handled here (per-tensor, per-channel along ``ch_axis``, per-group along
+    the last axis); every other dtype goes through the quantizer layer's
+    ``fake_quantize_with_spec``. ``None`` means not quantized.
+    """
+    if spec is None:
+        return x
+    dtype = Dtype.from_any("QuantizationSpec", "dtype", spec.dtype)
+    if dtype not in FORMATS or FORMATS[dtype].kind != "int":
+        from quark.torch.quantization.tensor_quantize import fake_quantize_with_spec
+
+        return fake_quantize_with_spec(x, spec)
+    qscheme = QSchemeType.from_any("QuantizationSpec", "qscheme", spec.qscheme)
+    rnd = getattr(spec, "round_method", None)
+    grid = IntGrid(dtype, qscheme, 0, bool(getattr(spec, "symmetric", True)),
+                   RoundType.half_even if rnd is None else RoundType.from_any("QuantizationSpec", "round_method", rnd))
+    if qscheme == QSchemeType.per_tensor:
+        scale, zp = minmax_qparams(x.min().float(), x.max().float(), grid)
+        return fake_quant_with(x, scale, zp, grid)
+    if qscheme == QSchemeType.per_channel:
+        axis = getattr(spec, "ch_axis", 0) or 0
+        xt = x.movedim(axis, 0)
+        flat = xt.reshape(xt.shape[0], -1).float()
+        scale, zp = minmax_qparams(flat.amin(1), flat.amax(1), grid)
+        shape = (-1,) + (1,) * (xt.dim() - 1)
+        return fake_quant_with(xt, scale.view(shape), zp.view(shape), grid).movedim(0, axis)
+    group = int(spec.group_size)
+    g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    scale, zp = minmax_qparams(g.amin(-1).float(), g.amax(-1).float(), grid)
+    return fake_quant_with(g, scale[..., None], zp[..., None], grid).reshape(x.shape)

@@ -1,0 +1,126 @@
+"""What SmoothQuant, AutoSmoothQuant and AWQ share: per-layer scaling groups and their results.
+
+Results are data (:class:`ScaleResult`): the search produces them, :func:`apply_scale_results`
+applies them, so they can be saved, reloaded and replayed without calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quark.torch.algorithm.utils.condition import evaluate_condition
+from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, submodule
+from quark.torch.algorithm.utils.scaling import find_head_dim, scale_fc_fc, scale_norm_fcs
+from quark.torch.quantization.calibration.layerwise import layer_output_tensor
+
+
+@dataclass
+class ScaleResult:
+    """Scales found for one group of one decoder layer (``s`` in ``prev_op``'s output space)."""
+
+    layer_index: int
+    prev_op: str
+    layers: list[str]
+    scales: torch.Tensor
+
+
+@torch.no_grad()
+def apply_scale_results(layer: nn.Module, results: Sequence[ScaleResult], owner: str) -> None:
+    """Divide each ``prev_op`` by its scales and multiply the group's linears by them."""
+    head_dim = find_head_dim(layer)
+    for r in results:
+        prev = submodule(layer, r.prev_op, f"{owner}.prev_op")
+        fcs = [submodule(layer, n, f"{owner}.layers") for n in r.layers]
+        if isinstance(prev, nn.Linear):
+            scale_fc_fc(prev, fcs, r.scales, head_dim)
+        elif _norm_like(prev):
+            scale_norm_fcs(prev, fcs, r.scales)
+        else:
+            raise ValueError(f"{owner}: prev_op {r.prev_op!r} is a {type(prev).__name__}; only a norm "
+                             "(1-D weight) or an nn.Linear can absorb scales")
+
+
+class ScalingStep:
+    """Base of the scaling algorithms: hooks the groups' ``inp`` and ``module2inspect`` modules.
+
+    ``active[i]`` lists the groups that apply to decoder layer ``i`` (their ``condition`` holds).
+    Subclasses implement ``search(layer, index, inputs) -> list[ScaleResult]``.
+    """
+
+    owner = "scaling"
+
+    def __init__(self, groups: Sequence[ScalingGroup], layers: Sequence[nn.Module]) -> None:
+        self.groups = list(groups)
+        self.active: list[list[ScalingGroup]] = [
+            [g for g in self.groups if evaluate_condition(g.condition, layer)] for layer in layers
+        ]
+        self.inputs: dict[str, list[tuple[tuple, dict]]] = {}
+        self.results: list[ScaleResult] = []
+
+    def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]:
+        names: dict[str, nn.Module] = {}
+        for g in self.active[index]:
+            names[g.inp] = submodule(layer, g.inp, f"{self.owner}.inp")
+            if g.module2inspect:
+                names[g.module2inspect] = submodule(layer, g.module2inspect, f"{self.owner}.module2inspect")
+        return names
+
+    def collect(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.inputs.setdefault(name, []).append((args, kwargs))
+
+    def group_input(self, g: ScalingGroup) -> torch.Tensor:
+        xs = [a[0] for a, _ in self.inputs[g.inp]]
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs], 0)
+
+    def inspect_calls(self, layer: nn.Module, g: ScalingGroup) -> tuple[nn.Module, list[tuple[tuple, dict]]]:
+        """The module whose output the search compares, and its recorded calls."""
+        if g.module2inspect:
+            m = submodule(layer, g.module2inspect, f"{self.owner}.module2inspect")
+            calls = self.inputs[g.module2inspect]
+            return m, [(a, k if g.has_kwargs else {}) for a, k in calls]
+        return submodule(layer, g.layers[0], f"{self.owner}.layers"), self.inputs[g.inp]
+
+    @staticmethod
+    def run(module: nn.Module, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+        return [layer_output_tensor(module(*a, **k)) for a, k in calls]
+
+    def search(self, layer: nn.Module, index: int, inputs: list) -> list[ScaleResult]:
+        raise NotImplementedError
+
+    def apply(self, layer: nn.Module, index: int, inputs: list[tuple[tuple, dict]]) -> None:
+        try:
+            results = self.search(layer, index, inputs)
+        finally:
+            self.inputs.clear()
+        for r in results:
+            if not torch.isfinite(r.scales).all():
+                raise RuntimeError(f"{self.owner}: non-finite scales for {r.prev_op} in decoder layer {index}")
+        apply_scale_results(layer, results, self.owner)
+        self.after_scaling(layer, index, results)
+        self.results.extend(results)
+
+    def after_scaling(self, layer: nn.Module, index: int, results: list[ScaleResult]) -> None:
+        """Hook for work after the scales are applied (AWQ's clipping); nothing by default."""
+
+
+def loss_fn(name: str) -> Any:
+    """``"MSE"`` or ``"MAE"`` between two lists of tensors."""
+    key = str(name).upper()
+    if key not in ("MSE", "MAE"):
+        raise ValueError(f"AutoSmoothQuantConfig.compute_scale_loss={name!r} is not one of: MSE, MAE")
+
+    def f(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        total = 0.0
+        count = 0
+        for x, y in zip(a, b):
+            d = (x.float() - y.float())
+            total += float((d.pow(2) if key == "MSE" else d.abs()).sum())
+            count += d.numel()
+        return total / max(count, 1)
+
+    return f

@@ -1,0 +1,24 @@
+"""Which weight spec each Linear of a decoder layer gets, via the config resolver (layer 6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def weight_spec_for(full_name: str, module: nn.Module, quant_config: Any) -> Any | None:
+    """The weight ``QuantizationSpec`` of ``module`` under ``quant_config`` (None when unquantized)."""
+    from quark.torch.quantization.config.resolve import resolve_module_config
+
+    resolved = resolve_module_config(full_name, module, quant_config)
+    return None if resolved is None else getattr(resolved, "weight", None)
+
+
+def set_weight_qparams(module: nn.Module, scale: Any, zero_point: Any) -> bool:
+    """Fix the module's weight quantizer to ``(scale, zero_point)`` when it has one; True if done."""
+    quantizer = getattr(module, "weight_quantizer", None)
+    if quantizer is None or not hasattr(quantizer, "set_qparams"):
+        return False
+    quantizer.set_qparams(scale, zero_point)
+    return True

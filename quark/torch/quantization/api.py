@@ -1,0 +1,155 @@
+"""``ModelQuantizer`` (layer 8): the pipeline of DESIGN.md in one place.
+
+resolve -> pre-quant optimizations -> insert quantizers -> algorithms -> calibrate -> (freeze).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from quark.torch.quantization.calibration.batches import materialize, model_device, run_batches
+from quark.torch.quantization.config.config import Config
+from quark.torch.quantization.model_transformation import (
+    plan_quantization,
+    quant_linears,
+    swap_linears,
+    undo_swaps,
+)
+from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+PRE_QUANT_ALGORITHMS = ("smoothquant", "smooth", "autosmoothquant", "rotation", "quarot")
+ADVANCED_ALGORITHMS = ("awq", "gptq")
+_SEVERITY = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
+
+
+@dataclass
+class QuantizationSummary:
+    """What the last ``quantize_model`` did (also logged at INFO)."""
+
+    quantized: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    calibration_batches: int = 0
+    seconds: float = 0.0
+    algorithms: list[str] = field(default_factory=list)
+
+
+def _algo_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _algo_name(algo: Any) -> str:
+    return str(getattr(algo, "name", type(algo).__name__)).lower()
+
+
+class ModelQuantizer:
+    """Quantize a PyTorch model in place according to a :class:`Config`.
+
+    ``quantize_model(model, calib_dataloader)`` returns the same model object with its
+    ``nn.Linear`` layers replaced by fake-quantized ``QuantLinear`` modules; ``freeze(model)``
+    turns their weights into real low-bit storage. If ``quantize_model`` raises, the original
+    modules are put back (weights are only changed by algorithms that say so).
+    """
+
+    def __init__(self, config: Config, multi_device: bool = False) -> None:
+        if not isinstance(config, Config):
+            raise ValueError(f"ModelQuantizer(config=...) needs a quark Config, got {type(config).__name__}")
+        self.config = config
+        self.multi_device = multi_device
+        self.summary = QuantizationSummary()
+        level = config.log_severity_level
+        if level is not None:
+            if level not in _SEVERITY:
+                raise ValueError(f"Config.log_severity_level={level!r} is not one of: 0, 1, 2, 3, 4")
+            logging.getLogger("quark").setLevel(_SEVERITY[level])
+
+    def _split_algorithms(self) -> tuple[list[Any], list[Any]]:
+        pre = list(_algo_list(self.config.pre_quant_opt_config))
+        advanced: list[Any] = []
+        for algo in _algo_list(self.config.algo_config):
+            name = _algo_name(algo)
+            if name in PRE_QUANT_ALGORITHMS:
+                pre.append(algo)
+            elif name in ADVANCED_ALGORITHMS:
+                advanced.append(algo)
+            else:
+                known = ", ".join(PRE_QUANT_ALGORITHMS + ADVANCED_ALGORITHMS)
+                raise ValueError(f"Config.algo_config has an algorithm named {name!r}; known: {known}")
+        return pre, advanced
+
+    def quantize_model(self, model: nn.Module, dataloader: Iterable[Any] | None = None) -> nn.Module:
+        """Insert quantizers, run algorithms and calibration; return ``model`` (modified in place)."""
+        start = time.perf_counter()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"quantize_model(model=...) needs an nn.Module, got {type(model).__name__}")
+        pre, advanced = self._split_algorithms()
+        plan, excluded = plan_quantization(model, self.config)
+        if not plan:
+            logger.warning("no module matched the quantization config: nothing to quantize")
+        needs_data = bool(pre or advanced) or any(
+            spec is not None and not spec_is_dynamic_or_free(spec)
+            for item in plan for spec in (item.config.input_tensors, item.config.output_tensors)
+        )
+        batches = materialize(dataloader, required=needs_data)
+        device = model_device(model)
+        was_training = model.training
+        model.eval()
+        records = []
+        try:
+            if pre:
+                from quark.torch.algorithm.api import apply_pre_quant_optimization
+
+                apply_pre_quant_optimization(model, pre, self.config, batches, device)
+                plan, excluded = plan_quantization(model, self.config)
+            records = swap_linears(model, plan)
+            if advanced:
+                from quark.torch.algorithm.api import apply_advanced_algorithm
+
+                apply_advanced_algorithm(model, advanced, self.config, batches, device)
+            if any(q.observing for _, m in quant_linears(model) for q in m.quantizers()):
+                run_batches(model, batches, desc="Calibrating")
+            for _, module in quant_linears(model):
+                for quantizer in module.quantizers():
+                    quantizer.finalize()
+        except BaseException:
+            undo_swaps(records)
+            model.train(was_training)
+            raise
+        self.summary = QuantizationSummary(
+            quantized=[p.name for p in plan], excluded=excluded, calibration_batches=len(batches),
+            seconds=time.perf_counter() - start, algorithms=[_algo_name(a) for a in pre + advanced],
+        )
+        logger.info("quantized %d linear layers (%d excluded) with %d calibration batches in %.1f s",
+                    len(plan), len(excluded), len(batches), self.summary.seconds)
+        return model
+
+    @staticmethod
+    def freeze(model: nn.Module, pack_method: str = "reorder") -> nn.Module:
+        """Store every quantized weight in its real low-bit form (idempotent); returns ``model``."""
+        layers = quant_linears(model)
+        if not layers:
+            raise ValueError("freeze(model): the model has no quantized layers; run "
+                             "ModelQuantizer.quantize_model first")
+        for _, module in layers:
+            module.freeze(pack_method)
+        return model
+
+
+def spec_is_dynamic_or_free(spec: Any) -> bool:
+    """True for specs that need no calibration data (dynamic, casts, block formats)."""
+    from quark.torch.quantization.formats.table import format_info
+
+    first = spec[0] if isinstance(spec, (list, tuple)) else spec
+    return bool(first.is_dynamic) or format_info(first.dtype).kind not in ("int", "float")
+
+
+__all__ = ["ModelQuantizer", "QuantLinear", "QuantizationSummary"]

@@ -1,0 +1,88 @@
+"""Calibration batches: what a dataloader may yield and how it is fed to a model.
+
+Accepted items: a LongTensor of token ids (``[seq]`` or ``[batch, seq]``), a mapping of tensors
+(``input_ids``, ``attention_mask``, ...), or a list/tuple whose first item is the token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def materialize(dataloader: Iterable[Any] | None, *, required: bool) -> list[Any]:
+    """Read every batch once (so algorithms can replay them); reject empty or exhausted loaders."""
+    if dataloader is None:
+        if required:
+            raise ValueError("calib_dataloader is None, but this config needs calibration data "
+                             "(static activation quantization or an algorithm); pass a DataLoader")
+        return []
+    if isinstance(dataloader, (torch.Tensor, Mapping)):
+        raise ValueError(f"calib_dataloader must be an iterable of batches (e.g. a DataLoader), got a "
+                         f"{type(dataloader).__name__}; wrap it: DataLoader(tensor)")
+    batches = list(dataloader)
+    if not batches:
+        raise ValueError("calib_dataloader is empty (or an already exhausted iterator): it yielded no "
+                         "batch; pass a DataLoader with at least one batch")
+    for index, batch in enumerate(batches):
+        _check_batch(batch, index)
+    return batches
+
+
+def _check_batch(batch: Any, index: int) -> None:
+    if isinstance(batch, torch.Tensor):
+        return
+    if isinstance(batch, Mapping):
+        if not any(isinstance(v, torch.Tensor) for v in batch.values()):
+            raise ValueError(f"calibration batch {index} is a mapping without tensors "
+                             f"(keys: {sorted(batch)}); expected e.g. {{'input_ids': tensor}}")
+        return
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return
+    raise ValueError(f"calibration batch {index} has type {type(batch).__name__}; expected a tensor of "
+                     "token ids, a dict of tensors, or a list/tuple whose first item is a tensor")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def model_inputs(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) for ``model(*args, **kwargs)``, tensors moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        ids = batch.unsqueeze(0) if batch.dim() == 1 else batch
+        return (ids.to(device),), {}
+    if isinstance(batch, Mapping):
+        return (), {k: _to(v, device) for k, v in batch.items()}
+    ids = batch[0]
+    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    return (ids.to(device),), {}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config, "use_cache")
+
+
+@torch.no_grad()
+def run_batches(model: nn.Module, batches: list[Any], desc: str = "Calibrating") -> None:
+    """Forward every batch through ``model`` (no grad, KV cache off) with a progress bar."""
+    device = model_device(model)
+    extra = {"use_cache": False} if _accepts_use_cache(model) else {}
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+        args, kwargs = model_inputs(batch, device)
+        model(*args, **{**extra, **kwargs})

@@ -1,0 +1,351 @@
+"""The one layer-by-layer runner every calibration algorithm uses (layer 6).
+
+The runner captures the inputs of the first decoder layer (positional and keyword arguments,
+exactly as the model passes them, caches off), then for each decoder layer in turn: moves it to
+the compute device, runs the captured inputs through it while hooks feed the steps' ``collect``,
+lets every step ``apply`` its change, recomputes the layer's outputs (from the changed layer) as
+the next layer's inputs, checks them for NaN, and moves the layer back. Only one decoder layer
+and its activations sit on the compute device at a time.
+
+No code here names a keyword argument of a decoder layer: whatever the model passed to layer 0
+(attention masks, position ids, rotary embeddings, ...) is replayed verbatim. Layers whose
+``attention_type`` differs from layer 0 (sliding-window / full alternation) get the keyword
+arguments captured at the first layer of their own type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LayerStep",
+    "CapturedInputs",
+    "ModelBackup",
+    "batch_to_model_inputs",
+    "capture_decoder_inputs",
+    "collecting",
+    "find_decoder_layers",
+    "float_linears",
+    "move_to",
+    "run_layerwise",
+]
+
+
+class _StopForward(Exception):
+    """Private signal that stops the model's forward once the needed inputs are captured."""
+
+
+class LayerStep(Protocol):
+    """One algorithm's per-layer work, driven by :func:`run_layerwise`.
+
+    ``targets`` names the sub-modules (relative to the decoder layer) whose forwards ``collect``
+    should see; ``apply`` changes the layer in place once all calibration batches were seen. It
+    receives the layer's inputs (``[(args, kwargs)]`` per batch, on the compute device) so search
+    algorithms can re-run the layer or parts of it.
+    """
+
+    def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]: ...
+
+    def collect(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None: ...
+
+    def apply(self, layer: nn.Module, index: int, inputs: list[tuple[tuple, dict]]) -> None: ...
+
+
+def move_to(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [move_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def batch_to_model_inputs(batch: Any) -> tuple[tuple, dict]:
+    """Turn one dataloader item into ``(args, kwargs)`` for ``model(*args, **kwargs)``.
+
+    Accepted: a LongTensor of input ids, a dict of model keyword arguments, or a list/tuple whose
+    first item is the input ids.
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],), {}
+    raise ValueError(
+        f"calibration batch of type {type(batch).__name__} is not supported; allowed: a tensor of "
+        "input ids, a dict of model inputs, or a list/tuple whose first item is input ids"
+    )
+
+
+def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return ``(path, layers)`` of the decoder blocks.
+
+    With ``path`` (e.g. ``"model.layers"``) the named ModuleList is used; otherwise the largest
+    ModuleList whose children all have the same class is taken.
+    """
+    if path:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"model_decoder_layers={path!r} names no module of the model") from None
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"model_decoder_layers={path!r} is a {type(layers).__name__}, not an nn.ModuleList"
+            )
+        return path, layers
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) != 1:
+                continue
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(
+            f"no decoder layers found in {type(model).__name__}: no nn.ModuleList of identical "
+            "blocks; set model_decoder_layers in the algorithm config"
+        )
+    return best
+
+
+@dataclass
+class CapturedInputs:
+    """Inputs of the decoder layers, per calibration batch.
+
+    ``args[b]`` / ``kwargs[b]`` are what layer 0 received for batch ``b``; ``kwargs_by_type``
+    maps an ``attention_type`` to the per-batch keyword arguments captured at the first layer
+    of that type (only for models whose layers differ in ``attention_type``).
+    """
+
+    args: list[tuple]
+    kwargs: list[dict]
+    kwargs_by_type: dict[Any, list[dict]]
+
+    def kwargs_for(self, layer: nn.Module) -> list[dict]:
+        kind = getattr(layer, "attention_type", None)
+        return self.kwargs_by_type.get(kind, self.kwargs)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_decoder_inputs(
+    model: nn.Module, batches: Sequence[Any], layers: nn.ModuleList, offload: str | torch.device = "cpu"
+) -> CapturedInputs:
+    """Run ``model`` on each batch until the decoder layers' inputs are known, then stop.
+
+    Caches are turned off (``use_cache=False``). Captured tensors are stored on ``offload``.
+    """
+    if len(batches) == 0:
+        raise ValueError("calibration data is empty: at least one batch is needed")
+    first_type = getattr(layers[0], "attention_type", None)
+    hook_at: dict[int, Any] = {0: first_type}
+    for i, layer in enumerate(layers):
+        kind = getattr(layer, "attention_type", None)
+        if kind not in hook_at.values():
+            hook_at[i] = kind
+    last = max(hook_at)
+    args_list: list[tuple] = []
+    kwargs_list: list[dict] = []
+    by_type: dict[Any, list[dict]] = {kind: [] for i, kind in hook_at.items() if i != 0}
+
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if index == 0:
+                args_list.append(move_to(args, offload))
+                kwargs_list.append(move_to(kwargs, offload))
+            else:
+                by_type[hook_at[index]].append(move_to(kwargs, offload))
+            if index == last:
+                raise _StopForward
+            return None
+
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in hook_at]
+    device = _model_device(model)
+    try:
+        for batch in batches:
+            args, kwargs = batch_to_model_inputs(batch)
+            kwargs.setdefault("use_cache", False)
+            try:
+                model(*move_to(args, device), **move_to(kwargs, device))
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError("the model's forward finished without calling its decoder layers")
+    finally:
+        for h in handles:
+            h.remove()
+    return CapturedInputs(args_list, kwargs_list, by_type)
+
+
+@contextlib.contextmanager
+def collecting(layer: nn.Module, step: LayerStep, index: int) -> Iterator[None]:
+    """Forward hooks that pass each target module's (args, kwargs, output) to ``step.collect``."""
+    handles = []
+    try:
+        for name, module in step.targets(layer, index).items():
+            def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any, _name: str = name) -> None:
+                step.collect(_name, mod, args, kwargs, output)
+
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def float_linears(module: nn.Module) -> Iterator[None]:
+    """Run every ``nn.Linear`` subclass inside ``module`` as a plain float linear.
+
+    Quantized linears (QuantLinear) carry quantizers that would observe and fake-quantize during
+    the algorithms' own forwards; this bypasses them by shadowing ``forward`` on the instance
+    (removed on exit). Plain ``nn.Linear`` modules are left alone.
+    """
+    patched = []
+    try:
+        for m in module.modules():
+            if isinstance(m, nn.Linear) and type(m) is not nn.Linear:
+                m.forward = nn.Linear.forward.__get__(m)  # type: ignore[method-assign]
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def layer_output_tensor(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returned (a tensor, or the first item of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise RuntimeError(f"decoder layer returned {type(output).__name__}; expected a tensor or tuple")
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    # Hidden states passed by keyword: replace the first tensor argument with its shape.
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.shape == hidden.shape:
+            return args, {**kwargs, key: hidden}
+    raise RuntimeError("cannot find the hidden-states argument of the decoder layer to replace")
+
+
+class ModelBackup:
+    """CPU copies of module states taken before an algorithm changes them, for restoring on error.
+
+    Memory cost: one CPU copy of every module saved (for a whole-model run, the decoder weights).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._saved: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+        self._ids: set[int] = set()
+
+    def save(self, module: nn.Module) -> None:
+        if not self.enabled or id(module) in self._ids:
+            return
+        state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict(keep_vars=True).items()}
+        self._saved.append((module, state))
+        self._ids.add(id(module))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for module, state in reversed(self._saved):
+            module.load_state_dict(state, strict=False)
+        logger.warning("restored the weights of %d module(s) after a failed run", len(self._saved))
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if torch.isnan(t).any():
+        raise RuntimeError(f"NaN in the outputs of decoder layer {where}; the run was stopped")
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    batches: Sequence[Any],
+    steps: Sequence[LayerStep],
+    device: torch.device | str,
+    decoder_path: str | None = None,
+    offload: torch.device | str = "cpu",
+    propagate: bool = True,
+    backup: ModelBackup | None = None,
+    desc: str = "layerwise",
+) -> None:
+    """Drive ``steps`` over the decoder layers of ``model`` one layer at a time.
+
+    If a step raises (or NaN appears), every layer already changed in this run is restored from
+    its CPU copy (kept by ``backup``) before the error propagates.
+    """
+    path, layers = find_decoder_layers(model, decoder_path)
+    cache = capture_decoder_inputs(model, batches, layers, offload)
+    backup = backup if backup is not None else ModelBackup()
+    hidden = [a[0] if a else None for a in cache.args]
+    try:
+        bar = tqdm(range(len(layers)), desc=desc, unit="layer", leave=False)
+        for i in bar:
+            layer = layers[i]
+            name = f"{path}.{i}"
+            start = time.perf_counter()
+            home = _model_device(layer)
+            layer.to(device)
+            try:
+                kwargs_list = cache.kwargs_for(layer)
+                inputs = [
+                    _with_hidden(move_to(a, device), move_to(k, device), move_to(h, device))
+                    if h is not None else (move_to(a, device), move_to(k, device))
+                    for a, k, h in zip(cache.args, kwargs_list, hidden)
+                ]
+                with float_linears(layer):
+                    for step in steps:
+                        with collecting(layer, step, i):
+                            for args, kwargs in inputs:
+                                layer(*args, **kwargs)
+                    backup.save(layer)
+                    for step in steps:
+                        step.apply(layer, i, inputs)
+                    for p in layer.parameters():
+                        if torch.isnan(p).any():
+                            raise RuntimeError(f"NaN in the weights of decoder layer {name} after the algorithm")
+                    if propagate:
+                        new_hidden = []
+                        for args, kwargs in inputs:
+                            out = layer_output_tensor(layer(*args, **kwargs))
+                            _check_finite(out, name)
+                            new_hidden.append(out.to(offload))
+                        hidden = new_hidden
+                del inputs
+            finally:
+                layer.to(home)
+            logger.debug("%s: layer %s done in %.2fs", desc, name, time.perf_counter() - start)
+            if torch.cuda.is_available() and torch.device(device).type == "cuda":
+                bar.set_postfix(peak_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
+    except BaseException:
+        backup.restore()
+        raise

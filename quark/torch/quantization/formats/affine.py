@@ -1,0 +1,143 @@
+"""Scaled formats: affine integers, scaled low-precision floats and plain casts.
+
+One ``quantize`` / ``dequantize`` / ``fake_quantize`` triple covers every dtype whose
+quantization parameters come from an observer (``scale``, optional ``zero_point``):
+
+- integers (``int8``, ``uint8``, ``int4``, ``uint4``, ``int2``; two's complement / unsigned):
+  ``q = clamp(rnd(x / scale) + zp, qmin, qmax)``, dequantized as ``(q - zp) * scale``.
+  Codes are one per element: ``int8`` for signed dtypes, ``uint8`` for unsigned ones.
+  ``zero_point`` is expected to hold integer values (an int tensor or integral floats).
+- FP8 (OCP OFP8 rev 1.0): ``x / scale`` saturated to ``+-max`` then cast; codes are
+  ``torch.float8_e4m3fn`` / ``torch.float8_e5m2`` tensors.
+- FP6 / FP4 (OCP MX v1.0 section 5.3): ``x / scale`` rounded to nearest even on the grid,
+  saturating; codes are ``uint8`` bit patterns (see :mod:`.floats`).
+- ``float16`` / ``bfloat16``: a plain cast, ``scale`` and ``zero_point`` ignored.
+
+Scale and zero point have the canonical parameter shape of :mod:`.granularity`. All arithmetic
+runs in float32 so ``fake_quantize(x)`` equals ``dequantize(quantize(x))`` bit for bit. A zero
+scale is divided as the smallest normal float32 instead (codes saturate) and multiplies back to
+zero, so an all-zero channel with a zero scale stays zero instead of turning into NaN.
+Block formats (``mx``, ``mx6``, ``mx9``, ``bfp16``) live in :mod:`.mx` and :mod:`.bfp`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
+from quark.torch.quantization.formats._common import as_dtype, round_values
+from quark.torch.quantization.formats.floats import _round_grid_f32, code_to_float, float_to_code
+from quark.torch.quantization.formats.granularity import broadcast_param
+from quark.torch.quantization.formats.table import FORMATS, FormatInfo
+
+__all__ = ["dequantize", "fake_quantize", "quantize"]
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _scaled_info(dtype: Dtype | str, owner: str) -> FormatInfo:
+    info = FORMATS[as_dtype(dtype, owner)]
+    if info.kind not in ("int", "float", "cast"):
+        allowed = ", ".join(d.name for d, f in FORMATS.items() if f.kind in ("int", "float", "cast"))
+        raise ValueError(f"{owner}: dtype={info.dtype.name} is a block format; use "
+                         f"mx_quantize/bfp_quantize (or their fake variants). Scaled dtypes: {allowed}")
+    return info
+
+
+def _params(x_shape: torch.Size, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+            qscheme: QSchemeType | str, ch_axis: int | None, group_size: int | None,
+            owner: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(scale to divide by, scale to multiply by, zero point), broadcast to ``x_shape``, float32."""
+    if scale is None:
+        raise ValueError(f"{owner}: scale is required for integer and scaled float dtypes")
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(scale)
+    s = broadcast_param(scale.to(device=device, dtype=torch.float32), x_shape, qscheme, ch_axis,
+                        group_size)
+    s_div = torch.where(s == 0, torch.full_like(s, _TINY), s)
+    zp = None
+    if zero_point is not None:
+        if not isinstance(zero_point, torch.Tensor):
+            zero_point = torch.tensor(zero_point)
+        zp = broadcast_param(zero_point.to(device=device, dtype=torch.float32), x_shape, qscheme,
+                             ch_axis, group_size)
+    return s_div, s, zp
+
+
+def _int_levels(xf: torch.Tensor, s_div: torch.Tensor, zp: torch.Tensor | None, info: FormatInfo,
+                round_method: RoundType | str) -> torch.Tensor:
+    """Integer-valued float32 codes ``clamp(rnd(x / s) + zp, qmin, qmax)``."""
+    v = round_values(xf / s_div, round_method)
+    if zp is not None:
+        v = v + zp
+    return v.clamp(info.qmin, info.qmax)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+             dtype: Dtype | str, *, qscheme: QSchemeType | str, ch_axis: int | None = None,
+             group_size: int | None = None,
+             round_method: RoundType | str = RoundType.half_even) -> torch.Tensor:
+    """Quantize ``x`` to real codes of ``dtype`` (see the module docstring for each family).
+
+    ``round_method`` applies to integers; floats always round to nearest even. NaN cannot be
+    encoded in integer or FP6/FP4 codes and raises ``ValueError``.
+    """
+    owner = "formats.quantize"
+    info = _scaled_info(dtype, owner)
+    if info.kind == "cast":
+        return x.to(info.torch_dtype)
+    s_div, _, zp = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device)
+    xf = x.float()
+    if info.kind == "int":
+        levels = _int_levels(xf, s_div, zp, info, round_method)
+        if torch.isnan(levels).any():
+            raise ValueError(f"{owner}: the input contains NaN, which {info.dtype.name} cannot encode")
+        return levels.to(torch.int8 if info.signed else torch.uint8)
+    v = xf / s_div
+    if info.torch_dtype is not None:  # fp8
+        return v.clamp(-info.qmax, info.qmax).to(info.torch_dtype)
+    return float_to_code(v, info.dtype)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+               dtype: Dtype | str, *, qscheme: QSchemeType | str, ch_axis: int | None = None,
+               group_size: int | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of codes ``q``: integers ``(q - zp) * scale``, floats ``value(q) * scale``."""
+    owner = "formats.dequantize"
+    info = _scaled_info(dtype, owner)
+    if info.kind == "cast":
+        return q.to(out_dtype)
+    _, s, zp = _params(q.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, q.device)
+    if info.kind == "int":
+        v = q.float()
+        if zp is not None:
+            v = v - zp
+        return (v * s).to(out_dtype)
+    return (code_to_float(q, info.dtype) * s).to(out_dtype)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+                  dtype: Dtype | str, *, qscheme: QSchemeType | str, ch_axis: int | None = None,
+                  group_size: int | None = None,
+                  round_method: RoundType | str = RoundType.half_even) -> torch.Tensor:
+    """``dequantize(quantize(x))`` computed without codes, in ``x``'s dtype.
+
+    Bit-identical to the round trip in float32; NaN inputs stay NaN here (the round trip raises).
+    """
+    owner = "formats.fake_quantize"
+    info = _scaled_info(dtype, owner)
+    if info.kind == "cast":
+        return x.to(info.torch_dtype).to(x.dtype)
+    s_div, s, zp = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device)
+    xf = x.float()
+    if info.kind == "int":
+        levels = _int_levels(xf, s_div, zp, info, round_method)
+        if zp is not None:
+            levels = levels - zp
+        return (levels * s).to(x.dtype)
+    v = xf / s_div
+    if info.torch_dtype is not None:  # fp8: the native cast is the reference
+        g = v.clamp(-info.qmax, info.qmax).to(info.torch_dtype).float()
+    else:
+        g = _round_grid_f32(v, info)
+    return (g * s).to(x.dtype)

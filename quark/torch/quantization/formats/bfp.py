@@ -1,0 +1,170 @@
+"""Block floating point: BFP16 and the shared-microexponent formats MX6 / MX9.
+
+References:
+- MX6 / MX9: Rouhani et al., "With Shared Microexponents, A Little Shifting Goes a Long Way",
+  ISCA 2023. A block of 16 elements shares an 8-bit exponent; each sub-block of 2 shares a 1-bit
+  micro-exponent; each element is sign + m-bit magnitude (MX9: m = 7, MX6: m = 4), so
+  ``(8 + 8 * 1 + 16 * (1 + m)) / 16`` = 9 or 6 bits per element.
+- BFP16: block floating point with an 8-bit shared exponent per block of 8 elements and
+  sign + 7-bit magnitude per element (no micro-exponents).
+
+Conversion (per block of ``block_size`` along ``axis``):
+
+- ``E = floor(log2(max |x|))`` over the block, clamped to ``[-127, 127]`` (stored biased by 127).
+- MX6/MX9: a pair's micro-exponent ``mu`` is 1 when both of its elements are below ``2^E``
+  (``max |x_pair| < 2^E``), else 0.
+- Element mantissa ``M = clamp(round_half_even(x / 2^(E - mu - (m - 1))), -(2^m - 1), 2^m - 1)``,
+  value ``M * 2^(E - mu - (m - 1))``. The block's largest element thus uses the full m bits.
+- BFP16 only: if rounding pushes any magnitude past ``2^7 - 1``, the block's exponent goes up by
+  one and the block is re-rounded (as amd/Quark does); MX6/MX9 saturate instead (as amd/Quark does).
+- A block of zeros stores ``E = -127`` (code 0); a block with NaN or +-Inf stores code 255 and
+  decodes as all NaN.
+
+Deliberate differences from amd/Quark's emulation (``fake_quantize_mx6_mx9`` /
+``fake_quantize_bfp16``): mantissas are sign-magnitude in ``[-(2^m - 1), 2^m - 1]`` everywhere, so they
+fit the stated bit width (Quark lets a pair with ``mu = 1`` round up to ``2^m`` and BFP16 keep
+``-128``); non-finite values poison their block (Quark zeroes them for the exponent and saturates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quark.torch.quantization.config.type import Dtype, QSchemeType
+from quark.torch.quantization.formats._common import exp2_int, floor_log2, info_of_kind
+from quark.torch.quantization.formats.granularity import (
+    broadcast_param,
+    normalize_axis,
+    param_shape,
+    reduce_amax,
+)
+from quark.torch.quantization.formats.table import FormatInfo
+
+__all__ = ["BfpTensor", "bfp_dequantize", "bfp_fake_quantize", "bfp_quantize"]
+
+_BIAS = 127
+_NAN_CODE = 255
+_PG = QSchemeType.per_group
+
+
+@dataclass(frozen=True)
+class BfpTensor:
+    """Real storage of a BFP16 / MX6 / MX9 tensor.
+
+    ``mantissa``: int8, ``x``'s shape, sign-magnitude values in ``[-(2^m - 1), 2^m - 1]``.
+    ``shared_exp``: uint8 biased exponent (bias 127, 255 = NaN block), per_group shape along the
+    axis with the block size. ``micro_exp``: uint8 0/1 per pair of elements (per_group shape with
+    group 2), or ``None`` for BFP16.
+    """
+
+    mantissa: torch.Tensor
+    shared_exp: torch.Tensor
+    micro_exp: torch.Tensor | None
+
+
+def _info(dtype: Dtype | str, owner: str) -> FormatInfo:
+    return info_of_kind(dtype, ("bfp",), owner)
+
+
+def _block(info: FormatInfo, block_size: int | None, owner: str) -> int:
+    b = info.block_size if block_size is None else block_size
+    if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+        raise ValueError(f"{owner}.block_size={block_size!r} must be a positive int "
+                         f"(default for {info.dtype.name}: {info.block_size})")
+    sub = info.sub_block_size
+    if sub is not None and b % sub:
+        raise ValueError(f"{owner}.block_size={b} must be a multiple of the {info.dtype.name} "
+                         f"micro-exponent sub-block size {sub}")
+    return b
+
+
+def _quantize_core(x: torch.Tensor, info: FormatInfo, axis: int, block: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(integer-valued float mantissas, shared codes, micro exps or None, element scales), x-shaped
+    mantissas/scales; NaN blocks have zero mantissas and NaN scales."""
+    xf = x.float()
+    mmax = 2**info.mbits - 1
+    amax = reduce_amax(xf, _PG, axis, block)
+    finite = torch.isfinite(amax)
+    amax = torch.where(finite, amax, torch.zeros_like(amax))
+    e = torch.where(amax > 0, floor_log2(amax), torch.full_like(amax, -_BIAS, dtype=torch.int32))
+    e = e.clamp(-_BIAS, _BIAS)
+    xz = torch.where(torch.isfinite(xf), xf, torch.zeros_like(xf))
+
+    micro = None
+    sub = info.sub_block_size
+    if sub is not None:
+        pair_amax = reduce_amax(xz, _PG, axis, sub)
+        e_pairs = broadcast_param(e, pair_amax.shape, _PG, axis, block // sub)
+        micro = (pair_amax < exp2_int(e_pairs)).to(torch.int32)
+
+    def element_exp(e_blocks: torch.Tensor) -> torch.Tensor:
+        ee = broadcast_param(e_blocks, xf.shape, _PG, axis, block)
+        if micro is not None:
+            ee = ee - broadcast_param(micro, xf.shape, _PG, axis, sub)
+        return ee - (info.mbits - 1)
+
+    q_exp = element_exp(e)
+    m = torch.round(xz / exp2_int(q_exp))
+    if sub is None:
+        # BFP16: a magnitude that rounds past the mantissa range moves the block up one exponent.
+        over = reduce_amax(m, _PG, axis, block) > mmax
+        if bool(over.any()):
+            e = torch.where(over, (e + 1).clamp(max=_BIAS), e)
+            q_exp = element_exp(e)
+            m = torch.round(xz / exp2_int(q_exp))
+    m = m.clamp(-mmax, mmax)
+    code = torch.where(finite, e + _BIAS, torch.full_like(e, _NAN_CODE))
+    scale = exp2_int(q_exp)
+    scale = torch.where(broadcast_param(finite, xf.shape, _PG, axis, block), scale,
+                        torch.full_like(scale, float("nan")))
+    return m, code.to(torch.uint8), None if micro is None else micro.to(torch.uint8), scale
+
+
+def bfp_quantize(x: torch.Tensor, dtype: Dtype | str, *, axis: int = -1,
+                 block_size: int | None = None) -> BfpTensor:
+    """Quantize ``x`` to BFP16 / MX6 / MX9 storage (block size from the format table when None)."""
+    owner = "formats.bfp_quantize"
+    info = _info(dtype, owner)
+    block = _block(info, block_size, owner)
+    normalize_axis(axis, x.ndim, owner, "axis")
+    m, code, micro, _ = _quantize_core(x, info, axis, block)
+    return BfpTensor(mantissa=m.to(torch.int8), shared_exp=code, micro_exp=micro)
+
+
+def bfp_dequantize(stored: BfpTensor, dtype: Dtype | str, *, axis: int = -1,
+                   block_size: int | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of a :class:`BfpTensor`: ``mantissa * 2^(E - mu - (m - 1))``; NaN for code 255."""
+    owner = "formats.bfp_dequantize"
+    info = _info(dtype, owner)
+    block = _block(info, block_size, owner)
+    shape = stored.mantissa.shape
+    axis_n = normalize_axis(axis, len(shape), owner, "axis")
+    expected = param_shape(shape, _PG, axis_n, block)
+    if tuple(stored.shared_exp.shape) != expected:
+        raise ValueError(f"{owner}: shared_exp has shape {tuple(stored.shared_exp.shape)}, expected "
+                         f"{expected} for mantissas of shape {tuple(shape)} (block {block})")
+    code = stored.shared_exp.to(torch.int32)
+    ee = broadcast_param(code - _BIAS, shape, _PG, axis_n, block)
+    if info.sub_block_size is not None:
+        if stored.micro_exp is None:
+            raise ValueError(f"{owner}: {info.dtype.name} storage needs micro_exp, got None")
+        ee = ee - broadcast_param(stored.micro_exp.to(torch.int32), shape, _PG, axis_n,
+                                  info.sub_block_size)
+    scale = exp2_int(ee - (info.mbits - 1))
+    nan_block = broadcast_param(code == _NAN_CODE, shape, _PG, axis_n, block)
+    scale = torch.where(nan_block, torch.full_like(scale, float("nan")), scale)
+    return (stored.mantissa.float() * scale).to(out_dtype)
+
+
+def bfp_fake_quantize(x: torch.Tensor, dtype: Dtype | str, *, axis: int = -1,
+                      block_size: int | None = None) -> torch.Tensor:
+    """``bfp_dequantize(bfp_quantize(x))`` computed directly, in ``x``'s dtype (bit-identical)."""
+    owner = "formats.bfp_fake_quantize"
+    info = _info(dtype, owner)
+    block = _block(info, block_size, owner)
+    normalize_axis(axis, x.ndim, owner, "axis")
+    m, _, _, scale = _quantize_core(x, info, axis, block)
+    return (m * scale).to(x.dtype)

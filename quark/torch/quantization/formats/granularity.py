@@ -1,0 +1,158 @@
+"""Granularity of quantization parameters: one place that maps a qscheme to parameter shapes.
+
+Canonical parameter shapes (every other layer relies on these):
+
+============  ===========================  ==============================================
+qscheme       arguments                    parameter shape for ``x`` of shape ``S``
+============  ===========================  ==============================================
+per_tensor    --                           ``()``
+per_channel   ``ch_axis=a``                ``(S[a],)``
+per_group     ``ch_axis=a, group_size=g``  ``S`` with ``S[a]`` replaced by ``ceil(S[a] / g)``
+============  ===========================  ==============================================
+
+A last partial group (e.g. 172 elements in groups of 32: five full groups and one of 12) is a
+group like any other; only its real elements take part in reductions. Negative axes count from
+the end. Block formats (OCP MX, MX6/MX9, BFP16) use the per_group layout along their block axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from quark.torch.quantization.config.type import QSchemeType
+
+__all__ = [
+    "as_qscheme",
+    "broadcast_param",
+    "from_blocks",
+    "normalize_axis",
+    "param_shape",
+    "reduce_amax",
+    "reduce_minmax",
+    "to_blocks",
+]
+
+
+def as_qscheme(qscheme: QSchemeType | str) -> QSchemeType:
+    """``qscheme`` as a ``QSchemeType`` (strings accepted; ``ValueError`` lists the allowed names)."""
+    return QSchemeType.from_any("formats", "qscheme", qscheme)  # type: ignore[return-value]
+
+
+def normalize_axis(axis: int | None, ndim: int, owner: str = "formats", field: str = "ch_axis") -> int:
+    """``axis`` as a non-negative index into a tensor of rank ``ndim`` (``ValueError`` if out of range)."""
+    if axis is None or isinstance(axis, bool) or not isinstance(axis, int):
+        raise ValueError(f"{owner}.{field}={axis!r} must be an int in [{-ndim}, {ndim - 1}]")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{owner}.{field}={axis} is out of range for a tensor of rank {ndim} "
+                         f"(allowed: {-ndim}..{ndim - 1})")
+    return axis % ndim
+
+
+def _check_group_size(group_size: int | None, owner: str = "formats") -> int:
+    if group_size is None or isinstance(group_size, bool) or not isinstance(group_size, int) \
+            or group_size <= 0:
+        raise ValueError(f"{owner}.group_size={group_size!r} must be a positive int for per_group")
+    return group_size
+
+
+def param_shape(x_shape: torch.Size | tuple[int, ...], qscheme: QSchemeType | str,
+                ch_axis: int | None = None, group_size: int | None = None) -> tuple[int, ...]:
+    """The canonical shape of a scale / zero point for a tensor of shape ``x_shape``."""
+    qs = as_qscheme(qscheme)
+    shape = tuple(int(s) for s in x_shape)
+    if qs == QSchemeType.per_tensor:
+        return ()
+    axis = normalize_axis(ch_axis, len(shape))
+    if qs == QSchemeType.per_channel:
+        return (shape[axis],)
+    g = _check_group_size(group_size)
+    out = list(shape)
+    out[axis] = math.ceil(shape[axis] / g)
+    return tuple(out)
+
+
+def to_blocks(x: torch.Tensor, axis: int, block: int, pad_value: float = 0.0) -> torch.Tensor:
+    """View ``x`` as blocks along ``axis``: shape ``(*others, n_blocks, block)``.
+
+    ``axis`` moves to the end (other dims keep their order) and is padded with ``pad_value`` up to
+    a multiple of ``block``. Inverse: :func:`from_blocks`.
+    """
+    axis = normalize_axis(axis, x.ndim)
+    moved = x.movedim(axis, -1)
+    n = moved.shape[-1]
+    pad = (-n) % block
+    if pad:
+        moved = torch.nn.functional.pad(moved, (0, pad), value=pad_value)
+    return moved.reshape(*moved.shape[:-1], (n + pad) // block, block)
+
+
+def from_blocks(blocks: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: drop the padding (keep ``n`` elements) and move the axis back."""
+    flat = blocks.reshape(*blocks.shape[:-2], blocks.shape[-2] * blocks.shape[-1])[..., :n]
+    return flat.movedim(-1, axis)
+
+
+def reduce_minmax(x: torch.Tensor, qscheme: QSchemeType | str, ch_axis: int | None = None,
+                  group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-parameter ``(min, max)`` of ``x`` in the canonical parameter shape (NaN propagates)."""
+    qs = as_qscheme(qscheme)
+    if qs == QSchemeType.per_tensor:
+        return x.amin(), x.amax()
+    axis = normalize_axis(ch_axis, x.ndim)
+    if qs == QSchemeType.per_channel:
+        flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+        return flat.amin(dim=1), flat.amax(dim=1)
+    g = _check_group_size(group_size)
+    # Pad with +inf for the min and -inf for the max so padding never wins a reduction.
+    mins = to_blocks(x, axis, g, pad_value=math.inf).amin(dim=-1).movedim(-1, axis)
+    maxs = to_blocks(x, axis, g, pad_value=-math.inf).amax(dim=-1).movedim(-1, axis)
+    return mins, maxs
+
+
+def reduce_amax(x: torch.Tensor, qscheme: QSchemeType | str, ch_axis: int | None = None,
+                group_size: int | None = None) -> torch.Tensor:
+    """Per-parameter ``max(|x|)`` in the canonical parameter shape (NaN propagates)."""
+    qs = as_qscheme(qscheme)
+    a = x.abs()
+    if qs == QSchemeType.per_tensor:
+        return a.amax()
+    axis = normalize_axis(ch_axis, x.ndim)
+    if qs == QSchemeType.per_channel:
+        return a.movedim(axis, 0).reshape(x.shape[axis], -1).amax(dim=1)
+    g = _check_group_size(group_size)
+    return to_blocks(a, axis, g, pad_value=0.0).amax(dim=-1).movedim(-1, axis)
+
+
+def broadcast_param(p: torch.Tensor, x_shape: torch.Size | tuple[int, ...],
+                    qscheme: QSchemeType | str, ch_axis: int | None = None,
+                    group_size: int | None = None) -> torch.Tensor:
+    """Expand a parameter of canonical shape to ``x_shape`` (each element gets its own value).
+
+    per_tensor accepts any one-element tensor; per_channel any tensor of ``S[a]`` elements;
+    per_group needs exactly the canonical shape (a transposed layout must not pass silently).
+    """
+    qs = as_qscheme(qscheme)
+    shape = tuple(int(s) for s in x_shape)
+    expected = param_shape(shape, qs, ch_axis, group_size)
+    if qs == QSchemeType.per_tensor:
+        if p.numel() != 1:
+            raise ValueError(f"formats.broadcast_param: per_tensor parameter must have one element, "
+                             f"got shape {tuple(p.shape)}")
+        return p.reshape(()).expand(shape)
+    axis = normalize_axis(ch_axis, len(shape))
+    if qs == QSchemeType.per_channel:
+        if p.numel() != expected[0]:
+            raise ValueError(f"formats.broadcast_param: per_channel parameter for ch_axis={ch_axis} "
+                             f"of a tensor of shape {shape} must have {expected[0]} elements, got "
+                             f"shape {tuple(p.shape)}")
+        view = [1] * len(shape)
+        view[axis] = expected[0]
+        return p.reshape(view).expand(shape)
+    if tuple(p.shape) != expected:
+        raise ValueError(f"formats.broadcast_param: per_group parameter for a tensor of shape {shape} "
+                         f"(ch_axis={ch_axis}, group_size={group_size}) must have shape {expected}, "
+                         f"got {tuple(p.shape)}")
+    g = _check_group_size(group_size)
+    return p.repeat_interleave(g, dim=axis).narrow(axis, 0, shape[axis])

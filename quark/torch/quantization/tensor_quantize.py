@@ -1,0 +1,224 @@
+"""Quantizers (layer 4): ``FakeQuantize`` = a spec + an observer + a numeric format.
+
+States of a :class:`FakeQuantize`:
+
+- *observing* (static specs before calibration ends): the observer records statistics and the
+  input passes through unchanged, so calibration sees the statistics of the real activations;
+- *quantizing*: the tensor is fake-quantized with fixed ``scale``/``zero_point`` buffers;
+- *dynamic* specs compute their qparams from every input; block formats (MX, MX6/MX9, BFP16)
+  and casts need no calibrated qparams at all.
+
+A two-stage spec (a list ``[element_spec, scale_spec]``, e.g. fp4 per-group with its scales in
+fp8 per-tensor) quantizes the first stage's scales with a second, nested ``FakeQuantize``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from quark.torch.quantization import formats
+from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
+from quark.torch.quantization.formats.table import format_info
+
+if TYPE_CHECKING:
+    from quark.torch.quantization.config.config import QuantizationSpec
+
+class NonFiniteTensorError(ValueError):
+    """A tensor seen during calibration holds NaN or Inf."""
+
+
+def _split_spec(spec: QuantizationSpec | Sequence[QuantizationSpec]
+                ) -> tuple[QuantizationSpec, QuantizationSpec | None]:
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != 2:
+            raise ValueError(f"a multi-stage quantization spec must have exactly 2 stages, got {len(spec)}")
+        return spec[0], spec[1]
+    return spec, None
+
+
+def _make_observer(spec: QuantizationSpec) -> nn.Module:
+    from quark.torch.quantization.observer.observer import default_observer_for
+
+    cls = spec.observer_cls or default_observer_for(spec.dtype, spec.qscheme)
+    return cls(spec)
+
+
+def _round_method(spec: QuantizationSpec) -> RoundType:
+    return spec.round_method or RoundType.half_even
+
+
+def _qscheme(spec: QuantizationSpec) -> QSchemeType:
+    return spec.qscheme or QSchemeType.per_tensor
+
+
+def compute_qparams(x: torch.Tensor, spec: QuantizationSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that ``spec``'s observer derives from ``x`` alone."""
+    observer = _make_observer(spec)
+    observer(x)
+    return observer.calculate_qparams()
+
+
+def fake_quantize_with_spec(x: torch.Tensor, spec: QuantizationSpec, scale: torch.Tensor | None = None,
+                            zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake-quantize ``x`` per ``spec`` (qparams from ``x`` itself unless given). Same dtype as ``x``."""
+    kind = format_info(spec.dtype).kind
+    if kind == "cast":
+        return x.to(format_info(spec.dtype).torch_dtype).to(x.dtype)
+    if kind == "mx":
+        return formats.mx_fake_quantize(x, spec.mx_element_dtype, axis=_axis(spec),
+                                        block_size=spec.group_size or 32)
+    if kind == "bfp":
+        return formats.bfp_fake_quantize(x, spec.dtype, axis=_axis(spec), block_size=spec.group_size)
+    if scale is None:
+        scale, zero_point = compute_qparams(x, spec)
+    return formats.fake_quantize(x, scale.to(x.device), _zp(zero_point, x.device), spec.dtype,
+                                 qscheme=_qscheme(spec), ch_axis=spec.ch_axis,
+                                 group_size=spec.group_size, round_method=_round_method(spec))
+
+
+def _axis(spec: QuantizationSpec) -> int:
+    return -1 if spec.ch_axis is None else spec.ch_axis
+
+
+def _zp(zero_point: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if zero_point is None else zero_point.to(device)
+
+
+class FakeQuantize(nn.Module):
+    """Quantize-dequantize one tensor (an input, output, weight or bias) per a ``QuantizationSpec``.
+
+    ``scale`` and ``zero_point`` are buffers (saved in ``state_dict``) once known. ``name`` is the
+    qualified name used in error messages (``model.layers.0.mlp.down_proj.input_quantizer``).
+    """
+
+    scale: torch.Tensor | None
+    zero_point: torch.Tensor | None
+
+    def __init__(self, spec: QuantizationSpec | Sequence[QuantizationSpec], name: str = "") -> None:
+        super().__init__()
+        self.spec, second = _split_spec(spec)
+        self.name = name
+        self.info = format_info(self.spec.dtype)
+        self.kind = self.info.kind
+        self.needs_qparams = self.kind in ("int", "float")
+        self.is_dynamic = bool(self.spec.is_dynamic)
+        self.observer = _make_observer(self.spec) if self.needs_qparams else None
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+        self.observing = self.needs_qparams and not self.is_dynamic
+        self.fake_quant_enabled = True
+        self.qparams_fixed = False
+        self.scale_quantizer = (
+            FakeQuantize(second, name=f"{name}.scale_quantizer") if second is not None else None
+        )
+
+    # -- state control -------------------------------------------------------------------------
+    def enable_observer(self) -> None:
+        if self.needs_qparams and not self.is_dynamic and not self.qparams_fixed:
+            self.observing = True
+
+    def disable_observer(self) -> None:
+        self.observing = False
+
+    def enable_fake_quant(self) -> None:
+        self.fake_quant_enabled = True
+
+    def disable_fake_quant(self) -> None:
+        self.fake_quant_enabled = False
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        """Fix the quantization parameters (e.g. chosen by GPTQ); the observer is not used again."""
+        self.scale = scale.detach().clone()
+        self.zero_point = None if zero_point is None else zero_point.detach().clone()
+        self.observing = False
+        self.qparams_fixed = True
+
+    def finalize(self) -> None:
+        """End calibration: turn the observer's statistics into fixed ``scale``/``zero_point``."""
+        if self.observing:
+            if self.observer is None or not self.observer.has_statistics:
+                raise RuntimeError(f"{self.name or 'FakeQuantize'}: no calibration data reached this "
+                                   "quantizer; check that the calibration dataloader runs through it")
+            self.scale, self.zero_point = self.observer.calculate_qparams()
+            self.observing = False
+        second = self.scale_quantizer
+        if second is not None and second.observing:
+            if second.observer is not None and second.observer.has_statistics:
+                second.finalize()
+            elif self.scale is not None:
+                second.calibrate_from(self.scale)
+
+    def calibrate_from(self, x: torch.Tensor) -> None:
+        """Observe ``x`` alone (a weight) and fix the qparams it gives."""
+        if not self.needs_qparams:
+            return
+        _check_finite(x, self.name)
+        if self.is_dynamic:
+            if self.scale_quantizer is not None:
+                self.scale_quantizer.calibrate_from(compute_qparams(x, self.spec)[0])
+            return
+        if self.observer is not None:
+            self.observer.reset_state()
+            self.observer(x)
+        self.observing = True
+        self.finalize()
+
+    # -- quantization ----------------------------------------------------------------------------
+    def qparams_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (possibly second-stage-quantized) scale and zero point applied to ``x``."""
+        if self.is_dynamic:
+            scale, zero_point = compute_qparams(x, self.spec)
+        else:
+            if self.scale is None:
+                raise RuntimeError(f"{self.name or 'FakeQuantize'}: static quantizer has no scale; "
+                                   "run calibration (ModelQuantizer.quantize_model) first")
+            scale, zero_point = self.scale, self.zero_point
+        if self.scale_quantizer is not None:
+            scale = self.scale_quantizer(scale)
+        return scale.to(x.device), _zp(zero_point, x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            _check_finite(x, self.name)
+            if self.observer is not None:
+                self.observer(x)
+            return x
+        if not self.fake_quant_enabled:
+            return x
+        if not self.needs_qparams:
+            return fake_quantize_with_spec(x, self.spec)
+        scale, zero_point = self.qparams_for(x)
+        return formats.fake_quantize(x, scale, zero_point, self.spec.dtype, qscheme=_qscheme(self.spec),
+                                     ch_axis=self.spec.ch_axis, group_size=self.spec.group_size,
+                                     round_method=_round_method(self.spec))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Real codes of ``x`` (integers, float8, or fp4/fp6 bit patterns) with the current qparams."""
+        scale, zero_point = self.qparams_for(x)
+        return formats.quantize(x, scale, zero_point, self.spec.dtype, qscheme=_qscheme(self.spec),
+                                ch_axis=self.spec.ch_axis, group_size=self.spec.group_size,
+                                round_method=_round_method(self.spec))
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        parts = [f"dtype={spec.dtype.name}", f"qscheme={_qscheme(spec).name}"]
+        if spec.group_size:
+            parts.append(f"group_size={spec.group_size}")
+        if spec.dtype == Dtype.mx and spec.mx_element_dtype is not None:
+            parts.append(f"element={spec.mx_element_dtype.name}")
+        parts.append("dynamic" if self.is_dynamic else "static")
+        return ", ".join(parts)
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise NonFiniteTensorError(
+            f"{name or 'tensor'}: calibration tensor of shape {tuple(x.shape)} contains "
+            f"{n_nan} NaN and {n_inf} Inf values; fix the model or the calibration data"
+        )
