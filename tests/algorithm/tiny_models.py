@@ -20,7 +20,7 @@ def make_config(family: str) -> transformers.PretrainedConfig:
         return transformers.Qwen2Config(**_COMMON, intermediate_size=128, num_key_value_heads=2)
     if family == "phi3":
         return transformers.Phi3Config(**_COMMON, intermediate_size=128, num_key_value_heads=4,
-                                       pad_token_id=0)
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "opt":
         return transformers.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, ffn_dim=128, max_position_embeddings=64,

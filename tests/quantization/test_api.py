@@ -167,3 +167,16 @@ def test_seed_kv_cache_pattern_config():
 def test_freeze_unquantized_model_is_an_error():
     with pytest.raises(ValueError, match="no quantized layers"):
         ModelQuantizer.freeze(tiny_model("llama"))
+
+
+def test_accelerate_device_hooks_survive_the_swap():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_model("llama")
+    down = model.model.layers[0].mlp.down_proj
+    add_hook_to_module(down, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    config = LLMTemplate.get("llama").get_config(scheme="fp8")
+    ModelQuantizer(config).quantize_model(model, token_batches(1))
+    swapped = model.model.layers[0].mlp.down_proj
+    assert isinstance(swapped, QuantLinear) and isinstance(swapped._hf_hook, AlignDevicesHook)
+    assert torch.isfinite(model(token_batches(1)[0]).logits).all()

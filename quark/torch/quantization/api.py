@@ -16,11 +16,13 @@ from torch import nn
 from quark.torch.quantization.calibration.batches import materialize, model_device, run_batches
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.model_transformation import (
+    all_quantizers,
     plan_quantization,
     quant_linears,
     swap_linears,
     undo_swaps,
 )
+from quark.torch.quantization.nn.modules.quantize_attention import attach_attention_quantizers
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -98,12 +100,14 @@ class ModelQuantizer:
         needs_data = bool(pre or advanced) or any(
             spec is not None and not spec_is_dynamic_or_free(spec)
             for item in plan for spec in (item.config.input_tensors, item.config.output_tensors)
-        )
+        ) or (self.config.softmax_quant_spec is not None
+              and not spec_is_dynamic_or_free(self.config.softmax_quant_spec))
         batches = materialize(dataloader, required=needs_data)
         device = model_device(model)
         was_training = model.training
         model.eval()
         records = []
+        attention_patch = None
         try:
             if pre:
                 from quark.torch.algorithm.api import apply_pre_quant_optimization
@@ -111,16 +115,20 @@ class ModelQuantizer:
                 apply_pre_quant_optimization(model, pre, self.config, batches, device)
                 plan, excluded = plan_quantization(model, self.config)
             records = swap_linears(model, plan)
+            attention_patch = attach_attention_quantizers(model, self.config)
             if advanced:
                 from quark.torch.algorithm.api import apply_advanced_algorithm
 
                 apply_advanced_algorithm(model, advanced, self.config, batches, device)
-            if any(q.observing for _, m in quant_linears(model) for q in m.quantizers()):
+            quantizers = all_quantizers(model)
+            if any(q.observing or (q.scale_quantizer is not None and q.scale_quantizer.observing)
+                   for q in quantizers):
                 run_batches(model, batches, desc="Calibrating")
-            for _, module in quant_linears(model):
-                for quantizer in module.quantizers():
-                    quantizer.finalize()
+            for quantizer in quantizers:
+                quantizer.finalize()
         except BaseException:
+            if attention_patch is not None:
+                attention_patch.undo()
             undo_swaps(records)
             model.train(was_training)
             raise
@@ -141,6 +149,8 @@ class ModelQuantizer:
                              "ModelQuantizer.quantize_model first")
         for _, module in layers:
             module.freeze(pack_method)
+        for quantizer in all_quantizers(model):
+            quantizer.finalize()
         return model
 
 

@@ -16,6 +16,7 @@ from quark.torch.quantization.config.resolve import is_quantizable, resolve
 from quark.torch.quantization.config.type import QSchemeType
 from quark.torch.quantization.formats.table import format_info
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
+from quark.torch.quantization.tensor_quantize import FakeQuantize
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +144,23 @@ def _carry_hooks(source: nn.Module, target: nn.Module) -> None:
     for attr in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
         getattr(target, attr).update(getattr(source, attr))
+    hf_hook = getattr(source, "_hf_hook", None)
+    if hf_hook is not None:  # accelerate device-placement hook (device_map / offload)
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(target, hf_hook)
 
 
 def undo_swaps(records: list[SwapRecord]) -> None:
     """Put the original modules back (their Parameters were never modified by the swap)."""
     for record in reversed(records):
         setattr(record.parent, record.attr, record.original)
+
+
+def all_quantizers(model: nn.Module) -> list[FakeQuantize]:
+    """Every top-level FakeQuantize in ``model`` (second-stage scale quantizers are reached via their owner)."""
+    return [m for n, m in model.named_modules()
+            if isinstance(m, FakeQuantize) and not n.endswith("scale_quantizer")]
 
 
 def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:

@@ -82,7 +82,7 @@ class ScalingStep:
         if g.module2inspect:
             m = submodule(layer, g.module2inspect, f"{self.owner}.module2inspect")
             calls = self.inputs[g.module2inspect]
-            return m, [(a, k if g.has_kwargs else {}) for a, k in calls]
+            return m, [(a, k if (g.has_kwargs or not a) else {}) for a, k in calls]
         return submodule(layer, g.layers[0], f"{self.owner}.layers"), self.inputs[g.inp]
 
     @staticmethod

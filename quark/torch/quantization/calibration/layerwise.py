@@ -276,9 +276,14 @@ class ModelBackup:
 
     @torch.no_grad()
     def restore(self) -> None:
+        """Load every saved state back (once; a second call does nothing)."""
+        if not self._saved:
+            return
         for module, state in reversed(self._saved):
             module.load_state_dict(state, strict=False)
         logger.warning("restored the weights of %d module(s) after a failed run", len(self._saved))
+        self._saved.clear()
+        self._ids.clear()
 
 
 def _check_finite(t: torch.Tensor, where: str) -> None:

@@ -138,7 +138,7 @@ class LLMTemplate:
 
     :param model_type: ``config.model_type`` of the family (the registry key).
     :param kv_layer_name: fnmatch patterns of the Linears producing the key/value cache
-        (``["*k_proj", "*v_proj"]``); ``None`` disables ``kv_cache_scheme`` for the template.
+        (``["*k_proj", "*v_proj"]``); with ``None`` a ``kv_cache_scheme`` request raises.
     :param q_layer_name: pattern(s) of the query projection, quantized by ``attention_scheme``.
     :param exclude_layers: default ``Config.exclude`` patterns (``["lm_head"]``).
     :param awq_config: the family's AWQ config; likewise ``gptq_config``, ``smoothquant_config``,

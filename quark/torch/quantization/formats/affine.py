@@ -70,7 +70,9 @@ def _int_levels(xf: torch.Tensor, s_div: torch.Tensor, zp: torch.Tensor | None, 
     v = round_values(xf / s_div, round_method)
     if zp is not None:
         v = v + zp
-    return v.clamp(info.qmin, info.qmax)
+    # ``+ 0.0`` turns -0.0 into +0.0: integer codes have no signed zero, and the fake path must
+    # match the round trip bit for bit.
+    return v.clamp(info.qmin, info.qmax) + 0.0
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,

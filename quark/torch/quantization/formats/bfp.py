@@ -115,7 +115,7 @@ def _quantize_core(x: torch.Tensor, info: FormatInfo, axis: int, block: int
             e = torch.where(over, (e + 1).clamp(max=_BIAS), e)
             q_exp = element_exp(e)
             m = torch.round(xz / exp2_int(q_exp))
-    m = m.clamp(-mmax, mmax)
+    m = m.clamp(-mmax, mmax) + 0.0  # int8 mantissas have no -0
     code = torch.where(finite, e + _BIAS, torch.full_like(e, _NAN_CODE))
     scale = exp2_int(q_exp)
     scale = torch.where(broadcast_param(finite, xf.shape, _PG, axis, block), scale,

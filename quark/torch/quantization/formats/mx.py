@@ -119,8 +119,8 @@ def _scales(x: torch.Tensor, info: FormatInfo, axis: int, block_size: int,
 def _element_grid(v: torch.Tensor, info: FormatInfo) -> torch.Tensor:
     """Element values (float32) of ``v = x / scale`` in the element format."""
     if info.kind == "int":
-        m = torch.round(v * 2.0**_MXINT8_FRAC_BITS).clamp(-_MXINT8_MAX, _MXINT8_MAX)
-        return m * 2.0**-_MXINT8_FRAC_BITS
+        m = torch.round(v * 2.0**_MXINT8_FRAC_BITS).clamp(-_MXINT8_MAX, _MXINT8_MAX) + 0.0
+        return m * 2.0**-_MXINT8_FRAC_BITS  # (+ 0.0: int8 codes have no -0)
     if info.torch_dtype is not None:
         return v.clamp(-info.qmax, info.qmax).to(info.torch_dtype).float()
     return _round_grid_f32(v, info)

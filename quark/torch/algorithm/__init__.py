@@ -1,0 +1,1 @@
+"""Advanced quantization algorithms (layer 7): SmoothQuant, AutoSmoothQuant, AWQ, GPTQ, rotations."""
