@@ -14,7 +14,7 @@ from quark.torch.quantization.config.config import Config, QuantizationConfig, Q
 from quark.torch.quantization.config.resolve import explain
 from quark.torch.quantization.config.type import Dtype, QSchemeType
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
-from tests.helpers.tiny_models import token_batches, tiny_model
+from tests.helpers.tiny_models import tiny_model, token_batches
 
 FP8 = QuantizationSpec(dtype=Dtype.fp8_e4m3, qscheme=QSchemeType.per_tensor, is_dynamic=False)
 

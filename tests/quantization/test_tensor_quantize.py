@@ -7,6 +7,7 @@ import torch
 
 from quark.torch.quantization.config.config import QuantizationSpec
 from quark.torch.quantization.config.type import Dtype, QSchemeType
+from quark.torch.quantization import formats
 from quark.torch.quantization.formats import fake_quantize
 from quark.torch.quantization.tensor_quantize import (
     FakeQuantize,
@@ -43,7 +44,7 @@ def test_dynamic_uses_each_input():
 
 def test_non_finite_calibration_names_quantizer():
     fq = FakeQuantize(INT8, name="model.layers.0.mlp.down_proj.input_quantizer")
-    with pytest.raises(NonFiniteTensorError, match="down_proj.input_quantizer.*1 NaN"):
+    with pytest.raises(NonFiniteTensorError, match=r"down_proj\.input_quantizer.*1 NaN"):
         fq(torch.tensor([1.0, float("nan")]))
 
 
@@ -99,3 +100,13 @@ def test_block_and_cast_specs_need_no_calibration():
     torch.testing.assert_close(FakeQuantize(mx)(x), fake_quantize_with_spec(x, mx))
     bf16 = QuantizationSpec(dtype=Dtype.bfloat16)
     assert torch.equal(FakeQuantize(bf16)(x), x.to(torch.bfloat16).float())
+
+
+def test_checkpoint_form_mx_spec_uses_the_mx_path():
+    """Quark checkpoints write MXFP4 as dtype fp4 + scale_format e8m0: same numerics as Dtype.mx."""
+    ckpt = QuantizationSpec(dtype=Dtype.fp4, qscheme=QSchemeType.per_group, ch_axis=-1, group_size=32,
+                            scale_format="e8m0", is_dynamic=True)
+    x = torch.randn(4, 64) * 3
+    expected = formats.mx_fake_quantize(x, Dtype.fp4, axis=-1, block_size=32)
+    assert torch.equal(FakeQuantize(ckpt)(x), expected)
+    assert torch.equal(fake_quantize_with_spec(x, ckpt), expected)

@@ -156,10 +156,8 @@ class ModelQuantizer:
 
 def spec_is_dynamic_or_free(spec: Any) -> bool:
     """True for specs that need no calibration data (dynamic, casts, block formats)."""
-    from quark.torch.quantization.formats.table import format_info
-
     first = spec[0] if isinstance(spec, (list, tuple)) else spec
-    return bool(first.is_dynamic) or format_info(first.dtype).kind not in ("int", "float")
+    return bool(first.is_dynamic) or first.kind not in ("int", "float")
 
 
 __all__ = ["ModelQuantizer", "QuantLinear", "QuantizationSummary"]

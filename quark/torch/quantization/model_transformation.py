@@ -51,16 +51,17 @@ def _first_stage(spec: QuantizationSpec | list[QuantizationSpec] | None) -> Quan
 def _group_issue(name: str, tensor: str, shape: tuple[int, ...], spec: QuantizationSpec) -> str | None:
     """A message when ``spec`` cannot be applied to a tensor of ``shape``, else None."""
     info = format_info(spec.dtype)
-    blocked = info.kind in ("mx", "bfp") or spec.qscheme in (QSchemeType.per_group, QSchemeType.per_channel)
+    kind = spec.kind
+    blocked = kind in ("mx", "bfp") or spec.qscheme in (QSchemeType.per_group, QSchemeType.per_channel)
     if not blocked:
         return None
     axis = -1 if spec.ch_axis is None else spec.ch_axis
     if not -len(shape) <= axis < len(shape):
         return (f"{name} ({tensor}, shape {list(shape)}): ch_axis={axis} is out of range for a "
                 f"{len(shape)}-D tensor; allowed: {-len(shape)}..{len(shape) - 1}")
-    if spec.qscheme == QSchemeType.per_channel and info.kind not in ("mx", "bfp"):
+    if spec.qscheme == QSchemeType.per_channel and kind not in ("mx", "bfp"):
         return None
-    group = spec.group_size or info.block_size
+    group = spec.group_size or (32 if kind == "mx" else info.block_size)
     dim = shape[axis]
     if group and dim % group != 0:
         fits = [g for g in _COMMON_GROUP_SIZES if dim % g == 0] or [

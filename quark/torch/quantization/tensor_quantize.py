@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quark.torch.quantization import formats
-from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
+from quark.torch.quantization.config.type import QSchemeType, RoundType
 from quark.torch.quantization.formats.table import format_info
 
 if TYPE_CHECKING:
@@ -65,12 +65,12 @@ def compute_qparams(x: torch.Tensor, spec: QuantizationSpec) -> tuple[torch.Tens
 def fake_quantize_with_spec(x: torch.Tensor, spec: QuantizationSpec, scale: torch.Tensor | None = None,
                             zero_point: torch.Tensor | None = None) -> torch.Tensor:
     """Fake-quantize ``x`` per ``spec`` (qparams from ``x`` itself unless given). Same dtype as ``x``."""
-    kind = format_info(spec.dtype).kind
+    kind = spec.kind
     if kind == "cast":
         return x.to(format_info(spec.dtype).torch_dtype).to(x.dtype)
     if kind == "mx":
-        return formats.mx_fake_quantize(x, spec.mx_element_dtype, axis=_axis(spec),
-                                        block_size=spec.group_size or 32)
+        return formats.mx_fake_quantize(x, spec.mx_element, axis=_axis(spec), block_size=spec.group_size or 32,
+                                        scale_mode=spec.mx_scale_mode)
     if kind == "bfp":
         return formats.bfp_fake_quantize(x, spec.dtype, axis=_axis(spec), block_size=spec.group_size)
     if scale is None:
@@ -103,7 +103,7 @@ class FakeQuantize(nn.Module):
         self.spec, second = _split_spec(spec)
         self.name = name
         self.info = format_info(self.spec.dtype)
-        self.kind = self.info.kind
+        self.kind = self.spec.kind
         self.needs_qparams = self.kind in ("int", "float")
         self.is_dynamic = bool(self.spec.is_dynamic)
         self.observer = _make_observer(self.spec) if self.needs_qparams else None
@@ -208,8 +208,8 @@ class FakeQuantize(nn.Module):
         parts = [f"dtype={spec.dtype.name}", f"qscheme={_qscheme(spec).name}"]
         if spec.group_size:
             parts.append(f"group_size={spec.group_size}")
-        if spec.dtype == Dtype.mx and spec.mx_element_dtype is not None:
-            parts.append(f"element={spec.mx_element_dtype.name}")
+        if spec.mx_element is not None:
+            parts.append(f"mx_element={spec.mx_element.name}")
         parts.append("dynamic" if self.is_dynamic else "static")
         return ", ".join(parts)
 

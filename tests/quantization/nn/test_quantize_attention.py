@@ -13,7 +13,7 @@ from quark.torch.quantization.nn.modules.quantize_attention import (
     attach_attention_quantizers,
     find_attention_modules,
 )
-from tests.helpers.tiny_models import token_batches, tiny_model
+from tests.helpers.tiny_models import tiny_model, token_batches
 
 FAMILIES = ["llama", "opt", "qwen2"]
 

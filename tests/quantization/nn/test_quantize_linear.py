@@ -36,6 +36,7 @@ WEIGHT_SPECS = {
     "fp4_group": S(Dtype.fp4, QSchemeType.per_group, ch_axis=-1, group_size=16),
     "fp6_group": S(Dtype.fp6_e2m3, QSchemeType.per_group, ch_axis=-1, group_size=16),
     "mxfp4": MX(Dtype.fp4),
+    "mxfp4_checkpoint_form": S(Dtype.fp4, QSchemeType.per_group, ch_axis=-1, group_size=32, scale_format="e8m0"),
     "mxfp6_e3m2": MX(Dtype.fp6_e3m2),
     "mxfp6_e2m3": MX(Dtype.fp6_e2m3),
     "mxfp8": MX(Dtype.fp8_e4m3),
@@ -85,6 +86,7 @@ STORAGE = {
     "uint4_group_asym": (torch.int32, (96, 8), (3, 64), (3, 8)),
     "int4_channel": (torch.int32, (64, 12), (64,), (8,)),
     "mxfp4": (torch.uint8, (64, 48), (64, 3), None),
+    "mxfp4_checkpoint_form": (torch.uint8, (64, 48), (64, 3), None),
     "mxfp6_e2m3": (torch.uint8, (64, 72), (64, 3), None),
     "mxfp8": (torch.float8_e4m3fn, (64, 96), (64, 3), None),
 }
@@ -107,7 +109,7 @@ def test_storage_layout_matches_checkpoint_format(name):
 
 def test_int4_group_decode_formula_by_hand():
     """w[o,i] = (q[i,o] - zp[i//g,o]) * s[i//g,o] with the reorder nibble order."""
-    linear, q = make(WEIGHT_SPECS["uint4_group_asym"], bias=False)
+    _, q = make(WEIGHT_SPECS["uint4_group_asym"], bias=False)
     fake_w = q.quantized_weight(torch.float32).detach()
     q.freeze("reorder")
     packed, s = q.weight, q.weight_quantizer.scale

@@ -81,7 +81,7 @@ class AutoSmoothQuantStep(ScalingStep):
         self.specs = specs  # per layer: name -> (weight spec, input spec)
         self.loss = loss_fn(loss)
         self.clamp_min = clamp_min
-        self.alphas: list[tuple[int, str, float]] = []
+        self.alphas: list[tuple[int, str, float | None]] = []  # None: left unsmoothed
 
     @torch.no_grad()
     def search(self, layer: nn.Module, index: int, inputs: list) -> list[ScaleResult]:
@@ -93,11 +93,14 @@ class AutoSmoothQuantStep(ScalingStep):
             fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in g.layers}
             module, calls = self.inspect_calls(layer, g)
             reference = self.run(module, calls)
-            best, best_loss, best_alpha = None, float("inf"), 0.0
+            best, best_loss, best_alpha = None, float("inf"), None
             shadows = {n: fc.__dict__.get("forward") for n, fc in fcs.items()}
-            for alpha in ALPHA_GRID:
-                s = smooth_scales(act_max, [fc.weight for fc in fcs.values()], alpha, self.clamp_min,
-                                  _n_prev(prev), head_dim)
+            for alpha in (None, *ALPHA_GRID):
+                if alpha is None:  # no smoothing is always a candidate
+                    s = torch.ones(_n_prev(prev), device=act_max.device)
+                else:
+                    s = smooth_scales(act_max, [fc.weight for fc in fcs.values()], alpha, self.clamp_min,
+                                      _n_prev(prev), head_dim)
                 for n, fc in fcs.items():
                     w_spec, x_spec = self.specs[index].get(n, (None, None))
                     se = expand_scales(s, fc.in_features, head_dim).to(fc.weight.dtype)

@@ -16,6 +16,7 @@ from torch import nn
 from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, submodule
 from quark.torch.algorithm.utils.scaling import find_head_dim, scale_fc_fc, scale_norm_fcs
+from quark.torch.algorithm.utils.specs import refresh_weight_qparams
 from quark.torch.quantization.calibration.layerwise import layer_output_tensor
 
 
@@ -102,6 +103,7 @@ class ScalingStep:
                 raise RuntimeError(f"{self.owner}: non-finite scales for {r.prev_op} in decoder layer {index}")
         apply_scale_results(layer, results, self.owner)
         self.after_scaling(layer, index, results)
+        refresh_weight_qparams(layer)
         self.results.extend(results)
 
     def after_scaling(self, layer: nn.Module, index: int, results: list[ScaleResult]) -> None:

@@ -22,3 +22,19 @@ def set_weight_qparams(module: nn.Module, scale: Any, zero_point: Any) -> bool:
         return False
     quantizer.set_qparams(scale, zero_point)
     return True
+
+
+def refresh_weight_qparams(layer: nn.Module) -> None:
+    """Re-derive weight/bias qparams of every quantized linear in ``layer`` from its current tensors.
+
+    QuantLinear calibrates its weight quantizer when it is inserted; an algorithm that changes the
+    weights afterwards (AWQ scaling and clipping) must refresh them. Fixed qparams are kept.
+    """
+    for m in layer.modules():
+        for attr, tensor_name in (("weight_quantizer", "weight"), ("bias_quantizer", "bias")):
+            quantizer = getattr(m, attr, None)
+            tensor = getattr(m, tensor_name, None)
+            if quantizer is None or tensor is None or getattr(quantizer, "qparams_fixed", False):
+                continue
+            if hasattr(quantizer, "calibrate_from"):
+                quantizer.calibrate_from(tensor.detach())

@@ -228,7 +228,7 @@ def float_linears(module: nn.Module) -> Iterator[None]:
     patched = []
     try:
         for m in module.modules():
-            if isinstance(m, nn.Linear) and type(m) is not nn.Linear:
+            if isinstance(m, nn.Linear) and type(m) is not nn.Linear and "forward" not in m.__dict__:
                 m.forward = nn.Linear.forward.__get__(m)  # type: ignore[method-assign]
                 patched.append(m)
         yield

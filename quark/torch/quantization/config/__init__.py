@@ -1,1 +1,1 @@
-"""Layer 1: the Quark-compatible configuration API (import from ``.config``, ``.custom_config``, ``.type``)."""
+"""Layer 1: the Quark-compatible config API (import from ``.config``, ``.custom_config``, ``.type``)."""

@@ -340,6 +340,16 @@ class QuantizationSpec:
             )
 
     @property
+    def kind(self) -> str:
+        """Format kind this spec quantizes with: "int", "float", "mx", "bfp" or "cast"."""
+        return "mx" if self.mx_element is not None else FORMATS[self.dtype].kind
+
+    @property
+    def mx_scale_mode(self) -> str:
+        """How an MX block's shared exponent is chosen ("floor" per OCP unless the spec records another)."""
+        return self.scale_calculation_mode or "floor"
+
+    @property
     def mx_element(self) -> Dtype | None:
         """Element dtype of an OCP MX spec in either spelling, else ``None``.
 

@@ -26,7 +26,6 @@ from quark.torch.quantization.config.type import QSchemeType
 __all__ = [
     "as_qscheme",
     "broadcast_param",
-    "from_blocks",
     "normalize_axis",
     "param_shape",
     "reduce_amax",
@@ -77,7 +76,7 @@ def to_blocks(x: torch.Tensor, axis: int, block: int, pad_value: float = 0.0) ->
     """View ``x`` as blocks along ``axis``: shape ``(*others, n_blocks, block)``.
 
     ``axis`` moves to the end (other dims keep their order) and is padded with ``pad_value`` up to
-    a multiple of ``block``. Inverse: :func:`from_blocks`.
+    a multiple of ``block``.
     """
     axis = normalize_axis(axis, x.ndim)
     moved = x.movedim(axis, -1)
@@ -86,12 +85,6 @@ def to_blocks(x: torch.Tensor, axis: int, block: int, pad_value: float = 0.0) ->
     if pad:
         moved = torch.nn.functional.pad(moved, (0, pad), value=pad_value)
     return moved.reshape(*moved.shape[:-1], (n + pad) // block, block)
-
-
-def from_blocks(blocks: torch.Tensor, axis: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`to_blocks`: drop the padding (keep ``n`` elements) and move the axis back."""
-    flat = blocks.reshape(*blocks.shape[:-2], blocks.shape[-2] * blocks.shape[-1])[..., :n]
-    return flat.movedim(-1, axis)
 
 
 def reduce_minmax(x: torch.Tensor, qscheme: QSchemeType | str, ch_axis: int | None = None,

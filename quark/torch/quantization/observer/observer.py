@@ -232,7 +232,7 @@ class PerBlockMXObserver(ObserverBase):
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.amax is None:
             raise RuntimeError("PerBlockMXObserver: no tensor observed yet")
-        element = self.qspec.mx_element_dtype if self.dtype == Dtype.mx else None
+        element = self.qspec.mx_element
         emax = format_info(element).emax if element is not None else 0
         safe = torch.where(self.amax > 0, self.amax, torch.ones_like(self.amax))
         exponent = torch.floor(torch.log2(safe)) - emax

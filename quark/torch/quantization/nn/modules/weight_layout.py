@@ -55,9 +55,10 @@ class StoredWeight:
 def layout_of(spec: QuantizationSpec) -> str:
     """Name of the storage layout used for a weight quantized per ``spec``."""
     info = format_info(spec.dtype)
+    kind = spec.kind
     qscheme = spec.qscheme or QSchemeType.per_tensor
     axis = spec.ch_axis
-    if info.kind == "int":
+    if kind == "int":
         if spec.dtype in (Dtype.int4, Dtype.uint4):
             if qscheme == QSchemeType.per_group and axis in (1, -1):
                 return "int4_group"
@@ -66,9 +67,9 @@ def layout_of(spec: QuantizationSpec) -> str:
             if qscheme == QSchemeType.per_tensor:
                 return "int4_tensor"
         return "int_codes"
-    if info.kind == "float":
+    if kind == "float":
         return "fp8" if info.bits == 8 else "fp_small"
-    return info.kind  # "mx", "bfp", "cast"
+    return kind  # "mx", "bfp", "cast"
 
 
 def _pack_small_float(codes: torch.Tensor, dtype: Dtype) -> torch.Tensor:
@@ -101,8 +102,9 @@ def pack_weight(weight: torch.Tensor, quantizer: FakeQuantize, pack_method: str 
     if layout == "cast":
         return StoredWeight(w.to(format_info(spec.dtype).torch_dtype), None, None)
     if layout == "mx":
-        codes, scale = formats.mx_quantize(w, spec.mx_element_dtype, axis=-1, block_size=spec.group_size or 32)
-        return StoredWeight(_pack_mx_elements(codes, spec.mx_element_dtype), scale, None)
+        codes, scale = formats.mx_quantize(w, spec.mx_element, axis=-1, block_size=spec.group_size or 32,
+                                           scale_mode=spec.mx_scale_mode)
+        return StoredWeight(_pack_mx_elements(codes, spec.mx_element), scale, None)
     if layout == "bfp":
         stored = formats.bfp_quantize(w, spec.dtype, axis=-1, block_size=spec.group_size)
         extra = None if stored.micro_exp is None else {"micro_exponent": stored.micro_exp}
@@ -144,7 +146,7 @@ def unpack_weight(stored: StoredWeight, quantizer: FakeQuantize, shape: tuple[in
     if layout == "cast":
         return stored.weight.to(out_dtype)
     if layout == "mx":
-        element = spec.mx_element_dtype
+        element = spec.mx_element
         codes = _unpack_mx_elements(stored.weight, element, in_features)
         return formats.mx_dequantize(codes, stored.scale, element, axis=-1, block_size=spec.group_size or 32,
                                      out_dtype=out_dtype)

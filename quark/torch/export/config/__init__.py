@@ -1,0 +1,1 @@
+"""Export settings: ``ExporterConfig``, ``JsonExporterConfig``, ``OnnxExporterConfig``."""

@@ -1,0 +1,1 @@
+"""The Quark Hugging Face checkpoint layout: writer, model skeletons and reader."""

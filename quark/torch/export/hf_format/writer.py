@@ -1,0 +1,162 @@
+"""Writer of the Quark hf_format: ``config.json`` with ``quantization_config`` + safetensors.
+
+Module state is mapped to checkpoint names through :mod:`quark.torch.export.keys`; nothing here
+knows a model family. Tensors are references into the model until a shard is serialised.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import quark
+from quark.torch.export.config.config import JsonExporterConfig
+from quark.torch.export.keys import checkpoint_suffix, split_role, to_checkpoint_tensor
+from quark.torch.quantization.config.config import Config, QuantizationSpec
+from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
+def quant_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def check_exportable(model: nn.Module) -> dict[str, QuantLinear]:
+    """The frozen QuantLinear modules of ``model``; raise naming the fix when there are none or some are not frozen."""
+    modules = quant_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no quantized layer: quantize it with "
+                         "ModelQuantizer(config).quantize_model(model, dataloader) and call "
+                         "ModelQuantizer.freeze(model) before exporting")
+    unfrozen = [n for n, m in modules.items() if not m.frozen]
+    if unfrozen:
+        raise ValueError(f"{len(unfrozen)} quantized layer(s) are not frozen (e.g. {unfrozen[:3]}); call "
+                         "ModelQuantizer.freeze(model) before exporting")
+    return modules
+
+
+def owner_of(key: str, modules: dict[str, Any]) -> tuple[str, str] | None:
+    """(module name, suffix) when ``key`` belongs to one of ``modules`` (longest match), else None."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in modules:
+            return prefix, ".".join(parts[i:])
+    if "" in modules:
+        return "", key
+    return None
+
+
+def spec_of(module: QuantLinear, role: str, kind: str) -> QuantizationSpec | None:
+    quantizer = getattr(module, f"{role}_quantizer", None)
+    if quantizer is None:
+        return None
+    if kind.endswith("_2"):
+        return quantizer.scale_quantizer.spec if quantizer.scale_quantizer is not None else None
+    return quantizer.spec
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quark_tensors(model: nn.Module, json_config: JsonExporterConfig,
+                  transform: Callable[[str, QuantLinear, str, torch.Tensor], torch.Tensor | None] | None = None,
+                  ) -> list[tuple[str, torch.Tensor]]:
+    """``(checkpoint name, tensor)`` of the whole model in the Quark layout (no data copied)."""
+    modules = check_exportable(model)
+    out: list[tuple[str, torch.Tensor]] = []
+    seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
+    kv_group = json_config.kv_cache_group
+    for key, tensor in model.state_dict().items():
+        if tensor.device.type == "meta":
+            raise ValueError(f"{key} is on the meta device (never loaded); cannot export it")
+        owner = owner_of(key, modules)
+        name = key
+        if owner is not None:
+            mod_name, suffix = owner
+            module = modules[mod_name]
+            ckpt = checkpoint_suffix(suffix)
+            if ckpt is None:
+                raise ValueError(f"{key}: state {suffix!r} of a QuantLinear has no checkpoint name; known: "
+                                 "weight, bias, <role>_quantizer.scale/zero_point, weight_micro_exponent, "
+                                 "input_rotation")
+            name = f"{mod_name}.{ckpt}"
+            if "_quantizer." in suffix:
+                role, kind = split_role(suffix)
+                converted = to_checkpoint_tensor(kind, tensor, spec_of(module, role, kind))
+                if converted is None:
+                    continue
+                tensor = converted
+                if role == "output" and kind == "scale" and kv_group and matches_any(mod_name, kv_group):
+                    tensor = tensor.clamp(min=json_config.min_kv_scale)
+            if transform is not None:
+                transformed = transform(mod_name, module, ckpt, tensor)
+                if transformed is None:
+                    continue
+                tensor = transformed
+        if tensor.numel() > 0 and tensor.device.type == "cpu":
+            ident = (tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(),
+                     tuple(tensor.shape), tensor.dtype)
+            if ident in seen:
+                logger.info("%s shares its data with %s (tied weights): written once", name, seen[ident])
+                continue
+            seen[ident] = name
+        out.append((name, tensor))
+    return out
+
+
+def quark_quantization_config(config: Config, json_config: JsonExporterConfig) -> dict[str, Any]:
+    """``config.json["quantization_config"]`` of the Quark layout."""
+    body = config.to_dict()
+    body.pop("min_kv_scale", None)  # recorded in the export block, as Quark does
+    return {"quant_method": "quark", "version": quark.__version__, **body, "export": json_config.to_dict()}
+
+
+def effective_json_config(config: Config, json_config: JsonExporterConfig) -> JsonExporterConfig:
+    """``json_config`` with the KV-cache group and minimum scale filled from ``config`` when unset."""
+    kv_group = list(json_config.kv_cache_group) or list(config.kv_cache_quant_config or {})
+    min_kv = json_config.min_kv_scale or config.min_kv_scale
+    return JsonExporterConfig(weight_merge_groups=json_config.weight_merge_groups, kv_cache_group=kv_group,
+                              min_kv_scale=min_kv, pack_method=json_config.pack_method,
+                              weight_format=json_config.weight_format)
+
+
+def write_model_files(model: nn.Module, folder: Path, quantization_config: dict[str, Any],
+                      tokenizer: Any = None) -> None:
+    """config.json (with ``quantization_config``), generation config and tokenizer files."""
+    model_config = getattr(model, "config", None)
+    if model_config is None or not hasattr(model_config, "to_dict"):
+        raise ValueError(f"{type(model).__name__} has no Hugging Face `config`; hf_format export needs a "
+                         "transformers PreTrainedModel")
+    data = model_config.to_dict()
+    data["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+        return
+    source = Path(str(getattr(model_config, "_name_or_path", "") or ""))
+    if source.is_dir():
+        for fname in TOKENIZER_FILES:
+            if (source / fname).is_file() and not (folder / fname).exists():
+                shutil.copy2(source / fname, folder / fname)
+
+
+__all__ = ["check_exportable", "effective_json_config", "owner_of", "quant_modules", "quark_quantization_config",
+           "quark_tensors", "write_model_files"]

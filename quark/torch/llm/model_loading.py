@@ -1,0 +1,206 @@
+"""Loading causal language models and their tokenizers for the LLM tools (layer 10).
+
+* :func:`check_model_dir` rejects folders that are not Hugging Face model folders before any
+  weight is read;
+* :func:`load_tokenizer` applies the conventions every family of the seeds needs: a missing pad
+  token is set to the eos token, padding is on the left, and whether a BOS token starts each
+  sequence is decided once (:class:`TokenizerInfo`) and applied explicitly by :func:`encode`;
+* :func:`load_model` loads with ``AutoModelForCausalLM`` (``dtype="auto"`` by default) onto one
+  device, or across the visible GPUs with an accelerate ``device_map`` (``multi_gpu``).
+
+``EMBEDDED_MODEL_DIR`` is the stories260K Llama shipped inside the package (the default model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "stories260K"
+EMBEDDED_CALIBRATION_TEXT = EMBEDDED_MODEL_DIR / "calibration.txt"
+DTYPES: dict[str, Any] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+BOS_MODES = ("auto", "yes", "no")
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+@dataclass
+class TokenizerInfo:
+    """A tokenizer and the BOS decision taken for it (applied by :func:`encode`)."""
+
+    tokenizer: Any
+    add_bos: bool
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id if self.add_bos else None
+
+
+def check_model_dir(path: str | Path, owner: str = "--model_dir") -> Path:
+    """``path`` as a ``Path`` if it is a model folder (a ``config.json`` naming a ``model_type``
+    or architecture), else ``ValueError``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{owner}={str(path)!r} is not a directory")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{owner}={str(path)!r} is not a Hugging Face model folder: it has no config.json")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{owner}={str(path)!r}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not (data.get("model_type") or data.get("architectures")):
+        raise ValueError(f"{owner}={str(path)!r}: config.json names neither a model_type nor architectures")
+    return folder
+
+
+def load_config(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
+    """The ``transformers`` config of ``model_dir`` (``ValueError`` when it cannot be read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        hint = "" if trust_remote_code else " (if the model needs its own code, add --trust_remote_code)"
+        raise ValueError(f"--model_dir={str(model_dir)!r}: transformers cannot read its config: "
+                         f"{str(exc).splitlines()[0]}{hint}") from None
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings`` or its aliases)."""
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text_config = getattr(config, "text_config", None)
+    return context_length(text_config) if text_config is not None else None
+
+
+def _sentencepiece_only(folder: Path) -> bool:
+    """A llama2.c-style folder: a sentencepiece ``tokenizer.model`` and no HF tokenizer files."""
+    return (folder / "tokenizer.model").is_file() and not any((folder / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def load_tokenizer(model_dir: str | Path, *, max_seq_len: int | None = None, trust_remote_code: bool = False,
+                   add_bos: str = "auto") -> TokenizerInfo:
+    """Load the tokenizer of ``model_dir`` with pad = eos when missing and left padding.
+
+    ``add_bos``: ``"yes"``/``"no"`` force the BOS decision; ``"auto"`` adds BOS when the tokenizer
+    itself puts one in front of a text, or when the folder holds only a sentencepiece model
+    (llama2.c convention; ``transformers`` 5 does not add BOS for such folders by itself).
+    """
+    if add_bos not in BOS_MODES:
+        raise ValueError(f"--add_bos={add_bos!r} is not one of: {', '.join(BOS_MODES)}")
+    folder = Path(model_dir)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "padding_side": "left"}
+    if max_seq_len:
+        kwargs["model_max_length"] = max_seq_len
+    try:
+        if _sentencepiece_only(folder):
+            # AutoTokenizer would build a generic backend without sentencepiece's dummy prefix
+            # ("Once" -> "O", "n", "ce" instead of "▁Once"); LlamaTokenizer reads the model as is.
+            from transformers import LlamaTokenizer
+
+            tokenizer = LlamaTokenizer.from_pretrained(str(folder), **kwargs)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load a tokenizer from {str(folder)!r}: {str(exc).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {str(folder)!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if add_bos == "auto":
+        use_bos = _tokenizer_adds_bos(tokenizer) or (
+            _sentencepiece_only(folder) and tokenizer.bos_token_id is not None)
+    else:
+        use_bos = add_bos == "yes"
+        if use_bos and tokenizer.bos_token_id is None:
+            raise ValueError(f"--add_bos=yes but the tokenizer of {str(folder)!r} has no bos token")
+    return TokenizerInfo(tokenizer, use_bos)
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def encode(info: TokenizerInfo, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens, with BOS in front when ``info.add_bos``."""
+    ids = list(info.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [info.tokenizer.bos_token_id, *ids] if info.add_bos else ids
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu`` or ``cuda``/``cuda:N``; ``ValueError`` when CUDA is asked for and absent."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device={device!r}: no CUDA device is available here; use --device cpu")
+        return torch.device(device)
+    raise ValueError(f"--device={device!r} is not one of: cpu, cuda, cuda:N")
+
+
+def load_model(model_dir: str | Path, *, device: str = "cpu", multi_gpu: bool = False, dtype: str = "auto",
+               trust_remote_code: bool = False) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` in eval mode, with the KV cache off.
+
+    ``multi_gpu`` spreads the layers over the visible GPUs with ``device_map="auto"`` (accelerate);
+    otherwise the whole model goes to ``device``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--model_dtype={dtype!r} is not one of: {', '.join(DTYPES)}")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if multi_gpu:
+        if not torch.cuda.is_available():
+            raise ValueError("--multi_gpu needs CUDA devices; none is available here")
+        kwargs["device_map"] = "auto"
+    target = None if multi_gpu else resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load a causal LM from {str(model_dir)!r}: {str(exc).splitlines()[0]}") from None
+    if target is not None:
+        model = model.to(target)
+    model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model
+
+
+__all__ = [
+    "BOS_MODES",
+    "DTYPES",
+    "EMBEDDED_CALIBRATION_TEXT",
+    "EMBEDDED_MODEL_DIR",
+    "TokenizerInfo",
+    "check_model_dir",
+    "context_length",
+    "encode",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "resolve_device",
+]

@@ -1,0 +1,140 @@
+"""Perplexity (layer 10): two protocols, both reporting the mean negative log-likelihood per token.
+
+``windowed`` (WikiText-2 style): the whole evaluation text is tokenized once, as one string, and
+cut into consecutive non-overlapping windows of ``seq_len`` tokens (with BOS, BOS followed by
+``seq_len - 1`` text tokens); a shorter last window is scored too. In every window each token
+after the first is scored; perplexity is ``exp(total NLL / scored tokens)``. ``max_windows`` keeps
+only the first windows (a fixed, stated number on CPU).
+
+``per_document`` (the stories260K in-domain protocol): each document is tokenized separately
+(BOS prepended when the tokenizer info says so) and scored on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quark.torch.llm.datasets import read_hub, split_text
+from quark.torch.llm.model_loading import TokenizerInfo, encode
+
+
+@dataclass
+class PerplexityResult:
+    """Mean token NLL (nats) and its perplexity, with what was scored."""
+
+    protocol: str
+    nll: float
+    perplexity: float
+    tokens: int
+    windows: int
+    seq_len: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def sequence_nll(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL (float64) of tokens 1..n-1 of each row of ``ids`` ``[batch, n]`` and their count."""
+    ids = ids.to(_device_of(model))
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction="sum")
+    return float(loss.double()), int(ids[:, 1:].numel())
+
+
+def _result(protocol: str, total: float, count: int, windows: int, seq_len: int | None) -> PerplexityResult:
+    if count == 0:
+        raise ValueError("perplexity: the evaluation text has fewer than two tokens; nothing to score")
+    nll = total / count
+    return PerplexityResult(protocol, nll, math.exp(nll), count, windows, seq_len)
+
+
+def windowed_perplexity(model: nn.Module, token_ids: list[int] | torch.Tensor, seq_len: int,
+                        *, bos_id: int | None = None, max_windows: int | None = None,
+                        desc: str = "Perplexity") -> PerplexityResult:
+    """Perplexity over non-overlapping ``seq_len`` windows of ``token_ids`` (see module docstring)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"perplexity seq_len={seq_len!r} must be an integer >= 2")
+    if max_windows is not None and (isinstance(max_windows, bool) or max_windows < 1):
+        raise ValueError(f"perplexity max_windows={max_windows!r} must be a positive integer or None")
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    body = seq_len - 1 if bos_id is not None else seq_len
+    starts = list(range(0, ids.numel(), body))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    total, count = 0.0, 0
+    for start in tqdm(starts, desc=desc, unit="window", leave=False):
+        window = ids[start:start + body]
+        if bos_id is not None:
+            window = torch.cat([torch.tensor([bos_id]), window])
+        if window.numel() < 2:
+            continue
+        nll, n = sequence_nll(model, window.unsqueeze(0))
+        total, count = total + nll, count + n
+    protocol = f"windowed seq_len={seq_len}{' with BOS' if bos_id is not None else ''}"
+    return _result(protocol, total, count, len(starts), seq_len)
+
+
+def per_document_perplexity(model: nn.Module, docs: list[str], info: TokenizerInfo,
+                            desc: str = "Perplexity") -> PerplexityResult:
+    """Each document tokenized and scored on its own (BOS per ``info``)."""
+    total, count = 0.0, 0
+    for doc in tqdm(docs, desc=desc, unit="doc", leave=False):
+        ids = encode(info, doc)
+        if len(ids) < 2:
+            continue
+        nll, n = sequence_nll(model, torch.tensor([ids]))
+        total, count = total + nll, count + n
+    protocol = f"per-document{' with BOS' if info.add_bos else ''}"
+    return _result(protocol, total, count, len(docs), None)
+
+
+def evaluation_text(source: str) -> str:
+    """The evaluation text of ``--ppl_dataset``: ``wikitext`` (hub, test split, rows joined by
+    blank lines as in GPTQ) or a local text file read as is (e.g. ``wiki.test.raw``)."""
+    if source == "wikitext":
+        return "\n\n".join(read_hub("wikitext", split="test"))
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"--ppl_dataset={source!r} is neither 'wikitext' nor an existing text file")
+    return path.read_text(encoding="utf-8")
+
+
+def text_perplexity(model: nn.Module, text: str, info: TokenizerInfo, seq_len: int,
+                    max_windows: int | None = None, desc: str = "Perplexity") -> PerplexityResult:
+    """Tokenize ``text`` as one string (no special tokens) and run :func:`windowed_perplexity`."""
+    ids = info.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return windowed_perplexity(model, ids, seq_len, bos_id=info.bos_id, max_windows=max_windows, desc=desc)
+
+
+def story_perplexity(model: nn.Module, path: str | Path, info: TokenizerInfo,
+                     desc: str = "Perplexity") -> PerplexityResult:
+    """The per-document protocol on an ``<|endoftext|>``-separated file (stories260K's sample)."""
+    return per_document_perplexity(model, split_text(Path(path).read_text(encoding="utf-8")), info, desc)
+
+
+__all__ = [
+    "PerplexityResult",
+    "evaluation_text",
+    "per_document_perplexity",
+    "sequence_nll",
+    "story_perplexity",
+    "text_perplexity",
+    "windowed_perplexity",
+]

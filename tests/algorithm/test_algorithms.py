@@ -1,0 +1,143 @@
+"""AWQ, GPTQ, SmoothQuant and AutoSmoothQuant end to end through ModelQuantizer on tiny models.
+
+Each algorithm is compared with plain round-to-nearest (the same spec, no algorithm) on the
+error of the model outputs (logits) for held-out batches, measured here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from tiny_models import make_batches, make_model
+
+from quark.torch import ModelQuantizer
+from quark.torch.algorithm.api import apply_advanced_algorithm, apply_pre_quant_optimization
+from quark.torch.quantization.config.config import (
+    AutoSmoothQuantConfig,
+    AWQConfig,
+    Config,
+    GPTQConfig,
+    QuantizationConfig,
+    SmoothQuantConfig,
+)
+from quark.torch.quantization.config.custom_config import (
+    INT4_PER_CHANNEL_SPEC,
+    INT4_PER_GROUP_SYM_SPEC,
+    INT8_PER_CHANNEL_SPEC,
+    INT8_PER_TENSOR_SPEC,
+    MXFP4_SPEC,
+    UINT4_PER_GROUP_ASYM_SPEC,
+)
+
+CALIB = make_batches(4, seq=32, seed=1)
+HELD_OUT = make_batches(2, seq=32, seed=2)
+
+
+def _config(weight, algo=None, pre=None, act=None):
+    return Config(global_quant_config=QuantizationConfig(weight=weight, input_tensors=act), exclude=["lm_head"],
+                  algo_config=algo, pre_quant_opt_config=pre or [])
+
+
+def _error(model, config) -> float:
+    q = copy.deepcopy(model)
+    ModelQuantizer(config).quantize_model(q, CALIB)
+    with torch.no_grad():
+        return sum(float(((q(b).logits - model(b).logits) ** 2).mean()) for b in HELD_OUT)
+
+
+def _g(spec, group):
+    return replace(spec, group_size=group)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "mistral", "phi3"])
+def test_awq_beats_rtn(family):
+    model = make_model(family)
+    spec = _g(UINT4_PER_GROUP_ASYM_SPEC, 32)
+    rtn = _error(model, _config(spec))
+    awq = _error(model, _config(spec, AWQConfig()))
+    assert awq < rtn, (awq, rtn)
+
+
+@pytest.mark.parametrize("family,spec", [
+    ("llama", _g(INT4_PER_GROUP_SYM_SPEC, 32)),
+    ("opt", _g(UINT4_PER_GROUP_ASYM_SPEC, 32)),
+    ("qwen2", INT4_PER_CHANNEL_SPEC),
+    ("mistral", INT8_PER_CHANNEL_SPEC),
+    ("phi3", _g(INT4_PER_GROUP_SYM_SPEC, 32)),
+])
+def test_gptq_beats_rtn_and_fixes_grid(family, spec):
+    model = make_model(family)
+    rtn = _error(model, _config(spec))
+    q = copy.deepcopy(model)
+    ModelQuantizer(_config(spec, GPTQConfig())).quantize_model(q, CALIB)
+    with torch.no_grad():
+        gptq = sum(float(((q(b).logits - model(b).logits) ** 2).mean()) for b in HELD_OUT)
+        # GPTQ's weights lie on the grid it fixed: fake-quantizing them changes nothing.
+        lin = q.get_decoder().layers[0].mlp.down_proj
+        assert lin.weight_quantizer.qparams_fixed
+        assert torch.allclose(lin.weight_quantizer(lin.weight), lin.weight, atol=1e-6)
+    assert gptq < rtn, (gptq, rtn)
+
+
+def test_gptq_true_sequential_off_and_inside_layer_modules():
+    model = make_model("llama")
+    spec = _g(INT4_PER_GROUP_SYM_SPEC, 32)
+    cfg = GPTQConfig(true_sequential=False, desc_act=False, inside_layer_modules=["mlp.down_proj"],
+                     model_decoder_layers="model.layers")
+    q = copy.deepcopy(model)
+    ModelQuantizer(_config(spec, cfg)).quantize_model(q, CALIB)
+    layer = q.model.layers[0]
+    assert layer.mlp.down_proj.weight_quantizer.qparams_fixed
+    assert not layer.mlp.up_proj.weight_quantizer.qparams_fixed
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_smoothquant_preserves_float_and_helps_w8a8(family):
+    model = make_model(family)
+    smoothed = copy.deepcopy(model)
+    apply_pre_quant_optimization(smoothed, [SmoothQuantConfig(alpha=0.5)], _config(INT8_PER_TENSOR_SPEC),
+                                 CALIB, "cpu")
+    with torch.no_grad():
+        for b in HELD_OUT:
+            # Tolerance: float32 rescaling error only.
+            assert torch.allclose(smoothed(b).logits, model(b).logits, atol=1e-4, rtol=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(smoothed.parameters(), model.parameters()))
+    plain = _error(model, _config(INT8_PER_TENSOR_SPEC, act=INT8_PER_TENSOR_SPEC))
+    sq = _error(model, _config(INT8_PER_TENSOR_SPEC, pre=[SmoothQuantConfig(alpha=0.5)], act=INT8_PER_TENSOR_SPEC))
+    assert sq < plain, (sq, plain)
+
+
+@pytest.mark.parametrize("loss", ["MSE", "MAE"])
+def test_autosmoothquant_helps_w8a8(loss):
+    model = make_model("qwen2")
+    plain = _error(model, _config(INT8_PER_TENSOR_SPEC, act=INT8_PER_TENSOR_SPEC))
+    auto = _error(model, _config(INT8_PER_TENSOR_SPEC, act=INT8_PER_TENSOR_SPEC,
+                                 pre=[AutoSmoothQuantConfig(compute_scale_loss=loss)]))
+    assert auto < plain, (auto, plain)
+
+
+def test_unsupported_specs_raise_before_weights_change():
+    model = make_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    for weight, algo, field in [
+        (INT8_PER_CHANNEL_SPEC, AWQConfig(), "dtype=int8"),
+        (_g(INT4_PER_GROUP_SYM_SPEC, 48), GPTQConfig(), "group_size"),
+        (MXFP4_SPEC, GPTQConfig(), "dtype"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            ModelQuantizer(_config(weight, algo)).quantize_model(model, CALIB)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_bad_scaling_layer_name_raises():
+    model = make_model("llama")
+    groups = [{"prev_op": "input_layernorm", "layers": ["self_attn.q_projj"], "inp": "self_attn.q_projj"}]
+    with pytest.raises(ValueError, match="q_projj"):
+        apply_advanced_algorithm(model, [AWQConfig(scaling_layers=groups)], _config(_g(INT4_PER_GROUP_SYM_SPEC, 32)),
+                                 CALIB, "cpu")
+    with pytest.raises(ValueError, match="q_projj"):
+        apply_pre_quant_optimization(model, [SmoothQuantConfig(scaling_layers=groups)], _config(INT8_PER_TENSOR_SPEC),
+                                     CALIB, "cpu")
