@@ -180,3 +180,19 @@ def test_accelerate_device_hooks_survive_the_swap():
     swapped = model.model.layers[0].mlp.down_proj
     assert isinstance(swapped, QuantLinear) and isinstance(swapped._hf_hook, AlignDevicesHook)
     assert torch.isfinite(model(token_batches(1)[0]).logits).all()
+
+
+def test_dict_and_list_batches():
+    ids = token_batches(2)
+    dict_batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids]
+    list_batches = [[b[0]] for b in ids]  # 1-D ids in a list: unsqueezed to [1, seq]
+    for batches in (dict_batches, list_batches):
+        model = tiny_model("llama")
+        ModelQuantizer(LLMTemplate.get("llama").get_config(scheme="int8")).quantize_model(model, batches)
+        assert model.model.layers[0].mlp.up_proj.input_quantizer.scale.item() > 0
+
+
+def test_bad_batch_type_is_named():
+    with pytest.raises(ValueError, match="batch 0 has type str"):
+        ModelQuantizer(LLMTemplate.get("llama").get_config(scheme="int8")).quantize_model(
+            tiny_model("llama"), ["not a batch"])

@@ -65,7 +65,7 @@ def _group_issue(name: str, tensor: str, shape: tuple[int, ...], spec: Quantizat
     dim = shape[axis]
     if group and dim % group != 0:
         fits = [g for g in _COMMON_GROUP_SIZES if dim % g == 0] or [
-            g for g in range(1, min(dim, 256) + 1) if dim % g == 0][-3:]
+            g for g in range(2, min(dim, 256) + 1) if dim % g == 0][:8]
         return (f"{name} ({tensor}, dim {axis} = {dim}): group_size {group} does not divide {dim}; "
                 f"group sizes that fit: {fits}")
     return None

@@ -17,7 +17,6 @@ import logging
 import torch
 from torch import nn
 
-from quark.torch.export.keys import is_e8m0_float_spec
 from quark.torch.quantization.config.config import Config, QuantizationConfig
 from quark.torch.quantization.config.resolve import is_quantizable, resolve
 from quark.torch.quantization.config.type import QSchemeType
@@ -77,13 +76,10 @@ def _template(in_features: int, out_features: int, bias: bool, qconfig: Quantiza
 
 
 def _checkpoint_dtypes(module: QuantLinear) -> None:
-    """Make the skeleton hold what the checkpoint holds (no float zero points, E8M0 byte scales)."""
+    """Make the skeleton hold what the checkpoint holds (float formats carry no zero point)."""
     for quantizer in module.quantizers():
         if quantizer.kind == "float":
             quantizer.zero_point = None  # float formats: the checkpoint carries no zero point
-    wq = module.weight_quantizer
-    if wq is not None and is_e8m0_float_spec(wq.spec) and wq.scale is not None:
-        wq.scale = torch.zeros(wq.scale.shape, dtype=torch.uint8)  # decoded on first use
 
 
 def skeleton_linear(name: str, linear: nn.Linear, qconfig: QuantizationConfig, pack_method: str,
@@ -97,24 +93,8 @@ def skeleton_linear(name: str, linear: nn.Linear, qconfig: QuantizationConfig, p
         quantizer = getattr(module, attr)
         if quantizer is not None:
             quantizer.name = f"{name}.{attr}"
-    module.register_forward_pre_hook(_decode_e8m0_scales)
     _carry_hooks(linear, module)
     return module
-
-
-def decode_e8m0_scales(module: QuantLinear) -> None:
-    """Turn E8M0 byte scales loaded into a skeleton into the float scales ``QuantLinear`` uses."""
-    from quark.torch.quantization.formats import e8m0_to_float
-
-    wq = module.weight_quantizer
-    if wq is not None and wq.scale is not None and wq.scale.dtype == torch.uint8 \
-            and is_e8m0_float_spec(wq.spec) and wq.scale.device.type != "meta":
-        wq.scale = e8m0_to_float(wq.scale)
-
-
-def _decode_e8m0_scales(module: nn.Module, args: tuple) -> None:
-    if isinstance(module, QuantLinear):
-        decode_e8m0_scales(module)
 
 
 def _carry_hooks(source: nn.Module, target: nn.Module) -> None:
@@ -141,4 +121,4 @@ def build_skeletons(model: nn.Module, config: Config, pack_method: str = "reorde
     return names
 
 
-__all__ = ["build_skeletons", "decode_e8m0_scales", "skeleton_linear"]
+__all__ = ["build_skeletons", "skeleton_linear"]

@@ -1,0 +1,1 @@
+"""Quantization-config conversions used when exporting and by transformers' ``QuarkConfig``."""

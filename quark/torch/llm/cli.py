@@ -1,0 +1,160 @@
+"""``quark-quantize`` (also ``python -m quark.torch.llm``): the PTQ recipes of the documentation.
+
+Without ``--model_dir`` it quantizes the stories260K Llama embedded in the package (fp8 W8A8 with
+an fp8 KV cache, calibrated on its in-domain text) and reports perplexity before and after, offline.
+Bad input ends with one error line and exit status 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from quark.torch.llm import datasets, export_step, model_loading, schemes
+
+PROG = "quark-quantize"
+_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(message)
+
+
+def _fail(message: object) -> NoReturn:
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"{PROG}: error: {text}\n")
+    raise SystemExit(2)
+
+
+def _formats(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    for item in items:
+        if item not in export_step.EXPORT_FORMATS:
+            raise argparse.ArgumentTypeError(f"{item!r} is not one of: {', '.join(export_step.EXPORT_FORMATS)}")
+    return items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     description="Post-training quantization of a Hugging Face causal LM with Quark: "
+                                 "quantize, evaluate (perplexity, lm-eval), export (hf_format, onnx, gguf) "
+                                 "or reload an export. Without --model_dir the embedded stories260K demo "
+                                 "model is used (default scheme w_fp8_a_fp8 with fp8 KV cache).")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_dir", default=None,
+                       help="Hugging Face model folder (default: the embedded stories260K Llama)")
+    model.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda or cuda:N")
+    model.add_argument("--multi_gpu", action="store_true", help="spread the model over all GPUs (accelerate)")
+    model.add_argument("--model_dtype", default="auto", choices=list(model_loading.DTYPES),
+                       help="dtype to load the model in")
+    model.add_argument("--trust_remote_code", action="store_true",
+                       help="allow model code from the model folder (off by default)")
+    model.add_argument("--add_bos", default="auto", choices=list(model_loading.BOS_MODES),
+                       help="start each sequence with BOS (auto: as the tokenizer does; always for "
+                            "sentencepiece-only folders)")
+
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--quant_scheme", default=None, metavar="SCHEME",
+                       help=f"one of: {', '.join(schemes.scheme_names())} (default: w_fp8_a_fp8)")
+    quant.add_argument("--group_size", type=int, default=None,
+                       help="group size of per-group schemes (default: 128 for int4/uint4, 16 for fp4)")
+    quant.add_argument("--kv_cache_dtype", default=None, choices=list(schemes.KV_CACHE_DTYPES),
+                       help="quantize the KV cache (default: not quantized; fp8 for the embedded demo)")
+    quant.add_argument("--min_kv_scale", type=float, default=0.0, help="lower bound of KV-cache scales")
+    quant.add_argument("--quant_algo", default=None, metavar="ALGO[,ALGO]",
+                       help=f"algorithms in order, comma-separated: {', '.join(schemes.ALGORITHMS)}")
+    quant.add_argument("--exclude_layers", nargs="*", default=None, metavar="PATTERN",
+                       help="fnmatch patterns of layers to leave in float (default: the family's, e.g. "
+                            "lm_head); give the flag alone to exclude nothing")
+    quant.add_argument("--moe_experts_second_step_config", default=None,
+                       choices=list(schemes.MOE_SECOND_STEP_SCHEMES),
+                       help="quantize MoE expert weights a second time with this scheme")
+    quant.add_argument("--skip_quantization", action="store_true", help="only evaluate the float model")
+    quant.add_argument("--seed", type=int, default=42, help="seed of the calibration sampling")
+
+    calib = parser.add_argument_group("calibration data")
+    calib.add_argument("--dataset", default=None,
+                       help=f"{', '.join(datasets.dataset_names())} or a local .txt/.jsonl/.parquet file or "
+                            "folder (default: pileval; the embedded demo uses its own text)")
+    calib.add_argument("--num_calib_data", type=int, default=None,
+                       help="number of calibration samples (default 128; embedded demo 4)")
+    calib.add_argument("--seq_len", type=int, default=None,
+                       help="tokens per calibration sample (default 512; embedded demo 256)")
+    calib.add_argument("--batch_size", type=int, default=1, help="calibration batch size")
+
+    export = parser.add_argument_group("export")
+    export.add_argument("--output_dir", default=None, help="folder for the export and quark_summary.json")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    export.add_argument("--model_export", nargs="+", type=_formats, default=None, metavar="FORMAT",
+                        help=f"export formats: {', '.join(export_step.EXPORT_FORMATS)} (several allowed)")
+    export.add_argument("--custom_mode", default="quark", choices=list(export_step.CUSTOM_MODES),
+                        help="hf_format layout: quark, awq (AutoAWQ) or fp8 (native fp8)")
+
+    reload = parser.add_argument_group("reload")
+    reload.add_argument("--import_model_dir", default=None, help="folder of an exported quantized model")
+    reload.add_argument("--model_reload", action="store_true", help="reload --import_model_dir and evaluate")
+    reload.add_argument("--import_file_format", default="hf_format", choices=list(export_step.IMPORT_FORMATS),
+                        help="format of --import_model_dir")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--skip_evaluation", action="store_true", help="no perplexity, no tasks")
+    evaluation.add_argument("--skip_float_evaluation", action="store_true",
+                            help="do not evaluate the float model first")
+    evaluation.add_argument("--ppl_dataset", default=None,
+                            help="perplexity text: 'wikitext' (hub, test split) or a local text file such "
+                                 "as wiki.test.raw (default: wikitext; the embedded demo uses its stories)")
+    evaluation.add_argument("--ppl_seq_len", type=int, default=None,
+                            help="perplexity window (default 2048, or the model's context if shorter)")
+    evaluation.add_argument("--ppl_max_windows", type=int, default=None,
+                            help="score only the first N windows (default: all)")
+    evaluation.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs lm-eval)")
+    evaluation.add_argument("--eval_batch_size", type=int, default=1, help="lm-eval batch size")
+    evaluation.add_argument("--lm_eval_limit", type=int, default=None, help="lm-eval examples per task")
+
+    parser.add_argument("--log_severity_level", type=int, default=1, choices=sorted(_LEVELS),
+                        help="0 debug, 1 info, 2 warning, 3 error, 4 critical")
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.model_export is not None:
+        args.model_export = list(dict.fromkeys(f for group in args.model_export for f in group))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``quark-quantize``; returns the exit status (0, or 2 for bad input)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=_LEVELS[args.log_severity_level], format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("quark").setLevel(_LEVELS[args.log_severity_level])
+    from quark.torch.llm.pipeline import run
+
+    try:
+        summary = run(args)
+    except ValueError as exc:
+        try:
+            _fail(exc)
+        except SystemExit as stop:
+            return int(stop.code or 2)
+    sys.stdout.write(summary.table() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Mixture-of-experts support for the LLM tools (layer 10).
+
+In ``transformers`` 5 the experts of Mixtral, Qwen2-MoE (Qwen1.5-MoE) and similar models are one
+fused module holding 3-D parameters (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``), which
+the quantizer (``nn.Linear`` only) cannot see. :func:`unfuse_experts` replaces each such module by
+an equivalent :class:`UnfusedExperts` whose experts are ordinary ``nn.Linear`` layers
+(``experts.<e>.gate_proj/up_proj/down_proj``), with the same routing loop, so that the experts
+are quantized, calibrated and exported like every other Linear. The outputs are unchanged (same
+arithmetic per expert). Layouts this module does not recognise (transposed, interleaved or
+biased expert weights, DBRX's ``experts.mlp.w1/v1/w2``) are left fused and listed.
+
+:func:`prequantize_experts` is the first step of the MoE second-step recipe: each expert weight is
+rounded in place to the first-step (global) weight spec; the expert Linears are then quantized a
+second time by their own config (``schemes.add_moe_second_step``), so the effective weight is
+``Q2(Q1(W))``.
+"""
+
+from __future__ import annotations
+
+import logging
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from quark.torch.quantization.config.config import Config
+from quark.torch.quantization.tensor_quantize import FakeQuantize
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertMLP(nn.Module):
+    """One gated expert: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.down_proj = down_proj
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Per-expert Linears with the routed forward of ``transformers``' fused experts modules:
+    ``forward(hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k])``."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for index, expert in enumerate(self):
+            token_idx, slot = torch.where(top_k_index == index)
+            if token_idx.numel() == 0:
+                continue
+            states = expert(hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, states.to(out.dtype))
+        return out
+
+
+def _fused_layout_ok(module: nn.Module) -> bool:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+        return False
+    if gate_up.dim() != 3 or down.dim() != 3 or not isinstance(getattr(module, "act_fn", None), nn.Module):
+        return False
+    experts, two_i, hidden = gate_up.shape
+    layout_flags = (getattr(module, "has_bias", False), getattr(module, "is_transposed", False),
+                    not getattr(module, "is_concatenated", True), not getattr(module, "has_gate", True),
+                    getattr(module, "has_post_expert_norm", False))
+    return not any(layout_flags) and two_i % 2 == 0 and tuple(down.shape) == (experts, hidden, two_i // 2)
+
+
+def fused_expert_modules(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(names of fused expert modules :func:`unfuse_experts` handles, names it cannot handle)."""
+    ok, unknown = [], []
+    for name, module in model.named_modules():
+        params = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+        if not params:
+            continue
+        (ok if _fused_layout_ok(module) else unknown).append(name)
+    return ok, unknown
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    with torch.device("meta"):
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    return layer
+
+
+@torch.no_grad()
+def unfuse_experts(model: nn.Module) -> list[str]:
+    """Replace every recognised fused experts module by :class:`UnfusedExperts`; return their names.
+
+    Fused 3-D expert parameters of a layout not recognised are logged as left unquantized.
+    """
+    names, unknown = fused_expert_modules(model)
+    for name in unknown:
+        logger.warning("%s holds 3-D expert parameters in a layout quark does not unfuse; its experts "
+                       "stay in float (only nn.Linear layers are quantized)", name)
+    for name in names:
+        fused = model.get_submodule(name)
+        inter = fused.down_proj.shape[2]
+        experts = UnfusedExperts()
+        for e in range(fused.gate_up_proj.shape[0]):
+            gate_up = fused.gate_up_proj[e]
+            experts.append(ExpertMLP(_linear(gate_up[:inter]), _linear(gate_up[inter:]),
+                                     _linear(fused.down_proj[e]), fused.act_fn))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, experts)
+    if names:
+        logger.info("unfused %d MoE experts module(s) into per-expert Linears", len(names))
+    return names
+
+
+@torch.no_grad()
+def prequantize_experts(model: nn.Module, config: Config, patterns: tuple[str, ...]) -> list[str]:
+    """First step of the MoE recipe: round each expert Linear's weight (names matching ``patterns``,
+    not excluded) in place to ``config.global_quant_config.weight``; return the names touched."""
+    spec = config.global_quant_config.weight
+    if spec is None:
+        return []
+    touched = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not any(fnmatchcase(name, p) for p in patterns):
+            continue
+        if any(fnmatchcase(name, ex) for ex in config.exclude):
+            continue
+        quantizer = FakeQuantize(spec, name=f"{name}.first_step").to(module.weight.device)
+        quantizer.calibrate_from(module.weight)
+        module.weight.copy_(quantizer(module.weight))
+        touched.append(name)
+    if not touched:
+        raise ValueError("--moe_experts_second_step_config: the model has no expert Linear (names matching "
+                         f"{', '.join(patterns)}); it applies to mixture-of-experts models only")
+    return touched
+
+
+__all__ = ["ExpertMLP", "UnfusedExperts", "fused_expert_modules", "prequantize_experts", "unfuse_experts"]

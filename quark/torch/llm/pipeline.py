@@ -1,0 +1,270 @@
+"""What ``quark-quantize`` does, step by step (layer 10).
+
+1. validate every flag that can be checked without the model (names, paths, output folder);
+2. load the config, tokenizer and model; check ``--seq_len`` against the model's context;
+3. draw the calibration samples (a corpus too small is an error before any work);
+4. evaluate the float model, quantize (or reload an export), evaluate again;
+5. freeze and export into a staging folder beside ``--output_dir``, write ``quark_summary.json``,
+   and move the folder into place only at the end: a failed run writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quark.torch.llm import datasets as ds
+from quark.torch.llm import export_step, moe, perplexity, schemes
+from quark.torch.llm.model_loading import (
+    EMBEDDED_CALIBRATION_TEXT,
+    EMBEDDED_MODEL_DIR,
+    TokenizerInfo,
+    check_model_dir,
+    context_length,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+)
+from quark.torch.quantization.config.template import LLMTemplate
+from quark.torch.llm.summary import RunSummary, folder_bytes, peak_gpu_memory_bytes, peak_host_memory_bytes
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCHEME = "w_fp8_a_fp8"
+# (num_calib_data, seq_len) when the flags are left out
+EMBEDDED_CALIBRATION = (4, 256)
+MODEL_CALIBRATION = (128, 512)
+DEFAULT_DATASET = "pileval"
+
+
+@dataclass
+class Evaluation:
+    """How (and whether) perplexity is measured."""
+
+    kind: str  # "stories" | "text" | "none"
+    source: str | None = None
+    explicit: bool = False
+    seq_len: int = 2048
+    max_windows: int | None = None
+    text: str | None = None
+    note: str | None = None
+
+
+def _check_output_dir(args: argparse.Namespace) -> Path | None:
+    if args.output_dir is None:
+        if args.model_export:
+            raise ValueError("--model_export needs --output_dir")
+        return None
+    out = Path(args.output_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--output_dir={args.output_dir!r} exists and is not a directory")
+        if any(out.iterdir()) and not args.overwrite:
+            raise ValueError(f"--output_dir={args.output_dir!r} exists and is not empty; pass --overwrite "
+                             "to replace it")
+    elif not out.parent.exists():
+        raise ValueError(f"--output_dir={args.output_dir!r}: parent folder {str(out.parent)!r} does not exist")
+    return out
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Every check that needs neither the model nor the data."""
+    if args.model_reload != bool(args.import_model_dir):
+        raise ValueError("--model_reload and --import_model_dir go together (reload the quantized model "
+                         "exported to --import_model_dir)")
+    if args.model_reload:
+        check_model_dir(args.import_model_dir, "--import_model_dir")
+        if args.import_file_format not in export_step.IMPORT_FORMATS:
+            raise ValueError(f"--import_file_format={args.import_file_format!r} is not one of: "
+                             f"{', '.join(export_step.IMPORT_FORMATS)}")
+        export_step.check_available("import")
+    quantizing = not (args.skip_quantization or args.model_reload)
+    if not quantizing:
+        for flag in ("quant_algo", "moe_experts_second_step_config", "model_export"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} needs quantization, but --skip_quantization/--model_reload was given")
+    if args.quant_scheme is not None:
+        schemes.check_scheme(args.quant_scheme)
+    schemes.parse_algorithms(args.quant_algo)
+    if args.dataset is not None:
+        ds.check_dataset(args.dataset)
+    export_step.check_export_request(args.model_export or [], args.custom_mode)
+    if args.tasks and not args.skip_evaluation:
+        from quark.torch.llm.lm_eval_tasks import check_lm_eval
+
+        check_lm_eval()
+    for flag in ("num_calib_data", "seq_len", "batch_size", "group_size", "ppl_seq_len", "ppl_max_windows"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag}={value} must be a positive integer")
+    resolve_device(args.device)
+
+
+def _evaluation_plan(args: argparse.Namespace, embedded: bool, context: int | None) -> Evaluation:
+    if args.skip_evaluation:
+        return Evaluation("none", note="skipped (--skip_evaluation)")
+    if args.ppl_dataset is None and embedded:
+        return Evaluation("stories", str(EMBEDDED_CALIBRATION_TEXT))
+    seq_len = args.ppl_seq_len or 2048
+    if context is not None and seq_len > context:
+        if args.ppl_seq_len is not None:
+            raise ValueError(f"--ppl_seq_len={seq_len} is longer than the model's context ({context} tokens)")
+        logger.info("perplexity windows of %d tokens (the model's context) instead of 2048", context)
+        seq_len = context
+    source = args.ppl_dataset or "wikitext"
+    plan = Evaluation("text", source, explicit=args.ppl_dataset is not None, seq_len=seq_len,
+                      max_windows=args.ppl_max_windows)
+    try:
+        plan.text = perplexity.evaluation_text(source)
+    except ValueError as exc:
+        if plan.explicit:
+            raise
+        return Evaluation("none", note=f"skipped: {exc}")
+    return plan
+
+
+def _evaluate(model: nn.Module, info: TokenizerInfo, plan: Evaluation, stage: str,
+              summary: RunSummary) -> None:
+    if plan.kind == "none":
+        return
+    desc = f"Perplexity ({stage})"
+    if plan.kind == "stories":
+        result = perplexity.story_perplexity(model, plan.source, info, desc=desc)  # type: ignore[arg-type]
+    else:
+        result = perplexity.text_perplexity(model, plan.text or "", info, plan.seq_len, plan.max_windows, desc)
+    logger.info("perplexity (%s): %.4f", stage, result.perplexity)
+    summary.evaluation[stage] = {**result.to_dict(), "source": plan.source}
+
+
+def _calibration(args: argparse.Namespace, embedded: bool, info: TokenizerInfo,
+                 context: int | None) -> tuple[list[torch.Tensor], str, int]:
+    num, seq_len = EMBEDDED_CALIBRATION if embedded else MODEL_CALIBRATION
+    num = args.num_calib_data or num
+    seq_len = args.seq_len or seq_len
+    if context is not None and seq_len > context:
+        raise ValueError(f"--seq_len={seq_len} is longer than the model's context ({context} tokens)")
+    dataset = args.dataset or (str(EMBEDDED_CALIBRATION_TEXT) if embedded else DEFAULT_DATASET)
+    docs = ds.load_corpus(dataset)
+    max_doc = ds.HUB_DATASETS[dataset].max_doc_tokens if dataset in ds.HUB_DATASETS else None
+    samples = ds.calibration_samples(docs, info, num_samples=num, seq_len=seq_len, seed=args.seed,
+                                     max_doc_tokens=max_doc, source=dataset)
+    return ds.batch_samples(samples, args.batch_size), dataset, seq_len
+
+
+def _publish(staging: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+
+
+def run(args: argparse.Namespace) -> RunSummary:
+    """Run the whole command; ``ValueError`` for bad input (nothing is written then)."""
+    start = time.perf_counter()
+    _validate(args)
+    out = _check_output_dir(args)
+    embedded = args.model_dir is None
+    model_dir = EMBEDDED_MODEL_DIR if embedded else check_model_dir(args.model_dir)
+    hf_config = load_config(model_dir, args.trust_remote_code)
+    model_type = LLMTemplate.get_model_type(hf_config)
+    context = context_length(hf_config)
+    mode = "reload" if args.model_reload else "float" if args.skip_quantization else "quantize"
+    summary = RunSummary(model="embedded stories260K" if embedded else str(model_dir), model_type=model_type,
+                         mode=mode)
+    request: schemes.SchemeRequest | None = None
+    config: Any = None
+    if mode == "quantize":
+        default_kv = "fp8" if embedded and args.quant_scheme is None else None
+        request = schemes.SchemeRequest(
+            scheme=args.quant_scheme or DEFAULT_SCHEME, group_size=args.group_size,
+            kv_cache_dtype=args.kv_cache_dtype or default_kv, algorithms=schemes.parse_algorithms(args.quant_algo),
+            exclude_layers=args.exclude_layers, moe_second_step=args.moe_experts_second_step_config,
+            min_kv_scale=args.min_kv_scale)
+        template = schemes.template_for(model_type)
+        config = schemes.build_config(template, request)
+        config.log_severity_level = args.log_severity_level
+    info = load_tokenizer(model_dir, max_seq_len=context, trust_remote_code=args.trust_remote_code,
+                          add_bos=args.add_bos)
+    evaluation = _evaluation_plan(args, embedded, context)
+    summary.evaluation_note = evaluation.note
+    batches: list[torch.Tensor] = []
+    if mode == "quantize":
+        batches, summary.dataset, summary.seq_len = _calibration(args, embedded, info, context)
+        summary.calibration_samples = sum(b.shape[0] for b in batches)
+    model = load_model(model_dir, device=args.device, multi_gpu=args.multi_gpu, dtype=args.model_dtype,
+                       trust_remote_code=args.trust_remote_code)
+    if not args.skip_float_evaluation:
+        _evaluate(model, info, evaluation, "float", summary)
+
+    if mode == "reload":
+        summary.unfused_expert_modules = len(moe.unfuse_experts(model))
+        model = export_step.import_model(model, Path(args.import_model_dir))
+        _evaluate(model, info, evaluation, "reloaded", summary)
+    elif request is not None:
+        model = _quantize(model, config, request, batches, args, summary)
+        _evaluate(model, info, evaluation, "quantized", summary)
+    if args.tasks and not args.skip_evaluation:
+        from quark.torch.llm.lm_eval_tasks import run_tasks
+
+        summary.lm_eval = run_tasks(model, info.tokenizer, args.tasks, args.eval_batch_size, args.lm_eval_limit)
+
+    summary.peak_host_memory_bytes = peak_host_memory_bytes()
+    summary.peak_gpu_memory_bytes = peak_gpu_memory_bytes()
+    if out is not None:
+        staging = out.parent / f".{out.name}.quark-tmp-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            if args.model_export:
+                from quark.torch import ModelQuantizer
+
+                ModelQuantizer.freeze(model)
+                sample = batches[0][:1] if batches else torch.tensor([[info.tokenizer.eos_token_id] * 8])
+                summary.exports = export_step.export_model(
+                    model, config, info.tokenizer, args.model_export, staging, custom_mode=args.custom_mode,
+                    model_type=model_type, model_dir=model_dir, sample=sample,
+                    kv_cache_group=list(config.kv_cache_quant_config) or None, min_kv_scale=args.min_kv_scale)
+                summary.exports = {k: str(out / Path(v).relative_to(staging)) for k, v in summary.exports.items()}
+            staging.mkdir(exist_ok=True)
+            summary.output_dir = str(out)
+            summary.total_seconds = time.perf_counter() - start
+            summary.output_bytes = folder_bytes(staging)
+            summary.write(staging)
+            _publish(staging, out)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    summary.total_seconds = time.perf_counter() - start
+    return summary
+
+
+def _quantize(model: nn.Module, config: Any, request: schemes.SchemeRequest, batches: list[torch.Tensor],
+              args: argparse.Namespace, summary: RunSummary) -> nn.Module:
+    from quark.torch import ModelQuantizer
+
+    summary.scheme = request.scheme
+    summary.algorithms = list(request.algorithms)
+    summary.kv_cache_dtype = request.kv_cache_dtype
+    summary.moe_second_step = request.moe_second_step
+    summary.unfused_expert_modules = len(moe.unfuse_experts(model))
+    if request.moe_second_step is not None:
+        touched = moe.prequantize_experts(model, config, schemes.EXPERT_LAYER_PATTERNS)
+        logger.info("MoE second step: %d expert Linears rounded to the first-step weight spec", len(touched))
+    quantizer = ModelQuantizer(config, multi_device=args.multi_gpu)
+    model = quantizer.quantize_model(model, batches)
+    summary.quantized_layers = len(quantizer.summary.quantized)
+    summary.excluded_layers = list(quantizer.summary.excluded)
+    summary.quantize_seconds = quantizer.summary.seconds
+    return model
+
+
+__all__ = ["DEFAULT_SCHEME", "Evaluation", "run"]
