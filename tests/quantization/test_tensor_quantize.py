@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quark.torch.quantization import formats
 from quark.torch.quantization.config.config import QuantizationSpec
 from quark.torch.quantization.config.type import Dtype, QSchemeType
-from quark.torch.quantization import formats
 from quark.torch.quantization.formats import fake_quantize
 from quark.torch.quantization.tensor_quantize import (
     FakeQuantize,
