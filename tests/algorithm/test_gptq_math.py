@@ -106,7 +106,7 @@ def test_indefinite_hessian_retries_then_fails(caplog):
     w = torch.randn(4, 8)
     h = -torch.eye(8)
     grid = IntGrid(Dtype.int4, QSchemeType.per_channel, 8, True, RoundType.half_even)
-    with pytest.raises(RuntimeError, match="layer7.*not positive definite"):
+    with pytest.raises(RuntimeError, match=r"layer7.*not positive definite"):
         gptq_quantize(w, h, grid, name="layer7")
     assert "retrying" in caplog.text
     # A mildly singular Hessian is rescued by more damping.

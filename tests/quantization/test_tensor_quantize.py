@@ -110,3 +110,10 @@ def test_checkpoint_form_mx_spec_uses_the_mx_path():
     expected = formats.mx_fake_quantize(x, Dtype.fp4, axis=-1, block_size=32)
     assert torch.equal(FakeQuantize(ckpt)(x), expected)
     assert torch.equal(fake_quantize_with_spec(x, ckpt), expected)
+
+
+def test_set_qparams_stores_integer_zero_points_as_int32():
+    spec = QuantizationSpec(dtype=Dtype.uint4, qscheme=QSchemeType.per_tensor, symmetric=False)
+    fq = FakeQuantize(spec)
+    fq.set_qparams(torch.tensor(0.1), torch.tensor(7.0))
+    assert fq.zero_point.dtype == torch.int32 and fq.zero_point.item() == 7

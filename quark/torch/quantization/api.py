@@ -120,6 +120,8 @@ class ModelQuantizer:
                 from quark.torch.algorithm.api import apply_advanced_algorithm
 
                 apply_advanced_algorithm(model, advanced, self.config, batches, device)
+                for _, module in quant_linears(model):
+                    module.recalibrate_weight()
             quantizers = all_quantizers(model)
             if any(q.observing or (q.scale_quantizer is not None and q.scale_quantizer.observing)
                    for q in quantizers):

@@ -132,8 +132,15 @@ class FakeQuantize(nn.Module):
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
         """Fix the quantization parameters (e.g. chosen by GPTQ); the observer is not used again."""
+        from quark.torch.quantization.config.type import ZeroPointType
+
         self.scale = scale.detach().clone()
-        self.zero_point = None if zero_point is None else zero_point.detach().clone()
+        if zero_point is not None:
+            zero_point = zero_point.detach().clone()
+            integer_zp = self.kind == "int" and self.spec.zero_point_type != ZeroPointType.float32
+            if integer_zp and zero_point.is_floating_point():
+                zero_point = torch.round(zero_point).to(torch.int32)
+        self.zero_point = zero_point
         self.observing = False
         self.qparams_fixed = True
 

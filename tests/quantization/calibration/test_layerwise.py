@@ -43,7 +43,7 @@ def test_replay_reproduces_full_model(family):
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             ref = model(batch, use_cache=False).logits
             base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-            norm = getattr(base, "norm", None) or getattr(base, "final_layer_norm")
+            norm = getattr(base, "norm", None) or base.final_layer_norm
             logits = model.get_output_embeddings()(norm(hidden))
             assert torch.allclose(logits, ref, atol=1e-5, rtol=1e-5)
 
@@ -62,7 +62,7 @@ def test_decoder_path_errors():
     assert find_decoder_layers(model)[0] == "model.layers"
     with pytest.raises(ValueError, match="names no module"):
         find_decoder_layers(model, "model.blocks")
-    with pytest.raises(ValueError, match="not an nn.ModuleList"):
+    with pytest.raises(ValueError, match=r"not an nn\.ModuleList"):
         find_decoder_layers(model, "model.norm")
 
 

@@ -155,3 +155,16 @@ def test_formats_used_for_fake_weight():
     expected = formats.fake_quantize(linear.weight, wq.scale, wq.zero_point, Dtype.int4,
                                      qscheme=QSchemeType.per_group, ch_axis=1, group_size=32)
     torch.testing.assert_close(q.quantized_weight(torch.float32), expected)
+
+
+def test_from_float_keeps_input_rotation_and_recalibrates():
+    linear = nn.Linear(4, 3, bias=False)
+    h = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.int8)
+    linear.register_buffer("input_rotation", h)
+    q = QuantLinear.from_float(linear, QuantizationConfig(weight=WEIGHT_SPECS["int8_tensor"]))
+    assert torch.equal(q.input_rotation, h)
+    old = q.weight_quantizer.scale.clone()
+    with torch.no_grad():
+        q.weight.mul_(2)
+    q.recalibrate_weight()
+    torch.testing.assert_close(q.weight_quantizer.scale, old * 2)

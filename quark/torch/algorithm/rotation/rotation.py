@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from quark.torch.algorithm.rotation.hadamard import hadamard_matrix, orthogonal_rotation
-from quark.torch.algorithm.utils.model_info import _norm_like, _trace_block, discover_scaling_groups
+from quark.torch.algorithm.utils.model_info import _norm_like, discover_scaling_groups
 from quark.torch.algorithm.utils.scaling import find_head_dim, fold_norm_into_fcs
 from quark.torch.quantization.calibration.layerwise import (
     capture_decoder_inputs,
@@ -236,7 +236,7 @@ def rotate_model(model: nn.Module, cfg: Any, quarot: bool) -> None:
         st.head.weight = nn.Parameter(st.head.weight.detach().clone())
         if hasattr(model, "config"):
             model.config.tie_word_embeddings = False
-    for i, layer in enumerate(st.layers):
+    for layer in st.layers:
         for prev, readers in st.norm_groups:
             fold_norm_into_fcs(layer.get_submodule(prev), [layer.get_submodule(n) for n in readers])
     fold_norm_into_fcs(st.final_norm, [st.head])

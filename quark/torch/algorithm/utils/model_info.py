@@ -10,6 +10,7 @@ or a Linear whose per-channel output scaling provably reaches the group's input 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from quark.torch.quantization.calibration.layerwise import (
     find_decoder_layers,
     float_linears,
     layer_output_tensor,
+    move_to,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,11 +111,9 @@ def _trace_block(layer: nn.Module, args: tuple, kwargs: dict,
                 return out
             if a and isinstance(a[0], torch.Tensor):
                 trace.inputs[_name] = a[0].detach()
-            if isinstance(out, torch.Tensor) or isinstance(out, tuple):
-                try:
+            if isinstance(out, (torch.Tensor, tuple)):
+                with contextlib.suppress(RuntimeError):
                     trace.outputs[_name] = layer_output_tensor(out).detach()
-                except RuntimeError:
-                    pass
             trace.has_kwargs[_name] = bool(k)
             trace.order.append(_name)
             return out
@@ -183,8 +183,6 @@ def discover_scaling_groups(model: nn.Module, batches: Sequence[Any] | None = No
     cache = capture_decoder_inputs(model, probe, layers)
     layer = layers[0]
     device = next(layer.parameters()).device
-    from quark.torch.quantization.calibration.layerwise import move_to
-
     args, kwargs = move_to(cache.args[0], device), move_to(cache.kwargs[0], device)
     trace = _trace_block(layer, args, kwargs)
     head_dim = find_head_dim(layer)

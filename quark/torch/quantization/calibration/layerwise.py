@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LayerStep",
     "CapturedInputs",
+    "LayerStep",
     "ModelBackup",
     "batch_to_model_inputs",
     "capture_decoder_inputs",

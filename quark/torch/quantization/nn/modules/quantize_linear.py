@@ -58,11 +58,23 @@ class QuantLinear(nn.Linear):
         module.float_dtype = linear.weight.dtype
         for quantizer in module.quantizers():
             quantizer.to(linear.weight.device)
+        rotation = getattr(linear, "input_rotation", None)
+        if isinstance(rotation, torch.Tensor):
+            module.input_rotation = rotation
         if module.weight_quantizer is not None:
             module.weight_quantizer.calibrate_from(linear.weight.detach())
         if module.bias_quantizer is not None and linear.bias is not None:
             module.bias_quantizer.calibrate_from(linear.bias.detach())
         return module
+
+    def recalibrate_weight(self) -> None:
+        """Recompute weight (and bias) qparams from the current weight, unless an algorithm fixed them."""
+        if self.frozen:
+            return
+        if self.weight_quantizer is not None and not self.weight_quantizer.qparams_fixed:
+            self.weight_quantizer.calibrate_from(self.weight.detach())
+        if self.bias_quantizer is not None and self.bias is not None and not self.bias_quantizer.qparams_fixed:
+            self.bias_quantizer.calibrate_from(self.bias.detach())
 
     def quantizers(self) -> list[FakeQuantize]:
         return [q for q in (self.input_quantizer, self.weight_quantizer, self.bias_quantizer,
