@@ -277,8 +277,12 @@ def test_user_algo_config_gets_template_paths():
     )
 
 
-def test_missing_algorithm_data_raises_then_fallback():
+def test_missing_algorithm_data_discovers_raises_or_uses_fallback():
     t = LLMTemplate.get("dbrx")
+    default = t.get_config(scheme="int4_wo_128", algorithm="awq").algo_config[0]
+    assert default.scaling_layers is None  # discovered from the model when the algorithm runs
+    assert default.model_decoder_layers == "transformer.blocks"
+    previous = set_algo_config_fallback(None)
     with pytest.raises(ValueError, match=r"'dbrx'.*awq"):
         t.get_config(scheme="int4_wo_128", algorithm="awq")
     calls = []
@@ -288,6 +292,8 @@ def test_missing_algorithm_data_raises_then_fallback():
         return SmoothQuantConfig(alpha=0.7)
 
     assert set_algo_config_fallback(fallback) is None
+    set_algo_config_fallback(previous)
+    set_algo_config_fallback(fallback)
     config = t.get_config(scheme="int8", algorithm="smoothquant")
     assert calls == [("dbrx", "smoothquant")] and config.algo_config[0].alpha == 0.7
     assert config.algo_config[0].model_decoder_layers == "transformer.blocks"

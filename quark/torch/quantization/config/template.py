@@ -69,7 +69,22 @@ class RegistrySnapshot:
 
 _TEMPLATES: dict[str, LLMTemplate] = {}
 _CUSTOM_SCHEMES: dict[str, QuantizationConfig] = {}
-_ALGO_FALLBACK: list[AlgoFallback | None] = [None]
+
+
+def discover_at_run_time(template: LLMTemplate, name: str) -> Any:
+    """Default fallback: an algorithm config without layer names.
+
+    The algorithms find the decoder layers and the scaling groups (norm -> q/k/v, v -> o,
+    norm -> gate/up, up -> down, ...) from the module graph of the model when they run, so a
+    model family without template data still gets AWQ, GPTQ, SmoothQuant or rotation.
+    """
+    cls = ALGORITHMS[name][1]
+    logger.info("template %r has no %s data: scaling groups will be discovered from the model",
+                template.model_type, name)
+    return cls(alpha=SMOOTHQUANT_ALPHA) if name == "smoothquant" else cls()
+
+
+_ALGO_FALLBACK: list[AlgoFallback | None] = [discover_at_run_time]
 
 
 def registry_snapshot() -> RegistrySnapshot:
