@@ -7,7 +7,7 @@ import torch
 
 from quark.torch import LLMTemplate, ModelQuantizer
 from quark.torch.quantization.config.template import isolated_registry
-from tests.helpers.tiny_models import token_batches, tiny_model
+from tests.helpers.tiny_models import tiny_model, token_batches
 
 
 @pytest.mark.parametrize("algorithm", ["awq", "gptq"])

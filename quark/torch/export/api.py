@@ -132,7 +132,7 @@ class ModelExporter:
             export_onnx(model, input_args, folder.path / "quark_model.onnx",
                         opset_version=opset_version or onnx_cfg.opset_version,
                         input_names=input_names, output_names=output_names, verbose=verbose,
-                        do_constant_folding=do_constant_folding, float_dtype=onnx_cfg.float_dtype)
+                        do_constant_folding=do_constant_folding)
         return self.export_dir / "quark_model.onnx"
 
     def export_gguf_model(self, model: nn.Module, tokenizer_path: str | Path, model_type: str, *,

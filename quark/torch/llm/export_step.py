@@ -8,6 +8,7 @@ functions here raise a ``ValueError`` naming the missing feature, before any wor
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,18 @@ from quark.torch.quantization.config.config import Config
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("hf_format", "onnx", "gguf")
-CUSTOM_MODES = ("quark", "awq", "fp8")
+CUSTOM_MODES = ("quark", "awq", "fp8", "compressed-tensors")
 IMPORT_FORMATS = ("hf_format",)
-# format -> (class, method) it needs
-_NEEDS: dict[str, tuple[str, str]] = {
-    "hf_format": ("ModelExporter", "export_safetensors_model"),
-    "onnx": ("ModelExporter", "export_onnx_model"),
-    "gguf": ("ModelExporter", "export_gguf_model"),
-    "import": ("ModelImporter", "import_model_info"),
+# feature -> (class, method, module that implements it)
+_NEEDS: dict[str, tuple[str, str, str]] = {
+    "hf_format": ("ModelExporter", "export_safetensors_model", "quark.torch.export.hf_format.writer"),
+    "onnx": ("ModelExporter", "export_onnx_model", "quark.torch.export.onnx.exporter"),
+    "gguf": ("ModelExporter", "export_gguf_model", "quark.torch.export.gguf.exporter"),
+    "import": ("ModelImporter", "import_model_info", "quark.torch.export.hf_format.reader"),
+    "custom_mode fp8": ("ModelExporter", "export_safetensors_model", "quark.torch.export.custom.fp8"),
+    "custom_mode awq": ("ModelExporter", "export_safetensors_model", "quark.torch.export.custom.awq"),
+    "custom_mode compressed-tensors": ("ModelExporter", "export_safetensors_model",
+                                       "quark.torch.export.custom.compressed_tensors"),
 }
 
 
@@ -38,15 +43,25 @@ def _export_api() -> Any | None:
         return None
 
 
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
 def check_available(feature: str) -> None:
-    """``ValueError`` unless ``quark.torch.export.api`` provides what ``feature`` needs."""
-    cls_name, method = _NEEDS[feature]
+    """``ValueError`` unless ``quark.torch.export`` provides what ``feature`` needs."""
+    cls_name, method, module = _NEEDS[feature]
     api = _export_api()
     cls = getattr(api, cls_name, None) if api is not None else None
+    what = {"import": "model import (--model_reload)"}.get(feature, f"--{feature}" if feature.startswith("custom")
+                                                           else f"--model_export {feature}")
     if cls is None or not hasattr(cls, method):
-        what = "model import (--model_reload)" if feature == "import" else f"--model_export {feature}"
         raise ValueError(f"{what} is not available in this installation: quark.torch.export.api."
                          f"{cls_name}.{method} is missing")
+    if not _module_exists(module):
+        raise ValueError(f"{what} is not available in this installation: module {module} is missing")
 
 
 def check_export_request(formats: list[str], custom_mode: str) -> None:
@@ -56,8 +71,10 @@ def check_export_request(formats: list[str], custom_mode: str) -> None:
         check_available(fmt)
     if custom_mode not in CUSTOM_MODES:
         raise ValueError(f"--custom_mode={custom_mode!r} is not one of: {', '.join(CUSTOM_MODES)}")
-    if custom_mode != "quark" and "hf_format" not in formats:
-        raise ValueError(f"--custom_mode {custom_mode} applies to --model_export hf_format, which was not asked")
+    if custom_mode != "quark":
+        if "hf_format" not in formats:
+            raise ValueError(f"--custom_mode {custom_mode} applies to --model_export hf_format, which was not asked")
+        check_available(f"custom_mode {custom_mode}")
 
 
 def export_model(model: nn.Module, config: Config, tokenizer: Any, formats: list[str], folder: Path, *,
@@ -73,7 +90,10 @@ def export_model(model: nn.Module, config: Config, tokenizer: Any, formats: list
 
     json_config = JsonExporterConfig(kv_cache_group=list(kv_cache_group or []), min_kv_scale=min_kv_scale)
     written: dict[str, str] = {}
-    for fmt in formats:
+    # hf_format first: it creates ``folder`` itself (atomically); the others are sub-folders
+    for fmt in sorted(formats, key=lambda f: f != "hf_format"):
+        if fmt != "hf_format":
+            folder.mkdir(exist_ok=True)
         target = folder if fmt == "hf_format" else folder / fmt
         exporter = api.ModelExporter(config=ExporterConfig(json_export_config=json_config),  # type: ignore[union-attr]
                                      export_dir=str(target))

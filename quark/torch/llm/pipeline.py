@@ -150,9 +150,13 @@ def _calibration(args: argparse.Namespace, embedded: bool, info: TokenizerInfo,
                  context: int | None) -> tuple[list[torch.Tensor], str, int]:
     num, seq_len = EMBEDDED_CALIBRATION if embedded else MODEL_CALIBRATION
     num = args.num_calib_data or num
-    seq_len = args.seq_len or seq_len
-    if context is not None and seq_len > context:
-        raise ValueError(f"--seq_len={seq_len} is longer than the model's context ({context} tokens)")
+    if args.seq_len is not None:
+        seq_len = args.seq_len
+        if context is not None and seq_len > context:
+            raise ValueError(f"--seq_len={seq_len} is longer than the model's context ({context} tokens)")
+    elif context is not None and seq_len > context:
+        logger.info("calibration samples of %d tokens (the model's context) instead of %d", context, seq_len)
+        seq_len = context
     dataset = args.dataset or (str(EMBEDDED_CALIBRATION_TEXT) if embedded else DEFAULT_DATASET)
     docs = ds.load_corpus(dataset)
     max_doc = ds.HUB_DATASETS[dataset].max_doc_tokens if dataset in ds.HUB_DATASETS else None
@@ -192,7 +196,7 @@ def run(args: argparse.Namespace) -> RunSummary:
         template = schemes.template_for(model_type)
         config = schemes.build_config(template, request)
         config.log_severity_level = args.log_severity_level
-    info = load_tokenizer(model_dir, max_seq_len=context, trust_remote_code=args.trust_remote_code,
+    info = load_tokenizer(model_dir, trust_remote_code=args.trust_remote_code,
                           add_bos=args.add_bos)
     evaluation = _evaluation_plan(args, embedded, context)
     summary.evaluation_note = evaluation.note

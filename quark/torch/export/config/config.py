@@ -64,19 +64,16 @@ class JsonExporterConfig:
 class OnnxExporterConfig:
     """Settings of the ONNX export.
 
-    :param opset_version: ONNX opset (``None``: 21, the first with int4/uint4 Q/DQ and fp8 casts
-        usable for blocked quantization).
-    :param float_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: dtype of the exported graph's
-        float computation (inputs/outputs keep float32; casts are inserted).
+    :param opset_version: ONNX opset; ``None`` means 21, the first opset whose QuantizeLinear /
+        DequantizeLinear take int4/uint4 and blocked (per-group) scales. Lower opsets are refused.
     """
 
     opset_version: int | None = None
-    float_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.float_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"OnnxExporterConfig.float_dtype={self.float_dtype!r} is not one of: "
-                             "float32, float16, bfloat16")
+        if self.opset_version is not None and (isinstance(self.opset_version, bool)
+                                               or not isinstance(self.opset_version, int) or self.opset_version < 21):
+            raise ValueError(f"OnnxExporterConfig.opset_version={self.opset_version!r} must be None or an int >= 21")
 
 
 @dataclass
