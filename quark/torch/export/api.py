@@ -47,12 +47,11 @@ class ModelExporter:
     :param export_dir: destination folder; written atomically (temporary folder, then rename).
     """
 
-    def __init__(self, config: ExporterConfig | None = None,
-                 export_dir: str | Path = Path(tempfile.gettempdir()) / "quark_export") -> None:
+    def __init__(self, config: ExporterConfig | None = None, export_dir: str | Path | None = None) -> None:
         self.config = config if config is not None else ExporterConfig()
         if not isinstance(self.config, ExporterConfig):
             raise ValueError(f"ModelExporter(config=...) must be an ExporterConfig, got {type(config).__name__}")
-        self.export_dir = Path(export_dir)
+        self.export_dir = Path(export_dir) if export_dir is not None else Path(tempfile.gettempdir()) / "quark_export"
 
     def export_safetensors_model(self, model: nn.Module, quant_config: Config | None = None,
                                  custom_mode: str = "quark", tokenizer: Any = None, *,

@@ -1,0 +1,1 @@
+"""Other Hugging Face layouts: native fp8, AutoAWQ GEMM, compressed-tensors."""

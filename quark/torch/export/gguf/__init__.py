@@ -1,0 +1,1 @@
+"""GGUF export (llama.cpp) through the ``gguf`` package."""

@@ -1,0 +1,247 @@
+"""GGUF export of Llama-family models through the ``gguf`` package (llama.cpp's own writer).
+
+Quantized Linear weights are written in the GGML block type that holds them exactly up to the
+float16 rounding of the block scales (GGML stores scales as fp16):
+
+========================================  =========  ===============================
+quantization                              GGML type  block (32 weights)
+========================================  =========  ===============================
+int4 symmetric per_group 32               Q4_0       d, 4-bit q: w = (q - 8) * d
+uint4 asymmetric per_group 32             Q4_1       d, m, 4-bit q: w = q * d + m
+int8 symmetric per_group 32               Q8_0       d, 8-bit q: w = q * d
+anything else / unquantized               F16/BF16/F32 of the dequantized weight (when asked)
+========================================  =========  ===============================
+
+Norms stay F32; embeddings and the output head are F16 unless ``gguf_type`` names a float type.
+Attention q/k rows are permuted to GGML's rotary layout as llama.cpp's converter does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quark.torch.quantization.config.type import Dtype, QSchemeType
+from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32")
+FLOAT_TYPES = {"F16": np.float16, "F32": np.float32}
+SUPPORTED = ("Q4_0 (int4 symmetric per_group 32), Q4_1 (uint4 asymmetric per_group 32), Q8_0 (int8 symmetric "
+             "per_group 32), F16 / BF16 / F32 (any weight, dequantized)")
+LLAMA_TYPES = ("llama", "mistral")
+_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                "post_attention_layernorm": "ffn_norm"}
+
+
+def _block_type(module: QuantLinear) -> str | None:
+    """The GGML type that holds ``module``'s quantized weight, or ``None``."""
+    wq = module.weight_quantizer
+    if wq is None:
+        return None
+    spec = wq.spec
+    if spec.qscheme != QSchemeType.per_group or spec.group_size != 32 or spec.ch_axis not in (1, -1) \
+            or wq.scale_quantizer is not None:
+        return None
+    if spec.dtype == Dtype.int4 and spec.symmetric is not False:
+        return "Q4_0"
+    if spec.dtype == Dtype.uint4 and spec.symmetric is False:
+        return "Q4_1"
+    if spec.dtype == Dtype.int8 and spec.symmetric is not False:
+        return "Q8_0"
+    return None
+
+
+def _codes(module: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Integer codes [out, in], scales [out, in/32] and zero points of a per-group weight."""
+    from quark.torch.export.onnx.exporter import _canonical_weight_qparams
+
+    w = module.quantized_weight(torch.float32)
+    scale, zero_point = _canonical_weight_qparams(module)
+    s = scale.float().repeat_interleave(32, dim=1)
+    zp = None if zero_point is None else zero_point.float().repeat_interleave(32, dim=1)
+    codes = torch.round(w / s) + (0 if zp is None else zp)
+    return codes, scale.float(), zero_point
+
+
+def _pack_blocks(module: QuantLinear, kind: str) -> np.ndarray:
+    """GGML blocks (uint8 [out, in/32 * bytes]) holding the module's codes and fp16 scales."""
+    codes, scale, zero_point = _codes(module)
+    out, n = codes.shape
+    q = codes.reshape(out, n // 32, 32).numpy()
+    d = scale.numpy().astype(np.float16).reshape(out, n // 32, 1).view(np.uint8)
+    if kind == "Q8_0":
+        return np.concatenate([d, q.astype(np.int8).view(np.uint8)], axis=-1).reshape(out, -1)
+    if kind == "Q4_0":
+        q = q + 8  # signed int4 -> the block's unsigned nibble with implicit offset 8
+        head = [d]
+    else:
+        zp = zero_point.float().numpy().reshape(out, n // 32, 1)
+        m = (-zp * scale.numpy().reshape(out, n // 32, 1)).astype(np.float16).view(np.uint8)
+        head = [d, m]
+    q = q.astype(np.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)  # low nibbles: first 16 weights of the block
+    return np.concatenate([*head, nibbles], axis=-1).reshape(out, -1)
+
+
+def _permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotary half-split rows -> GGML's interleaved rows (llama.cpp's ``permute``)."""
+    rows = x.shape[0]
+    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _rope_theta(cfg: Any) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
+
+
+def _add_tokenizer(writer: Any, tokenizer_path: Path, cfg: Any, vocab_size: int) -> None:
+    import gguf
+    import sentencepiece
+
+    model_file = tokenizer_path / "tokenizer.model" if tokenizer_path.is_dir() else tokenizer_path
+    if not model_file.is_file():
+        raise ValueError(f"GGUF export needs a SentencePiece tokenizer.model; none at {model_file}")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        if i >= sp.vocab_size():
+            tokens.append(f"[PAD{i}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(float(sp.get_score(i)))
+        if sp.is_unknown(i):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif sp.is_control(i):
+            types.append(gguf.TokenType.CONTROL)
+        elif sp.is_unused(i):
+            types.append(gguf.TokenType.UNUSED)
+        elif sp.is_byte(i):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for getter, adder in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
+        value = getattr(cfg, getter, None)
+        if isinstance(value, int):
+            adder(value)
+    if sp.unk_id() >= 0:
+        writer.add_unk_token_id(sp.unk_id())
+
+
+def export_gguf(model: nn.Module, tokenizer_path: Path, model_type: str, path: Path,
+                gguf_type: str | None = None) -> Path:
+    """Write ``model`` (a Llama-family transformers model, quantized or not) to ``path``."""
+    import gguf
+
+    if model_type not in LLAMA_TYPES:
+        raise ValueError(f"export_gguf_model(model_type={model_type!r}) is not supported; supported: "
+                         f"{', '.join(LLAMA_TYPES)}")
+    if gguf_type is not None and gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf_type={gguf_type!r} is not one of: {', '.join(GGUF_TYPES)}")
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "model") or not hasattr(model.model, "layers"):
+        raise ValueError(f"{type(model).__name__} is not a Llama-family transformers model (model.model.layers)")
+    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    float_type = gguf_type if gguf_type in ("F16", "BF16", "F32") else "F16"
+    plans: list[tuple[str, Any, str]] = []  # (gguf name, module or tensor, type)
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name == "lm_head":
+            continue
+        parts = name.split(".")
+        if len(parts) < 5 or parts[1] != "layers":
+            raise ValueError(f"{name}: not a Llama decoder Linear; GGUF export supports {', '.join(LLAMA_TYPES)}")
+        gname = f"blk.{parts[2]}.{_LAYER_NAMES['.'.join(parts[3:])]}.weight"
+        kind = _block_type(module) if isinstance(module, QuantLinear) else None
+        if gguf_type in ("Q4_0", "Q4_1", "Q8_0") and kind != gguf_type:
+            raise ValueError(f"{name} cannot be written as {gguf_type}: its quantization is not "
+                             f"{gguf_type}'s. GGUF export supports {SUPPORTED}")
+        if kind is None and isinstance(module, QuantLinear) and gguf_type is None:
+            what = module.weight_quantizer.extra_repr() if module.weight_quantizer else "none"
+            raise ValueError(f"{name}: quantization {what} has no GGML block type; pass "
+                             f"gguf_type='F16'/'BF16'/'F32' to write it dequantized. GGUF export supports {SUPPORTED}")
+        plans.append((gname, module, kind if gguf_type not in ("F16", "BF16", "F32") and kind else float_type))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(str(getattr(cfg, "_name_or_path", "") or model_type))
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(_rope_theta(cfg))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(_file_type(plans))
+    _add_tokenizer(writer, Path(tokenizer_path), cfg, cfg.vocab_size)
+
+    def add_float(gname: str, tensor: torch.Tensor, type_name: str) -> None:
+        if type_name == "BF16":
+            data = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(tensor.shape[0], -1)
+            writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(gname, tensor.float().numpy().astype(FLOAT_TYPES[type_name]))
+
+    add_float("token_embd.weight", state["model.embed_tokens.weight"], float_type)
+    for gname, module, type_name in plans:
+        if type_name in ("Q4_0", "Q4_1", "Q8_0"):
+            data = _pack_blocks(module, type_name)
+            raw = getattr(gguf.GGMLQuantizationType, type_name)
+        else:
+            weight = module.quantized_weight(torch.float32) if isinstance(module, QuantLinear) else module.weight
+            data, raw = weight.detach().float(), None
+        if gname.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = n_head if "attn_q" in gname else n_kv
+            data = _permute_rows(data if isinstance(data, np.ndarray) else data.numpy(), heads)
+            data = data if raw is not None else torch.from_numpy(np.ascontiguousarray(data))
+        if raw is not None:
+            writer.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=raw)
+        else:
+            add_float(gname, data, type_name)
+    for i in range(cfg.num_hidden_layers):
+        for hf, g in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")):
+            writer.add_tensor(f"blk.{i}.{g}.weight", state[f"model.layers.{i}.{hf}.weight"].float().numpy())
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].float().numpy())
+    if not getattr(cfg, "tie_word_embeddings", False):
+        head = model.lm_head
+        weight = head.quantized_weight(torch.float32) if isinstance(head, QuantLinear) else head.weight
+        add_float("output.weight", weight.detach().float(), float_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    logger.info("exported GGUF model to %s", path)
+    return path
+
+
+def _file_type(plans: list[tuple[str, Any, str]]) -> int:
+    import gguf
+
+    kinds = {t for _, _, t in plans}
+    for name, value in (("Q4_1", gguf.LlamaFileType.MOSTLY_Q4_1), ("Q4_0", gguf.LlamaFileType.MOSTLY_Q4_0),
+                        ("Q8_0", gguf.LlamaFileType.MOSTLY_Q8_0), ("BF16", gguf.LlamaFileType.MOSTLY_BF16),
+                        ("F32", gguf.LlamaFileType.ALL_F32)):
+        if name in kinds:
+            return int(value)
+    return int(gguf.LlamaFileType.MOSTLY_F16)
+
+
+__all__ = ["GGUF_TYPES", "SUPPORTED", "export_gguf"]

@@ -1,0 +1,1 @@
+"""ONNX export with QuantizeLinear / DequantizeLinear (opset 21)."""
