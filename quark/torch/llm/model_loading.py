@@ -161,15 +161,25 @@ def resolve_device(device: str) -> torch.device:
     raise ValueError(f"--device={device!r} is not one of: cpu, cuda, cuda:N")
 
 
+# Families whose template describes a model class other than AutoModelForCausalLM's: Llama-3.2-Vision
+# checkpoints are quantized (language part only) in their full image-text-to-text layout.
+_AUTO_CLASS = {"mllama": "AutoModelForImageTextToText"}
+
+
+def model_class(model_type: str) -> Any:
+    """The ``transformers`` auto class used to load ``model_type``."""
+    import transformers
+
+    return getattr(transformers, _AUTO_CLASS.get(model_type, "AutoModelForCausalLM"))
+
+
 def load_model(model_dir: str | Path, *, device: str = "cpu", multi_gpu: bool = False, dtype: str = "auto",
                trust_remote_code: bool = False) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` in eval mode, with the KV cache off.
+    """``AutoModelForCausalLM.from_pretrained`` (see :func:`model_class`) in eval mode, KV cache off.
 
     ``multi_gpu`` spreads the layers over the visible GPUs with ``device_map="auto"`` (accelerate);
     otherwise the whole model goes to ``device``.
     """
-    from transformers import AutoModelForCausalLM
-
     if dtype not in DTYPES:
         raise ValueError(f"--model_dtype={dtype!r} is not one of: {', '.join(DTYPES)}")
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
@@ -179,7 +189,8 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", multi_gpu: bool = 
         kwargs["device_map"] = "auto"
     target = None if multi_gpu else resolve_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        model_type = load_config(model_dir, trust_remote_code).model_type
+        model = model_class(model_type).from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load a causal LM from {str(model_dir)!r}: {str(exc).splitlines()[0]}") from None
     if target is not None:
@@ -202,5 +213,6 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "model_class",
     "resolve_device",
 ]

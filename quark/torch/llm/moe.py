@@ -7,7 +7,8 @@ an equivalent :class:`UnfusedExperts` whose experts are ordinary ``nn.Linear`` l
 (``experts.<e>.gate_proj/up_proj/down_proj``), with the same routing loop, so that the experts
 are quantized, calibrated and exported like every other Linear. The outputs are unchanged (same
 arithmetic per expert). Layouts this module does not recognise (transposed, interleaved or
-biased expert weights, DBRX's ``experts.mlp.w1/v1/w2``) are left fused and listed.
+biased expert weights) are left fused and logged. DBRX's ``experts.mlp.w1/v1/w2`` (2-D,
+``[E * I, H]``) are unfused the same way.
 
 :func:`prequantize_experts` is the first step of the MoE second-step recipe: each expert weight is
 rounded in place to the first-step (global) weight spec; the expert Linears are then quantized a
@@ -49,6 +50,8 @@ class UnfusedExperts(nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
         out = torch.zeros_like(hidden_states)
         for index, expert in enumerate(self):
             token_idx, slot = torch.where(top_k_index == index)
@@ -56,7 +59,7 @@ class UnfusedExperts(nn.ModuleList):
                 continue
             states = expert(hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, states.to(out.dtype))
-        return out
+        return out.reshape(shape)
 
 
 def _fused_layout_ok(module: nn.Module) -> bool:
@@ -72,15 +75,39 @@ def _fused_layout_ok(module: nn.Module) -> bool:
     return not any(layout_flags) and two_i % 2 == 0 and tuple(down.shape) == (experts, hidden, two_i // 2)
 
 
+def _dbrx_layout_ok(module: nn.Module) -> bool:
+    """DBRX: ``experts.mlp.{w1, v1, w2}`` each ``[E * I, H]``; down is ``w2[e].T``."""
+    mlp = getattr(module, "mlp", None)
+    params = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+    experts = getattr(module, "num_experts", None)
+    if not (isinstance(experts, int) and all(isinstance(p, nn.Parameter) and p.dim() == 2 for p in params)):
+        return False
+    return len({tuple(p.shape) for p in params}) == 1 and params[0].shape[0] % experts == 0 and isinstance(
+        getattr(mlp, "activation_fn", None), nn.Module)
+
+
 def fused_expert_modules(model: nn.Module) -> tuple[list[str], list[str]]:
     """(names of fused expert modules :func:`unfuse_experts` handles, names it cannot handle)."""
     ok, unknown = [], []
     for name, module in model.named_modules():
-        params = [p for p in module.parameters(recurse=False) if p.dim() == 3]
-        if not params:
+        if _dbrx_layout_ok(module):
+            ok.append(name)
+            continue
+        if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
             continue
         (ok if _fused_layout_ok(module) else unknown).append(name)
     return ok, unknown
+
+
+def _expert_weights(fused: nn.Module) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], nn.Module]:
+    """Per expert (gate [I, H], up [I, H], down [H, I]) and the activation, for both layouts."""
+    if _dbrx_layout_ok(fused):
+        mlp, experts = fused.mlp, fused.num_experts
+        w1, v1, w2 = (p.view(experts, -1, p.shape[1]) for p in (mlp.w1, mlp.v1, mlp.w2))
+        return [(w1[e], v1[e], w2[e].t()) for e in range(experts)], mlp.activation_fn
+    inter = fused.down_proj.shape[2]
+    return [(fused.gate_up_proj[e][:inter], fused.gate_up_proj[e][inter:], fused.down_proj[e])
+            for e in range(fused.gate_up_proj.shape[0])], fused.act_fn
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
@@ -101,13 +128,8 @@ def unfuse_experts(model: nn.Module) -> list[str]:
         logger.warning("%s holds 3-D expert parameters in a layout quark does not unfuse; its experts "
                        "stay in float (only nn.Linear layers are quantized)", name)
     for name in names:
-        fused = model.get_submodule(name)
-        inter = fused.down_proj.shape[2]
-        experts = UnfusedExperts()
-        for e in range(fused.gate_up_proj.shape[0]):
-            gate_up = fused.gate_up_proj[e]
-            experts.append(ExpertMLP(_linear(gate_up[:inter]), _linear(gate_up[inter:]),
-                                     _linear(fused.down_proj[e]), fused.act_fn))
+        weights, act_fn = _expert_weights(model.get_submodule(name))
+        experts = UnfusedExperts(ExpertMLP(_linear(g), _linear(u), _linear(d), act_fn) for g, u, d in weights)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, experts)
     if names:

@@ -35,8 +35,8 @@ from quark.torch.llm.model_loading import (
     load_tokenizer,
     resolve_device,
 )
-from quark.torch.quantization.config.template import LLMTemplate
 from quark.torch.llm.summary import RunSummary, folder_bytes, peak_gpu_memory_bytes, peak_host_memory_bytes
+from quark.torch.quantization.config.template import LLMTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> RunSummary:
             scheme=args.quant_scheme or DEFAULT_SCHEME, group_size=args.group_size,
             kv_cache_dtype=args.kv_cache_dtype or default_kv, algorithms=schemes.parse_algorithms(args.quant_algo),
             exclude_layers=args.exclude_layers, moe_second_step=args.moe_experts_second_step_config,
-            min_kv_scale=args.min_kv_scale)
+            min_kv_scale=args.min_kv_scale, extra_exclude=schemes.text_only_excludes(hf_config))
         template = schemes.template_for(model_type)
         config = schemes.build_config(template, request)
         config.log_severity_level = args.log_severity_level

@@ -138,6 +138,15 @@ RECIPE_SCHEMES: dict[str, Callable[[str, int | None], QuantizationConfig]] = {
 }
 
 
+def text_only_excludes(hf_config: object) -> list[str]:
+    """Patterns of decoder layers that text-only calibration never runs (Llama-3.2-Vision's
+    cross-attention layers run only with image inputs); they stay in float."""
+    if getattr(hf_config, "model_type", None) != "mllama":
+        return []
+    text = getattr(hf_config, "text_config", None)
+    return [f"*language_model.layers.{i}.*" for i in getattr(text, "cross_attention_layers", None) or []]
+
+
 def scheme_names() -> list[str]:
     """Every ``--quant_scheme`` value: the recipe names, then the LLMTemplate scheme names."""
     return [*RECIPE_SCHEMES, *(n for n in LLMTemplate.list_schemes() if n not in RECIPE_SCHEMES)]
@@ -183,6 +192,7 @@ class SchemeRequest:
     exclude_layers: Sequence[str] | None = None
     moe_second_step: str | None = None
     min_kv_scale: float = 0.0
+    extra_exclude: Sequence[str] = ()
 
 
 def build_config(template: LLMTemplate, request: SchemeRequest) -> Config:
@@ -197,6 +207,12 @@ def build_config(template: LLMTemplate, request: SchemeRequest) -> Config:
     if request.kv_cache_dtype is not None and request.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"--kv_cache_dtype={request.kv_cache_dtype!r} is not one of: {', '.join(KV_CACHE_DTYPES)}")
     algorithms = list(request.algorithms)
+    exclude = request.exclude_layers
+    if request.extra_exclude:
+        base = list(template.exclude_layers or []) if exclude is None else list(exclude)
+        exclude = [*base, *(p for p in request.extra_exclude if p not in base)]
+        logger.info("layers %s run only with image inputs and stay in float (text-only calibration)",
+                    ", ".join(request.extra_exclude))
     template_algos = ["rotation" if a == "quarot" else a for a in algorithms]
     with isolated_registry():
         if request.scheme in RECIPE_SCHEMES:
@@ -207,7 +223,7 @@ def build_config(template: LLMTemplate, request: SchemeRequest) -> Config:
                              "(its group size is part of its name); leave --group_size out")
         config = template.get_config(scheme=request.scheme, algorithm=template_algos or None,
                                      kv_cache_scheme=request.kv_cache_dtype, min_kv_scale=request.min_kv_scale,
-                                     exclude_layers=request.exclude_layers)
+                                     exclude_layers=exclude)
     if "quarot" in algorithms:
         config.algo_config = [_as_quarot(a, config, request.kv_cache_dtype is not None)
                               if getattr(a, "name", "") == "rotation" else a for a in config.algo_config or []]
@@ -252,4 +268,5 @@ __all__ = [
     "parse_algorithms",
     "scheme_names",
     "template_for",
+    "text_only_excludes",
 ]
