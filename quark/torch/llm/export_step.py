@@ -102,8 +102,7 @@ def export_model(model: nn.Module, config: Config, tokenizer: Any, formats: list
             exporter.export_safetensors_model(model, quant_config=config, custom_mode=custom_mode,
                                               tokenizer=tokenizer)
         elif fmt == "onnx":
-            mask = torch.ones_like(sample)
-            exporter.export_onnx_model(model, (sample, mask))
+            exporter.export_onnx_model(model, sample)  # token ids; the exporter adds the attention mask
         else:
             exporter.export_gguf_model(model, str(model_dir), model_type)
         written[fmt] = str(target)

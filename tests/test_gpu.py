@@ -1,0 +1,55 @@
+"""The pipeline on a CUDA device agrees with the CPU reference (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from quark.torch import LLMTemplate, ModelQuantizer
+from tests.helpers.tiny_models import token_batches, tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def _logits(model, batches, device):
+    with torch.no_grad():
+        return torch.cat([model(b.to(device)).logits.float().cpu() for b in batches])
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4_wo_32", "uint4_wo_64", "mxfp4", "mx6", "bfp16"])
+def test_quantize_on_cuda_matches_cpu(scheme):
+    batches = token_batches(2)
+    cpu_model = tiny_model("llama")
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    config = LLMTemplate.get("llama").get_config(scheme=scheme, kv_cache_scheme="fp8" if scheme == "fp8" else None)
+    ModelQuantizer(config).quantize_model(cpu_model, batches)
+    ModelQuantizer(config).quantize_model(gpu_model, [b.cuda() for b in batches])
+    cpu_out, gpu_out = _logits(cpu_model, batches, "cpu"), _logits(gpu_model, batches, "cuda")
+    assert ((gpu_out - cpu_out).norm() / cpu_out.norm()).item() < 1e-2
+    ModelQuantizer.freeze(gpu_model)
+    torch.testing.assert_close(_logits(gpu_model, batches, "cuda"), gpu_out, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("algorithm", ["awq", "gptq", "smoothquant", "rotation"])
+def test_algorithms_on_cuda(algorithm):
+    batches = token_batches(4, seq=32)
+    model = tiny_model("llama").cuda()
+    ref = _logits(model, batches, "cuda")
+    scheme = "int8" if algorithm == "smoothquant" else "int4_wo_32"
+    config = LLMTemplate.get("llama").get_config(scheme=scheme, algorithm=algorithm)
+    ModelQuantizer(config).quantize_model(model, [b.cuda() for b in batches])
+    out = _logits(model, batches, "cuda")
+    assert torch.isfinite(out).all() and ((out - ref).norm() / ref.norm()).item() < 0.5
+
+
+def test_bf16_model_on_cuda():
+    batches = token_batches(2)
+    model = tiny_model("qwen2").to(torch.bfloat16).cuda()
+    ModelQuantizer(LLMTemplate.get("qwen2").get_config(scheme="fp8", attention_scheme="fp8")).quantize_model(
+        model, [b.cuda() for b in batches])
+    out = _logits(model, batches, "cuda")
+    ModelQuantizer.freeze(model)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(_logits(model, batches, "cuda"), out, rtol=2e-2, atol=2e-2)
