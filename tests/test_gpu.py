@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quark.torch import LLMTemplate, ModelQuantizer
-from tests.helpers.tiny_models import token_batches, tiny_model
+from tests.helpers.tiny_models import tiny_model, token_batches
 
 pytestmark = pytest.mark.gpu
 
