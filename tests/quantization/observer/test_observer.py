@@ -170,3 +170,24 @@ def test_registry_is_allow_list():
 def test_no_statistics_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no statistics"):
         PerTensorMinMaxObserver(spec()).calculate_qparams()
+
+
+def test_symmetric_unsigned_uses_the_middle_code():
+    obs = PerTensorMinMaxObserver(spec(Dtype.uint4, symmetric=True))
+    x = torch.tensor([-3.0, 1.0, 2.0])
+    obs(x)
+    scale, zp = obs.calculate_qparams()
+    assert zp.item() == 8 and scale.item() == pytest.approx(3.0 / 7.5)
+    out = fake_quantize(x, scale, zp, Dtype.uint4, qscheme=QSchemeType.per_tensor)
+    assert out[0].item() < 0  # negative values are not clipped to zero
+
+
+def test_qparams_do_not_depend_on_scalar_division_rounding():
+    """Scales are IEEE quotients (a reciprocal multiply would move some by one ulp)."""
+    amax = torch.rand(10_000) * 5
+    obs = PerChannelMinMaxObserver(spec(qscheme=QSchemeType.per_channel, observer=PerChannelMinMaxObserver,
+                                        ch_axis=0, symmetric=True))
+    obs(torch.stack([amax, -amax], dim=1))
+    scale, _ = obs.calculate_qparams()
+    exact = torch.from_numpy(amax.numpy() / amax.numpy().dtype.type(127.5))
+    assert torch.equal(scale, exact)

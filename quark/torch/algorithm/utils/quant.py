@@ -19,8 +19,8 @@ import torch
 
 from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
 from quark.torch.quantization.formats.table import FORMATS
+from quark.torch.quantization.observer.observer import range_to_qparams
 
-_EPS = torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
@@ -87,19 +87,13 @@ def round_to_grid(x: torch.Tensor, method: RoundType) -> torch.Tensor:
 
 
 def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point from per-group minima and maxima."""
-    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
-    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
-    if grid.symmetric:
-        amax = torch.maximum(-xmin, xmax)
-        scale = (amax / ((grid.qmax - grid.qmin) / 2)).clamp(min=_EPS)
-        zp = torch.zeros_like(scale)
-        if not FORMATS[grid.dtype].signed:
-            zp = torch.full_like(scale, float((grid.qmax + grid.qmin + 1) // 2))
-    else:
-        scale = ((xmax - xmin) / (grid.qmax - grid.qmin)).clamp(min=_EPS)
-        zp = (grid.qmin - round_to_grid(xmin / scale, RoundType.half_even)).clamp(grid.qmin, grid.qmax)
-    return scale, zp
+    """Scale and (float-valued) integer zero point from per-group minima and maxima.
+
+    The formula is the observers' one (:func:`range_to_qparams`), so a search scores exactly the
+    grid the quantizer will use.
+    """
+    scale, zp = range_to_qparams(xmin, xmax, FORMATS[grid.dtype], symmetric=grid.symmetric)
+    return scale, zp.to(scale.dtype)
 
 
 def weight_qparams(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:

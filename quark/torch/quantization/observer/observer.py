@@ -6,7 +6,8 @@ MSE observers differ only in how a range is chosen from the statistics; the rang
 formula is shared (:func:`range_to_qparams`).
 
 Conventions (those of Quark and ``torch.ao``):
-- symmetric integer: ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)``, zero point 0;
+- symmetric integer: ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)``, zero point 0 (the
+  middle code, e.g. 8, for unsigned dtypes);
 - asymmetric integer: the range is widened to include 0, ``scale = (max - min) / (qmax - qmin)``,
   ``zero_point = clamp(qmin - round(min / scale), qmin, qmax)``;
 - scaled floats (fp8/fp6/fp4): ``scale = amax / max_finite``;
@@ -42,22 +43,31 @@ def _reduce_minmax(x: torch.Tensor, qscheme: QSchemeType, ch_axis: int | None,
     return reduce_minmax(x, qscheme, ch_axis=ch_axis, group_size=group_size)
 
 
+def _div(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
+    """IEEE division by a constant on every device (CUDA turns division by a Python scalar into a
+    reciprocal multiply, which moves some scales by one ulp and flips codes sitting on a tie)."""
+    return numerator / torch.full_like(numerator, denominator)
+
+
 def range_to_qparams(min_val: torch.Tensor, max_val: torch.Tensor, info: FormatInfo, *,
                      symmetric: bool, scale_type: ScaleType = ScaleType.float,
                      zero_point_type: ZeroPointType = ZeroPointType.int32,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a (per-parameter) value range into ``(scale, zero_point)`` for ``info``'s format."""
-    min_val = min_val.float()
-    max_val = max_val.float()
+    dtype = torch.promote_types(min_val.dtype, torch.float32)  # float64 stays float64
+    min_val = min_val.to(dtype)
+    max_val = max_val.to(dtype)
     min_neg = torch.clamp(min_val, max=0.0)
     max_pos = torch.clamp(max_val, min=0.0)
     if info.kind == "int":
         if symmetric:
             amax = torch.maximum(-min_neg, max_pos)
-            scale = amax / ((info.qmax - info.qmin) / 2)
-            zero_point = torch.zeros_like(scale)
+            scale = _div(amax, (info.qmax - info.qmin) / 2)
+            # unsigned codes centre the symmetric grid on the middle code (uint4: 8, uint8: 128)
+            midpoint = 0.0 if info.signed else float((info.qmax + info.qmin + 1) // 2)
+            zero_point = torch.full_like(scale, midpoint)
         else:
-            scale = (max_pos - min_neg) / (info.qmax - info.qmin)
+            scale = _div(max_pos - min_neg, info.qmax - info.qmin)
             scale = torch.clamp(scale, min=_EPS)
             if zero_point_type == ZeroPointType.float32:
                 zero_point = info.qmin - min_neg / scale
@@ -65,7 +75,7 @@ def range_to_qparams(min_val: torch.Tensor, max_val: torch.Tensor, info: FormatI
                 zero_point = torch.clamp(info.qmin - torch.round(min_neg / scale), info.qmin, info.qmax)
     elif info.kind == "float":
         amax = torch.maximum(-min_neg, max_pos)
-        scale = amax / info.qmax
+        scale = _div(amax, info.qmax)
         zero_point = torch.zeros_like(scale)
     else:
         raise ValueError(f"range_to_qparams: dtype {info.dtype.name} has no range-based scale "
