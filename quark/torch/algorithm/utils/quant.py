@@ -22,7 +22,6 @@ from quark.torch.quantization.formats.table import FORMATS
 from quark.torch.quantization.observer.observer import range_to_qparams
 
 
-
 @dataclass(frozen=True)
 class IntGrid:
     """The parts of a ``QuantizationSpec`` an integer weight search needs."""
