@@ -29,7 +29,7 @@ from quark.torch.quantization.config.config import (
     ScaleQuantSpec,
     Uint4PerGroupSpec,
 )
-from quark.torch.quantization.config.template import LLMTemplate, isolated_registry
+from quark.torch.quantization.config.template import LLMTemplate, isolated_registry, parse_algorithm_names
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +159,7 @@ def check_scheme(name: str, owner: str = "--quant_scheme") -> None:
 
 def parse_algorithms(value: str | None) -> list[str]:
     """``"awq,gptq"`` -> ``["awq", "gptq"]`` in order, validated."""
-    if not value:
-        return []
-    names = [v.strip().lower() for v in value.split(",") if v.strip()]
-    for name in names:
-        if name not in ALGORITHMS:
-            raise ValueError(f"--quant_algo={name!r} is not one of: {', '.join(ALGORITHMS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--quant_algo={value!r} names an algorithm twice")
-    return names
+    return parse_algorithm_names("--quant_algo", value or None, ALGORITHMS)
 
 
 def template_for(model_type: str) -> LLMTemplate:

@@ -120,6 +120,25 @@ def set_algo_config_fallback(fallback: AlgoFallback | None) -> AlgoFallback | No
     return previous
 
 
+def parse_algorithm_names(label: str, algorithm: str | Sequence[str] | None, allowed: Sequence[str]) -> list[str]:
+    """``"awq,gptq"`` or ``["awq", "gptq"]`` -> ``["awq", "gptq"]`` in order, each in ``allowed``, no repeats.
+
+    ``label`` names the field in error messages (``LLMTemplate.get_config.algorithm``, ``--quant_algo``).
+    """
+    if algorithm is None:
+        return []
+    items = algorithm.split(",") if isinstance(algorithm, str) else algorithm
+    if not isinstance(items, Sequence) or not all(isinstance(a, str) for a in items):
+        raise ValueError(f"{label}={algorithm!r} must be a name, a comma-separated string or a list")
+    names = [a.strip().lower() for a in items if a.strip()]
+    for name in names:
+        if name not in allowed:
+            raise ValueError(f"{label}={name!r} is not one of: {', '.join(allowed)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{label}={algorithm!r} names an algorithm twice")
+    return names
+
+
 def _scheme_config(owner: str, field_name: str, scheme: object) -> QuantizationConfig:
     """A fresh ``QuantizationConfig`` for a scheme name or raise listing the known schemes."""
     if isinstance(scheme, str):
@@ -378,20 +397,7 @@ class LLMTemplate:
         )
 
     def _parse_algorithms(self, owner: str, algorithm: str | Sequence[str] | None) -> list[str]:
-        if algorithm is None:
-            return []
-        items = algorithm.split(",") if isinstance(algorithm, str) else algorithm
-        if not isinstance(items, Sequence) or not all(isinstance(a, str) for a in items):
-            raise ValueError(
-                f"{owner}.algorithm={algorithm!r} must be a name, a comma-separated string or a list"
-            )
-        names = [a.strip().lower() for a in items if a.strip()]
-        for name in names:
-            if name not in ALGORITHMS:
-                raise ValueError(f"{owner}.algorithm={name!r} is not one of: {', '.join(ALGORITHMS)}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"{owner}.algorithm={algorithm!r} names an algorithm twice")
-        return names
+        return parse_algorithm_names(f"{owner}.algorithm", algorithm, tuple(ALGORITHMS))
 
     def _algo_config(self, owner: str, name: str) -> Any:
         """A copy of the template's config for ``name``, with decoder/embedding paths filled."""
@@ -491,6 +497,7 @@ __all__ = [
     "LLMTemplate",
     "RegistrySnapshot",
     "isolated_registry",
+    "parse_algorithm_names",
     "registry_snapshot",
     "restore_registry",
     "set_algo_config_fallback",
