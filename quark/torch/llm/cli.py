@@ -40,8 +40,16 @@ def _formats(value: str) -> list[str]:
     return items
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" unless the help text already explains the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = _Parser(prog=PROG, formatter_class=_DefaultsFormatter,
                      description="Post-training quantization of a Hugging Face causal LM with Quark: "
                                  "quantize, evaluate (perplexity, lm-eval), export (hf_format, onnx, gguf) "
                                  "or reload an export. Without --model_dir the embedded stories260K demo "
