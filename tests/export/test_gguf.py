@@ -79,12 +79,29 @@ def test_stories_q4_1_round_trip(stories_q4_1):
 
 
 def test_stories_runs_in_llama_cpp(stories_q4_1):
+    """llama.cpp's own forward on our GGUF scores the text as our PyTorch quantized model does."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (building it "
                                                         "from source takes longer than this test suite allows)")
-    _, path, _ = stories_q4_1
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
-    out = llm("Once upon a time", max_tokens=8, temperature=0.0)
-    assert out["choices"][0]["text"]
+    import sentencepiece
+
+    model, path, folder = stories_q4_1
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    story = (folder / "calibration.txt").read_text().split("<|endoftext|>")[0].strip()
+    ids = [1, *sp.encode(story)]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False)
+    llm.eval(ids)
+    cpp = torch.tensor(np.array(llm.scores[: len(ids)]))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    target = torch.tensor(ids[1:])
+
+    def nll(logits):
+        return torch.nn.functional.cross_entropy(logits[:-1].float(), target).item()
+
+    # llama.cpp keeps Q4_1's block scale and minimum in fp16 and multiplies with 8-bit activations
+    # (measured: NLL 1.3874 vs 1.3861, same argmax at 98.9% of positions)
+    assert abs(nll(cpp) - nll(ours)) < 0.01
+    assert (cpp.argmax(-1) == ours.argmax(-1)).float().mean() > 0.95
 
 
 def _q8_config() -> Config:
