@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
+from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import IntGrid, fake_quant_weight, int_grid_from_spec
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
 from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn
@@ -143,7 +144,7 @@ def awq_grids(model: nn.Module, path: str, layers: nn.ModuleList, groups: Sequen
     return grids
 
 
-class AwqProcessor:
+class AwqProcessor(AlgorithmProcessor):
     """AWQ over a whole model: ``AwqProcessor(model, algo_config, data, quant_config=...).apply()``.
 
     Only int4/uint4 per-group weights are accepted (checked for every targeted linear before any
@@ -153,11 +154,7 @@ class AwqProcessor:
 
     def __init__(self, model: nn.Module, algo_config: Any, data: Sequence[Any], quant_config: Any = None,
                  device: torch.device | str | None = None) -> None:
-        self.model = model
-        self.cfg = algo_config
-        self.data = list(data)
-        self.quant_config = quant_config
-        self.device = device or next(model.parameters()).device
+        super().__init__(model, algo_config, data, quant_config, device)
         self.results: list[ScaleResult] = []
 
     def build_step(self) -> tuple[str, AwqStep]:

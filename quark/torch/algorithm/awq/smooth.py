@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
+from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import simulate_quant
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
 from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn
@@ -128,16 +129,12 @@ class AutoSmoothQuantStep(ScalingStep):
         return results
 
 
-class _ScalingProcessor:
+class _ScalingProcessor(AlgorithmProcessor):
     owner = "scaling"
 
     def __init__(self, model: nn.Module, algo_config: Any, data: Sequence[Any], quant_config: Any = None,
                  device: torch.device | str | None = None) -> None:
-        self.model = model
-        self.cfg = algo_config
-        self.data = list(data)
-        self.quant_config = quant_config
-        self.device = device or next(model.parameters()).device
+        super().__init__(model, algo_config, data, quant_config, device)
         self.results: list[ScaleResult] = []
 
     def _groups(self) -> tuple[str, nn.ModuleList, list[ScalingGroup]]:

@@ -11,6 +11,7 @@ from torch import nn
 
 from quark.torch.algorithm.gptq.math import accumulate_hessian, gptq_quantize
 from quark.torch.algorithm.utils.model_info import sequential_groups
+from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import IntGrid, int_grid_from_spec
 from quark.torch.algorithm.utils.specs import set_weight_qparams, weight_spec_for
 from quark.torch.quantization.calibration.layerwise import (
@@ -101,21 +102,13 @@ class GptqStep:
                 self._quantize(layer, index, n)
 
 
-class GptqProcessor:
+class GptqProcessor(AlgorithmProcessor):
     """GPTQ over a whole model: ``GptqProcessor(model, algo_config, data, quant_config=...).apply()``.
 
     ``quant_config`` (a ``Config``) decides each linear's weight spec through the resolver; only
     int4/uint4/int8/uint8 per-group or per-channel weights are accepted, checked for every
     targeted linear before any weight changes. On failure the model's weights are restored.
     """
-
-    def __init__(self, model: nn.Module, algo_config: Any, data: Sequence[Any], quant_config: Any = None,
-                 device: torch.device | str | None = None) -> None:
-        self.model = model
-        self.cfg = algo_config
-        self.data = list(data)
-        self.quant_config = quant_config
-        self.device = device or next(model.parameters()).device
 
     def build_step(self) -> GptqStep:
         path, layers = find_decoder_layers(self.model, getattr(self.cfg, "model_decoder_layers", None) or None)
