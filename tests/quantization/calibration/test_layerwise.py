@@ -7,9 +7,9 @@ import torch
 from tiny_models import make_batches, make_model
 from torch import nn
 
+from quark.torch.quantization.calibration.batches import model_inputs
 from quark.torch.quantization.calibration.layerwise import (
     ModelBackup,
-    batch_to_model_inputs,
     find_decoder_layers,
     run_layerwise,
 )
@@ -50,11 +50,13 @@ def test_replay_reproduces_full_model(family):
 
 def test_batch_formats_and_bad_batch():
     ids = torch.ones(1, 4, dtype=torch.long)
-    assert batch_to_model_inputs(ids)[0][0] is ids
-    assert batch_to_model_inputs({"input_ids": ids})[1]["input_ids"] is ids
-    assert batch_to_model_inputs([ids, "x"])[0][0] is ids
-    with pytest.raises(ValueError, match="not supported"):
-        batch_to_model_inputs("text")
+    cpu = torch.device("cpu")
+    assert model_inputs(ids, cpu)[0][0] is ids
+    assert model_inputs({"input_ids": ids}, cpu)[1]["input_ids"] is ids
+    assert model_inputs([ids, "x"], cpu)[0][0] is ids
+    assert model_inputs(ids[0], cpu)[0][0].shape == (1, 4)  # 1-D ids get a batch dimension
+    with pytest.raises(ValueError, match="batch 3 has type str"):
+        model_inputs("text", cpu, 3)
 
 
 def test_decoder_path_errors():

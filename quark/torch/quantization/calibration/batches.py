@@ -54,8 +54,12 @@ def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def model_inputs(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """(args, kwargs) for ``model(*args, **kwargs)``, tensors moved to ``device``."""
+def model_inputs(batch: Any, device: torch.device, index: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) for ``model(*args, **kwargs)``, tensors moved to ``device``; 1-D ids get a batch dim.
+
+    ``index`` is the batch's position, for the error message when the batch has an unknown form.
+    """
+    _check_batch(batch, index)
     if isinstance(batch, torch.Tensor):
         ids = batch.unsqueeze(0) if batch.dim() == 1 else batch
         return (ids.to(device),), {}
@@ -83,6 +87,6 @@ def run_batches(model: nn.Module, batches: list[Any], desc: str = "Calibrating")
     """Forward every batch through ``model`` (no grad, KV cache off) with a progress bar."""
     device = model_device(model)
     extra = {"use_cache": False} if _accepts_use_cache(model) else {}
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-        args, kwargs = model_inputs(batch, device)
+    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
+        args, kwargs = model_inputs(batch, device, index)
         model(*args, **{**extra, **kwargs})

@@ -26,13 +26,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quark.torch.quantization.calibration.batches import model_device, model_inputs
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CapturedInputs",
     "LayerStep",
     "ModelBackup",
-    "batch_to_model_inputs",
     "capture_decoder_inputs",
     "collecting",
     "find_decoder_layers",
@@ -73,24 +74,6 @@ def move_to(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, dict):
         return {k: move_to(v, device) for k, v in obj.items()}
     return obj
-
-
-def batch_to_model_inputs(batch: Any) -> tuple[tuple, dict]:
-    """Turn one dataloader item into ``(args, kwargs)`` for ``model(*args, **kwargs)``.
-
-    Accepted: a LongTensor of input ids, a dict of model keyword arguments, or a list/tuple whose
-    first item is the input ids.
-    """
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],), {}
-    raise ValueError(
-        f"calibration batch of type {type(batch).__name__} is not supported; allowed: a tensor of "
-        "input ids, a dict of model inputs, or a list/tuple whose first item is input ids"
-    )
 
 
 def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
@@ -142,13 +125,6 @@ class CapturedInputs:
         return self.kwargs_by_type.get(kind, self.kwargs)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def capture_decoder_inputs(
     model: nn.Module, batches: Sequence[Any], layers: nn.ModuleList, offload: str | torch.device = "cpu"
@@ -184,15 +160,15 @@ def capture_decoder_inputs(
         return hook
 
     handles = [layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in hook_at]
-    device = _model_device(model)
+    device = model_device(model)
     try:
-        for batch in batches:
-            args, kwargs = batch_to_model_inputs(batch)
+        for index, batch in enumerate(batches):
+            args, kwargs = model_inputs(batch, device, index)
             kwargs.setdefault("use_cache", False)
             try:
-                model(*move_to(args, device), **move_to(kwargs, device))
+                model(*args, **kwargs)
             except _StopForward:
-                pass
+                continue
             else:
                 raise RuntimeError("the model's forward finished without calling its decoder layers")
     finally:
@@ -318,7 +294,7 @@ def run_layerwise(
             layer = layers[i]
             name = f"{path}.{i}"
             start = time.perf_counter()
-            home = _model_device(layer)
+            home = model_device(layer)
             layer.to(device)
             try:
                 kwargs_list = cache.kwargs_for(layer)
