@@ -87,7 +87,6 @@ def _validate(args: argparse.Namespace) -> None:
         if args.import_file_format not in export_step.IMPORT_FORMATS:
             raise ValueError(f"--import_file_format={args.import_file_format!r} is not one of: "
                              f"{', '.join(export_step.IMPORT_FORMATS)}")
-        export_step.check_available("import")
     quantizing = not (args.skip_quantization or args.model_reload)
     if not quantizing:
         for flag in ("quant_algo", "moe_experts_second_step_config", "model_export"):
