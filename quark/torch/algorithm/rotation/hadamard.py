@@ -5,6 +5,7 @@ where the core ``C`` has order ``m = n / 2^k`` and comes from Paley's constructi
 field: type I (order ``p + 1``, ``p ≡ 3 mod 4``) or type II (order ``2 (p + 1)``, ``p ≡ 1 mod 4``).
 This covers e.g. 576 = 16·36, 1536 = 128·12, 14336 = 512·28. Sizes without such a factorisation
 raise ``ValueError``; callers that accept any orthogonal matrix can fall back to a random one.
+:func:`mean_preserving_rotation` builds the rotations LayerNorm models need (``Q·1 = 1``).
 """
 
 from __future__ import annotations
@@ -106,3 +107,53 @@ def orthogonal_rotation(n: int, random: bool = False, seed: int = 0) -> torch.Te
         signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
         h = h * signs
     return h
+
+
+def _legendre_signs(n: int) -> torch.Tensor:
+    """Quadratic characters ``(k | p)`` for ``k = 1..n-1``, ``p`` the smallest prime above ``n``."""
+    p = n + 1
+    while not _is_prime(p):
+        p += 1
+    squares = {(i * i) % p for i in range(1, p)}
+    return torch.tensor([1.0 if k in squares else -1.0 for k in range(1, n)], dtype=torch.float64)
+
+
+def mean_preserving_rotation(n: int, random: bool = False, seed: int = 0) -> torch.Tensor:
+    """An orthonormal ``[n, n]`` float64 ``Q`` with ``Q·1 = 1`` (so ``Qᵀ·1 = 1`` too).
+
+    Rotating mean-free rows ``x`` as ``x Q`` keeps them mean-free, which is what LayerNorm models
+    need (their norms subtract the mean, a plain Hadamard would move the mean direction onto a
+    single channel). Construction: ``Q = Ĥ D Ĥᵀ`` with ``Ĥ`` a normalised Hadamard matrix whose
+    rows are sign-flipped so that its first column is constant, and ``D = diag(1, s)``: ``Ĥᵀ·1``
+    is ``√n e₁``, which ``D`` keeps, so ``Q·1 = 1``; on the mean-free subspace ``Q`` flips signs in
+    the Hadamard (Walsh) basis, spreading any single channel over all channels like QuaRot's
+    randomised Hadamard. ``s`` must not be a Hadamard row itself (``Q`` would then be a
+    permutation), so ``random=False`` takes the Legendre-symbol signs (fixed, well spread) and
+    ``random=True`` random signs from ``seed``. Without a Hadamard matrix of order ``n``,
+    ``random=True`` falls back to ``M diag(1, R) M`` (``M`` the Householder reflection exchanging
+    ``e₁`` and ``1/√n``, ``R`` a random orthogonal matrix of order ``n - 1``); ``random=False`` raises.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        h = hadamard_matrix(n)
+    except ValueError:
+        if not random:
+            raise
+        u = torch.full((n,), 1.0 / math.sqrt(n), dtype=torch.float64)
+        w = u.clone()
+        w[0] -= 1.0
+        m = torch.eye(n, dtype=torch.float64)
+        if float(w.norm()) > 0:
+            m = m - 2.0 * torch.outer(w, w) / float(w @ w)
+        inner = torch.eye(n, dtype=torch.float64)
+        if n > 1:
+            q, r = torch.linalg.qr(torch.randn(n - 1, n - 1, generator=gen, dtype=torch.float64))
+            inner[1:, 1:] = q * torch.sign(torch.diagonal(r))
+        return m @ inner @ m
+    h = h * torch.sign(h[:, :1]) / math.sqrt(n)
+    if random:
+        signs = torch.randint(0, 2, (n - 1,), generator=gen, dtype=torch.float64) * 2 - 1
+    else:
+        signs = _legendre_signs(n)
+    d = torch.cat([torch.ones(1, dtype=torch.float64), signs])
+    return (h * d) @ h.t()

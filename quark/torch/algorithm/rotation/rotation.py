@@ -1,144 +1,102 @@
-"""Rotation (R1) and QuaRot (R1, R2, online R4) fused into a float model's weights.
+"""Rotation (R1) and QuaRot (R1, R2, online R3 and R4) fused into a float model's weights.
 
-R1 rotates the residual stream by an orthonormal ``Q``: norms' weights are first folded into the
-linears that read them (so every norm is a plain RMS normalisation, which commutes with ``Q``),
-then embeddings and readers get ``W Q``, residual writers ``Qᵀ W`` (bias ``b Q``) and the LM head
-``W Q``. R2 rotates each attention head's values (v rows, o columns per head). R4 (``had=True``)
-rotates the input of the MLP's residual writer online: ``W ← W H`` and the module gets an
-``input_rotation`` buffer (±1 Hadamard, applied as ``x @ H / sqrt(n)``) that QuantLinear applies;
-before QuantLinear insertion a forward pre-hook applies it. Float outputs are unchanged up to
-float error. Structure is found from one hooked forward (which linears read a norm's output,
-which write the residual stream): no family tables.
+R1 rotates the residual stream by an orthonormal ``Q`` (stream rows ``x`` become ``x Q``): each
+stream norm's affine ``γ`` (and ``β``) is folded into the Linears that read it, so the norm is a
+plain normalisation that commutes with ``Q``; embeddings and readers get ``W Q``, residual writers
+``Qᵀ W`` (bias ``b Q``) and the LM head ``W Q``.
 
-Only RMS-normalised models are supported (a LayerNorm's mean subtraction does not commute with a
-rotation); others raise ``ValueError`` before any weight changes.
+* RMS-norm models (Llama, Qwen2, Mistral, Phi3, ...): ``Q`` is a (randomised) Hadamard matrix.
+* LayerNorm models (OPT, ...): a LayerNorm subtracts the mean, which a general ``Q`` does not
+  commute with. So the stream is first made mean-free: every writer (embeddings, learned position
+  embeddings included, attention and MLP outputs, with their biases) is centred over the hidden
+  dimension, ``W ← (I − 11ᵀ/d) W``, ``b ← b − mean(b)``; LayerNorms ignore the mean, so nothing
+  changes, and on mean-free input ``LayerNorm(x) = x / rms(x) · γ + β``. ``Q`` is then chosen with
+  ``Q·1 = 1`` (:func:`~quark.torch.algorithm.rotation.hadamard.mean_preserving_rotation`): the
+  rotated stream stays mean-free and the LayerNorm modules, left in place with ``γ = 1, β = 0``,
+  compute exactly what is needed. The model stays a checkpoint of its own architecture.
+
+A norm's bias ``β`` goes into its readers' biases (``b + W β``). When a reader has no bias (OPT's
+``lm_head``), its architecture could not reload a new one, so ``β`` stays in the norm, moved to the
+rotated basis: ``β ← (β / γ) Q``.
+
+QuaRot adds R2, a rotation of each attention head's values (the rows of ``v_proj``, or the value
+slice of a fused ``qkv_proj``, and the matching ``o_proj`` columns); R4 (``had=True``), the online
+Hadamard of the MLP writer's input: ``W ← W H`` and the module gets an int8 ±1 ``input_rotation``
+buffer applied as ``x @ H / sqrt(n)`` (by QuantLinear; before QuantLinear insertion a forward
+pre-hook applies it); R3 (``had=True, kv_cache_quant=True``), a per-head Hadamard of queries and
+keys after RoPE: the attention module gets an int8 ``qk_rotation`` buffer that
+``quantized_attention_forward`` applies before the K-cache quantizer. ``q·kᵀ`` is unchanged, so R3
+only matters when K is quantized after RoPE (``Config.kv_cache_post_rope``).
+
+The structure comes from hooked forwards (:mod:`.structure`), and every check runs before any
+weight changes. After rotating, the probe logits are compared with those before: a structure that
+was discovered wrongly raises instead of returning a different model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from quark.torch.algorithm.rotation.hadamard import hadamard_matrix, orthogonal_rotation
-from quark.torch.algorithm.utils.model_info import _norm_like, discover_scaling_groups
-from quark.torch.algorithm.utils.scaling import find_head_dim, fold_norm_into_fcs
-from quark.torch.quantization.calibration.layerwise import (
-    capture_decoder_inputs,
-    find_decoder_layers,
-    float_linears,
-    layer_output_tensor,
-    move_to,
+from quark.torch.algorithm.rotation.hadamard import hadamard_matrix, mean_preserving_rotation, orthogonal_rotation
+from quark.torch.algorithm.rotation.structure import (
+    Structure,
+    eval_mode,
+    find_value_slice,
+    model_logits,
+    norm_keeps_bias,
 )
+from quark.torch.algorithm.utils.scaling import find_head_dim
+from quark.torch.quantization.nn.modules.quantize_attention import QK_ROTATION
 
 logger = logging.getLogger(__name__)
 
 
-def _is_rms(norm: nn.Module, n: int) -> bool:
-    x = torch.randn(2, n, generator=torch.Generator().manual_seed(0))
-    w = norm.weight
-    x = x.to(w.device, w.dtype)
-    with torch.no_grad():
-        return not torch.allclose(norm(x), norm(x + 3.0), atol=1e-4)
+def _hint(cfg: Any, name: str) -> tuple[str | None, bool]:
+    """(value of a module-path field, whether it is the field's default, i.e. only a hint)."""
+    value = getattr(cfg, name, None) or None
+    default = None
+    if dataclasses.is_dataclass(cfg):
+        default = next((f.default for f in dataclasses.fields(cfg) if f.name == name), None)
+    return value, value == default
 
 
-def _norm_inputs_and_output(layer: nn.Module, args: tuple, kwargs: dict,
-                            perturb: tuple[nn.Module, torch.Tensor] | None = None) -> list[torch.Tensor]:
-    seen: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, a: seen.setdefault(id(mod), a[0]))
-               for m in layer.modules() if _norm_like(m)]
-    if perturb is not None:
-        handles.append(perturb[0].register_forward_hook(lambda mod, a, out: out + perturb[1]))
+def _linear(layer: nn.Module, name: str | None) -> nn.Linear | None:
+    if not name:
+        return None
     try:
-        with float_linears(layer), torch.no_grad():
-            out = layer_output_tensor(layer(*args, **kwargs))
-    finally:
-        for h in handles:
-            h.remove()
-    return [*seen.values(), out]
-
-
-def _residual_writers(layer: nn.Module, args: tuple, kwargs: dict, hidden: int) -> list[str]:
-    """Linears whose output is added unchanged to the residual stream (seen at a norm or the output)."""
-    base = _norm_inputs_and_output(layer, args, kwargs)
-    writers = []
-    for name, m in layer.named_modules():
-        if not isinstance(m, nn.Linear) or m.out_features != hidden:
-            continue
-        delta = torch.randn(hidden, generator=torch.Generator().manual_seed(2)).to(base[-1].device, base[-1].dtype)
-        after = _norm_inputs_and_output(layer, args, kwargs, (m, delta))
-        if any(a.shape == b.shape and torch.allclose(a - b, delta.expand_as(a), atol=1e-4, rtol=1e-3)
-               for a, b in zip(after, base)):
-            writers.append(name)
-    return writers
-
-
-class _Structure:
-    """What rotation needs to know about the model, found before any weight changes."""
-
-    def __init__(self, model: nn.Module, decoder_path: str | None) -> None:
-        self.path, self.layers = find_decoder_layers(model, decoder_path)
-        emb = model.get_input_embeddings()
-        head = model.get_output_embeddings()
-        if emb is None or head is None:
-            raise ValueError("rotation needs a model with input and output embeddings (a causal LM)")
-        self.embedding, self.head = emb, head
-        self.hidden = emb.weight.shape[1]
-        _, groups = discover_scaling_groups(model, None, self.path)
-        self.norm_groups = [(g.prev_op, g.layers) for g in groups
-                            if _norm_like(self.layers[0].get_submodule(g.prev_op))]
-        cache = capture_decoder_inputs(model, [_probe_ids(model)], self.layers)
-        device = next(self.layers[0].parameters()).device
-        args, kwargs = move_to(cache.args[0], device), move_to(cache.kwargs[0], device)
-        self.writers = _residual_writers(self.layers[0], args, kwargs, self.hidden)
-        if not self.writers or not self.norm_groups:
-            raise ValueError(f"rotation: {type(self.layers[0]).__name__} has no norm-fed linears or no residual "
-                             f"writers (found {self.norm_groups}, {self.writers}); cannot rotate")
-        for prev, _ in self.norm_groups:
-            if not _is_rms(self.layers[0].get_submodule(prev), self.hidden):
-                raise ValueError(f"rotation: {prev} is not an RMS norm (mean subtraction does not commute "
-                                 "with a rotation); only RMSNorm models are supported")
-        self.final_norm = _final_norm(model, self.layers, head)
-        if not _is_rms(self.final_norm, self.hidden):
-            raise ValueError("rotation: the final norm is not an RMS norm")
-
-
-def _get(layer: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return layer.get_submodule(name)
+        m = layer.get_submodule(name)
     except AttributeError:
         return None
+    return m if isinstance(m, nn.Linear) else None
 
 
-def _probe_ids(model: nn.Module) -> torch.Tensor:
-    vocab = model.get_input_embeddings().num_embeddings
-    return torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+def _resolve_linear(layer: nn.Module, cfg: Any, owner: str, field: str) -> str | None:
+    """The configured Linear, None when the field keeps its default and names nothing here."""
+    name, is_default = _hint(cfg, field)
+    if _linear(layer, name) is not None:
+        return name
+    if name and not is_default:
+        raise ValueError(f"{owner}.{field}={name!r} is not an nn.Linear of the decoder layer")
+    return None
 
 
-def _final_norm(model: nn.Module, layers: nn.ModuleList, head: nn.Module) -> nn.Module:
-    inside = {id(m) for m in layers.modules()}
-    seen: dict[str, torch.Tensor] = {}
-    head_in: list[torch.Tensor] = []
-    handles = []
-    for name, m in model.named_modules():
-        if _norm_like(m) and id(m) not in inside:
-            handles.append(m.register_forward_hook(lambda mod, a, out, _n=name: seen.__setitem__(_n, out)))
-    handles.append(head.register_forward_hook(lambda mod, a, out: head_in.append(a[0])))
-    try:
-        with torch.no_grad():
-            model(_probe_ids(model).to(head.weight.device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    for name, out in seen.items():
-        if head_in and out.shape == head_in[0].shape and torch.equal(out, head_in[0]):
-            return model.get_submodule(name)
-    raise ValueError("rotation: no final norm feeding the LM head was found")
+def _decoder_path(model: nn.Module, cfg: Any) -> str | None:
+    path, is_default = _hint(cfg, "model_decoder_layers")
+    if path and is_default:
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            return None  # the default ("model.layers") is a hint; OPT keeps them in model.decoder.layers
+    return path
 
 
 def _load_optimized(path: str | Path, n_layers: int, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -155,17 +113,176 @@ def _load_optimized(path: str | Path, n_layers: int, prefix: str) -> tuple[torch
     return tensors["R1"].double(), r2
 
 
-@torch.no_grad()
-def _rotate_in(fc: nn.Linear, q: torch.Tensor) -> None:
-    fc.weight.copy_((fc.weight.double() @ q.to(fc.weight.device)).to(fc.weight.dtype))
+def _check_orthogonal(owner: str, what: str, r: torch.Tensor, n: int) -> None:
+    if tuple(r.shape) != (n, n):
+        raise ValueError(f"{owner}: {what} has shape {tuple(r.shape)}, expected {(n, n)}")
+    if not torch.allclose(r @ r.t(), torch.eye(n, dtype=r.dtype), atol=1e-4):
+        raise ValueError(f"{owner}: {what} is not orthogonal")
 
 
-@torch.no_grad()
-def _rotate_out(fc: nn.Linear, q: torch.Tensor) -> None:
-    q = q.to(fc.weight.device)
-    fc.weight.copy_((q.t() @ fc.weight.double()).to(fc.weight.dtype))
-    if fc.bias is not None:
-        fc.bias.copy_((fc.bias.double() @ q).to(fc.bias.dtype))
+@dataclass
+class _Plan:
+    """Everything rotation will do, decided (and checked) before any weight changes."""
+
+    owner: str
+    st: Structure
+    r1: torch.Tensor
+    r2: torch.Tensor | None = None
+    r2_per_layer: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    value: tuple[str, int, int] | None = None
+    o_name: str | None = None
+    down_name: str | None = None
+    h4: torch.Tensor | None = None
+    attn_name: str | None = None
+    h3: torch.Tensor | None = None
+
+
+def _hadamard(owner: str, what: str, n: int) -> torch.Tensor:
+    try:
+        return hadamard_matrix(n)
+    except ValueError as e:
+        raise ValueError(f"{owner}: {what} needs a Hadamard matrix of size {n}: {e}") from None
+
+
+def _plan_quarot(plan: _Plan, cfg: Any) -> None:
+    st, owner = plan.st, plan.owner
+    layer0 = st.layers[0]
+    head_dim = find_head_dim(layer0)
+    if head_dim is None:
+        raise ValueError(f"{owner}: the attention head size (head_dim) could not be found")
+    o_name = _resolve_linear(layer0, cfg, owner, "o_proj") or (st.attention[0] if st.attention else None)
+    if o_name is None:
+        raise ValueError(f"{owner}: no attention output projection among the residual writers {st.writers}; "
+                         "set QuaRotConfig.o_proj")
+    v_hint, v_default = _hint(cfg, "v_proj")
+    v_name = _resolve_linear(layer0, cfg, owner, "v_proj")
+    attn = o_name.rpartition(".")[0]
+    plan.o_name = o_name
+    plan.value = find_value_slice(layer0, st.args, st.kwargs, attn, o_name, head_dim, v_name,
+                                  only_hint=bool(v_hint) and not v_default)
+    plan.r2 = orthogonal_rotation(head_dim, random=bool(getattr(cfg, "random2", False)), seed=1)
+    for i, r in enumerate(plan.r2_per_layer):
+        if r is not None:
+            _check_orthogonal(owner, f"R2 of layer {i}", r.double(), head_dim)
+    if not bool(getattr(cfg, "had", True)):
+        return
+    mlp_hint, mlp_default = _hint(cfg, "mlp")
+    if mlp_hint and not mlp_default and not _has(layer0, mlp_hint):
+        raise ValueError(f"{owner}.mlp={mlp_hint!r} names no module of the decoder layer")
+    exists = bool(mlp_hint) and _has(layer0, mlp_hint)
+    try:
+        plan.down_name = st.mlp_writer(mlp_hint if exists else None, strict=not mlp_default)
+    except ValueError as e:
+        raise ValueError(f"{owner}.mlp={mlp_hint!r}: {e}") from None
+    down = layer0.get_submodule(plan.down_name)
+    plan.h4 = _hadamard(owner, f"R4 (the input of {plan.down_name})", down.in_features)
+    if not bool(getattr(cfg, "kv_cache_quant", True)):
+        return
+    attn_hint, attn_default = _hint(cfg, "self_attn")
+    if attn_hint and _has(layer0, attn_hint):
+        attn = attn_hint
+    elif attn_hint and not attn_default:
+        raise ValueError(f"{owner}.self_attn={attn_hint!r} names no module of the decoder layer")
+    module = layer0.get_submodule(attn) if attn else layer0
+    if not hasattr(getattr(module, "config", None), "_attn_implementation"):
+        raise ValueError(f"{owner}.kv_cache_quant=True: {type(module).__name__} does not dispatch through "
+                         "transformers' attention interface, so the online R3 rotation of queries and keys "
+                         "cannot be applied; set kv_cache_quant=False")
+    plan.attn_name = attn
+    plan.h3 = _hadamard(owner, "R3 (queries and keys per head)", head_dim)
+
+
+def _has(layer: nn.Module, name: str) -> bool:
+    try:
+        layer.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _plan(model: nn.Module, cfg: Any, quarot: bool) -> _Plan:
+    owner = "QuaRotConfig" if quarot else "RotationConfig"
+    st = Structure(model, _decoder_path(model, cfg))
+    n = st.hidden
+    r1, r2_per_layer = None, [None] * len(st.layers)
+    path = getattr(cfg, "optimized_rotation_path", None) if quarot else None
+    if path:
+        r1, r2_per_layer = _load_optimized(path, len(st.layers), st.path)
+        _check_orthogonal(owner, "R1", r1, n)
+        ones = torch.ones(n, dtype=torch.float64)
+        if st.kind == "layer" and not torch.allclose(r1 @ ones, ones, atol=1e-4):
+            raise ValueError(f"{owner}: the optimized R1 does not map the all-ones vector to itself, which "
+                             "LayerNorm models need (the rotated residual stream must stay mean-free)")
+    if r1 is None:
+        make = mean_preserving_rotation if st.kind == "layer" else orthogonal_rotation
+        try:
+            r1 = make(n, random=bool(getattr(cfg, "random", False)))
+        except ValueError as e:
+            raise ValueError(f"{owner}.random=False: {e}") from None
+    plan = _Plan(owner=owner, st=st, r1=r1, r2_per_layer=list(r2_per_layer))
+    if quarot:
+        _plan_quarot(plan, cfg)
+    for layer in st.layers:
+        for name, attr in ((plan.down_name, "input_rotation"), (plan.attn_name, QK_ROTATION)):
+            if name is not None and getattr(layer.get_submodule(name), attr, None) is not None:
+                raise ValueError(f"{owner}: {name} already has an {attr} buffer (the model was rotated before)")
+    return plan
+
+
+class _Work:
+    """float64 working copies of weights/biases, written back once (one rounding per tensor)."""
+
+    def __init__(self) -> None:
+        self.items: dict[nn.Module, list[torch.Tensor | None]] = {}
+
+    def get(self, m: nn.Module) -> list[torch.Tensor | None]:
+        if m not in self.items:
+            bias = getattr(m, "bias", None)
+            self.items[m] = [m.weight.double(), bias.double() if isinstance(bias, torch.Tensor) else None]
+        return self.items[m]
+
+    def flush(self) -> None:
+        for m, (w, b) in self.items.items():
+            m.weight.copy_(w.to(m.weight.dtype))
+            if b is not None:
+                m.bias.copy_(b.to(m.bias.dtype))
+        self.items.clear()
+
+
+def _fold_norm(norm: nn.Module, readers: Sequence[nn.Linear], q: torch.Tensor, work: _Work) -> None:
+    """Fold ``γ`` (and ``β``) into ``readers``, rotate their inputs by ``q``, make the norm plain."""
+    gamma = norm.weight.double()
+    bias = getattr(norm, "bias", None)
+    beta = bias.double() if isinstance(bias, torch.Tensor) else None
+    keep = beta is not None and norm_keeps_bias(readers)
+    for r in readers:
+        item = work.get(r)
+        w = item[0]
+        if beta is not None and not keep:
+            item[1] = item[1] + w @ beta.to(w.device)
+        item[0] = (w * gamma.to(w.device)) @ q.to(w.device)
+    norm.weight.fill_(1.0)
+    if isinstance(bias, torch.Tensor):
+        if keep:
+            moved = torch.where(gamma != 0, beta / torch.where(gamma != 0, gamma, 1.0), 0.0) @ q.to(gamma.device)
+            bias.copy_(moved.to(bias.dtype))
+        else:
+            bias.zero_()
+
+
+def _write(m: nn.Linear, q: torch.Tensor, center: bool, work: _Work) -> None:
+    item = work.get(m)
+    w, b = item
+    if center:
+        w = w - w.mean(0, keepdim=True)
+        b = b - b.mean() if b is not None else None
+    qd = q.to(w.device)
+    item[0] = qd.t() @ w
+    item[1] = b @ qd if b is not None else None
+
+
+def _block(r: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.block_diag(*[r] * (n // r.shape[0]))
 
 
 class _InputRotationHook:
@@ -181,90 +298,121 @@ class _InputRotationHook:
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
         if type(module) is not nn.Linear and getattr(module, "input_rotation", None) is not None:
             return None
-        return _rotate_input(self.h, args)
+        x = args[0]
+        return ((x @ self.h.to(x.device, x.dtype)) / math.sqrt(self.h.shape[0]), *args[1:])
 
 
-def _rotate_input(h: torch.Tensor, args: tuple) -> tuple:
-    x = args[0]
-    return ((x @ h.to(x.device, x.dtype)) / math.sqrt(h.shape[0]), *args[1:])
+def _untie(model: nn.Module, st: Structure, undo: list[Callable[[], None]]) -> None:
+    shared = st.head.weight
+    if not any(e.weight is shared for e in st.embeddings):
+        return
+    st.head.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    config = getattr(model, "config", None)
+    before = getattr(config, "tie_word_embeddings", None)
+    if config is not None:
+        config.tie_word_embeddings = False
+
+    def retie() -> None:
+        st.head.weight = shared
+        if config is not None:
+            config.tie_word_embeddings = before
+
+    undo.append(retie)
+
+
+def _add_buffer(module: nn.Module, name: str, value: torch.Tensor, undo: list[Callable[[], None]]) -> None:
+    module.register_buffer(name, value)
+
+    def remove() -> None:
+        module._buffers.pop(name, None)
+
+    undo.append(remove)
+
+
+def _apply(model: nn.Module, plan: _Plan, undo: list[Callable[[], None]]) -> None:
+    st, q = plan.st, plan.r1
+    center = st.kind == "layer"
+    _untie(model, st, undo)
+    work = _Work()
+    for emb in st.embeddings:
+        w = emb.weight.double()
+        if center:
+            w = w - w.mean(-1, keepdim=True)
+        emb.weight.copy_((w @ q.to(w.device)).to(emb.weight.dtype))
+    _fold_norm(st.final_norm, [st.head], q, work)
+    work.flush()
+    for i, layer in enumerate(st.layers):
+        for prev, readers in st.norm_groups.items():
+            _fold_norm(layer.get_submodule(prev), [layer.get_submodule(n) for n in readers], q, work)
+        for name in st.writers:
+            _write(layer.get_submodule(name), q, center, work)
+        if plan.r2 is not None and plan.value is not None and plan.o_name is not None:
+            r2 = plan.r2_per_layer[i]
+            rot = r2.double() if r2 is not None else plan.r2
+            name, start, length = plan.value
+            item = work.get(layer.get_submodule(name))
+            blk = _block(rot, length).to(item[0].device)
+            item[0] = item[0].clone()
+            item[0][start:start + length] = blk.t() @ item[0][start:start + length]
+            if item[1] is not None:
+                item[1] = item[1].clone()
+                item[1][start:start + length] = item[1][start:start + length] @ blk
+            o = layer.get_submodule(plan.o_name)
+            o_item = work.get(o)
+            o_item[0] = o_item[0] @ _block(rot, o.in_features).to(o_item[0].device)
+        if plan.h4 is not None and plan.down_name is not None:
+            down = layer.get_submodule(plan.down_name)
+            d_item = work.get(down)
+            d_item[0] = d_item[0] @ (plan.h4 / math.sqrt(plan.h4.shape[0])).to(d_item[0].device)
+            _add_buffer(down, "input_rotation", plan.h4.to(torch.int8).to(down.weight.device), undo)
+            handle = down.register_forward_pre_hook(_InputRotationHook(down.input_rotation))
+            undo.append(handle.remove)
+        if plan.h3 is not None and plan.attn_name is not None:
+            attn = layer.get_submodule(plan.attn_name)
+            device = next(attn.parameters()).device
+            _add_buffer(attn, QK_ROTATION, plan.h3.to(torch.int8).to(device), undo)
+        work.flush()
+
+
+def _verify(model: nn.Module, plan: _Plan) -> None:
+    st = plan.st
+    new = model_logits(model, st.ids).double()
+    ref = st.ref_logits.double()
+    # Relative L2 error: float32 ~1e-6, bfloat16 ~1e-2 (measured); a wrong structure gives ~1.
+    err = float((new - ref).norm()) / max(float(ref.norm()), 1e-12)
+    rel = 1e-3 if st.head.weight.dtype in (torch.float32, torch.float64) else 0.1
+    if not err <= rel:
+        raise RuntimeError(f"{plan.owner}: after rotation the logits of {type(model).__name__} differ from the "
+                           f"original ones (relative error {err:.2e} > {rel:g}); the discovered structure "
+                           f"(writers {st.writers}, norm groups {st.norm_groups}) does not describe this model")
+    logger.info("%s: rotated logits match the original ones (relative error %.1e)", plan.owner, err)
 
 
 @torch.no_grad()
 def rotate_model(model: nn.Module, cfg: Any, quarot: bool) -> None:
-    """Fuse R1 (and for QuaRot R2 and online R4) into ``model``; float outputs are preserved."""
-    owner = "QuaRotConfig" if quarot else "RotationConfig"
-    decoder_path = getattr(cfg, "model_decoder_layers", None) or None
-    st = _Structure(model, decoder_path)
-    n_layers = len(st.layers)
-    head_dim = find_head_dim(st.layers[0])
-    r1, r2_loaded = None, [None] * n_layers
-    path = getattr(cfg, "optimized_rotation_path", None) if quarot else None
-    if path:
-        r1, r2_loaded = _load_optimized(path, n_layers, st.path)
-    if r1 is None:
-        r1 = orthogonal_rotation(st.hidden, random=bool(getattr(cfg, "random", False)))
-    if r1.shape != (st.hidden, st.hidden):
-        raise ValueError(f"{owner}: R1 has shape {tuple(r1.shape)}, expected {(st.hidden, st.hidden)}")
-    r2 = None
-    v_name = getattr(cfg, "v_proj", "self_attn.v_proj")
-    o_name = getattr(cfg, "o_proj", "self_attn.o_proj")
-    mlp_name = getattr(cfg, "mlp", "mlp")
-    had = quarot and bool(getattr(cfg, "had", True))
-    if quarot:
-        if had and bool(getattr(cfg, "kv_cache_quant", True)):
-            raise ValueError("QuaRotConfig.kv_cache_quant=True asks for the online R3 rotation of queries and "
-                             "keys, which is not implemented; set kv_cache_quant=False")
-        if head_dim is None:
-            raise ValueError(f"{owner}: the attention head size (head_dim) could not be found")
-        for field, name in (("v_proj", v_name), ("o_proj", o_name)):
-            m = _get(st.layers[0], name)
-            if not isinstance(m, nn.Linear):
-                raise ValueError(f"{owner}.{field}={name!r} is not an nn.Linear of the decoder layer")
-        r2 = orthogonal_rotation(head_dim, random=bool(getattr(cfg, "random2", False)), seed=1)
-    down_name = None
-    h4 = None
-    if had:
-        down = [w for w in st.writers if w.startswith(mlp_name + ".")]
-        if len(down) != 1:
-            raise ValueError(f"{owner}: expected one residual writer under {mlp_name!r}, found {down}")
-        down_name = down[0]
-        n4 = st.layers[0].get_submodule(down_name).in_features
-        h4 = hadamard_matrix(n4)  # raises when no Hadamard of this size exists
+    """Fuse R1 (and for QuaRot R2, online R3 and R4) into ``model``; float outputs are preserved.
 
-    # All checks done; from here on weights change.
-    if st.head.weight is st.embedding.weight:
-        st.head.weight = nn.Parameter(st.head.weight.detach().clone())
-        if hasattr(model, "config"):
-            model.config.tie_word_embeddings = False
-    for layer in st.layers:
-        for prev, readers in st.norm_groups:
-            fold_norm_into_fcs(layer.get_submodule(prev), [layer.get_submodule(n) for n in readers])
-    fold_norm_into_fcs(st.final_norm, [st.head])
-    emb = st.embedding.weight
-    emb.copy_((emb.double() @ r1.to(emb.device)).to(emb.dtype))
-    _rotate_in(st.head, r1)
-    for i, layer in enumerate(st.layers):
-        for _, readers in st.norm_groups:
-            for n in readers:
-                _rotate_in(layer.get_submodule(n), r1)
-        for n in st.writers:
-            _rotate_out(layer.get_submodule(n), r1)
-        if r2 is not None:
-            rot = r2_loaded[i].double() if r2_loaded[i] is not None else r2
-            v, o = layer.get_submodule(v_name), layer.get_submodule(o_name)
-            blocks = torch.block_diag(*[rot] * (v.out_features // head_dim))
-            _rotate_out(v, blocks)
-            _rotate_in(o, torch.block_diag(*[rot] * (o.in_features // head_dim)))
-        if h4 is not None and down_name is not None:
-            down = layer.get_submodule(down_name)
-            _rotate_in(down, h4 / math.sqrt(h4.shape[0]))
-            down.register_buffer("input_rotation", h4.to(torch.int8).to(down.weight.device))
-            down.register_forward_pre_hook(_InputRotationHook(down.input_rotation))
-    logger.info("%s: R1%s%s fused into %d decoder layers", owner, "+R2" if r2 is not None else "",
-                "+online R4" if h4 is not None else "", n_layers)
+    Raises ``ValueError`` before any change for structures it cannot handle. If the final check
+    fails, buffers, hooks and the head/embedding tie are undone and weights are left for the caller
+    (``apply_pre_quant_optimization``) to restore from its backup.
+    """
+    with eval_mode(model):
+        plan = _plan(model, cfg, quarot)
+        undo: list[Callable[[], None]] = []
+        try:
+            _apply(model, plan, undo)
+            _verify(model, plan)
+        except BaseException:
+            for fn in reversed(undo):
+                fn()
+            raise
+    logger.info("%s: R1 (%s norms)%s%s%s fused into %d decoder layers", plan.owner, plan.st.kind,
+                "+R2" if plan.r2 is not None else "", "+online R3" if plan.h3 is not None else "",
+                "+online R4" if plan.h4 is not None else "", len(plan.st.layers))
 
 
-def rotation_layers_summary(model: nn.Module, decoder_path: str | None = None) -> dict[str, Sequence[str]]:
+def rotation_layers_summary(model: nn.Module, decoder_path: str | None = None) -> dict[str, Any]:
     """The readers/writers rotation would touch (for debugging and tests)."""
-    st = _Structure(model, decoder_path)
-    return {"norm_groups": [f"{p} -> {ls}" for p, ls in st.norm_groups], "writers": st.writers}
+    st = Structure(model, decoder_path)
+    return {"norm_groups": [f"{p} -> {ls}" for p, ls in st.norm_groups.items()], "writers": st.writers,
+            "norm_kind": st.kind, "embeddings": [type(e).__name__ for e in st.embeddings]}

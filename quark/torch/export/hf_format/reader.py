@@ -20,7 +20,13 @@ from quark.torch.export.hf_format.writer import owner_of, quant_modules, spec_of
 from quark.torch.export.keys import from_checkpoint_tensor, module_suffix, split_role
 from quark.torch.export.safetensors_io import CheckpointError, iter_checkpoint
 from quark.torch.quantization.config.config import Config
+from quark.torch.quantization.nn.modules.quantize_attention import (
+    ATTENTION_QUANTIZERS,
+    QK_ROTATION,
+    attach_attention_quantizers,
+)
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
+from quark.torch.quantization.tensor_quantize import FakeQuantize
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,17 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
+def _declared_buffer(model: nn.Module, key: str) -> bool:
+    """A buffer the model declares but holds no tensor for yet (QuantLinear ``input_rotation``,
+    attention quantizers' qparams), or QuaRot's ``qk_rotation``, which rotation adds to attention."""
+    mod_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return False
+    return (attr in module._buffers and module._buffers[attr] is None) or attr == QK_ROTATION
+
+
 def load_tensors(model: nn.Module, folder: str | Path, tensors_iter: Any = None) -> None:
     """Assign every checkpoint tensor of ``folder`` to ``model`` (skeletons already in place)."""
     targets = model.state_dict(keep_vars=True)
@@ -101,6 +118,10 @@ def load_tensors(model: nn.Module, folder: str | Path, tensors_iter: Any = None)
                     role, kind = split_role(msuffix)
                     kind_info = (modules[mod_name], role, kind)
         target = targets.get(key)
+        if target is None and _declared_buffer(model, key):
+            _assign(model, key, tensor)
+            loaded.add(key)
+            continue
         if target is None:
             unexpected.append(f"{name} ({path.name})")
             continue
@@ -145,7 +166,15 @@ def load_quark_folder(model: nn.Module, folder: str | Path, qc: dict[str, Any]) 
     pack_method = export.get("pack_method", "reorder")
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         build_skeletons(model, config, pack_method=pack_method)
+        attach_attention_quantizers(model, config)  # post-RoPE K/V and softmax quantizers, when configured
     load_tensors(model, folder)
+    for name, module in model.named_modules():  # attention quantizers: fix the loaded qparams
+        for attr in ATTENTION_QUANTIZERS:
+            quantizer = getattr(module, attr, None)
+            if isinstance(quantizer, FakeQuantize) and quantizer.observing:
+                if quantizer.scale is None:
+                    raise CheckpointError(f"{folder}: the checkpoint has no scale for {name}.{attr}")
+                quantizer.set_qparams(quantizer.scale, quantizer.zero_point)
     model.quant_config = config  # type: ignore[assignment]
     return model
 

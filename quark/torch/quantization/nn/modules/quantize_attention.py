@@ -6,6 +6,11 @@ eager attention computation with fake quantizers applied to the post-RoPE keys a
 (``key_quantizer``/``value_quantizer``, when ``Config.kv_cache_post_rope``) and to the softmax
 probabilities (``softmax_quantizer``, from ``Config.softmax_quant_spec``). The quantizers are
 attributes of each attention module, so they calibrate, save and reload like any other.
+
+QuaRot's online R3: an attention module with a ``qk_rotation`` buffer (int8 ±1 Hadamard ``H`` of
+order ``head_dim``, set by ``QuaRotConfig(kv_cache_quant=True)``) has its queries and keys rotated
+as ``x @ H / sqrt(head_dim)`` before the key quantizer; ``q·kᵀ`` is unchanged, outliers of the
+keys are spread over the head's channels before the K cache is quantized.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "quark_quantized"
 ATTENTION_QUANTIZERS = ("key_quantizer", "value_quantizer", "softmax_quantizer")
+QK_ROTATION = "qk_rotation"  # QuaRot R3 buffer of an attention module
 _registered = False
 
 
@@ -36,10 +42,25 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(batch, heads, groups, seq, dim).reshape(batch, heads * groups, seq, dim)
 
 
+def rotate_queries_keys(module: nn.Module, query: torch.Tensor,
+                        key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the module's ``qk_rotation`` (QuaRot R3) to queries and keys; unchanged without one."""
+    rotation = getattr(module, QK_ROTATION, None)
+    if rotation is None:
+        return query, key
+    n = rotation.shape[0]
+    if query.shape[-1] != n or key.shape[-1] != n:
+        raise ValueError(f"{type(module).__name__}.qk_rotation is {n}x{n}, but queries/keys have head size "
+                         f"{query.shape[-1]}/{key.shape[-1]}")
+    h = rotation.to(query.device, query.dtype)
+    return (query @ h) / math.sqrt(n), (key @ h.to(key.dtype)) / math.sqrt(n)
+
+
 def quantized_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                 attention_mask: torch.Tensor | None, scaling: float | None = None,
                                 dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention ([batch, heads, seq, dim] inputs) with the module's attention quantizers."""
+    query, key = rotate_queries_keys(module, query, key)
     key_q = getattr(module, "key_quantizer", None)
     value_q = getattr(module, "value_quantizer", None)
     softmax_q = getattr(module, "softmax_quantizer", None)
@@ -119,6 +140,11 @@ def attach_attention_quantizers(model: nn.Module, config: Config) -> AttentionPa
     """Attach softmax / post-RoPE K,V quantizers per ``config``; None when nothing is asked."""
     softmax_spec = config.softmax_quant_spec
     kv_spec = _kv_output_spec(config) if config.kv_cache_post_rope else None
+    if not config.kv_cache_post_rope and _kv_output_spec(config) is not None and any(
+            getattr(m, QK_ROTATION, None) is not None for m in model.modules()):
+        logger.warning("the model has QuaRot's online R3 (qk_rotation), but the KV cache is quantized on the "
+                       "k_proj/v_proj outputs, before RoPE, where R3 does not act: it cannot reduce the K-cache "
+                       "error. Set Config.kv_cache_post_rope=True to quantize the keys after R3")
     if softmax_spec is None and kv_spec is None:
         return None
     attention = find_attention_modules(model)
