@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -87,7 +89,8 @@ def test_granularities_and_dtypes(tmp_path, case, freeze):
     x = torch.randn(5, 64)
     path = ModelExporter(ExporterConfig(), tmp_path / "o").export_onnx_model(model, x)
     ops, _ = _ops(path)
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert "DequantizeLinear" in ops
+    assert ("QuantizeLinear" in ops) == ("cast" not in case)  # only activations are quantized in the graph
     if "cast" in case:
         assert "Cast" in ops
     with torch.no_grad():
@@ -106,3 +109,61 @@ def test_formats_without_onnx_ops_are_refused(tmp_path, scheme):
 def test_unquantized_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no quantized layer"):
         ModelExporter(ExporterConfig(), tmp_path / "o").export_onnx_model(nn.Linear(4, 4), torch.randn(1, 4))
+
+
+ELEMENT_TYPES = {"int8": onnx.TensorProto.INT8, "uint4_wo_32": onnx.TensorProto.UINT4,
+                 "int4_wo_64": onnx.TensorProto.INT4, "fp8": onnx.TensorProto.FLOAT8E4M3FN}
+
+
+@pytest.mark.parametrize("scheme", sorted(ELEMENT_TYPES))
+def test_weights_are_low_bit_initializers_feeding_dequantize_only(tmp_path, scheme):
+    from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
+
+    model, _ = frozen_model(scheme)
+    path = ModelExporter(ExporterConfig(), tmp_path / "o").export_onnx_model(model, INPUT)
+    proto = onnx.load(str(path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    consumers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14
+    for name, module in layers.items():
+        init = inits[f"{name}.weight"]
+        assert init.data_type == ELEMENT_TYPES[scheme]
+        assert list(init.dims) == [module.out_features, module.in_features]
+        assert consumers[init.name] == ["DequantizeLinear"]
+    float_shapes = {tuple(t.dims) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert (32, 64) not in float_shapes and (64, 64) not in float_shapes  # no float copy of k/v/q/o_proj
+    # the stored codes decode to the model's quantized weight (int8 per tensor: (q - zp) * s, zp = 0)
+    if scheme == "int8":
+        k_proj = model.model.layers[0].self_attn.k_proj
+        q = torch.from_numpy(onnx.numpy_helper.to_array(inits["model.layers.0.self_attn.k_proj.weight"]).copy())
+        assert q.dtype == torch.int8
+        assert torch.equal(q.float() * k_proj.weight_quantizer.scale, k_proj.quantized_weight(torch.float32))
+
+
+def _float_onnx_size(model: nn.Module, x: torch.Tensor, path) -> int:
+    torch.onnx.export(model, (x,), str(path), opset_version=21, dynamo=False, input_names=["input_0"])
+    return path.stat().st_size
+
+
+@pytest.mark.parametrize(("case", "limit"), [
+    ("int8_per_channel_dynamic_act", 0.3),  # 1 byte per weight + a float scale per row (float: 4 bytes)
+    ("uint4_group32_weight_only", 0.2),  # half a byte per weight + a float scale and a zero point per 32
+])
+def test_onnx_file_is_smaller_than_float(tmp_path, case, limit):
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    qconfig = MLP_CASES.get(case) or QuantizationConfig(
+        weight=_spec(Dtype.uint4, QSchemeType.per_group, ch_axis=-1, group_size=32, symmetric=False))
+    model = copy.deepcopy(float_model)
+    ModelQuantizer(Config(global_quant_config=qconfig)).quantize_model(model, [torch.randn(4, 256)])
+    ModelQuantizer.freeze(model)
+    x = torch.randn(3, 256)
+    path = ModelExporter(ExporterConfig(), tmp_path / "q").export_onnx_model(model, x)
+    ratio = path.stat().st_size / _float_onnx_size(float_model, x, tmp_path / "float.onnx")
+    assert ratio < limit, ratio
+    with torch.no_grad():
+        assert _close(_run(path, {"input_0": x.numpy()}), model(x).numpy())

@@ -243,13 +243,12 @@ def test_our_checkpoint_loads_in_reference(our_exports, name):
 
 
 # Known, harmless differences in config.json["quantization_config"] (neither importer reads them to
-# load, and logits are identical): the version string ("0.13.0" vs "0.13"), the memory hint
-# max_input_numel (the reference writes its default 4194304, we write null), and fields that one side
-# leaves null where the other writes the reference's default (fp8 `symmetric: true`, fp8/mxfp4
-# `zero_point_type: "int32"`, KV output `scale_type`). Two different non-null values still fail.
+# load, and logits are identical): the version string ("0.13.0" vs "0.13") and the KV-cache output
+# spec's `scale_type`, which the reference leaves null and we write as "float". Two different non-null
+# values still fail.
 IGNORED_TOP_KEYS = {"version"}
-IGNORED_SPEC_KEYS = {"max_input_numel"}
-NULL_TOLERANT_SPEC_KEYS = {"symmetric", "zero_point_type", "scale_type"}
+IGNORED_SPEC_KEYS: set[str] = set()
+NULL_TOLERANT_SPEC_KEYS = {"scale_type"}
 
 
 def _json_differences(ours: object, ref: object, path: str = "") -> list[str]:

@@ -80,9 +80,6 @@ class ModelExporter:
         if json_cfg.weight_format != "real_quantized":
             raise ValueError(f"JsonExporterConfig.weight_format={json_cfg.weight_format!r} is not supported "
                              "by this exporter; supported: real_quantized")
-        if json_cfg.weight_merge_groups:
-            raise ValueError("JsonExporterConfig.weight_merge_groups is not supported by this exporter "
-                             "(scales are exported per layer); supported: None")
         modules = check_exportable(model)
         wrong_pack = sorted({m.pack_method for m in modules.values()} - {json_cfg.pack_method})
         if wrong_pack:

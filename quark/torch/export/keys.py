@@ -5,13 +5,14 @@ Module state (``state_dict`` suffixes)          checkpoint suffix
 ``weight`` / ``bias``                           ``weight`` / ``bias``
 ``{t}_quantizer.scale``                         ``{t}_scale``
 ``{t}_quantizer.zero_point``                    ``{t}_zero_point``
-``{t}_quantizer.scale_quantizer.scale``         ``{t}_scale_2``  (two-stage second scale)
+``{t}_scale_2`` / ``{t}_zero_point_2``          the same (two-stage second stage, kept by QuantLinear)
 ``weight_micro_exponent``                       ``weight_micro_exponent`` (MX6 / MX9)
 ``input_rotation``                              ``input_rotation`` (QuaRot online R4)
 =============================================  ===================
 
-for ``t`` in weight, bias, input, output. The first eight rows are the inverse of transformers'
-``quantizer_quark.CHECKPOINT_KEYS``. Dtype conventions of the reference checkpoints (scales F32,
+for ``t`` in weight, bias, input, output. The ``{t}_quantizer`` rows are the inverse of transformers'
+``quantizer_quark.CHECKPOINT_KEYS``; its renaming stops at name boundaries, so ``_2`` names arrive
+unchanged and are module state under the same name. Dtype conventions of the reference checkpoints (scales F32,
 8-bit zero points in the code dtype, no zero point for float formats, MX scales as E8M0 bytes)
 are applied by :func:`to_checkpoint_tensor` and undone by :func:`from_checkpoint_tensor`.
 """
@@ -30,8 +31,8 @@ _MODULE_TO_CKPT: dict[str, str] = {}
 for _role in TENSOR_ROLES:
     _MODULE_TO_CKPT[f"{_role}_quantizer.scale"] = f"{_role}_scale"
     _MODULE_TO_CKPT[f"{_role}_quantizer.zero_point"] = f"{_role}_zero_point"
-    _MODULE_TO_CKPT[f"{_role}_quantizer.scale_quantizer.scale"] = f"{_role}_scale_2"
-    _MODULE_TO_CKPT[f"{_role}_quantizer.scale_quantizer.zero_point"] = f"{_role}_zero_point_2"
+    _MODULE_TO_CKPT[f"{_role}_scale_2"] = f"{_role}_scale_2"
+    _MODULE_TO_CKPT[f"{_role}_zero_point_2"] = f"{_role}_zero_point_2"
 for _plain in ("weight", "bias", "weight_micro_exponent", "input_rotation"):
     _MODULE_TO_CKPT[_plain] = _plain
 MODULE_TO_CHECKPOINT: dict[str, str] = dict(_MODULE_TO_CKPT)

@@ -9,7 +9,13 @@ States of a :class:`FakeQuantize`:
   and casts need no calibrated qparams at all.
 
 A two-stage spec (a list ``[element_spec, scale_spec]``, e.g. fp4 per-group with its scales in
-fp8 per-tensor) quantizes the first stage's scales with a second, nested ``FakeQuantize``.
+fp8 per-tensor) quantizes the first stage's scales with a second, nested quantizer
+(``scale_quantizer``, a :class:`SecondStageQuantize`). The second stage holds no buffers: its
+qparams are the buffers ``scale_2`` / ``zero_point_2`` of the first stage, or, once
+:meth:`FakeQuantize.store_second_stage_on` moved them, ``{prefix}scale_2`` / ``{prefix}zero_point_2``
+of another module. ``QuantLinear`` keeps them as ``weight_scale_2`` / ``input_scale_2``: the
+checkpoint names, which transformers' quark integration assigns unchanged (its key renaming stops
+at name boundaries, so ``weight_scale_2`` is not renamed).
 """
 
 from __future__ import annotations
@@ -107,14 +113,27 @@ class FakeQuantize(nn.Module):
         self.needs_qparams = self.kind in ("int", "float")
         self.is_dynamic = bool(self.spec.is_dynamic)
         self.observer = _make_observer(self.spec) if self.needs_qparams else None
-        self.register_buffer("scale", None)
-        self.register_buffer("zero_point", None)
+        self._register_qparams()
         self.observing = self.needs_qparams and not self.is_dynamic
         self.fake_quant_enabled = True
         self.qparams_fixed = False
-        self.scale_quantizer = (
-            FakeQuantize(second, name=f"{name}.scale_quantizer") if second is not None else None
-        )
+        self.scale_quantizer: FakeQuantize | None = None
+        if second is not None:
+            self.register_buffer("scale_2", None)
+            self.register_buffer("zero_point_2", None)
+            self.scale_quantizer = SecondStageQuantize(second, owner=self, name=f"{name}.scale_quantizer")
+
+    def _register_qparams(self) -> None:
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+
+    def store_second_stage_on(self, owner: nn.Module, prefix: str) -> None:
+        """Keep the second stage's qparams as buffers ``{prefix}scale_2`` / ``{prefix}zero_point_2`` of ``owner``.
+
+        Current values move with them; nothing happens for a single-stage quantizer.
+        """
+        if isinstance(self.scale_quantizer, SecondStageQuantize):
+            self.scale_quantizer.relocate(owner, prefix)
 
     # -- state control -------------------------------------------------------------------------
     def enable_observer(self) -> None:
@@ -219,6 +238,58 @@ class FakeQuantize(nn.Module):
             parts.append(f"mx_element={spec.mx_element.name}")
         parts.append("dynamic" if self.is_dynamic else "static")
         return ", ".join(parts)
+
+
+class SecondStageQuantize(FakeQuantize):
+    """The second stage of a two-stage spec: quantizes the first stage's scales.
+
+    Its ``scale`` / ``zero_point`` are views of two buffers of a storage module (the first stage,
+    or where :meth:`relocate` put them), so moving, saving or loading that module carries them.
+    """
+
+    def __init__(self, spec: QuantizationSpec, owner: nn.Module, name: str = "") -> None:
+        # a plain attribute, not a submodule: the storage module is an ancestor of this one
+        object.__setattr__(self, "_storage", (owner, ""))
+        super().__init__(spec, name=name)
+        if self.scale_quantizer is not None:
+            raise ValueError(f"{name or 'FakeQuantize'}: a scale quantizer cannot have stages of its own")
+
+    def _register_qparams(self) -> None:
+        return None
+
+    def relocate(self, owner: nn.Module, prefix: str) -> None:
+        """Move the qparams to buffers ``{prefix}scale_2`` / ``{prefix}zero_point_2`` of ``owner``."""
+        old_owner, old_prefix = self._storage
+        values = {"scale_2": self.scale, "zero_point_2": self.zero_point}
+        for kind in values:
+            old_owner._buffers.pop(f"{old_prefix}{kind}", None)
+        for kind, value in values.items():
+            owner.register_buffer(f"{prefix}{kind}", value)
+        object.__setattr__(self, "_storage", (owner, prefix))
+
+    def _get(self, kind: str) -> torch.Tensor | None:
+        owner, prefix = self._storage
+        return owner._buffers.get(f"{prefix}{kind}")
+
+    def _set(self, kind: str, value: torch.Tensor | None) -> None:
+        owner, prefix = self._storage
+        setattr(owner, f"{prefix}{kind}", value)
+
+    @property  # type: ignore[override]
+    def scale(self) -> torch.Tensor | None:
+        return self._get("scale_2")
+
+    @scale.setter
+    def scale(self, value: torch.Tensor | None) -> None:
+        self._set("scale_2", value)
+
+    @property  # type: ignore[override]
+    def zero_point(self) -> torch.Tensor | None:
+        return self._get("zero_point_2")
+
+    @zero_point.setter
+    def zero_point(self, value: torch.Tensor | None) -> None:
+        self._set("zero_point_2", value)
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:

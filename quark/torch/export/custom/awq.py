@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from quark.torch.export.config.config import JsonExporterConfig
-from quark.torch.export.hf_format.writer import check_exportable, quark_tensors
+from quark.torch.export.custom.routing import convert_per_module
+from quark.torch.export.hf_format.writer import check_exportable
 from quark.torch.quantization import formats
 from quark.torch.quantization.config.config import Config, QuantizationSpec
 from quark.torch.quantization.config.resolve import is_quantizable
@@ -59,24 +60,19 @@ def awq_checkpoint(model: nn.Module, config: Config, json_cfg: JsonExporterConfi
     for name, module in modules.items():
         _check(name, module, qc["group_size"])
     order = json_cfg.pack_method
-    out: list[tuple[str, torch.Tensor]] = []
-    for name, tensor in quark_tensors(model, json_cfg):
-        mod_name, _, suffix = name.rpartition(".")
-        module = modules.get(mod_name)
-        if module is None:
-            out.append((name, tensor))
-            continue
+
+    def convert(mod_name: str, module: QuantLinear, suffix: str, tensor: torch.Tensor
+                ) -> list[tuple[str, torch.Tensor]]:
         signed = module.weight_quantizer.spec.dtype == Dtype.int4
-        if suffix == "weight":
+        if suffix in ("weight", "weight_zero_point"):
             codes = _unsigned_codes(tensor, module.out_features, signed, order)
-            out.append((f"{mod_name}.qweight", formats.pack_int32(codes, bits=4, order="reorder")))
-        elif suffix == "weight_zero_point":
-            codes = _unsigned_codes(tensor, module.out_features, signed, order)
-            out.append((f"{mod_name}.qzeros", formats.pack_int32(codes, bits=4, order="reorder")))
-        elif suffix == "weight_scale":
-            out.append((f"{mod_name}.scales", tensor.to(torch.float16)))
-        else:
-            out.append((name, tensor))
+            new = "qweight" if suffix == "weight" else "qzeros"
+            return [(f"{mod_name}.{new}", formats.pack_int32(codes, bits=4, order="reorder"))]
+        if suffix == "weight_scale":
+            return [(f"{mod_name}.scales", tensor.to(torch.float16))]
+        return [(f"{mod_name}.{suffix}", tensor)]
+
+    out = convert_per_module(model, json_cfg, convert)
     return out, qc
 
 

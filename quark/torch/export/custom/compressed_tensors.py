@@ -14,13 +14,15 @@ One quantization config must cover every quantized Linear (one ``config_group``)
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 
 from quark.torch.export.config.config import JsonExporterConfig
-from quark.torch.export.hf_format.writer import check_exportable, quark_tensors
+from quark.torch.export.custom.routing import convert_per_module
+from quark.torch.export.hf_format.writer import check_exportable
 from quark.torch.quantization import formats
 from quark.torch.quantization.config.config import Config, QuantizationSpec
 from quark.torch.quantization.config.resolve import is_quantizable
@@ -84,14 +86,8 @@ def compressed_tensors_checkpoint(model: nn.Module, config: Config, json_cfg: Js
           "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
                                         "output_activations": None, "format": fmt}},
           "ignore": ignored, "kv_cache_scheme": None, "global_compression_ratio": None, "version": ct_version}
-    out: list[tuple[str, torch.Tensor]] = []
-    for name, tensor in quark_tensors(model, json_cfg):
-        mod_name, _, suffix = name.rpartition(".")
-        module = modules.get(mod_name)
-        if module is None:
-            out.append((name, tensor))
-            continue
-        out.extend(_convert(mod_name, module, suffix, tensor, weights, json_cfg.pack_method))
+    out = convert_per_module(model, json_cfg, functools.partial(_convert, weights=weights,
+                                                                pack_method=json_cfg.pack_method))
     return out, qc
 
 

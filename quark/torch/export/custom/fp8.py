@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from quark.torch.export.config.config import JsonExporterConfig
-from quark.torch.export.hf_format.writer import check_exportable, matches_any, quark_tensors
+from quark.torch.export.custom.routing import convert_per_module
+from quark.torch.export.hf_format.writer import check_exportable, matches_any
 from quark.torch.quantization.config.config import Config, QuantizationSpec
 from quark.torch.quantization.config.resolve import is_quantizable
 from quark.torch.quantization.config.type import Dtype, QSchemeType
@@ -79,27 +80,26 @@ def fp8_checkpoint(model: nn.Module, config: Config, json_cfg: JsonExporterConfi
             m.input_quantizer is not None and not m.input_quantizer.is_dynamic for m in modules.values()):
         raise ValueError("custom_mode='fp8': some layers have static and others dynamic fp8 activations; the "
                          "layout has one activation_scheme")
-    out: list[tuple[str, torch.Tensor]] = []
-    for name, tensor in quark_tensors(model, json_cfg):
-        mod_name, _, suffix = name.rpartition(".")
-        if mod_name not in modules:
-            out.append((name, tensor))
-        elif suffix == "weight_scale":
-            out.append((f"{mod_name}.{w_name}", tensor))
-        elif suffix == "input_scale":
-            out.append((f"{mod_name}.{a_name}", tensor))
-        elif suffix == "output_scale":
-            if scale_names == "transformers":
-                logger.warning("%s: transformers' fp8 layout has no KV-cache scale; not written", name)
-                continue
-            parent, _, leaf = mod_name.rpartition(".")
-            which = "k" if leaf.startswith("k") else "v" if leaf.startswith("v") else None
-            if which is None:
-                raise ValueError(f"custom_mode='fp8': cannot tell whether {mod_name} is the key or the value "
-                                 "projection (KV scales need names starting with k or v)")
-            out.append((f"{parent}.{which}_scale", tensor))
-        else:
-            out.append((name, tensor))
+
+    def convert(mod_name: str, module: QuantLinear, suffix: str, tensor: torch.Tensor
+                ) -> list[tuple[str, torch.Tensor]]:
+        if suffix == "weight_scale":
+            return [(f"{mod_name}.{w_name}", tensor)]
+        if suffix == "input_scale":
+            return [(f"{mod_name}.{a_name}", tensor)]
+        if suffix != "output_scale":
+            return [(f"{mod_name}.{suffix}", tensor)]
+        if scale_names == "transformers":
+            logger.warning("%s.%s: transformers' fp8 layout has no KV-cache scale; not written", mod_name, suffix)
+            return []
+        parent, _, leaf = mod_name.rpartition(".")
+        which = "k" if leaf.startswith("k") else "v" if leaf.startswith("v") else None
+        if which is None:
+            raise ValueError(f"custom_mode='fp8': cannot tell whether {mod_name} is the key or the value "
+                             "projection (KV scales need names starting with k or v)")
+        return [(f"{parent}.{which}_scale", tensor)]
+
+    out = convert_per_module(model, json_cfg, convert)
     return out, qc
 
 

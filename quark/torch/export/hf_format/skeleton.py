@@ -54,20 +54,22 @@ def _template(in_features: int, out_features: int, bias: bool, qconfig: Quantiza
            str(float_dtype))
     cached = _TEMPLATES.get(key)
     if cached is None:
-        module = QuantLinear(in_features, out_features, bias=bias, quant_config=qconfig, dtype=float_dtype)
-        with torch.no_grad():
-            module.weight.zero_()
-            if module.bias is not None:
-                module.bias.zero_()
-        module.float_dtype = float_dtype
-        shapes = {"input_quantizer": (1, in_features), "output_quantizer": (1, out_features),
-                  "weight_quantizer": (out_features, in_features), "bias_quantizer": (out_features,)}
-        for attr, shape in shapes.items():
-            quantizer = getattr(module, attr)
-            if quantizer is not None:
-                _static_qparams(quantizer, shape)
-        module.freeze(pack_method)
-        _checkpoint_dtypes(module)
+        # transformers builds models under `with torch.device("meta")`; the template needs real tensors
+        with torch.device("cpu"):
+            module = QuantLinear(in_features, out_features, bias=bias, quant_config=qconfig, dtype=float_dtype)
+            with torch.no_grad():
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+            module.float_dtype = float_dtype
+            shapes = {"input_quantizer": (1, in_features), "output_quantizer": (1, out_features),
+                      "weight_quantizer": (out_features, in_features), "bias_quantizer": (out_features,)}
+            for attr, shape in shapes.items():
+                quantizer = getattr(module, attr)
+                if quantizer is not None:
+                    _static_qparams(quantizer, shape)
+            module.freeze(pack_method)
+            _checkpoint_dtypes(module)
         cached = module.to(META)
         if len(_TEMPLATES) > 64:
             _TEMPLATES.clear()
@@ -77,9 +79,10 @@ def _template(in_features: int, out_features: int, bias: bool, qconfig: Quantiza
 
 def _checkpoint_dtypes(module: QuantLinear) -> None:
     """Make the skeleton hold what the checkpoint holds (float formats carry no zero point)."""
-    for quantizer in module.quantizers():
-        if quantizer.kind == "float":
-            quantizer.zero_point = None  # float formats: the checkpoint carries no zero point
+    for first in module.quantizers():
+        for quantizer in (first, first.scale_quantizer):
+            if quantizer is not None and quantizer.kind == "float":
+                quantizer.zero_point = None  # float formats: the checkpoint carries no zero point
 
 
 def skeleton_linear(name: str, linear: nn.Linear, qconfig: QuantizationConfig, pack_method: str,

@@ -19,7 +19,7 @@ from torch import nn
 
 import quark
 from quark.torch.export.config.config import JsonExporterConfig
-from quark.torch.export.keys import checkpoint_suffix, split_role, to_checkpoint_tensor
+from quark.torch.export.keys import TENSOR_ROLES, checkpoint_suffix, split_role, to_checkpoint_tensor
 from quark.torch.quantization.config.config import Config, QuantizationSpec
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
@@ -69,6 +69,19 @@ def spec_of(module: QuantLinear, role: str, kind: str) -> QuantizationSpec | Non
     return quantizer.spec
 
 
+def quantizer_state(suffix: str) -> tuple[str, str] | None:
+    """(role, kind) of a QuantLinear state suffix holding qparams, else ``None``.
+
+    ``input_quantizer.zero_point`` -> (input, zero_point); ``weight_scale_2`` -> (weight, scale_2).
+    """
+    if "_quantizer." in suffix:
+        return split_role(suffix)
+    role, _, kind = suffix.partition("_")
+    if role in TENSOR_ROLES and kind in ("scale_2", "zero_point_2"):
+        return role, kind
+    return None
+
+
 def matches_any(name: str, patterns: list[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -81,6 +94,11 @@ def quark_tensors(model: nn.Module, json_config: JsonExporterConfig,
     out: list[tuple[str, torch.Tensor]] = []
     seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
     kv_group = json_config.kv_cache_group
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    if json_config.weight_merge_groups:
+        from quark.torch.export.hf_format.merge import merged_weight_state
+
+        merged = merged_weight_state(modules, json_config.weight_merge_groups)
     for key, tensor in model.state_dict().items():
         if tensor.device.type == "meta":
             raise ValueError(f"{key} is on the meta device (never loaded); cannot export it")
@@ -89,14 +107,16 @@ def quark_tensors(model: nn.Module, json_config: JsonExporterConfig,
         if owner is not None:
             mod_name, suffix = owner
             module = modules[mod_name]
+            tensor = merged.get(mod_name, {}).get(suffix, tensor)
             ckpt = checkpoint_suffix(suffix)
             if ckpt is None:
                 raise ValueError(f"{key}: state {suffix!r} of a QuantLinear has no checkpoint name; known: "
-                                 "weight, bias, <role>_quantizer.scale/zero_point, weight_micro_exponent, "
-                                 "input_rotation")
+                                 "weight, bias, <role>_quantizer.scale/zero_point, <role>_scale_2, "
+                                 "weight_micro_exponent, input_rotation")
             name = f"{mod_name}.{ckpt}"
-            if "_quantizer." in suffix:
-                role, kind = split_role(suffix)
+            state = quantizer_state(suffix)
+            if state is not None:
+                role, kind = state
                 converted = to_checkpoint_tensor(kind, tensor, spec_of(module, role, kind))
                 if converted is None:
                     continue
@@ -158,5 +178,5 @@ def write_model_files(model: nn.Module, folder: Path, quantization_config: dict[
                 shutil.copy2(source / fname, folder / fname)
 
 
-__all__ = ["check_exportable", "effective_json_config", "owner_of", "quant_modules", "quark_quantization_config",
-           "quark_tensors", "write_model_files"]
+__all__ = ["check_exportable", "effective_json_config", "owner_of", "quant_modules", "quantizer_state",
+           "quark_quantization_config", "quark_tensors", "write_model_files"]

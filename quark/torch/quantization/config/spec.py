@@ -57,6 +57,14 @@ SPEC_KEYS: tuple[str, ...] = (
 )
 
 
+# What a spec built without them records, as amd-quark 0.13 writes it for every dtype (zero point
+# type, memory hint) or for fp8 (symmetric). A checkpoint that holds null for one of them keeps
+# null through from_dict / to_dict, so re-exported checkpoints stay identical.
+DEFAULT_MAX_INPUT_NUMEL = 4 * 1024 * 1024
+NULL_PRESERVING_KEYS: tuple[str, ...] = ("symmetric", "zero_point_type", "max_input_numel")
+_SYMMETRIC_FLOAT_DTYPES = (Dtype.fp8_e4m3, Dtype.fp8_e5m2)
+
+
 # --------------------------------------------------------------------------------------------
 # small validation helpers shared by the config modules
 # --------------------------------------------------------------------------------------------
@@ -178,12 +186,19 @@ class QuantizationSpec:
     :param scale_type: ``float``/``pof2`` (or an explicit storage type ``float32``/``float16``/...).
     :param mx_element_dtype: element type inside an OCP MX block (``Dtype.mx`` only).
     :param block_size: synonym of ``group_size`` as some checkpoints record it; kept as given.
-    :param zero_point_type: storage of the zero point (``int32`` for integer dtypes by default).
+    :param zero_point_type: storage of the zero point (``int32`` by default, for every dtype, as Quark
+        records it; float formats carry no zero point whatever it says).
     :param scale_format: encoding of a shared scale (``"e8m0"`` for OCP MX, ``"float32"`` ...).
     :param scale_calculation_mode: rounding of the shared exponent (``"even"``, ``"floor"``, ``"ceil"``).
     :param is_scale_quant: this spec quantizes the scales of a first stage (two-stage specs).
     :param enable_buffer_reuse: recorded by Quark checkpoints; a memory hint with no numeric effect.
-    :param max_input_numel: recorded by Quark checkpoints; a memory hint with no numeric effect.
+    :param max_input_numel: recorded by Quark checkpoints (default 4194304); a memory hint with no
+        numeric effect.
+
+    ``symmetric`` defaults to ``True`` for integer and fp8 dtypes and stays ``None`` for the others
+    (MX, fp4/fp6, casts). ``from_dict`` keeps an explicit ``null`` of ``symmetric``,
+    ``zero_point_type`` and ``max_input_numel`` (``NULL_PRESERVING_KEYS``) instead of filling the
+    default, so that a checkpoint's config round-trips exactly; ``None`` behaves as the default.
     """
 
     dtype: Dtype
@@ -260,11 +275,12 @@ class QuantizationSpec:
                 self.round_method = RoundType.half_even
             if self.scale_type is None:
                 self.scale_type = ScaleType.float
-        if kind == "int":
-            if self.symmetric is None:
-                self.symmetric = True
-            if self.zero_point_type is None:
-                self.zero_point_type = ZeroPointType.int32
+        if self.symmetric is None and (kind == "int" or (kind == "float" and self.dtype in _SYMMETRIC_FLOAT_DTYPES)):
+            self.symmetric = True
+        if self.zero_point_type is None:
+            self.zero_point_type = ZeroPointType.int32
+        if self.max_input_numel is None:
+            self.max_input_numel = DEFAULT_MAX_INPUT_NUMEL
         if self.observer_cls is None:
             self.observer_cls = default_observer(self.qscheme, kind)
 
@@ -386,11 +402,19 @@ class QuantizationSpec:
         for key in ("is_scale_quant", "enable_buffer_reuse"):
             if kwargs.get(key, False) is None:
                 kwargs[key] = False
-        return cls(**kwargs)
+        spec = cls(**kwargs)
+        spec._restore_nulls({k for k in NULL_PRESERVING_KEYS if k in data and data[k] is None})
+        return spec
+
+    def _restore_nulls(self, keys: set[str]) -> None:
+        for key in keys:
+            setattr(self, key, None)
 
     def replace(self, **changes: Any) -> QuantizationSpec:
-        """A validated copy with ``changes`` applied (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
+        """A validated copy with ``changes`` applied (``dataclasses.replace``); recorded nulls stay null."""
+        new = dataclasses.replace(self, **changes)
+        new._restore_nulls({k for k in NULL_PRESERVING_KEYS if k not in changes and getattr(self, k) is None})
+        return new
 
 
 def spec_or_list_to_dict(value: QuantizationSpec | list[QuantizationSpec] | None) -> Any:

@@ -45,7 +45,13 @@ class QuantLinear(nn.Linear):
 
     def _make(self, config: QuantizationConfig | None, field: str, attr: str) -> FakeQuantize | None:
         spec = getattr(config, field, None) if config is not None else None
-        return None if spec is None else FakeQuantize(spec, name=f"{self.name}.{attr}")
+        if spec is None:
+            return None
+        quantizer = FakeQuantize(spec, name=f"{self.name}.{attr}")
+        if attr != "bias_quantizer":  # (the bias quantizer is folded away by freeze, its second stage with it)
+            # two-stage specs: the second scale is this module's `weight_scale_2` (its checkpoint name)
+            quantizer.store_second_stage_on(self, attr.removesuffix("quantizer"))
+        return quantizer
 
     @classmethod
     def from_float(cls, linear: nn.Linear, quant_config: QuantizationConfig, name: str = "") -> QuantLinear:
