@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from quark.torch import LLMTemplate, ModelQuantizer
+from quark.torch.algorithm.utils import tokens
 from quark.torch.llm import datasets, perplexity, schemes
 from quark.torch.llm.model_loading import TokenizerInfo
 
@@ -49,9 +50,13 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "int4_g64_rtn": ("w_int4_per_group_sym", 64, [], None),
     "int4_g64_awq": ("w_int4_per_group_sym", 64, ["awq"], None),
     "int4_g64_gptq": ("w_int4_per_group_sym", 64, ["gptq"], None),
+    "int4_g64_gptq_uncapped": ("w_int4_per_group_sym", 64, ["gptq"], None),
     "int4_per_channel_gptq": ("w_int4_per_channel_sym", None, ["gptq"], None),
     "mxfp4": ("mxfp4", None, [], None),
 }
+# GPTQ caps massive-activation tokens in its Hessian (quark/torch/algorithm/utils/tokens.py); the
+# "uncapped" row runs the reference behaviour for comparison.
+TOKEN_RATIO: dict[str, float | None] = {"int4_g64_gptq_uncapped": None}
 
 
 def fetch_model() -> Path:
@@ -109,9 +114,11 @@ def main() -> None:
     protocol = {"eval": f"wiki.test.raw as is, no BOS, 2048-token windows, max_windows={max_windows}",
                 "calibration": f"C4 sample, {args.num_calib} x {args.calib_seq_len} tokens, seed 42"}
     float_ppl = None
+    default_ratio = tokens.MASSIVE_TOKEN_RATIO
     for name in names:
         scheme, group, algos, kv = SCHEMES[name]
         model = copy.deepcopy(base).to(device)
+        tokens.MASSIVE_TOKEN_RATIO = TOKEN_RATIO.get(name, default_ratio)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -126,7 +133,9 @@ def main() -> None:
         row = {"bench": "quality", "device": str(device), "torch": torch.__version__,
                "python": platform.python_version(),
                "model": "SmolLM2-135M-Instruct (Q4_1 de-quantized)", "config": name, "scheme": scheme,
-               "group_size": group, "algorithms": algos, "kv_cache": kv, "metric": "perplexity",
+               "group_size": group, "algorithms": algos,
+               "gptq_token_cap": tokens.MASSIVE_TOKEN_RATIO if "gptq" in algos else None,
+               "kv_cache": kv, "metric": "perplexity",
                "value": result.perplexity, "unit": "ppl", "nll": result.nll, "tokens": result.tokens,
                "windows": result.windows,
                "ratio_to_float": None if float_ppl is None else result.perplexity / float_ppl,

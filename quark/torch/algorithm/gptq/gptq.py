@@ -14,6 +14,7 @@ from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import IntGrid, int_grid_from_spec
 from quark.torch.algorithm.utils.specs import set_weight_qparams, weight_spec_for
+from quark.torch.algorithm.utils.tokens import capped_tokens
 from quark.torch.quantization.calibration.layerwise import (
     ModelBackup,
     collecting,
@@ -61,7 +62,7 @@ class GptqStep:
 
     def collect(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         h, count = self.hessians.get(name, (None, 0))
-        self.hessians[name] = accumulate_hessian(h, count, args[0])
+        self.hessians[name] = accumulate_hessian(h, count, capped_tokens(args[0]))
 
     def _quantize(self, layer: nn.Module, index: int, name: str) -> None:
         module = layer.get_submodule(name)

@@ -1,0 +1,27 @@
+import torch
+
+from quark.torch.algorithm.utils import tokens
+from quark.torch.algorithm.utils.tokens import capped_tokens
+
+
+def test_massive_token_is_capped_to_ratio_times_median_peak_keeping_direction():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 9, 6, generator=g)
+    x[0, 0] *= 1000.0  # an attention-sink-like token
+    out = capped_tokens(x, ratio=10.0)
+    peaks = x.reshape(9, 6).abs().amax(-1)
+    limit = 10.0 * peaks.median()
+    assert out.shape == (9, 6)
+    assert torch.equal(out[1:], x.reshape(9, 6)[1:])
+    assert torch.isclose(out[0].abs().max(), limit)
+    cos = torch.nn.functional.cosine_similarity(out[0], x[0, 0], dim=0)
+    assert cos > 1 - 1e-6
+
+
+def test_no_cap_when_disabled_or_all_ordinary(monkeypatch):
+    x = torch.randn(4, 5, 3)
+    assert torch.equal(capped_tokens(x, ratio=1e9), x.reshape(-1, 3))
+    monkeypatch.setattr(tokens, "MASSIVE_TOKEN_RATIO", None)
+    y = x.clone()
+    y[0, 0] *= 1e4
+    assert torch.equal(capped_tokens(y), y.reshape(-1, 3))
