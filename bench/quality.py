@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--num_calib", type=int, default=32)
     parser.add_argument("--calib_seq_len", type=int, default=512)
     parser.add_argument("--assets", type=Path, default=ASSETS)
+    parser.add_argument("--gptq_token_cap", default=None,
+                        help="GPTQ's massive-token cap (a multiple of the median token peak) or 'none'; "
+                             f"default {tokens.MASSIVE_TOKEN_RATIO}")
     args = parser.parse_args()
     names = [n.strip() for n in args.schemes.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCHEMES]
@@ -115,6 +118,8 @@ def main() -> None:
                 "calibration": f"C4 sample, {args.num_calib} x {args.calib_seq_len} tokens, seed 42"}
     float_ppl = None
     default_ratio = tokens.MASSIVE_TOKEN_RATIO
+    if args.gptq_token_cap is not None:
+        default_ratio = None if args.gptq_token_cap.lower() == "none" else float(args.gptq_token_cap)
     for name in names:
         scheme, group, algos, kv = SCHEMES[name]
         model = copy.deepcopy(base).to(device)
