@@ -68,6 +68,18 @@ def test_post_rope_kv_quantizers():
     attn = model.model.layers[0].self_attn
     assert attn.key_quantizer.scale.item() > 0 and attn.value_quantizer.scale.item() > 0
     assert torch.isfinite(model(token_batches(1)[0]).logits).all()
+    # post-RoPE replaces the k/v projection-output quantization, it does not add to it
+    assert attn.k_proj.output_quantizer is None and attn.v_proj.output_quantizer is None
+    assert attn.q_proj.input_quantizer is not None and attn.k_proj.weight_quantizer is not None
+
+
+def test_pre_rope_kv_quantizes_projection_outputs_only():
+    model = tiny_model("llama")
+    config = LLMTemplate.get("llama").get_config(scheme="fp8", kv_cache_scheme="fp8")
+    ModelQuantizer(config).quantize_model(model, token_batches(2))
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.output_quantizer is not None and attn.v_proj.output_quantizer is not None
+    assert not hasattr(attn, "key_quantizer") or attn.key_quantizer is None
 
 
 def test_failed_run_removes_attention_quantizers():

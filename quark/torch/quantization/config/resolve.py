@@ -104,6 +104,13 @@ def resolve(name: str, module: nn.Module, config: Config) -> Resolution:
     if not levels:
         return Resolution(name, module_type, "none", None)
     merged = _merge(levels)
+    if getattr(config, "kv_cache_post_rope", False) and merged.output_tensors is not None \
+            and _by_name(name, getattr(config, "kv_cache_quant_config", None)):
+        # the KV cache is then quantized after RoPE inside attention, not at the k/v projection outputs
+        from dataclasses import replace
+
+        merged = replace(merged, output_tensors=None)
+        rules.append("kv_cache_post_rope")
     if all(getattr(merged, f) is None for f in TENSOR_FIELDS):
         return Resolution(name, module_type, rules[0], None)
     return Resolution(name, module_type, rules[0], merged)
