@@ -86,6 +86,8 @@ RECIPES: list[tuple[str, list[str], list[str]]] = [
     ("8-mx6-a", ["--quant_scheme", "w_mx6_a_mx6"], []),
     ("9-fp4-scale-fp8", ["--quant_scheme", "w_fp4_scale_fp8"], []),
     ("9-fp4-a-fp4-scale-fp8", ["--quant_scheme", "w_fp4_a_fp4_scale_fp8"], []),
+    ("quarot-fp8-kv-post-rope-hf", ["--quant_scheme", "w_fp8_a_fp8", "--kv_cache_dtype", "fp8", "--kv_cache_post_rope",
+                                    "--quant_algo", "quarot", "--model_export", "hf_format"], ["hf_format"]),
 ]
 
 
@@ -119,6 +121,14 @@ def test_recipe(recipe: tuple[str, list[str], list[str]], tiny_llama_dir: Path, 
         config = json.loads((out / "config.json").read_text())
         method = "fp8" if "--custom_mode" in flags else "quark"
         assert config["quantization_config"]["quant_method"] == method
+        if method == "quark":
+            assert config["quantization_config"]["kv_cache_post_rope"] == ("--kv_cache_post_rope" in flags)
+        if "quarot" in flags:
+            from safetensors.torch import load_file
+
+            keys = {k for f in out.glob("*.safetensors") for k in load_file(str(f))}
+            for key in ("self_attn.qk_rotation", "mlp.down_proj.input_rotation", "self_attn.key_quantizer.scale"):
+                assert f"model.layers.0.{key}" in keys
         assert any(out.glob("*.safetensors"))
     if "gguf" in formats:
         assert any((out / "gguf").glob("*.gguf"))

@@ -87,6 +87,11 @@ def test_algorithms_in_order_and_quarot() -> None:
     assert isinstance(algo, QuaRotConfig) and algo.kv_cache_quant and algo.act_quant
 
 
+def test_kv_cache_post_rope() -> None:
+    assert not build("w_fp8_a_fp8", kv_cache_dtype="fp8").kv_cache_post_rope
+    assert build("w_fp8_a_fp8", kv_cache_dtype="fp8", kv_cache_post_rope=True).kv_cache_post_rope
+
+
 def test_moe_second_step_pattern() -> None:
     config = build("w_fp8_a_fp8", moe_second_step="w_int4_per_channel_sym")
     experts = config.layer_quant_config["*experts.*"]
@@ -101,6 +106,7 @@ def test_moe_second_step_pattern() -> None:
     ({"kv_cache_dtype": "int8", "scheme": "w_fp8_a_fp8"}, "kv_cache_dtype='int8' is not one of: fp8"),
     ({"scheme": "w_int2"}, "known: w_fp8_a_fp8"),
     ({"moe_second_step": "w_int8", "scheme": "w_fp8_a_fp8"}, "w_int4_per_channel_sym"),
+    ({"kv_cache_post_rope": True, "scheme": "w_fp8_a_fp8"}, "needs --kv_cache_dtype"),
 ])
 def test_bad_requests(kw: dict, match: str) -> None:
     scheme = kw.pop("scheme")

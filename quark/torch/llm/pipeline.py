@@ -191,7 +191,8 @@ def run(args: argparse.Namespace) -> RunSummary:
             scheme=args.quant_scheme or DEFAULT_SCHEME, group_size=args.group_size,
             kv_cache_dtype=args.kv_cache_dtype or default_kv, algorithms=schemes.parse_algorithms(args.quant_algo),
             exclude_layers=args.exclude_layers, moe_second_step=args.moe_experts_second_step_config,
-            min_kv_scale=args.min_kv_scale, extra_exclude=schemes.text_only_excludes(hf_config))
+            min_kv_scale=args.min_kv_scale, extra_exclude=schemes.text_only_excludes(hf_config),
+            kv_cache_post_rope=args.kv_cache_post_rope)
         template = schemes.template_for(model_type)
         config = schemes.build_config(template, request)
         config.log_severity_level = args.log_severity_level

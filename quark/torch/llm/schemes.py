@@ -185,6 +185,7 @@ class SchemeRequest:
     moe_second_step: str | None = None
     min_kv_scale: float = 0.0
     extra_exclude: Sequence[str] = ()
+    kv_cache_post_rope: bool = False
 
 
 def build_config(template: LLMTemplate, request: SchemeRequest) -> Config:
@@ -216,6 +217,10 @@ def build_config(template: LLMTemplate, request: SchemeRequest) -> Config:
         config = template.get_config(scheme=request.scheme, algorithm=template_algos or None,
                                      kv_cache_scheme=request.kv_cache_dtype, min_kv_scale=request.min_kv_scale,
                                      exclude_layers=exclude)
+    if request.kv_cache_post_rope:
+        if request.kv_cache_dtype is None:
+            raise ValueError("--kv_cache_post_rope needs --kv_cache_dtype (it says where the KV cache is quantized)")
+        config.kv_cache_post_rope = True
     if "quarot" in algorithms:
         config.algo_config = [_as_quarot(a, config, request.kv_cache_dtype is not None)
                               if getattr(a, "name", "") == "rotation" else a for a in config.algo_config or []]
