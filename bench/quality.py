@@ -53,6 +53,8 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "int4_g64_gptq_uncapped": ("w_int4_per_group_sym", 64, ["gptq"], None),
     "int4_per_channel_gptq": ("w_int4_per_channel_sym", None, ["gptq"], None),
     "mxfp4": ("mxfp4", None, [], None),
+    "fp8_quarot": ("w_fp8_a_fp8", None, ["quarot"], "fp8"),
+    "int8_quarot": ("w_int8_a_int8_per_tensor_sym", None, ["quarot"], None),
 }
 # GPTQ caps massive-activation tokens in its Hessian (quark/torch/algorithm/utils/tokens.py); the
 # "uncapped" row runs the reference behaviour for comparison.
