@@ -26,6 +26,7 @@ from quark.torch.export.hf_format.writer import (
 )
 from quark.torch.export.safetensors_io import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, write_sharded
 from quark.torch.quantization.config.config import Config
+from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,37 @@ def _map_to_quark(model: nn.Module, quant_config: Config, pack_method: str = "re
                          f"{type(quant_config).__name__}")
     JsonExporterConfig(pack_method=pack_method)  # validates pack_method
     build_skeletons(model, quant_config, pack_method=pack_method)
+    _declare_online_rotations(model, quant_config)
+
+
+def _declare_online_rotations(model: nn.Module, quant_config: Config) -> None:
+    """Give QuaRot's online-R4 linears an ``input_rotation`` buffer for transformers to load into.
+
+    transformers keeps only checkpoint keys the model declares; without this the Hadamard of each
+    MLP writer's input would be dropped and the model would silently compute something else.
+    """
+    quarot = [c for c in quant_config.pre_quant_opt_config or []
+              if getattr(c, "name", None) == "quarot" and getattr(c, "had", False)]
+    if not quarot:
+        return
+    mlp_name = getattr(quarot[0], "mlp", "mlp") or "mlp"
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    owners: dict[str, list[tuple[str, QuantLinear]]] = {}
+    for name, module in model.named_modules():
+        parent, _, _ = name.rpartition(".")
+        if isinstance(module, QuantLinear) and parent.split(".")[-1] == mlp_name and module.out_features == hidden:
+            owners.setdefault(parent, []).append((name, module))
+    if not owners:
+        raise ValueError(f"the checkpoint was rotated by QuaRot with online Hadamards (had=True), but no quantized "
+                         f"linear under a {mlp_name!r} module writes the hidden size {hidden}; cannot place "
+                         "its input_rotation buffers")
+    for parent, found in owners.items():
+        if len(found) != 1:
+            raise ValueError(f"QuaRot online rotation: {parent} has {len(found)} linears writing the hidden "
+                             f"size ({[n for n, _ in found]}); expected one")
+        _, module = found[0]
+        n = module.in_features
+        module.input_rotation = torch.empty(n, n, dtype=torch.int8, device=module.weight.device)
 
 
 __all__ = ["CUSTOM_MODES", "ModelExporter", "ModelImporter", "_map_to_quark"]

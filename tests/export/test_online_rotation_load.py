@@ -1,0 +1,31 @@
+"""QuaRot checkpoints with online Hadamards load through transformers with their rotations."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from quark.torch import LLMTemplate, ModelExporter, ModelQuantizer
+from quark.torch.export.config.config import ExporterConfig, JsonExporterConfig
+from quark.torch.quantization.config.config import QuaRotConfig
+from tests.helpers.tiny_models import tiny_model, token_batches
+
+
+def test_quarot_r4_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):
+    model = tiny_model("llama")
+    config = LLMTemplate.get("llama").get_config(scheme="fp8")
+    config.pre_quant_opt_config = [QuaRotConfig(kv_cache_quant=False)]
+    batches = token_batches(2)
+    quantizer = ModelQuantizer(config)
+    quantizer.quantize_model(model, batches)
+    quantizer.freeze(model)
+    with torch.no_grad():
+        ref = model(batches[0]).logits
+    out = tmp_path / "out"
+    ModelExporter(ExporterConfig(json_export_config=JsonExporterConfig()), str(out)).export_safetensors_model(
+        model, config)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out))
+    rotations = [n for n, _ in loaded.named_buffers() if n.endswith("input_rotation")]
+    assert rotations == [f"model.layers.{i}.mlp.down_proj.input_rotation" for i in range(2)]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batches[0]).logits, ref, rtol=0, atol=1e-5)
