@@ -111,6 +111,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, da
     hinv, damp = _inverse_cholesky(h, damp_percent, name)
 
     block = max(block_size // gs, 1) * gs if per_group else block_size
+    # column -> its group, as Python ints: indexing a CUDA ``perm`` per column would sync every step
+    group_of = [int(c) // gs for c in (perm.tolist() if perm is not None else range(cols))]
     q_all = torch.zeros_like(w)
     losses = torch.zeros(out, device=w.device, dtype=work)
     for i1 in range(0, cols, block):
@@ -120,8 +122,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, da
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            orig = int(perm[col]) if perm is not None else col
-            g = orig // gs
+            g = group_of[col]
             if not fixed and col % gs == 0:
                 scales[:, g], zeros[:, g] = _group_params(w1[:, i:i + gs], grid)
             c = w1[:, i]
