@@ -55,6 +55,7 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "mxfp4": ("mxfp4", None, [], None),
     "fp8_quarot": ("w_fp8_a_fp8", None, ["quarot"], "fp8"),
     "fp8_quarot_no_kv": ("w_fp8_a_fp8", None, ["quarot"], None),
+    "fp8_rotation_no_kv": ("w_fp8_a_fp8", None, ["rotation"], None),
     "int8_quarot": ("w_int8_a_int8_per_tensor_sym", None, ["quarot"], None),
 }
 # GPTQ caps massive-activation tokens in its Hessian (quark/torch/algorithm/utils/tokens.py); the
