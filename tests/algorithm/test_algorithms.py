@@ -154,3 +154,46 @@ def test_bad_scaling_layer_name_raises():
     with pytest.raises(ValueError, match="q_projj"):
         apply_pre_quant_optimization(model, [SmoothQuantConfig(scaling_layers=groups)], _config(INT8_PER_TENSOR_SPEC),
                                      CALIB, "cpu")
+
+
+def test_fused_producers_of_the_phi3_template():
+    """Phi3's template scales qkv_proj -> o_proj and gate_up_proj -> down_proj: only the slice of the
+    fused producer that the consumer reads (the values, the up half) may be rescaled."""
+    from quark.torch import LLMTemplate
+    from quark.torch.algorithm.utils.model_info import ScalingGroup
+    from quark.torch.algorithm.utils.scaling_step import producer_slice
+    from quark.torch.quantization.calibration.layerwise import capture_decoder_inputs
+
+    model = make_model("phi3")
+    template = LLMTemplate.get("phi3")
+    layer = model.model.layers[0]
+    cache = capture_decoder_inputs(model, CALIB[:1], model.model.layers)
+    inputs = [(cache.args[0], cache.kwargs[0])]
+    attn = layer.self_attn
+    kv_rows = attn.config.num_key_value_heads * attn.head_dim
+    qkv = ScalingGroup(prev_op="self_attn.qkv_proj", layers=["self_attn.o_proj"], inp="self_attn.o_proj")
+    assert producer_slice(layer, qkv, inputs, "test") == (attn.qkv_proj.out_features - kv_rows, kv_rows)
+    inter = layer.mlp.down_proj.in_features
+    up = ScalingGroup(prev_op="mlp.gate_up_proj", layers=["mlp.down_proj"], inp="mlp.down_proj")
+    assert producer_slice(layer, up, inputs, "test") == (inter, inter)
+
+    smooth = template.get_config(scheme="int8", algorithm="smoothquant")
+    smoothed = copy.deepcopy(model)
+    assert isinstance(smooth.algo_config[0], SmoothQuantConfig)
+    apply_pre_quant_optimization(smoothed, smooth.algo_config, smooth, CALIB, "cpu")
+    with torch.no_grad():
+        for b in HELD_OUT:
+            assert torch.allclose(smoothed(b).logits, model(b).logits, atol=1e-4, rtol=1e-4)
+    # the value rows were divided by the qkv -> o_proj scales on top of the norm group's column scales
+    ratio = smoothed.model.layers[0].self_attn.qkv_proj.weight / model.model.layers[0].self_attn.qkv_proj.weight
+    column = ratio[0]  # q rows carry only the norm group's per-column factors
+    row_factor = (ratio / column).median(dim=1).values
+    assert torch.allclose(row_factor[:-kv_rows], torch.ones_like(row_factor[:-kv_rows]), rtol=1e-3)
+    assert not torch.allclose(row_factor[-kv_rows:], torch.ones_like(row_factor[-kv_rows:]), rtol=1e-3)
+
+    spec = _g(UINT4_PER_GROUP_ASYM_SPEC, 32)
+    awq_cfg = template.get_config(scheme="uint4_wo_32", algorithm="awq")
+    assert any(g["prev_op"] == "self_attn.qkv_proj" for g in awq_cfg.algo_config[0].scaling_layers)
+    rtn = _error(model, _config(spec))
+    awq = _error(model, _config(spec, awq_cfg.algo_config))
+    assert awq < rtn, (awq, rtn)

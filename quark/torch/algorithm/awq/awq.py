@@ -20,7 +20,7 @@ from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_con
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import IntGrid, fake_quant_weight, int_grid_from_spec
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
-from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn
+from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn, producer_slice
 from quark.torch.algorithm.utils.specs import weight_spec_for
 from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
 from quark.torch.quantization.config.type import Dtype, QSchemeType
@@ -54,8 +54,7 @@ class AwqStep(ScalingStep):
             quantized = [n for n in g.layers if n in grids]
             if not quantized:
                 continue
-            prev = submodule(layer, g.prev_op, f"{self.owner}.prev_op")
-            n_prev = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.numel()
+            start, n_prev = producer_slice(layer, g, inputs, self.owner)
             x = self.group_input(g)
             x_mean = reduce_to_prev(x.abs().float().mean(0), n_prev, head_dim, how="mean")
             module, calls = self.inspect_calls(layer, g)
@@ -76,7 +75,7 @@ class AwqStep(ScalingStep):
                 fc.weight.data.copy_(saved[n])
             if best is None:
                 raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
-            results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu()))
+            results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start))
             for n in g.layers:
                 if n in grids:
                     se = expand_scales(best, x.shape[-1], head_dim).to(x.dtype)

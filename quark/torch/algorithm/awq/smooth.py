@@ -20,7 +20,7 @@ from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_con
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import simulate_quant
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
-from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn
+from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn, producer_slice
 from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
 
 ALPHA_GRID = tuple(i / 20 for i in range(21))
@@ -43,10 +43,6 @@ def smooth_scales(act_max: torch.Tensor, weights: Sequence[torch.Tensor], alpha:
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=clamp_min)
 
 
-def _n_prev(prev: nn.Module) -> int:
-    return prev.out_features if isinstance(prev, nn.Linear) else prev.weight.numel()
-
-
 class SmoothQuantStep(ScalingStep):
     """Per-layer SmoothQuant with a fixed alpha."""
 
@@ -63,11 +59,11 @@ class SmoothQuantStep(ScalingStep):
         head_dim = find_head_dim(layer)
         results = []
         for g in self.active[index]:
-            prev = submodule(layer, g.prev_op, f"{self.owner}.prev_op")
+            start, n_prev = producer_slice(layer, g, inputs, self.owner)
             act_max = self.group_input(g).abs().amax(0)
             weights = [submodule(layer, n, f"{self.owner}.layers").weight for n in g.layers]
-            s = smooth_scales(act_max, weights, self.alpha, self.clamp_min, _n_prev(prev), head_dim)
-            results.append(ScaleResult(index, g.prev_op, list(g.layers), s.cpu()))
+            s = smooth_scales(act_max, weights, self.alpha, self.clamp_min, n_prev, head_dim)
+            results.append(ScaleResult(index, g.prev_op, list(g.layers), s.cpu(), prev_start=start))
         return results
 
 
@@ -89,7 +85,7 @@ class AutoSmoothQuantStep(ScalingStep):
         head_dim = find_head_dim(layer)
         results = []
         for g in self.active[index]:
-            prev = submodule(layer, g.prev_op, f"{self.owner}.prev_op")
+            start, n_prev = producer_slice(layer, g, inputs, self.owner)
             act_max = self.group_input(g).abs().amax(0)
             fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in g.layers}
             module, calls = self.inspect_calls(layer, g)
@@ -98,10 +94,10 @@ class AutoSmoothQuantStep(ScalingStep):
             shadows = {n: fc.__dict__.get("forward") for n, fc in fcs.items()}
             for alpha in (None, *ALPHA_GRID):
                 if alpha is None:  # no smoothing is always a candidate
-                    s = torch.ones(_n_prev(prev), device=act_max.device)
+                    s = torch.ones(n_prev, device=act_max.device)
                 else:
                     s = smooth_scales(act_max, [fc.weight for fc in fcs.values()], alpha, self.clamp_min,
-                                      _n_prev(prev), head_dim)
+                                      n_prev, head_dim)
                 for n, fc in fcs.items():
                     w_spec, x_spec = self.specs[index].get(n, (None, None))
                     se = expand_scales(s, fc.in_features, head_dim).to(fc.weight.dtype)
@@ -125,7 +121,7 @@ class AutoSmoothQuantStep(ScalingStep):
             if best is None:
                 raise RuntimeError(f"AutoSmoothQuant: no finite loss for {g.layers} in decoder layer {index}")
             self.alphas.append((index, g.prev_op, best_alpha))
-            results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu()))
+            results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start))
         return results
 
 

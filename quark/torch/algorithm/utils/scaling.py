@@ -73,14 +73,18 @@ def scale_norm_fcs(norm: nn.Module, fcs: Sequence[nn.Linear], s: torch.Tensor) -
 
 @torch.no_grad()
 def scale_fc_fc(fc1: nn.Linear, fc2s: Sequence[nn.Linear], s: torch.Tensor,
-                head_dim: int | None = None) -> None:
-    """Divide ``fc1``'s output rows (and bias) by ``s``; multiply ``fc2s``' matching columns by it."""
-    if s.numel() != fc1.out_features:
-        raise ValueError(f"scale_fc_fc: {s.numel()} scales for a producer with {fc1.out_features} outputs")
+                head_dim: int | None = None, start: int = 0) -> None:
+    """Divide ``fc1``'s output rows ``start:start + len(s)`` (and bias) by ``s``; multiply ``fc2s``'
+    matching columns by it. ``start`` > 0 or a shorter ``s`` addresses the slice of a fused producer
+    (the values of a ``qkv_proj``, the up half of a ``gate_up_proj``) that the consumers read."""
+    if start < 0 or start + s.numel() > fc1.out_features:
+        raise ValueError(f"scale_fc_fc: {s.numel()} scales from row {start} for a producer with "
+                         f"{fc1.out_features} outputs")
     s = s.to(fc1.weight.device, torch.float32)
-    fc1.weight.copy_((fc1.weight.float() / s[:, None]).to(fc1.weight.dtype))
+    rows = slice(start, start + s.numel())
+    fc1.weight[rows].copy_((fc1.weight[rows].float() / s[:, None]).to(fc1.weight.dtype))
     if fc1.bias is not None:
-        fc1.bias.copy_((fc1.bias.float() / s).to(fc1.bias.dtype))
+        fc1.bias[rows].copy_((fc1.bias[rows].float() / s).to(fc1.bias.dtype))
     for fc2 in fc2s:
         se = expand_scales(s, fc2.in_features, head_dim).to(fc2.weight.device)
         fc2.weight.copy_((fc2.weight.float() * se).to(fc2.weight.dtype))

@@ -28,6 +28,7 @@ class ScaleResult:
     prev_op: str
     layers: list[str]
     scales: torch.Tensor
+    prev_start: int = 0  # first output row of a fused producer that the scales address
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def apply_scale_results(layer: nn.Module, results: Sequence[ScaleResult], owner:
         prev = submodule(layer, r.prev_op, f"{owner}.prev_op")
         fcs = [submodule(layer, n, f"{owner}.layers") for n in r.layers]
         if isinstance(prev, nn.Linear):
-            scale_fc_fc(prev, fcs, r.scales, head_dim)
+            scale_fc_fc(prev, fcs, r.scales, head_dim, start=r.prev_start)
         elif _norm_like(prev):
             scale_norm_fcs(prev, fcs, r.scales)
         else:
@@ -108,6 +109,52 @@ class ScalingStep:
 
     def after_scaling(self, layer: nn.Module, index: int, results: list[ScaleResult]) -> None:
         """Hook for work after the scales are applied (AWQ's clipping); nothing by default."""
+
+
+@torch.no_grad()
+def producer_slice(layer: nn.Module, g: ScalingGroup, inputs: list[tuple[tuple, dict]], owner: str) -> tuple[int, int]:
+    """``(start, length)``: the output rows of ``g.prev_op`` that ``g.layers`` read.
+
+    All of them for a norm or a plain producer. A fused producer (a ``qkv_proj`` feeding
+    ``o_proj``, a ``gate_up_proj`` feeding ``down_proj``) writes more channels than the consumers
+    read, and shapes alone cannot tell which (a q+k+v split with two query heads per kv head has
+    the same sizes as gate+up). Each candidate slice (the tail first, then the head) is scaled by
+    random factors, with the consumers' columns scaled back; the slice that leaves the decoder
+    layer's output unchanged is the one.
+    """
+    prev = submodule(layer, g.prev_op, f"{owner}.prev_op")
+    fcs = [submodule(layer, n, f"{owner}.layers") for n in g.layers]
+    if not isinstance(prev, nn.Linear) or prev.out_features <= fcs[0].in_features:
+        return 0, _n_out(prev)
+    from quark.torch.quantization.calibration.layerwise import float_linears
+
+    head_dim = find_head_dim(layer)
+    n_prev, n_in = prev.out_features, fcs[0].in_features
+    args, kwargs = inputs[0]
+    lengths = [m for m in range(n_in, 0, -1)
+               if n_in % m == 0 and (m == n_in or (head_dim is not None and m % head_dim == 0))]
+    params = [prev.weight, *([prev.bias] if prev.bias is not None else []), *(fc.weight for fc in fcs)]
+    saved = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(0)
+    with float_linears(layer):
+        base = layer_output_tensor(layer(*args, **kwargs)).float()
+        for m in lengths:
+            for start in dict.fromkeys((n_prev - m, 0)):
+                s = torch.rand(m, generator=generator) + 0.5
+                try:
+                    scale_fc_fc(prev, fcs, s, head_dim, start=start)
+                    out = layer_output_tensor(layer(*args, **kwargs)).float()
+                finally:
+                    for p, v in zip(params, saved):
+                        p.copy_(v)
+                if (out - base).norm() <= 1e-4 * base.norm():
+                    return start, m
+    raise ValueError(f"{owner}: no slice of {g.prev_op}'s {n_prev} outputs feeds {g.layers} ({n_in} inputs) "
+                     "unchanged; check the scaling group")
+
+
+def _n_out(prev: nn.Module) -> int:
+    return prev.out_features if isinstance(prev, nn.Linear) else prev.weight.numel()
 
 
 def loss_fn(name: str) -> Any:
