@@ -197,3 +197,38 @@ def test_fused_producers_of_the_phi3_template():
     rtn = _error(model, _config(spec))
     awq = _error(model, _config(spec, awq_cfg.algo_config))
     assert awq < rtn, (awq, rtn)
+
+
+def _tiny_moe():
+    import transformers
+
+    from quark.torch.llm import moe
+
+    cfg = transformers.Qwen2MoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                      max_position_embeddings=128, num_key_value_heads=2, intermediate_size=128,
+                                      num_experts_per_tok=2, moe_intermediate_size=64,
+                                      shared_expert_intermediate_size=128, num_experts=4)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    moe.unfuse_experts(model)
+    return model
+
+
+def test_scaling_algorithms_on_moe_and_rotation_refusal():
+    """Discovery must not probe through the router (perturbing it re-routes tokens); rotation says why it refuses."""
+    model = _tiny_moe()
+    calib = make_batches(2, seq=32, seed=1)
+    for algo, spec, act in ((AWQConfig(), _g(UINT4_PER_GROUP_ASYM_SPEC, 32), None),
+                            (SmoothQuantConfig(alpha=0.5), INT8_PER_TENSOR_SPEC, INT8_PER_TENSOR_SPEC)):
+        q = copy.deepcopy(model)
+        cfg = _config(spec, algo=[algo] if isinstance(algo, AWQConfig) else None,
+                      pre=[algo] if isinstance(algo, SmoothQuantConfig) else None, act=act)
+        ModelQuantizer(cfg).quantize_model(q, calib)
+        with torch.no_grad():
+            assert torch.isfinite(q(calib[0]).logits).all()
+    from quark.torch.quantization.config.config import RotationConfig
+
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        apply_pre_quant_optimization(model, [RotationConfig()], _config(INT8_PER_TENSOR_SPEC), calib, "cpu")
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)

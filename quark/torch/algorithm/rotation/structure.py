@@ -213,8 +213,9 @@ def residual_writers(layer: nn.Module, args: tuple, kwargs: dict, hidden: int) -
             writers.append(name)
     x = args[0] if args else kwargs.get("hidden_states")
     cls = type(layer).__name__
-    post_norm = ("post-norm blocks, such as OPT with do_layer_norm_before=False, and blocks that normalise a "
-                 "sub-block's output before adding it are not supported")
+    post_norm = ("post-norm blocks, such as OPT with do_layer_norm_before=False, blocks that normalise a "
+                 "sub-block's output before adding it, and mixture-of-experts blocks (whose experts' outputs "
+                 "are weighted by the router) are not supported")
     if not writers:
         raise ValueError(f"rotation: no Linear of {cls} adds its output unchanged to the residual stream; "
                          f"{post_norm}")

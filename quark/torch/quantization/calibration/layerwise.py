@@ -80,7 +80,8 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str,
     """Return ``(path, layers)`` of the decoder blocks.
 
     With ``path`` (e.g. ``"model.layers"``) the named ModuleList is used; otherwise the largest
-    ModuleList whose children all have the same class is taken.
+    ModuleList whose children all have the same class is taken, among those not nested inside
+    another such list (a mixture-of-experts block's expert list can outnumber the decoder layers).
     """
     if path:
         try:
@@ -92,13 +93,14 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str,
                 f"model_decoder_layers={path!r} is a {type(layers).__name__}, not an nn.ModuleList"
             )
         return path, layers
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1]
+    outer = [(name, module) for name, module in candidates
+             if not any(other != name and name.startswith(other + ".") for other, _ in candidates)]
     best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) != 1:
-                continue
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
+    for name, module in outer:
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
     if best is None:
         raise ValueError(
             f"no decoder layers found in {type(model).__name__}: no nn.ModuleList of identical "
