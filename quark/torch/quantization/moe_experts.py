@@ -1,0 +1,132 @@
+"""Fused mixture-of-experts modules unfused into per-expert ``nn.Linear`` layers (layer 6).
+
+In ``transformers`` 5 the experts of Mixtral, Qwen2-MoE (Qwen1.5-MoE) and similar models are one
+fused module holding 3-D parameters (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``), which
+the quantizer (``nn.Linear`` only) cannot see. :func:`unfuse_experts` replaces each such module by
+an equivalent :class:`UnfusedExperts` whose experts are ordinary ``nn.Linear`` layers
+(``experts.<e>.gate_proj/up_proj/down_proj``), with the same routing loop, so that the experts
+are quantized, calibrated and exported like every other Linear. The outputs are unchanged (same
+arithmetic per expert). Layouts this module does not recognise (transposed, interleaved or
+biased expert weights) are left fused and logged. DBRX's ``experts.mlp.w1/v1/w2`` (2-D,
+``[E * I, H]``) are unfused the same way. Checkpoints we write hold these per-expert Linears, so
+loading one (``ModelImporter``, transformers through ``_map_to_quark``) unfuses first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertMLP(nn.Module):
+    """One gated expert: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, act_fn: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.down_proj = down_proj
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Per-expert Linears with the routed forward of ``transformers``' fused experts modules:
+    ``forward(hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k])``."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
+        out = torch.zeros_like(hidden_states)
+        for index, expert in enumerate(self):
+            token_idx, slot = torch.where(top_k_index == index)
+            if token_idx.numel() == 0:
+                continue
+            states = expert(hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, states.to(out.dtype))
+        return out.reshape(shape)
+
+
+def _fused_layout_ok(module: nn.Module) -> bool:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+        return False
+    if gate_up.dim() != 3 or down.dim() != 3 or not isinstance(getattr(module, "act_fn", None), nn.Module):
+        return False
+    experts, two_i, hidden = gate_up.shape
+    layout_flags = (getattr(module, "has_bias", False), getattr(module, "is_transposed", False),
+                    not getattr(module, "is_concatenated", True), not getattr(module, "has_gate", True),
+                    getattr(module, "has_post_expert_norm", False))
+    return not any(layout_flags) and two_i % 2 == 0 and tuple(down.shape) == (experts, hidden, two_i // 2)
+
+
+def _dbrx_layout_ok(module: nn.Module) -> bool:
+    """DBRX: ``experts.mlp.{w1, v1, w2}`` each ``[E * I, H]``; down is ``w2[e].T``."""
+    mlp = getattr(module, "mlp", None)
+    params = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+    experts = getattr(module, "num_experts", None)
+    if not (isinstance(experts, int) and all(isinstance(p, nn.Parameter) and p.dim() == 2 for p in params)):
+        return False
+    return len({tuple(p.shape) for p in params}) == 1 and params[0].shape[0] % experts == 0 and isinstance(
+        getattr(mlp, "activation_fn", None), nn.Module)
+
+
+def fused_expert_modules(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(names of fused expert modules :func:`unfuse_experts` handles, names it cannot handle)."""
+    ok, unknown = [], []
+    for name, module in model.named_modules():
+        if _dbrx_layout_ok(module):
+            ok.append(name)
+            continue
+        if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            continue
+        (ok if _fused_layout_ok(module) else unknown).append(name)
+    return ok, unknown
+
+
+def _expert_weights(fused: nn.Module) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], nn.Module]:
+    """Per expert (gate [I, H], up [I, H], down [H, I]) and the activation, for both layouts."""
+    if _dbrx_layout_ok(fused):
+        mlp, experts = fused.mlp, fused.num_experts
+        w1, v1, w2 = (p.view(experts, -1, p.shape[1]) for p in (mlp.w1, mlp.v1, mlp.w2))
+        return [(w1[e], v1[e], w2[e].t()) for e in range(experts)], mlp.activation_fn
+    inter = fused.down_proj.shape[2]
+    return [(fused.gate_up_proj[e][:inter], fused.gate_up_proj[e][inter:], fused.down_proj[e])
+            for e in range(fused.gate_up_proj.shape[0])], fused.act_fn
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    with torch.device("meta"):
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    return layer
+
+
+@torch.no_grad()
+def unfuse_experts(model: nn.Module) -> list[str]:
+    """Replace every recognised fused experts module by :class:`UnfusedExperts`; return their names.
+
+    Fused 3-D expert parameters of a layout not recognised are logged as left unquantized.
+    """
+    names, unknown = fused_expert_modules(model)
+    for name in unknown:
+        logger.warning("%s holds 3-D expert parameters in a layout quark does not unfuse; its experts "
+                       "stay in float (only nn.Linear layers are quantized)", name)
+    for name in names:
+        weights, act_fn = _expert_weights(model.get_submodule(name))
+        experts = UnfusedExperts(ExpertMLP(_linear(g), _linear(u), _linear(d), act_fn) for g, u, d in weights)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, experts)
+    if names:
+        logger.info("unfused %d MoE experts module(s) into per-expert Linears", len(names))
+    return names
+
+
+__all__ = ["ExpertMLP", "UnfusedExperts", "fused_expert_modules", "unfuse_experts"]
