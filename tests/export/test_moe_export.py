@@ -48,3 +48,17 @@ def test_moe_export_reloads_with_equal_logits(family, scheme, tmp_path):
         assert any(isinstance(m, UnfusedExperts) for m in reloaded.modules())
         with torch.no_grad():
             torch.testing.assert_close(reloaded(batches[0]).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_custom_modes_warn_for_per_expert_moe(tmp_path, caplog):
+    batches = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))]
+    model = _fresh("mixtral")
+    unfuse_experts(model)
+    config = schemes.build_config(schemes.template_for("mixtral"), schemes.SchemeRequest("w_fp8_a_fp8"))
+    quantizer = ModelQuantizer(config)
+    quantizer.quantize_model(model, batches)
+    quantizer.freeze(model)
+    with caplog.at_level("WARNING", logger="quark.torch.export.api"):
+        ModelExporter(ExporterConfig(json_export_config=JsonExporterConfig()), str(tmp_path / "o")
+                      ).export_safetensors_model(model, config, custom_mode="compressed-tensors")
+    assert "per-expert MoE" in caplog.text

@@ -26,7 +26,7 @@ from quark.torch.export.hf_format.writer import (
 )
 from quark.torch.export.safetensors_io import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, write_sharded
 from quark.torch.quantization.config.config import Config
-from quark.torch.quantization.moe_experts import unfuse_experts
+from quark.torch.quantization.moe_experts import UnfusedExperts, unfuse_experts
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,11 @@ class ModelExporter:
         if wrong_pack:
             raise ValueError(f"the model was frozen with pack_method={wrong_pack}, but "
                              f"JsonExporterConfig.pack_method={json_cfg.pack_method!r}; freeze with the same one")
+        if custom_mode != "quark" and any(isinstance(m, UnfusedExperts) for m in model.modules()):
+            logger.warning("custom_mode=%r with per-expert MoE Linears: transformers 5 merges these into its fused "
+                           "experts without their quantization (its output would be wrong); load this folder with "
+                           "a per-expert consumer, or export custom_mode='quark', which transformers and "
+                           "ModelImporter reload exactly", custom_mode)
         if custom_mode == "quark":
             tensors = quark_tensors(model, json_cfg)
             qc = quark_quantization_config(config, json_cfg)
