@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--kv_cache_dtype", default=None, choices=list(schemes.KV_CACHE_DTYPES),
                        help="quantize the KV cache (default: not quantized; fp8 for the embedded demo)")
     quant.add_argument("--min_kv_scale", type=float, default=0.0, help="lower bound of KV-cache scales")
+    quant.add_argument("--calibrate_all_experts", action="store_true",
+                       help="MoE models: run every expert on every calibration token (the output still uses "
+                            "the routed ones), so experts the router rarely picks get activation statistics")
     quant.add_argument("--kv_cache_post_rope", action="store_true",
                        help="quantize the KV cache after RoPE inside attention instead of at the k/v projection "
                             "outputs (QuaRot's online R3 rotation of keys only helps then)")

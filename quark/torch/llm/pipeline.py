@@ -263,7 +263,7 @@ def _quantize(model: nn.Module, config: Any, request: schemes.SchemeRequest, bat
     if request.moe_second_step is not None:
         touched = moe.prequantize_experts(model, config, schemes.EXPERT_LAYER_PATTERNS)
         logger.info("MoE second step: %d expert Linears rounded to the first-step weight spec", len(touched))
-    quantizer = ModelQuantizer(config, multi_device=args.multi_gpu)
+    quantizer = ModelQuantizer(config, multi_device=args.multi_gpu, calibrate_all_experts=args.calibrate_all_experts)
     model = quantizer.quantize_model(model, batches)
     summary.quantized_layers = len(quantizer.summary.quantized)
     summary.excluded_layers = list(quantizer.summary.excluded)

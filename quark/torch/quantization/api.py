@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from quark.torch.quantization.model_transformation import (
     swap_linears,
     undo_swaps,
 )
+from quark.torch.quantization.moe_experts import all_experts_see_every_token
 from quark.torch.quantization.nn.modules.quantize_attention import attach_attention_quantizers
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
@@ -62,11 +64,12 @@ class ModelQuantizer:
     modules are put back (weights are only changed by algorithms that say so).
     """
 
-    def __init__(self, config: Config, multi_device: bool = False) -> None:
+    def __init__(self, config: Config, multi_device: bool = False, *, calibrate_all_experts: bool = False) -> None:
         if not isinstance(config, Config):
             raise ValueError(f"ModelQuantizer(config=...) needs a quark Config, got {type(config).__name__}")
         self.config = config
         self.multi_device = multi_device
+        self.calibrate_all_experts = bool(calibrate_all_experts)
         self.summary = QuantizationSummary()
         level = config.log_severity_level
         if level is not None:
@@ -125,9 +128,20 @@ class ModelQuantizer:
             quantizers = all_quantizers(model)
             if any(q.observing or (q.scale_quantizer is not None and q.scale_quantizer.observing)
                    for q in quantizers):
-                run_batches(model, batches, desc="Calibrating")
+                routing = all_experts_see_every_token(model) if self.calibrate_all_experts else nullcontext()
+                with routing:
+                    run_batches(model, batches, desc="Calibrating")
             for quantizer in quantizers:
-                quantizer.finalize()
+                try:
+                    quantizer.finalize()
+                except RuntimeError as error:
+                    if not self.calibrate_all_experts and ".experts." in (quantizer.name or ""):
+                        raise RuntimeError(f"{error} (a mixture-of-experts expert the router never picked for "
+                                           "the calibration tokens: use more data, or "
+                                           "ModelQuantizer(..., calibrate_all_experts=True) / "
+                                           "--calibrate_all_experts to run every expert on every token while "
+                                           "calibrating)") from error
+                    raise
         except BaseException:
             if attention_patch is not None:
                 attention_patch.undo()

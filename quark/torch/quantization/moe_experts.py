@@ -15,6 +15,8 @@ loading one (``ModelImporter``, transformers through ``_map_to_quark``) unfuses 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -38,7 +40,14 @@ class ExpertMLP(nn.Module):
 
 class UnfusedExperts(nn.ModuleList):
     """Per-expert Linears with the routed forward of ``transformers``' fused experts modules:
-    ``forward(hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k])``."""
+    ``forward(hidden_states [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k])``.
+
+    With ``route_all_tokens`` (set by :func:`all_experts_see_every_token` during calibration)
+    every expert runs on every token, so that its observers see data even when the router never
+    picks it; the output still combines only the routed tokens.
+    """
+
+    route_all_tokens: bool = False
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -47,11 +56,30 @@ class UnfusedExperts(nn.ModuleList):
         out = torch.zeros_like(hidden_states)
         for index, expert in enumerate(self):
             token_idx, slot = torch.where(top_k_index == index)
-            if token_idx.numel() == 0:
-                continue
-            states = expert(hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+            if self.route_all_tokens:
+                every = expert(hidden_states)
+                if token_idx.numel() == 0:
+                    continue
+                states = every[token_idx] * top_k_weights[token_idx, slot, None]
+            else:
+                if token_idx.numel() == 0:
+                    continue
+                states = expert(hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, states.to(out.dtype))
         return out.reshape(shape)
+
+
+@contextmanager
+def all_experts_see_every_token(model: nn.Module) -> Iterator[int]:
+    """Within the block, every :class:`UnfusedExperts` runs each expert on all tokens; yields their count."""
+    blocks = [m for m in model.modules() if isinstance(m, UnfusedExperts)]
+    for block in blocks:
+        block.route_all_tokens = True
+    try:
+        yield len(blocks)
+    finally:
+        for block in blocks:
+            block.route_all_tokens = False
 
 
 def _fused_layout_ok(module: nn.Module) -> bool:
@@ -129,4 +157,4 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     return names
 
 
-__all__ = ["ExpertMLP", "UnfusedExperts", "fused_expert_modules", "unfuse_experts"]
+__all__ = ["ExpertMLP", "UnfusedExperts", "all_experts_see_every_token", "fused_expert_modules", "unfuse_experts"]
