@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -27,5 +28,28 @@ def test_quarot_r4_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(str(out))
     rotations = [n for n, _ in loaded.named_buffers() if n.endswith("input_rotation")]
     assert rotations == [f"model.layers.{i}.mlp.down_proj.input_rotation" for i in range(2)]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batches[0]).logits, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_cli_quarot_checkpoint_loads_in_transformers(family, tmp_path):
+    """The command line puts QuaRot in algo_config; OPT's MLP writer (fc2) sits outside any `mlp` module."""
+    from quark.torch.llm import schemes
+
+    model = tiny_model(family)
+    batches = token_batches(2)
+    config = schemes.build_config(schemes.template_for(family), schemes.SchemeRequest(
+        "w_int8_a_int8_per_tensor_sym", algorithms=["quarot"]))
+    quantizer = ModelQuantizer(config)
+    quantizer.quantize_model(model, batches)
+    quantizer.freeze(model)
+    with torch.no_grad():
+        ref = model(batches[0]).logits
+    out = tmp_path / "out"
+    ModelExporter(ExporterConfig(json_export_config=JsonExporterConfig()), str(out)).export_safetensors_model(
+        model, config)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out))
+    assert len([n for n, _ in loaded.named_buffers() if n.endswith("input_rotation")]) == 2
     with torch.no_grad():
         torch.testing.assert_close(loaded(batches[0]).logits, ref, rtol=0, atol=1e-5)

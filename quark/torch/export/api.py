@@ -25,6 +25,7 @@ from quark.torch.export.hf_format.writer import (
     write_model_files,
 )
 from quark.torch.export.safetensors_io import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, write_sharded
+from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.moe_experts import UnfusedExperts, unfuse_experts
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
@@ -226,8 +227,8 @@ def _declare_online_rotations(model: nn.Module, quant_config: Config) -> None:
     transformers keeps only checkpoint keys the model declares; without this the Hadamard of each
     MLP writer's input would be dropped and the model would silently compute something else.
     """
-    quarot = [c for c in quant_config.pre_quant_opt_config or []
-              if getattr(c, "name", None) == "quarot" and getattr(c, "had", False)]
+    algorithms = [*(quant_config.pre_quant_opt_config or []), *(quant_config.algo_config or [])]
+    quarot = [c for c in algorithms if getattr(c, "name", None) == "quarot" and getattr(c, "had", False)]
     if not quarot:
         return
     mlp_name = getattr(quarot[0], "mlp", "mlp") or "mlp"
@@ -238,9 +239,17 @@ def _declare_online_rotations(model: nn.Module, quant_config: Config) -> None:
         if isinstance(module, QuantLinear) and parent.split(".")[-1] == mlp_name and module.out_features == hidden:
             owners.setdefault(parent, []).append((name, module))
     if not owners:
+        # no `mlp` module (OPT's fc1/fc2 sit in the decoder layer): the MLP writer is the linear of a
+        # decoder layer that maps a wider input back to the hidden size outside attention
+        _, layers = find_decoder_layers(model, getattr(quarot[0], "model_decoder_layers", None) or None)
+        for i, layer in enumerate(layers):
+            for name, module in layer.named_modules():
+                if isinstance(module, QuantLinear) and module.out_features == hidden and \
+                        module.in_features > module.out_features and "attn" not in name and "attention" not in name:
+                    owners.setdefault(str(i), []).append((name, module))
+    if not owners:
         raise ValueError(f"the checkpoint was rotated by QuaRot with online Hadamards (had=True), but no quantized "
-                         f"linear under a {mlp_name!r} module writes the hidden size {hidden}; cannot place "
-                         "its input_rotation buffers")
+                         f"MLP linear writes the hidden size {hidden}; cannot place its input_rotation buffers")
     for parent, found in owners.items():
         if len(found) != 1:
             raise ValueError(f"QuaRot online rotation: {parent} has {len(found)} linears writing the hidden "

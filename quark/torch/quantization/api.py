@@ -141,6 +141,11 @@ class ModelQuantizer:
                                            "ModelQuantizer(..., calibrate_all_experts=True) / "
                                            "--calibrate_all_experts to run every expert on every token while "
                                            "calibrating)") from error
+                    if (quantizer.name or "").endswith(("key_quantizer", "value_quantizer", "softmax_quantizer")):
+                        raise RuntimeError(f"{error} (this model's attention does not run through transformers' "
+                                           "attention interface, so post-RoPE KV-cache and softmax quantization "
+                                           "cannot reach it; quantize the KV cache at the k/v projection outputs "
+                                           "instead: kv_cache_post_rope=False)") from error
                     raise
         except BaseException:
             if attention_patch is not None:
