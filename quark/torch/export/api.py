@@ -27,7 +27,7 @@ from quark.torch.export.hf_format.writer import (
 from quark.torch.export.safetensors_io import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, write_sharded
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.config.config import Config
-from quark.torch.quantization.moe_experts import UnfusedExperts, unfuse_experts
+from quark.torch.quantization.moe_experts import UnfusedExperts
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,6 @@ def _map_to_quark(model: nn.Module, quant_config: Config, pack_method: str = "re
         raise ValueError(f"_map_to_quark(quant_config=...) must be a quark Config, got "
                          f"{type(quant_config).__name__}")
     JsonExporterConfig(pack_method=pack_method)  # validates pack_method
-    unfuse_experts(model)  # our checkpoints hold per-expert Linears (experts.<e>.gate_proj ...)
     build_skeletons(model, quant_config, pack_method=pack_method)
     _declare_online_rotations(model, quant_config)
 

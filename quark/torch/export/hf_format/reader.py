@@ -20,7 +20,6 @@ from quark.torch.export.hf_format.writer import owner_of, quant_modules, spec_of
 from quark.torch.export.keys import from_checkpoint_tensor, module_suffix, split_role
 from quark.torch.export.safetensors_io import CheckpointError, iter_checkpoint
 from quark.torch.quantization.config.config import Config
-from quark.torch.quantization.moe_experts import unfuse_experts
 from quark.torch.quantization.nn.modules.quantize_attention import (
     ATTENTION_QUANTIZERS,
     QK_ROTATION,
@@ -166,7 +165,6 @@ def load_quark_folder(model: nn.Module, folder: str | Path, qc: dict[str, Any]) 
                               "only 'real_quantized' checkpoints can be imported")
     pack_method = export.get("pack_method", "reorder")
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
-        unfuse_experts(model)  # checkpoints hold per-expert Linears (experts.<e>.gate_proj ...)
         build_skeletons(model, config, pack_method=pack_method)
         attach_attention_quantizers(model, config)  # post-RoPE K/V and softmax quantizers, when configured
     load_tensors(model, folder)

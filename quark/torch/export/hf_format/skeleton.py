@@ -21,6 +21,7 @@ from quark.torch.quantization.config.config import Config, QuantizationConfig
 from quark.torch.quantization.config.resolve import is_quantizable, resolve
 from quark.torch.quantization.config.type import QSchemeType
 from quark.torch.quantization.formats import param_shape
+from quark.torch.quantization.moe_experts import unfuse_experts
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 from quark.torch.quantization.tensor_quantize import FakeQuantize
 
@@ -107,7 +108,12 @@ def _carry_hooks(source: nn.Module, target: nn.Module) -> None:
 
 def build_skeletons(model: nn.Module, config: Config, pack_method: str = "reorder",
                     dtype: torch.dtype | None = None) -> list[str]:
-    """Replace each ``nn.Linear`` quantized by ``config`` with a frozen skeleton; return their names."""
+    """Replace each ``nn.Linear`` quantized by ``config`` with a frozen skeleton; return their names.
+
+    Fused MoE experts are unfused first: our checkpoints hold per-expert Linears
+    (``experts.<e>.gate_proj`` ...).
+    """
+    unfuse_experts(model)
     names: list[str] = []
     targets = [(n, m) for n, m in model.named_modules()
                if is_quantizable(m) and not isinstance(m, QuantLinear)]
