@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from quark.torch import LLMTemplate, ModelQuantizer
+from quark.torch import LLMTemplate, ModelExporter, ModelQuantizer
+from quark.torch.export.config.config import ExporterConfig, JsonExporterConfig
 from quark.torch.quantization.config.config import Config
 from tests.helpers.tiny_models import tiny_model, token_batches
 
@@ -34,3 +36,16 @@ def frozen_model(scheme: str, kv: bool = False, family: str = "llama",
 @torch.no_grad()
 def logits(model: nn.Module) -> torch.Tensor:
     return model(INPUT).logits
+
+
+def quantize_and_export(model: nn.Module, config: Config, batches: list[torch.Tensor], folder: Path) -> torch.Tensor:
+    """Quantize and freeze ``model`` with ``config`` on ``batches``, export it in the quark hf_format
+    layout to ``folder``; return its logits on ``batches[0]`` (what a reload must reproduce)."""
+    quantizer = ModelQuantizer(config)
+    quantizer.quantize_model(model, batches)
+    quantizer.freeze(model)
+    with torch.no_grad():
+        ref = model(batches[0]).logits
+    ModelExporter(ExporterConfig(json_export_config=JsonExporterConfig()), str(folder)).export_safetensors_model(
+        model, config)
+    return ref

@@ -10,6 +10,7 @@ from quark.torch import ModelExporter, ModelImporter, ModelQuantizer
 from quark.torch.export.config.config import ExporterConfig, JsonExporterConfig
 from quark.torch.llm import schemes
 from quark.torch.quantization.moe_experts import UnfusedExperts, unfuse_experts
+from tests.export.helpers import quantize_and_export
 
 GQA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, max_position_embeddings=128,
            num_key_value_heads=2, intermediate_size=128, num_experts_per_tok=2)
@@ -33,14 +34,8 @@ def test_moe_export_reloads_with_equal_logits(family, scheme, tmp_path):
     assert unfuse_experts(model)
     config = schemes.build_config(schemes.template_for(family), schemes.SchemeRequest(
         scheme, group_size=32 if "group" in scheme else None, kv_cache_dtype="fp8" if "fp8" in scheme else None))
-    quantizer = ModelQuantizer(config)
-    quantizer.quantize_model(model, batches)
-    quantizer.freeze(model)
-    with torch.no_grad():
-        ref = model(batches[0]).logits
     out = tmp_path / "out"
-    ModelExporter(ExporterConfig(json_export_config=JsonExporterConfig()), str(out)).export_safetensors_model(
-        model, config)
+    ref = quantize_and_export(model, config, batches, out)
 
     imported = ModelImporter(str(out)).import_model_info(_fresh(family))  # fused experts: unfused on import
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out))  # through quark's _map_to_quark

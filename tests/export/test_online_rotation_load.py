@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from quark.torch import LLMTemplate, ModelExporter, ModelQuantizer
-from quark.torch.export.config.config import ExporterConfig, JsonExporterConfig
+from quark.torch import LLMTemplate
 from quark.torch.quantization.config.config import QuaRotConfig
+from tests.export.helpers import quantize_and_export
 from tests.helpers.tiny_models import tiny_model, token_batches
 
 
@@ -17,14 +17,8 @@ def test_quarot_r4_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):
     config = LLMTemplate.get("llama").get_config(scheme="fp8")
     config.pre_quant_opt_config = [QuaRotConfig(kv_cache_quant=False)]
     batches = token_batches(2)
-    quantizer = ModelQuantizer(config)
-    quantizer.quantize_model(model, batches)
-    quantizer.freeze(model)
-    with torch.no_grad():
-        ref = model(batches[0]).logits
     out = tmp_path / "out"
-    ModelExporter(ExporterConfig(json_export_config=JsonExporterConfig()), str(out)).export_safetensors_model(
-        model, config)
+    ref = quantize_and_export(model, config, batches, out)
     loaded = AutoModelForCausalLM.from_pretrained(str(out))
     rotations = [n for n, _ in loaded.named_buffers() if n.endswith("input_rotation")]
     assert rotations == [f"model.layers.{i}.mlp.down_proj.input_rotation" for i in range(2)]
@@ -41,14 +35,8 @@ def test_cli_quarot_checkpoint_loads_in_transformers(family, tmp_path):
     batches = token_batches(2)
     config = schemes.build_config(schemes.template_for(family), schemes.SchemeRequest(
         "w_int8_a_int8_per_tensor_sym", algorithms=["quarot"]))
-    quantizer = ModelQuantizer(config)
-    quantizer.quantize_model(model, batches)
-    quantizer.freeze(model)
-    with torch.no_grad():
-        ref = model(batches[0]).logits
     out = tmp_path / "out"
-    ModelExporter(ExporterConfig(json_export_config=JsonExporterConfig()), str(out)).export_safetensors_model(
-        model, config)
+    ref = quantize_and_export(model, config, batches, out)
     loaded = AutoModelForCausalLM.from_pretrained(str(out))
     assert len([n for n, _ in loaded.named_buffers() if n.endswith("input_rotation")]) == 2
     with torch.no_grad():

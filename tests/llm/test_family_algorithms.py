@@ -11,10 +11,11 @@ import pytest
 import torch
 import transformers
 
-from quark.torch import ModelExporter, ModelQuantizer
-from quark.torch.export.config.config import ExporterConfig, JsonExporterConfig
+from quark.torch import ModelQuantizer
 from quark.torch.llm import schemes
+from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.moe_experts import unfuse_experts
+from tests.export.helpers import quantize_and_export
 from tests.llm.test_families import FAMILIES
 
 SKIP = {"mllama", "chatglm", "qwen", "grok-1"}
@@ -28,28 +29,22 @@ def _model(family: str) -> torch.nn.Module:
     return model
 
 
-def _quantize(family: str, scheme: str, algorithm: str, group: int | None) -> tuple[torch.nn.Module, object]:
-    model = _model(family)
-    config = schemes.build_config(schemes.template_for(family),
-                                  schemes.SchemeRequest(scheme, group_size=group, algorithms=[algorithm]))
-    ModelQuantizer(config).quantize_model(model, BATCHES)
-    return model, config
+def _config(family: str, scheme: str, algorithm: str, group: int | None) -> Config:
+    return schemes.build_config(schemes.template_for(family),
+                                schemes.SchemeRequest(scheme, group_size=group, algorithms=[algorithm]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SKIP])
 def test_scaling_algorithms_and_transformers_reload(family, tmp_path):
-    smoothed, _ = _quantize(family, "w_int8_a_int8_per_tensor_sym", "smoothquant", None)
+    smoothed = _model(family)
+    ModelQuantizer(_config(family, "w_int8_a_int8_per_tensor_sym", "smoothquant", None)).quantize_model(
+        smoothed, BATCHES)
     with torch.no_grad():
         assert torch.isfinite(smoothed(BATCHES[0]).logits).all()
-    model, config = _quantize(family, "w_uint4_per_group_asym", "awq", 32)
-    ModelQuantizer(config).freeze(model)
-    with torch.no_grad():
-        ref = model(BATCHES[0]).logits
-    assert torch.isfinite(ref).all()
     out = tmp_path / "out"
-    ModelExporter(ExporterConfig(json_export_config=JsonExporterConfig()), str(out)).export_safetensors_model(
-        model, config)
+    ref = quantize_and_export(_model(family), _config(family, "w_uint4_per_group_asym", "awq", 32), BATCHES, out)
+    assert torch.isfinite(ref).all()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
         torch.testing.assert_close(loaded(BATCHES[0]).logits, ref, rtol=0, atol=1e-5)
