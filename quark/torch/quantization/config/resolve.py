@@ -11,7 +11,7 @@ entries act like ``layer_quant_config`` entries placed after them.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -65,8 +65,6 @@ def _by_type(module: nn.Module, table: dict | None) -> tuple[str, QuantizationCo
 
 def _merge(levels: list[QuantizationConfig]) -> QuantizationConfig:
     """Field-wise first non-None across ``levels`` (most specific first)."""
-    from dataclasses import replace
-
     merged = levels[0]
     for field in TENSOR_FIELDS:
         if getattr(merged, field) is None:
@@ -107,8 +105,6 @@ def resolve(name: str, module: nn.Module, config: Config) -> Resolution:
     if getattr(config, "kv_cache_post_rope", False) and merged.output_tensors is not None \
             and _by_name(name, getattr(config, "kv_cache_quant_config", None)):
         # the KV cache is then quantized after RoPE inside attention, not at the k/v projection outputs
-        from dataclasses import replace
-
         merged = replace(merged, output_tensors=None)
         rules.append("kv_cache_post_rope")
     if all(getattr(merged, f) is None for f in TENSOR_FIELDS):
