@@ -46,21 +46,30 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "float": (None, None, [], None),
     "fp8": ("w_fp8_a_fp8", None, [], "fp8"),
     "fp8_no_kv": ("w_fp8_a_fp8", None, [], None),
+    "fp8_gptq": ("w_fp8_a_fp8", None, ["gptq"], "fp8"),
+    "fp8_gptq_no_kv": ("w_fp8_a_fp8", None, ["gptq"], None),
     "int8_smoothquant": ("w_int8_a_int8_per_tensor_sym", None, ["smoothquant"], None),
+    "int8_smoothquant_gptq": ("w_int8_a_int8_per_tensor_sym", None, ["smoothquant", "gptq"], None),
+    "int8_quarot": ("w_int8_a_int8_per_tensor_sym", None, ["quarot"], None),
+    "int8_quarot_gptq": ("w_int8_a_int8_per_tensor_sym", None, ["quarot", "gptq"], None),
     "int4_g64_rtn": ("w_int4_per_group_sym", 64, [], None),
     "int4_g64_awq": ("w_int4_per_group_sym", 64, ["awq"], None),
     "int4_g64_gptq": ("w_int4_per_group_sym", 64, ["gptq"], None),
-    "int4_g64_gptq_uncapped": ("w_int4_per_group_sym", 64, ["gptq"], None),
+    "int4_g64_gptq_reference": ("w_int4_per_group_sym", 64, ["gptq"], None),
+    "int4_per_channel_rtn": ("w_int4_per_channel_sym", None, [], None),
     "int4_per_channel_gptq": ("w_int4_per_channel_sym", None, ["gptq"], None),
     "mxfp4": ("mxfp4", None, [], None),
     "fp8_quarot": ("w_fp8_a_fp8", None, ["quarot"], "fp8"),
     "fp8_quarot_no_kv": ("w_fp8_a_fp8", None, ["quarot"], None),
     "fp8_rotation_no_kv": ("w_fp8_a_fp8", None, ["rotation"], None),
-    "int8_quarot": ("w_int8_a_int8_per_tensor_sym", None, ["quarot"], None),
 }
-# GPTQ caps massive-activation tokens in its Hessian (quark/torch/algorithm/utils/tokens.py); the
-# "uncapped" row runs the reference behaviour for comparison.
-TOKEN_RATIO: dict[str, float | None] = {"int4_g64_gptq_uncapped": None}
+DEFAULT_SCHEMES = ["float", "fp8", "fp8_no_kv", "fp8_gptq", "int8_smoothquant", "int8_quarot", "int8_quarot_gptq",
+                   "int4_g64_rtn", "int4_g64_awq", "int4_g64_gptq", "int4_g64_gptq_reference",
+                   "int4_per_channel_rtn", "int4_per_channel_gptq", "mxfp4"]
+# The "reference" GPTQ row runs amd-quark's numerics: no massive-token cap in the Hessian
+# (quark/torch/algorithm/utils/tokens.py) and min-max group ranges (GPTQConfig.clip_search_steps=0).
+TOKEN_RATIO: dict[str, float | None] = {"int4_g64_gptq_reference": None}
+GPTQ_FIELDS: dict[str, dict[str, object]] = {"int4_g64_gptq_reference": {"clip_search_steps": 0}}
 
 
 def fetch_model() -> Path:
@@ -89,7 +98,8 @@ def peak_memory_mb(device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated: {', '.join(SCHEMES)}")
+    parser.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES),
+                        help=f"comma-separated, from: {', '.join(SCHEMES)} (default: {', '.join(DEFAULT_SCHEMES)})")
     parser.add_argument("--max_windows", type=int, default=None, help="default: 4 on CPU, all on GPU")
     parser.add_argument("--num_calib", type=int, default=32)
     parser.add_argument("--calib_seq_len", type=int, default=512)
@@ -134,6 +144,10 @@ def main() -> None:
         if scheme is not None:
             config = schemes.build_config(template, schemes.SchemeRequest(scheme, group_size=group, algorithms=algos,
                                                                           kv_cache_dtype=kv))
+            for algo in config.algo_config or []:
+                if algo.name == "gptq":
+                    for field, value in GPTQ_FIELDS.get(name, {}).items():
+                        setattr(algo, field, value)
             ModelQuantizer(config).quantize_model(model, calib)
         seconds = time.perf_counter() - start
         result = perplexity.windowed_perplexity(model, eval_ids, 2048, max_windows=max_windows, desc=name)
@@ -144,6 +158,8 @@ def main() -> None:
                "model": "SmolLM2-135M-Instruct (Q4_1 de-quantized)", "config": name, "scheme": scheme,
                "group_size": group, "algorithms": algos,
                "gptq_token_cap": tokens.MASSIVE_TOKEN_RATIO if "gptq" in algos else None,
+               "gptq_clip_search_steps": next((a.clip_search_steps for a in (config.algo_config or [])
+                                               if a.name == "gptq"), None) if scheme is not None else None,
                "kv_cache": kv, "metric": "perplexity",
                "value": result.perplexity, "unit": "ppl", "nll": result.nll, "tokens": result.tokens,
                "windows": result.windows,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quark.torch.algorithm.gptq.math import accumulate_hessian, gptq_quantize
-from quark.torch.algorithm.utils.quant import IntGrid, fake_quant_weight
+from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_weight
 from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
 
 
@@ -75,7 +75,7 @@ def _problem(out=16, cols=256, seed=0):
 def test_gptq_matches_unblocked_reference(dtype, symmetric, group, desc, static):
     w, h, x = _problem()
     qs = QSchemeType.per_group if group else QSchemeType.per_channel
-    grid = IntGrid(dtype, qs, group or w.shape[1], symmetric, RoundType.half_even)
+    grid = WeightGrid(dtype, qs, group or w.shape[1], symmetric, RoundType.half_even)
     # Both in float64 so that no rounding tie flips between the blocked and unblocked orders.
     res64 = gptq_quantize(w.double(), h.double(), grid, damp_percent=0.01, desc_act=desc,
                           static_groups=static, block_size=128)
@@ -105,7 +105,7 @@ def test_hessian_is_running_mean():
 def test_indefinite_hessian_retries_then_fails(caplog):
     w = torch.randn(4, 8)
     h = -torch.eye(8)
-    grid = IntGrid(Dtype.int4, QSchemeType.per_channel, 8, True, RoundType.half_even)
+    grid = WeightGrid(Dtype.int4, QSchemeType.per_channel, 8, True, RoundType.half_even)
     with pytest.raises(RuntimeError, match=r"layer7.*not positive definite"):
         gptq_quantize(w, h, grid, name="layer7")
     assert "retrying" in caplog.text
@@ -117,6 +117,6 @@ def test_indefinite_hessian_retries_then_fails(caplog):
 
 def test_desc_act_without_static_groups_is_refused():
     w, h, _ = _problem(cols=64)
-    grid = IntGrid(Dtype.int4, QSchemeType.per_group, 32, True, RoundType.half_even)
+    grid = WeightGrid(Dtype.int4, QSchemeType.per_group, 32, True, RoundType.half_even)
     with pytest.raises(ValueError, match="static_groups"):
         gptq_quantize(w, h, grid, desc_act=True, static_groups=False)

@@ -18,7 +18,7 @@ from torch import nn
 
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
-from quark.torch.algorithm.utils.quant import IntGrid, fake_quant_weight, int_grid_from_spec
+from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_weight, weight_grid_from_spec
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
 from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn, producer_slice
 from quark.torch.algorithm.utils.specs import weight_spec_for
@@ -38,7 +38,7 @@ class AwqStep(ScalingStep):
     owner = "AWQConfig"
 
     def __init__(self, groups: Sequence[ScalingGroup], layers: Sequence[nn.Module],
-                 grids: list[dict[str, IntGrid]]) -> None:
+                 grids: list[dict[str, WeightGrid]]) -> None:
         super().__init__(groups, layers)
         self.grids = grids
         self._mse = loss_fn("MSE")
@@ -99,12 +99,15 @@ class AwqStep(ScalingStep):
 
 
 @torch.no_grad()
-def clip_search(w: torch.Tensor, x: torch.Tensor, grid: IntGrid, oc_chunk: int = 256) -> torch.Tensor:
+def clip_search(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, oc_chunk: int = 256) -> torch.Tensor:
     """Clip each (row, group) of ``w`` to the shrink ratio that minimises the group's output error."""
     out, cols = w.shape
     gs = grid.group_size
-    step = max(x.shape[0] // CLIP_TOKENS, 1)
-    xs = x[::step][:CLIP_TOKENS].float().reshape(-1, cols // gs, gs)
+    # A seeded random subset: a stride that divides the sample length would pick every sample's
+    # first token (an attention sink with massive activations) and over-weight it.
+    if x.shape[0] > CLIP_TOKENS:
+        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:CLIP_TOKENS].to(x.device)]
+    xs = x.float().reshape(-1, cols // gs, gs)
     clipped = []
     for o0 in range(0, out, oc_chunk):
         wg = w[o0:o0 + oc_chunk].float().reshape(-1, cols // gs, gs)
@@ -125,19 +128,19 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, grid: IntGrid, oc_chunk: int =
 
 
 def awq_grids(model: nn.Module, path: str, layers: nn.ModuleList, groups: Sequence[ScalingGroup],
-              quant_config: Any, owner: str = "AWQConfig") -> list[dict[str, IntGrid]]:
+              quant_config: Any, owner: str = "AWQConfig") -> list[dict[str, WeightGrid]]:
     """Validate names and weight specs of every group in every layer; return the grids."""
-    grids: list[dict[str, IntGrid]] = []
+    grids: list[dict[str, WeightGrid]] = []
     for i, layer in enumerate(layers):
         validate_groups(layer, groups, owner)
-        per: dict[str, IntGrid] = {}
+        per: dict[str, WeightGrid] = {}
         for g in groups:
             for n in g.layers:
                 fc = layer.get_submodule(n)
                 spec = weight_spec_for(f"{path}.{i}.{n}", fc, quant_config)
                 if spec is None:
                     continue
-                per[n] = int_grid_from_spec(spec, f"{owner}: {path}.{i}.{n}", fc.in_features,
+                per[n] = weight_grid_from_spec(spec, f"{owner}: {path}.{i}.{n}", fc.in_features,
                                             allowed=(QSchemeType.per_group,), dtypes=(Dtype.int4, Dtype.uint4))
         grids.append(per)
     return grids

@@ -12,7 +12,7 @@ from torch import nn
 from quark.torch.algorithm.gptq.math import accumulate_hessian, gptq_quantize
 from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
-from quark.torch.algorithm.utils.quant import IntGrid, int_grid_from_spec
+from quark.torch.algorithm.utils.quant import FP8_DTYPES, INT_DTYPES, WeightGrid, weight_grid_from_spec
 from quark.torch.algorithm.utils.specs import set_weight_qparams, weight_spec_for
 from quark.torch.algorithm.utils.tokens import capped_tokens
 from quark.torch.quantization.calibration.layerwise import (
@@ -21,8 +21,11 @@ from quark.torch.quantization.calibration.layerwise import (
     find_decoder_layers,
     run_layerwise,
 )
+from quark.torch.quantization.config.type import QSchemeType
 
 logger = logging.getLogger(__name__)
+
+GPTQ_QSCHEMES = (QSchemeType.per_group, QSchemeType.per_channel, QSchemeType.per_tensor)
 
 
 def _linears(layer: nn.Module, names: Sequence[str] | None, owner: str) -> dict[str, nn.Linear]:
@@ -49,7 +52,7 @@ class GptqStep:
     previous groups were quantized.
     """
 
-    def __init__(self, cfg: Any, grids: list[dict[str, IntGrid]], prefix: str) -> None:
+    def __init__(self, cfg: Any, grids: list[dict[str, WeightGrid]], prefix: str) -> None:
         self.cfg = cfg
         self.grids = grids
         self.prefix = prefix
@@ -73,7 +76,8 @@ class GptqStep:
         res = gptq_quantize(module.weight.data, h, self.grids[index][name],
                             damp_percent=float(getattr(self.cfg, "damp_percent", 0.01)),
                             desc_act=bool(getattr(self.cfg, "desc_act", True)),
-                            static_groups=bool(getattr(self.cfg, "static_groups", True)), name=full)
+                            static_groups=bool(getattr(self.cfg, "static_groups", True)), name=full,
+                            clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0))
         module.weight.data.copy_(res.weight)
         set_weight_qparams(module, res.scale, res.zero_point)
         logger.debug("GPTQ %s: loss %.4g (damp %g)", full, res.loss, res.damp)
@@ -107,22 +111,24 @@ class GptqProcessor(AlgorithmProcessor):
     """GPTQ over a whole model: ``GptqProcessor(model, algo_config, data, quant_config=...).apply()``.
 
     ``quant_config`` (a ``Config``) decides each linear's weight spec through the resolver; only
-    int4/uint4/int8/uint8 per-group or per-channel weights are accepted, checked for every
-    targeted linear before any weight changes. On failure the model's weights are restored.
+    int4/uint4/int8/uint8 (per-group, per-channel or per-tensor) and fp8 (per-tensor or
+    per-channel) weights are accepted, checked for every targeted linear before any weight
+    changes. On failure the model's weights are restored.
     """
 
     def build_step(self) -> GptqStep:
         path, layers = find_decoder_layers(self.model, getattr(self.cfg, "model_decoder_layers", None) or None)
         inside = getattr(self.cfg, "inside_layer_modules", None)
-        grids: list[dict[str, IntGrid]] = []
+        grids: list[dict[str, WeightGrid]] = []
         for i, layer in enumerate(layers):
-            per_layer: dict[str, IntGrid] = {}
+            per_layer: dict[str, WeightGrid] = {}
             for name, module in _linears(layer, inside, "GPTQConfig").items():
                 full = f"{path}.{i}.{name}"
                 spec = weight_spec_for(full, module, self.quant_config)
                 if spec is None:
                     continue
-                per_layer[name] = int_grid_from_spec(spec, f"GPTQConfig: {full}", module.in_features)
+                per_layer[name] = weight_grid_from_spec(spec, f"GPTQConfig: {full}", module.in_features,
+                                                        allowed=GPTQ_QSCHEMES, dtypes=INT_DTYPES + FP8_DTYPES)
             grids.append(per_layer)
         if not any(grids):
             raise ValueError("GPTQConfig: no linear of the decoder layers has a quantized weight to optimise")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quark.torch.algorithm.utils.quant import IntGrid, fake_quant_with, minmax_qparams
+from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_with, minmax_qparams
 from quark.torch.quantization.config.type import QSchemeType
 
 logger = logging.getLogger(__name__)
@@ -71,17 +71,53 @@ def _inverse_cholesky(h: torch.Tensor, damp_percent: float, name: str) -> tuple[
     )
 
 
-def _group_params(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    return minmax_qparams(w.amin(dim=1), w.amax(dim=1), grid)
+CLIP_MIN_RATIO = 0.5
+
+
+def group_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, clip_steps: int,
+                 per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``[out, G]`` of ``w [out, G, gs]`` (``G`` groups of ``gs`` columns).
+
+    Min-max when ``clip_steps`` is 0. Otherwise the range is also shrunk by ``clip_steps`` ratios
+    down to ``CLIP_MIN_RATIO`` and each (row, group) keeps the ratio whose rounding error, weighted
+    by the Hessian diagonal ``hdiag [G, gs]``, is smallest; per-tensor, one ratio for the tensor.
+    """
+    if per_tensor:
+        lo, hi = w.min().expand(w.shape[:2]), w.max().expand(w.shape[:2])
+    else:
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scale, zp = minmax_qparams(lo, hi, grid)
+    if clip_steps <= 0:
+        return scale, zp
+    best = torch.full_like(scale, float("inf"))
+    for k in range(clip_steps + 1):
+        ratio = 1.0 - (1.0 - CLIP_MIN_RATIO) * k / clip_steps
+        s, z = minmax_qparams(lo * ratio, hi * ratio, grid)
+        err = ((w - fake_quant_with(w, s[..., None], z[..., None], grid)) ** 2 * hdiag).sum(dim=-1)
+        if per_tensor:
+            err = err.sum().expand_as(err)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zp = torch.where(better, z, zp)
+    return scale, zp
 
 
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, damp_percent: float = 0.01,
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid, damp_percent: float = 0.01,
                   desc_act: bool = False, static_groups: bool = False, block_size: int = 128,
-                  name: str = "layer") -> GptqResult:
-    """Quantize ``weight [out, in]`` given the input Hessian ``[in, in]``."""
+                  name: str = "layer", clip_steps: int = 0) -> GptqResult:
+    """Quantize ``weight [out, in]`` given the input Hessian ``[in, in]``.
+
+    ``clip_steps`` > 0 searches a clipping ratio per group or channel of an integer grid (see
+    :func:`group_params`); per-tensor and FP8 ranges stay min-max, where the search measured worse
+    (SmolLM2-135M fp8 W8A8 22.39 -> 22.53, int8 QuaRot 24.66 -> 24.83).
+    """
     out, cols = weight.shape
     per_group = grid.qscheme == QSchemeType.per_group
+    per_tensor = grid.qscheme == QSchemeType.per_tensor
+    if per_tensor or grid.is_float:
+        clip_steps = 0
     gs = grid.group_size if per_group else cols
     if per_group and desc_act and not static_groups:
         raise ValueError(
@@ -99,10 +135,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, da
     n_groups = cols // gs
     scales = torch.zeros(out, n_groups, device=w.device, dtype=work)
     zeros = torch.zeros(out, n_groups, device=w.device, dtype=work)
+    hdiag = torch.diag(h)
     fixed = static_groups or not per_group
     if fixed:
-        for g in range(n_groups):
-            scales[:, g], zeros[:, g] = _group_params(w[:, g * gs:(g + 1) * gs], grid)
+        scales, zeros = group_params(w.reshape(out, n_groups, gs), grid, hdiag.reshape(n_groups, gs),
+                                     clip_steps, per_tensor)
+        scales, zeros = scales.to(work), zeros.to(work)
 
     perm = None
     if desc_act:
@@ -124,7 +162,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, da
             col = i1 + i
             g = group_of[col]
             if not fixed and col % gs == 0:
-                scales[:, g], zeros[:, g] = _group_params(w1[:, i:i + gs], grid)
+                sg, zg = group_params(w1[:, None, i:i + gs], grid, hdiag[None, col:col + gs], clip_steps)
+                scales[:, g], zeros[:, g] = sg[:, 0], zg[:, 0]
             c = w1[:, i]
             q = fake_quant_with(c, scales[:, g], zeros[:, g], grid)
             d = hinv1[i, i]
@@ -140,4 +179,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, da
         raise RuntimeError(f"GPTQ {name}: the quantized weight contains NaN or inf")
     if per_group:
         return GptqResult(q_all.to(weight.dtype), scales, zeros, float(losses.sum()), damp)
+    if per_tensor:
+        return GptqResult(q_all.to(weight.dtype), scales[0, 0], zeros[0, 0], float(losses.sum()), damp)
     return GptqResult(q_all.to(weight.dtype), scales[:, 0], zeros[:, 0], float(losses.sum()), damp)

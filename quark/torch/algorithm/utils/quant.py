@@ -1,13 +1,15 @@
-"""Integer weight grids used inside the algorithms' searches (AWQ, GPTQ, AutoSmoothQuant).
+"""Weight grids used inside the algorithms' searches (AWQ, GPTQ, AutoSmoothQuant).
 
 Conventions (the Quark ones, see ``reference/quark-hf-format.md``): ``q = clamp(round(x / s) + zp,
-qmin, qmax)`` and ``x_hat = (q - zp) * s``; ``qmin``/``qmax`` come from the format table.
+qmin, qmax)`` and ``x_hat = (q - zp) * s``; ``qmin``/``qmax`` come from the format table. FP8
+grids (GPTQ only) are ``x_hat = fp8(clamp(x / s, -max, max)) * s``, the native cast rounding.
 Min-max parameters follow torch's observer rule: symmetric ``s = amax / ((qmax - qmin) / 2)``,
 ``zp = 0``; asymmetric ``s = (max+ - min-) / (qmax - qmin)``, ``zp = qmin - round(min- / s)``
 with ``min- = min(x, 0)``, ``max+ = max(x, 0)``.
 
 A weight is ``[out, in]``: per-channel parameters have shape ``[out]`` (``ch_axis=0``), per-group
-ones ``[out, in // group]`` (groups along the input dimension, ``ch_axis`` 1 or -1).
+ones ``[out, in // group]`` (groups along the input dimension, ``ch_axis`` 1 or -1), per-tensor
+ones a scalar.
 """
 
 from __future__ import annotations
@@ -23,30 +25,38 @@ from quark.torch.quantization.observer.observer import range_to_qparams
 
 
 @dataclass(frozen=True)
-class IntGrid:
-    """The parts of a ``QuantizationSpec`` an integer weight search needs."""
+class WeightGrid:
+    """The parts of a ``QuantizationSpec`` a weight search needs (integer or FP8 grid)."""
 
     dtype: Dtype
     qscheme: QSchemeType
-    group_size: int  # columns per group; the whole row for per-channel
+    group_size: int  # columns per group; the whole row for per-channel and per-tensor
     symmetric: bool
     round_method: RoundType
 
     @property
-    def qmin(self) -> int:
-        return int(FORMATS[self.dtype].qmin)
+    def is_float(self) -> bool:
+        return FORMATS[self.dtype].kind == "float"
 
     @property
-    def qmax(self) -> int:
-        return int(FORMATS[self.dtype].qmax)
+    def qmin(self) -> float:
+        return float(FORMATS[self.dtype].qmin) if self.is_float else int(FORMATS[self.dtype].qmin)
+
+    @property
+    def qmax(self) -> float:
+        return float(FORMATS[self.dtype].qmax) if self.is_float else int(FORMATS[self.dtype].qmax)
 
 
-def int_grid_from_spec(
+INT_DTYPES = (Dtype.int4, Dtype.uint4, Dtype.int8, Dtype.uint8)
+FP8_DTYPES = (Dtype.fp8_e4m3, Dtype.fp8_e5m2)
+
+
+def weight_grid_from_spec(
     spec: Any, owner: str, in_features: int, allowed: tuple[QSchemeType, ...] = (QSchemeType.per_group,
                                                                               QSchemeType.per_channel),
-    dtypes: tuple[Dtype, ...] = (Dtype.int4, Dtype.uint4, Dtype.int8, Dtype.uint8),
-) -> IntGrid:
-    """Validate a weight spec for an integer algorithm and return its grid, or raise ValueError."""
+    dtypes: tuple[Dtype, ...] = INT_DTYPES,
+) -> WeightGrid:
+    """Validate a weight spec for a weight algorithm and return its grid, or raise ValueError."""
     if spec is None:
         raise ValueError(f"{owner}: the layer has no weight quantization spec; the algorithm needs one")
     dtype = Dtype.from_any("QuantizationSpec", "dtype", spec.dtype)
@@ -65,15 +75,17 @@ def int_grid_from_spec(
         ch_axis = getattr(spec, "ch_axis", -1)
         if ch_axis not in (1, -1, None):
             raise ValueError(f"{owner}: per_group weight ch_axis={ch_axis!r} is not supported; allowed: 1, -1")
-    else:
+    elif qscheme == QSchemeType.per_channel:
         group = in_features
         ch_axis = getattr(spec, "ch_axis", 0)
         if ch_axis not in (0, None):
             raise ValueError(f"{owner}: per_channel weight ch_axis={ch_axis!r} is not supported; allowed: 0")
+    else:
+        group = in_features
     rnd = getattr(spec, "round_method", None)
     round_method = RoundType.half_even if rnd is None else RoundType.from_any("QuantizationSpec", "round_method", rnd)
     symmetric = bool(getattr(spec, "symmetric", True))
-    return IntGrid(dtype, qscheme, group, symmetric, round_method)
+    return WeightGrid(dtype, qscheme, group, symmetric, round_method)
 
 
 def round_to_grid(x: torch.Tensor, method: RoundType) -> torch.Tensor:
@@ -85,7 +97,7 @@ def round_to_grid(x: torch.Tensor, method: RoundType) -> torch.Tensor:
     return torch.round(x)
 
 
-def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and (float-valued) integer zero point from per-group minima and maxima.
 
     The formula is the observers' one (:func:`range_to_qparams`), so a search scores exactly the
@@ -95,9 +107,11 @@ def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, grid: IntGrid) -> tup
     return scale, zp.to(scale.dtype)
 
 
-def weight_qparams(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max qparams of a ``[out, in]`` weight: shape ``[out]`` (per-channel) or ``[out, G]``."""
+def weight_qparams(w: torch.Tensor, grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max qparams of a ``[out, in]`` weight: scalar (per-tensor), ``[out]`` (per-channel) or ``[out, G]``."""
     out, inp = w.shape
+    if grid.qscheme == QSchemeType.per_tensor:
+        return minmax_qparams(w.min().float(), w.max().float(), grid)
     g = w.reshape(out, inp // grid.group_size, grid.group_size).float()
     scale, zp = minmax_qparams(g.amin(-1), g.amax(-1), grid)
     if grid.qscheme == QSchemeType.per_channel:
@@ -105,17 +119,25 @@ def weight_qparams(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.
     return scale, zp
 
 
-def fake_quant_with(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+def fake_quant_with(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
     """Quantize-dequantize ``x`` with parameters broadcastable to it."""
+    if grid.is_float:  # the quantizer's own FP8 path: saturate, native cast, scale back (float32)
+        info = FORMATS[grid.dtype]
+        s = scale.float()
+        s_div = torch.where(s == 0, torch.full_like(s, torch.finfo(torch.float32).tiny), s)
+        v = (x.float() / s_div).clamp(-info.qmax, info.qmax).to(info.torch_dtype).float()
+        return (v * s).to(x.dtype)
     xf = x if x.dtype == torch.float64 else x.float()
     q = (round_to_grid(xf / scale, grid.round_method) + zp).clamp(grid.qmin, grid.qmax)
     return ((q - zp) * scale).to(x.dtype)
 
 
-def fake_quant_weight(w: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+def fake_quant_weight(w: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
     """Round-to-nearest fake quantization of a ``[out, in]`` weight with min-max parameters."""
     out, inp = w.shape
     scale, zp = weight_qparams(w, grid)
+    if grid.qscheme == QSchemeType.per_tensor:
+        return fake_quant_with(w, scale, zp, grid)
     if grid.qscheme == QSchemeType.per_channel:
         return fake_quant_with(w, scale[:, None], zp[:, None], grid)
     g = w.reshape(out, inp // grid.group_size, grid.group_size)
@@ -138,7 +160,7 @@ def simulate_quant(x: torch.Tensor, spec: Any) -> torch.Tensor:
         return fake_quantize_with_spec(x, spec)
     qscheme = QSchemeType.from_any("QuantizationSpec", "qscheme", spec.qscheme)
     rnd = getattr(spec, "round_method", None)
-    grid = IntGrid(dtype, qscheme, 0, bool(getattr(spec, "symmetric", True)),
+    grid = WeightGrid(dtype, qscheme, 0, bool(getattr(spec, "symmetric", True)),
                    RoundType.half_even if rnd is None else RoundType.from_any("QuantizationSpec", "round_method", rnd))
     if qscheme == QSchemeType.per_tensor:
         scale, zp = minmax_qparams(x.min().float(), x.max().float(), grid)

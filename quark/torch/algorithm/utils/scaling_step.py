@@ -6,6 +6,7 @@ applies them, so they can be saved, reloaded and replayed without calibration.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, sub
 from quark.torch.algorithm.utils.scaling import find_head_dim, scale_fc_fc, scale_norm_fcs
 from quark.torch.algorithm.utils.specs import refresh_weight_qparams
 from quark.torch.quantization.calibration.layerwise import layer_output_tensor
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,8 +61,10 @@ class ScalingStep:
 
     def __init__(self, groups: Sequence[ScalingGroup], layers: Sequence[nn.Module]) -> None:
         self.groups = list(groups)
+        self._skipped: set[str] = set()
         self.active: list[list[ScalingGroup]] = [
-            [g for g in self.groups if evaluate_condition(g.condition, layer)] for layer in layers
+            [g for g in self.groups if evaluate_condition(g.condition, layer) and not self._rotated_input(g, layer, i)]
+            for i, layer in enumerate(layers)
         ]
         self.inputs: dict[str, list[tuple[tuple, dict]]] = {}
         self.results: list[ScaleResult] = []
@@ -71,6 +76,18 @@ class ScalingStep:
             if g.module2inspect:
                 names[g.module2inspect] = submodule(layer, g.module2inspect, f"{self.owner}.module2inspect")
         return names
+
+    def _rotated_input(self, g: ScalingGroup, layer: nn.Module, index: int) -> bool:
+        """True (and logged) when a consumer rotates its input online: no channel scale passes through."""
+        rotated = [n for n in g.layers if getattr(submodule(layer, n, f"{self.owner}.layers"), "input_rotation", None)
+                   is not None]
+        if rotated and g.prev_op not in self._skipped:
+            self._skipped.add(g.prev_op)
+            logger.warning("%s: %s rotate%s its input online (QuaRot R4 Hadamard), so the %s -> %s "
+                           "scaling cannot pass through it; that group is skipped (first seen in decoder "
+                           "layer %d)", self.owner, ", ".join(rotated), "" if len(rotated) > 1 else "s",
+                           g.prev_op, ", ".join(g.layers), index)
+        return bool(rotated)
 
     def collect(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.inputs.setdefault(name, []).append((args, kwargs))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -195,19 +196,27 @@ def collecting(layer: nn.Module, step: LayerStep, index: int) -> Iterator[None]:
             h.remove()
 
 
+def _float_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rotation = getattr(self, "input_rotation", None)
+    if rotation is not None:
+        x = (x @ rotation.to(x.dtype)) / math.sqrt(rotation.shape[0])
+    return nn.Linear.forward(self, x)
+
+
 @contextlib.contextmanager
 def float_linears(module: nn.Module) -> Iterator[None]:
     """Run every ``nn.Linear`` subclass inside ``module`` as a plain float linear.
 
     Quantized linears (QuantLinear) carry quantizers that would observe and fake-quantize during
     the algorithms' own forwards; this bypasses them by shadowing ``forward`` on the instance
-    (removed on exit). Plain ``nn.Linear`` modules are left alone.
+    (removed on exit). An online ``input_rotation`` (QuaRot's R4) is still applied: the weight
+    expects rotated inputs. Plain ``nn.Linear`` modules are left alone.
     """
     patched = []
     try:
         for m in module.modules():
             if isinstance(m, nn.Linear) and type(m) is not nn.Linear and "forward" not in m.__dict__:
-                m.forward = nn.Linear.forward.__get__(m)  # type: ignore[method-assign]
+                m.forward = _float_forward.__get__(m)  # type: ignore[method-assign]
                 patched.append(m)
         yield
     finally:
