@@ -9,16 +9,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from quark.torch.algorithm.gptq.math import accumulate_hessian, gptq_quantize
+from quark.torch.algorithm.gptq.math import (
+    accumulate_cross,
+    accumulate_hessian,
+    float_target_weight,
+    gptq_quantize,
+)
 from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import FP8_DTYPES, INT_DTYPES, WeightGrid, weight_grid_from_spec
 from quark.torch.algorithm.utils.specs import set_weight_qparams, weight_spec_for
-from quark.torch.algorithm.utils.tokens import capped_tokens
+from quark.torch.algorithm.utils.tokens import capped_tokens, token_weights
 from quark.torch.quantization.calibration.layerwise import (
     ModelBackup,
     collecting,
     find_decoder_layers,
+    float_linears,
     run_layerwise,
 )
 from quark.torch.quantization.config.type import QSchemeType
@@ -57,7 +63,15 @@ class GptqStep:
         self.grids = grids
         self.prefix = prefix
         self.hessians: dict[str, tuple[torch.Tensor | None, int]] = {}
+        self.cross: dict[str, torch.Tensor] = {}
         self._only: set[str] | None = None
+        self.uses_float_inputs = bool(getattr(cfg, "match_float_outputs", False))
+        self._reference: nn.Module | None = None
+        self._reference_inputs: list[tuple[tuple, dict]] = []
+
+    def set_float_reference(self, reference: nn.Module | None, inputs: list[tuple[tuple, dict]]) -> None:
+        """The runner's float copy of the current layer and its float-model inputs (or None)."""
+        self._reference, self._reference_inputs = reference, inputs
 
     def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]:
         names = self._only if self._only is not None else set(self.grids[index])
@@ -73,8 +87,12 @@ class GptqStep:
         if h is None:
             raise RuntimeError(f"GPTQ {self.prefix}.{index}.{name}: no inputs reached this linear")
         full = f"{self.prefix}.{index}.{name}"
-        res = gptq_quantize(module.weight.data, h, self.grids[index][name],
-                            damp_percent=float(getattr(self.cfg, "damp_percent", 0.01)),
+        damp = float(getattr(self.cfg, "damp_percent", 0.01))
+        weight = module.weight.data
+        cross = self.cross.pop(name, None)
+        if cross is not None:
+            weight = float_target_weight(weight, h, cross, damp)
+        res = gptq_quantize(weight, h, self.grids[index][name], damp_percent=damp,
                             desc_act=bool(getattr(self.cfg, "desc_act", True)),
                             static_groups=bool(getattr(self.cfg, "static_groups", True)), name=full,
                             clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0))
@@ -82,9 +100,50 @@ class GptqStep:
         set_weight_qparams(module, res.scale, res.zero_point)
         logger.debug("GPTQ %s: loss %.4g (damp %g)", full, res.loss, res.damp)
 
+    def _collect_paired(self, layer: nn.Module, group: Sequence[str], inputs: list[tuple[tuple, dict]]) -> None:
+        """Hessians and float-input cross terms of ``group``, batch by batch from both streams."""
+        assert self._reference is not None
+        float_x: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def grab(name: str) -> Any:
+            def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+                float_x[name] = args[0]
+            return hook
+
+        def pair(name: str) -> Any:
+            def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+                h, count = self.hessians.get(name, (None, 0))
+                weights = token_weights(args[0])
+                x = args[0].reshape(-1, args[0].shape[-1])
+                xf = float_x.pop(name).reshape(-1, x.shape[-1])
+                if weights is not None:
+                    x, xf = x * weights, xf * weights
+                self.cross[name] = accumulate_cross(self.cross.get(name), count, xf, x)
+                self.hessians[name] = accumulate_hessian(h, count, x)
+            return hook
+
+        for n in group:
+            self.hessians.pop(n, None)
+            self.cross.pop(n, None)
+            # the float copy's hooks run after its own (pre-hook) online rotation, like the layer's
+            handles.append(self._reference.get_submodule(n).register_forward_hook(grab(n)))
+            handles.append(layer.get_submodule(n).register_forward_hook(pair(n)))
+        try:
+            with float_linears(self._reference):
+                for (args, kwargs), (fargs, fkwargs) in zip(inputs, self._reference_inputs):
+                    self._reference(*fargs, **fkwargs)
+                    layer(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def apply(self, layer: nn.Module, index: int, inputs: list[tuple[tuple, dict]]) -> None:
         names = list(self.grids[index])
+        paired = self._reference is not None
         if not bool(getattr(self.cfg, "true_sequential", True)):
+            if paired:
+                self._collect_paired(layer, names, inputs)
             for n in names:
                 self._quantize(layer, index, n)
             return
@@ -93,7 +152,9 @@ class GptqStep:
         if missing:
             groups.append(sorted(missing))
         for k, group in enumerate(groups):
-            if k > 0:
+            if paired:
+                self._collect_paired(layer, group, inputs)
+            elif k > 0:
                 for n in group:
                     self.hessians.pop(n, None)
                 self._only = set(group)

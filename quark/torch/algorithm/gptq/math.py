@@ -48,6 +48,44 @@ def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     return h, total
 
 
+def accumulate_cross(d: torch.Tensor | None, count: int, x_float: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Running mean of ``2 (x_float - x) xᵀ`` over ``count`` earlier and these tokens (``[in, in]``).
+
+    Kept with the Hessian of the same ``x`` (call before :func:`accumulate_hessian` with the same count).
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    dx = x_float.reshape(-1, x.shape[-1]).float() - x
+    if d is None:
+        d = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+    total = count + x.shape[0]
+    d.mul_(count / total)
+    d.addmm_(dx.t(), x, alpha=2.0 / total)
+    return d
+
+
+def float_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                        damp_percent: float) -> torch.Tensor:
+    """The weight whose outputs on the quantized inputs best match the float layer's outputs.
+
+    With ``H = Σ x xᵀ`` over the quantized model's inputs ``x`` and ``D = Σ (x̃ - x) xᵀ`` with the
+    float model's inputs ``x̃``, ``argmin_V Σ ||W x̃ - V x||² = W + W D H⁻¹`` (H damped as GPTQ damps
+    it). GPTQ on that weight minimises ``Σ ||W x̃ - Q x||²``: the error the earlier quantized layers
+    left in the inputs is corrected too (the asymmetric calibration of GPTAQ, Li et al., 2025).
+    """
+    w = weight.float()
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp_percent * torch.mean(torch.diag(h)))
+    lower, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        return weight
+    # (W D) H⁻¹ = (H⁻¹ (W D)ᵀ)ᵀ, H symmetric
+    shift = torch.cholesky_solve((w @ cross.float()).t(), lower).t()
+    shift[:, dead] = 0.0
+    return (w + shift).to(weight.dtype)
+
+
 def _inverse_cholesky(h: torch.Tensor, damp_percent: float, name: str) -> tuple[torch.Tensor, float]:
     mean_diag = torch.mean(torch.diag(h)).item()
     damp = damp_percent

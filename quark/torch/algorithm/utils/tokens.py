@@ -21,14 +21,21 @@ import torch
 MASSIVE_TOKEN_RATIO: float | None = 10.0
 
 
-def capped_tokens(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor:
-    """``x [..., d]`` as ``[tokens, d]`` with every token's peak capped at ``ratio`` × the median peak."""
+def token_weights(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor | None:
+    """Per-token factors ``[tokens, 1]`` that cap each token's peak (None when nothing is capped)."""
     ratio = MASSIVE_TOKEN_RATIO if ratio is None else ratio
     flat = x.reshape(-1, x.shape[-1])
     if ratio is None or flat.shape[0] < 2:
-        return flat
+        return None
     peak = flat.detach().abs().amax(-1, keepdim=True).float()
     limit = float(ratio) * peak.median()
     if limit <= 0 or bool((peak <= limit).all()):
-        return flat
-    return flat * (limit / peak.clamp(min=limit)).to(flat.dtype)
+        return None
+    return (limit / peak.clamp(min=limit)).to(flat.dtype)
+
+
+def capped_tokens(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor:
+    """``x [..., d]`` as ``[tokens, d]`` with every token's peak capped at ``ratio`` × the median peak."""
+    flat = x.reshape(-1, x.shape[-1])
+    weights = token_weights(flat, ratio)
+    return flat if weights is None else flat * weights

@@ -16,6 +16,7 @@ arguments captured at the first layer of their own type.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -299,6 +300,10 @@ def run_layerwise(
     cache = capture_decoder_inputs(model, batches, layers, offload)
     backup = backup if backup is not None else ModelBackup()
     hidden = [a[0] if a else None for a in cache.args]
+    # Steps that match the float model's outputs also get, per layer, an untouched float copy of
+    # the layer and its inputs from the float model (a second stream of hidden states).
+    float_steps = [s for s in steps if getattr(s, "uses_float_inputs", False)] if propagate else []
+    hidden_float = list(hidden) if float_steps else []
     try:
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", leave=False)
         for i in bar:
@@ -314,6 +319,16 @@ def run_layerwise(
                     if h is not None else (move_to(a, device), move_to(k, device))
                     for a, k, h in zip(cache.args, kwargs_list, hidden)
                 ]
+                reference, float_inputs = None, inputs
+                if float_steps:
+                    reference = copy.deepcopy(layer)
+                    float_inputs = [
+                        _with_hidden(move_to(a, device), move_to(k, device), move_to(h, device))
+                        if h is not None else (move_to(a, device), move_to(k, device))
+                        for a, k, h in zip(cache.args, kwargs_list, hidden_float)
+                    ]
+                    for step in float_steps:
+                        step.set_float_reference(reference, float_inputs)
                 with float_linears(layer):
                     for step in steps:
                         with collecting(layer, step, i):
@@ -332,7 +347,12 @@ def run_layerwise(
                             _check_finite(out, name)
                             new_hidden.append(out.to(offload))
                         hidden = new_hidden
-                del inputs
+                if reference is not None:
+                    with float_linears(reference):
+                        hidden_float = [layer_output_tensor(reference(*a, **k)).to(offload) for a, k in float_inputs]
+                    for step in float_steps:
+                        step.set_float_reference(None, [])
+                del inputs, float_inputs, reference
             finally:
                 layer.to(home)
             logger.debug("%s: layer %s done in %.2fs", desc, name, time.perf_counter() - start)
