@@ -88,6 +88,10 @@ RECIPES: list[tuple[str, list[str], list[str]]] = [
     ("9-fp4-a-fp4-scale-fp8", ["--quant_scheme", "w_fp4_a_fp4_scale_fp8"], []),
     ("quarot-fp8-kv-post-rope-hf", ["--quant_scheme", "w_fp8_a_fp8", "--kv_cache_dtype", "fp8", "--kv_cache_post_rope",
                                     "--quant_algo", "quarot", "--model_export", "hf_format"], ["hf_format"]),
+    ("fp8-kv-gptq-hf", ["--quant_scheme", "w_fp8_a_fp8", "--kv_cache_dtype", "fp8", "--quant_algo", "gptq",
+                        "--model_export", "hf_format"], ["hf_format"]),
+    ("int8-quarot-gptq-hf", ["--quant_scheme", "w_int8_a_int8_per_tensor_sym", "--quant_algo", "quarot,gptq",
+                             "--model_export", "hf_format"], ["hf_format"]),
 ]
 
 
@@ -116,7 +120,7 @@ def test_recipe(recipe: tuple[str, list[str], list[str]], tiny_llama_dir: Path, 
     if "--kv_cache_dtype" in flags:
         assert summary["kv_cache_dtype"] == "fp8"
     if "--quant_algo" in flags:
-        assert summary["algorithms"] == [flags[flags.index("--quant_algo") + 1]]
+        assert summary["algorithms"] == flags[flags.index("--quant_algo") + 1].split(",")
     if "hf_format" in formats:
         config = json.loads((out / "config.json").read_text())
         method = "fp8" if "--custom_mode" in flags else "quark"
