@@ -67,20 +67,24 @@ def test_per_tensor_int8_matches_unblocked_reference() -> None:
     torch.testing.assert_close(res.weight, expected, rtol=0, atol=1e-9)
 
 
-def test_fp8_per_tensor_matches_torch_cast_reference() -> None:
+@pytest.mark.parametrize("qscheme", [QSchemeType.per_tensor, QSchemeType.per_channel])
+def test_fp8_matches_torch_cast_reference(qscheme: QSchemeType) -> None:
     w, h, x = _problem(seed=3)
-    scale = float(w.abs().max()) / 448.0
+    per_tensor = qscheme == QSchemeType.per_tensor
+    amax = w.abs().max() if per_tensor else w.abs().amax(dim=1)
+    scale = (amax / 448.0).float().double()  # the quantizer's float32 scale
 
     def fp8(c: torch.Tensor) -> torch.Tensor:
-        return (c.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).double() * scale
+        s = scale if per_tensor else (scale if c.dim() == 1 else scale[:, None])
+        return (c / s).float().clamp(-448, 448).to(torch.float8_e4m3fn).double() * s
 
     expected = _unblocked(w, h, fp8)
-    grid = WeightGrid(Dtype.fp8_e4m3, QSchemeType.per_tensor, w.shape[1], True, RoundType.half_even)
+    grid = WeightGrid(Dtype.fp8_e4m3, qscheme, w.shape[1], True, RoundType.half_even)
     res = gptq_quantize(w, h, grid, block_size=32)
     # the quantizer multiplies in float32 (as the model's FP8 quantizer does), the reference in float64
     torch.testing.assert_close(res.weight, expected, rtol=1e-6, atol=1e-9)
     # every value is an fp8 code times the (float32) scale
-    codes = res.weight / res.scale.float().double()
+    codes = res.weight / (res.scale.float().double() if per_tensor else res.scale.float().double()[:, None])
     torch.testing.assert_close(codes.float().to(torch.float8_e4m3fn).double(), codes, rtol=1e-6, atol=0)
     # and the layer output is closer to the float one than round-to-nearest fp8's
     gptq_err = ((x @ (w - res.weight).t()) ** 2).mean()

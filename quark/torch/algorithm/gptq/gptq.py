@@ -102,7 +102,8 @@ class GptqStep:
 
     def _collect_paired(self, layer: nn.Module, group: Sequence[str], inputs: list[tuple[tuple, dict]]) -> None:
         """Hessians and float-input cross terms of ``group``, batch by batch from both streams."""
-        assert self._reference is not None
+        if self._reference is None:
+            raise RuntimeError("GPTQ match_float_outputs: the runner gave no float copy of the layer")
         float_x: dict[str, torch.Tensor] = {}
         handles = []
 
