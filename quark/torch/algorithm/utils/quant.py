@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
+from quark.torch.quantization.formats.affine import fake_quantize_broadcast
 from quark.torch.quantization.formats.table import FORMATS
 from quark.torch.quantization.observer.observer import range_to_qparams
 
@@ -108,10 +109,8 @@ def minmax_qparams(xmin: torch.Tensor, xmax: torch.Tensor, grid: WeightGrid) -> 
 
 
 def weight_qparams(w: torch.Tensor, grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max qparams of a ``[out, in]`` weight: scalar (per-tensor), ``[out]`` (per-channel) or ``[out, G]``."""
+    """Min-max qparams of a ``[out, in]`` weight: shape ``[out]`` (per-channel) or ``[out, G]``."""
     out, inp = w.shape
-    if grid.qscheme == QSchemeType.per_tensor:
-        return minmax_qparams(w.min().float(), w.max().float(), grid)
     g = w.reshape(out, inp // grid.group_size, grid.group_size).float()
     scale, zp = minmax_qparams(g.amin(-1), g.amax(-1), grid)
     if grid.qscheme == QSchemeType.per_channel:
@@ -121,12 +120,8 @@ def weight_qparams(w: torch.Tensor, grid: WeightGrid) -> tuple[torch.Tensor, tor
 
 def fake_quant_with(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
     """Quantize-dequantize ``x`` with parameters broadcastable to it."""
-    if grid.is_float:  # the quantizer's own FP8 path: saturate, native cast, scale back (float32)
-        info = FORMATS[grid.dtype]
-        s = scale.float()
-        s_div = torch.where(s == 0, torch.full_like(s, torch.finfo(torch.float32).tiny), s)
-        v = (x.float() / s_div).clamp(-info.qmax, info.qmax).to(info.torch_dtype).float()
-        return (v * s).to(x.dtype)
+    if grid.is_float:  # the quantizer's own FP8 arithmetic (float32, native cast)
+        return fake_quantize_broadcast(x, scale, None, grid.dtype)
     xf = x if x.dtype == torch.float64 else x.float()
     q = (round_to_grid(xf / scale, grid.round_method) + zp).clamp(grid.qmin, grid.qmax)
     return ((q - zp) * scale).to(x.dtype)
@@ -136,8 +131,6 @@ def fake_quant_weight(w: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
     """Round-to-nearest fake quantization of a ``[out, in]`` weight with min-max parameters."""
     out, inp = w.shape
     scale, zp = weight_qparams(w, grid)
-    if grid.qscheme == QSchemeType.per_tensor:
-        return fake_quant_with(w, scale, zp, grid)
     if grid.qscheme == QSchemeType.per_channel:
         return fake_quant_with(w, scale[:, None], zp[:, None], grid)
     g = w.reshape(out, inp // grid.group_size, grid.group_size)

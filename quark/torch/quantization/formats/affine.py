@@ -30,7 +30,7 @@ from quark.torch.quantization.formats.floats import _round_grid_f32, code_to_flo
 from quark.torch.quantization.formats.granularity import broadcast_param
 from quark.torch.quantization.formats.table import FORMATS, FormatInfo
 
-__all__ = ["dequantize", "fake_quantize", "quantize"]
+__all__ = ["dequantize", "fake_quantize", "fake_quantize_broadcast", "quantize"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -131,6 +131,28 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch
     if info.kind == "cast":
         return x.to(info.torch_dtype).to(x.dtype)
     s_div, s, zp = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device)
+    return _fake_quantize_with(x, s_div, s, zp, info, round_method)
+
+
+def fake_quantize_broadcast(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                            dtype: Dtype | str, *,
+                            round_method: RoundType | str = RoundType.half_even) -> torch.Tensor:
+    """``fake_quantize`` with ``scale``/``zero_point`` already broadcastable to ``x``.
+
+    For callers that hold parameters in their own layout (the algorithms' searches quantize one
+    column or a stack of groups at a time); no granularity check, the same float32 arithmetic.
+    """
+    info = _scaled_info(dtype, "formats.fake_quantize_broadcast")
+    if info.kind == "cast":
+        return x.to(info.torch_dtype).to(x.dtype)
+    s = scale.to(device=x.device, dtype=torch.float32)
+    s_div = torch.where(s == 0, torch.full_like(s, _TINY), s)
+    zp = None if zero_point is None else zero_point.to(device=x.device, dtype=torch.float32)
+    return _fake_quantize_with(x, s_div, s, zp, info, round_method)
+
+
+def _fake_quantize_with(x: torch.Tensor, s_div: torch.Tensor, s: torch.Tensor, zp: torch.Tensor | None,
+                        info: FormatInfo, round_method: RoundType | str) -> torch.Tensor:
     xf = x.float()
     if info.kind == "int":
         levels = _int_levels(xf, s_div, zp, info, round_method)
