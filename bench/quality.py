@@ -141,6 +141,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
+        clip_steps = None
         if scheme is not None:
             config = schemes.build_config(template, schemes.SchemeRequest(scheme, group_size=group, algorithms=algos,
                                                                           kv_cache_dtype=kv))
@@ -148,6 +149,7 @@ def main() -> None:
                 if algo.name == "gptq":
                     for field, value in GPTQ_FIELDS.get(name, {}).items():
                         setattr(algo, field, value)
+                    clip_steps = algo.clip_search_steps
             ModelQuantizer(config).quantize_model(model, calib)
         seconds = time.perf_counter() - start
         result = perplexity.windowed_perplexity(model, eval_ids, 2048, max_windows=max_windows, desc=name)
@@ -158,8 +160,7 @@ def main() -> None:
                "model": "SmolLM2-135M-Instruct (Q4_1 de-quantized)", "config": name, "scheme": scheme,
                "group_size": group, "algorithms": algos,
                "gptq_token_cap": tokens.MASSIVE_TOKEN_RATIO if "gptq" in algos else None,
-               "gptq_clip_search_steps": next((a.clip_search_steps for a in (config.algo_config or [])
-                                               if a.name == "gptq"), None) if scheme is not None else None,
+               "gptq_clip_search_steps": clip_steps,
                "kv_cache": kv, "metric": "perplexity",
                "value": result.perplexity, "unit": "ppl", "nll": result.nll, "tokens": result.tokens,
                "windows": result.windows,

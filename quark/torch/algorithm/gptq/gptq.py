@@ -74,6 +74,8 @@ class GptqStep:
         self._reference, self._reference_inputs = reference, inputs
 
     def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]:
+        if self._reference is not None and self._only is None:
+            return {}  # apply() collects paired statistics itself; the runner's pass would be discarded
         names = self._only if self._only is not None else set(self.grids[index])
         return {n: layer.get_submodule(n) for n in names}
 

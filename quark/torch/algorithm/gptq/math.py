@@ -171,14 +171,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
     w[:, dead] = 0.0
 
     n_groups = cols // gs
-    scales = torch.zeros(out, n_groups, device=w.device, dtype=work)
-    zeros = torch.zeros(out, n_groups, device=w.device, dtype=work)
     hdiag = torch.diag(h)
     fixed = static_groups or not per_group
     if fixed:
         scales, zeros = group_params(w.reshape(out, n_groups, gs), grid, hdiag.reshape(n_groups, gs),
                                      clip_steps, per_tensor)
         scales, zeros = scales.to(work), zeros.to(work)
+    else:  # filled group by group as the columns are reached
+        scales = torch.zeros(out, n_groups, device=w.device, dtype=work)
+        zeros = torch.zeros(out, n_groups, device=w.device, dtype=work)
 
     perm = None
     if desc_act:

@@ -244,6 +244,16 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     raise RuntimeError("cannot find the hidden-states argument of the decoder layer to replace")
 
 
+def _layer_inputs(args_list: Sequence[tuple], kwargs_list: Sequence[dict], states: Sequence[torch.Tensor | None],
+                  device: torch.device | str) -> list[tuple[tuple, dict]]:
+    """Each batch's (args, kwargs) on ``device`` with its hidden states replaced by ``states``."""
+    return [
+        _with_hidden(move_to(a, device), move_to(k, device), move_to(h, device))
+        if h is not None else (move_to(a, device), move_to(k, device))
+        for a, k, h in zip(args_list, kwargs_list, states)
+    ]
+
+
 class ModelBackup:
     """CPU copies of module states taken before an algorithm changes them, for restoring on error.
 
@@ -314,19 +324,11 @@ def run_layerwise(
             layer.to(device)
             try:
                 kwargs_list = cache.kwargs_for(layer)
-                inputs = [
-                    _with_hidden(move_to(a, device), move_to(k, device), move_to(h, device))
-                    if h is not None else (move_to(a, device), move_to(k, device))
-                    for a, k, h in zip(cache.args, kwargs_list, hidden)
-                ]
+                inputs = _layer_inputs(cache.args, kwargs_list, hidden, device)
                 reference, float_inputs = None, inputs
                 if float_steps:
                     reference = copy.deepcopy(layer)
-                    float_inputs = [
-                        _with_hidden(move_to(a, device), move_to(k, device), move_to(h, device))
-                        if h is not None else (move_to(a, device), move_to(k, device))
-                        for a, k, h in zip(cache.args, kwargs_list, hidden_float)
-                    ]
+                    float_inputs = _layer_inputs(cache.args, kwargs_list, hidden_float, device)
                     for step in float_steps:
                         step.set_float_reference(reference, float_inputs)
                 with float_linears(layer):
