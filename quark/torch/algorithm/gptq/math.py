@@ -63,6 +63,13 @@ def accumulate_cross(d: torch.Tensor | None, count: int, x_float: torch.Tensor, 
     return d
 
 
+def _revive_dead_inputs(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h`` (modified in place) with a unit diagonal for inputs no token used, and their mask."""
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    return h, dead
+
+
 def float_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
                         damp_percent: float) -> torch.Tensor:
     """The weight whose outputs on the quantized inputs best match the float layer's outputs.
@@ -73,9 +80,7 @@ def float_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
     left in the inputs is corrected too (the asymmetric calibration of GPTAQ, Li et al., 2025).
     """
     w = weight.float()
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    h, dead = _revive_dead_inputs(hessian.float().clone())
     h.diagonal().add_(damp_percent * torch.mean(torch.diag(h)))
     lower, info = torch.linalg.cholesky_ex(h)
     if info.item() != 0:
@@ -165,9 +170,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
     # float64 weights are processed in float64 (used by the exactness tests), all else in float32.
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().clone().to(work)
-    h = hessian.detach().clone().to(device=w.device, dtype=work)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    h, dead = _revive_dead_inputs(hessian.detach().clone().to(device=w.device, dtype=work))
     w[:, dead] = 0.0
 
     n_groups = cols // gs

@@ -18,7 +18,7 @@ from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, submodule
 from quark.torch.algorithm.utils.scaling import find_head_dim, scale_fc_fc, scale_norm_fcs
 from quark.torch.algorithm.utils.specs import refresh_weight_qparams
-from quark.torch.quantization.calibration.layerwise import layer_output_tensor
+from quark.torch.quantization.calibration.layerwise import float_linears, layer_output_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,6 @@ def producer_slice(layer: nn.Module, g: ScalingGroup, inputs: list[tuple[tuple, 
     fcs = [submodule(layer, n, f"{owner}.layers") for n in g.layers]
     if not isinstance(prev, nn.Linear) or prev.out_features <= fcs[0].in_features:
         return 0, _n_out(prev)
-    from quark.torch.quantization.calibration.layerwise import float_linears
-
     head_dim = find_head_dim(layer)
     n_prev, n_in = prev.out_features, fcs[0].in_features
     args, kwargs = inputs[0]
