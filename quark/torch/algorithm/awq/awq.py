@@ -3,7 +3,8 @@
 Per scaling group: a 20-point grid over ``alpha``, ``s = mean|x|^alpha`` normalised by
 ``sqrt(max(s) * min(s))``; each candidate is judged by the MSE of ``module2inspect``'s output
 when the group's weights are replaced by ``Q(W * s) / s``. Then, per linear, a clipping search
-shrinks each group's weight range (down to 50%) to minimise the output error. Results are data
+shrinks each group's weight range (down to 55%) to minimise the output error over every
+calibration token (through each group's input covariance). Results are data
 (:class:`ScaleResult`, plus the clipped weights left in the module).
 """
 
@@ -22,6 +23,7 @@ from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_weight, wei
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
 from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn, producer_slice
 from quark.torch.algorithm.utils.specs import weight_spec_for
+from quark.torch.algorithm.utils.tokens import capped_tokens
 from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
 from quark.torch.quantization.config.type import Dtype, QSchemeType
 
@@ -29,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 N_GRID = 20
 CLIP_STEPS = 10  # shrink ratios 1.0, 0.95, ..., 0.55
-CLIP_TOKENS = 512
 
 
 class AwqStep(ScalingStep):
@@ -42,14 +43,15 @@ class AwqStep(ScalingStep):
         super().__init__(groups, layers)
         self.grids = grids
         self._mse = loss_fn("MSE")
-        self._clip_inputs: dict[str, torch.Tensor] = {}
+        self._clip_covariances: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def search(self, layer: nn.Module, index: int, inputs: list) -> list[ScaleResult]:
         head_dim = find_head_dim(layer)
         grids = self.grids[index]
         results = []
-        self._clip_inputs = {}
+        self._clip_covariances = {}
+        skip = self._clip_skip(index)
         for g in self.active[index]:
             quantized = [n for n in g.layers if n in grids]
             if not quantized:
@@ -76,10 +78,15 @@ class AwqStep(ScalingStep):
             if best is None:
                 raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
             results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start))
-            for n in g.layers:
-                if n in grids:
-                    se = expand_scales(best, x.shape[-1], head_dim).to(x.dtype)
-                    self._clip_inputs[n] = x / se
+            clipped = [n for n in quantized if n not in skip]
+            if clipped:
+                scaled = x / expand_scales(best, x.shape[-1], head_dim).to(x.dtype)
+                by_size: dict[int, torch.Tensor] = {}
+                for n in clipped:
+                    gs = grids[n].group_size
+                    if gs not in by_size:
+                        by_size[gs] = group_input_covariance(scaled, gs)
+                    self._clip_covariances[n] = by_size[gs]
         return results
 
     def _clip_skip(self, index: int) -> set[str]:
@@ -89,37 +96,53 @@ class AwqStep(ScalingStep):
 
     @torch.no_grad()
     def after_scaling(self, layer: nn.Module, index: int, results: list[ScaleResult]) -> None:
-        skip = self._clip_skip(index)
-        for name, x in self._clip_inputs.items():
-            if name in skip:
-                continue
+        for name, cov in self._clip_covariances.items():
             fc = submodule(layer, name, f"{self.owner}.layers")
-            fc.weight.data.copy_(clip_search(fc.weight.data, x, self.grids[index][name]))
-        self._clip_inputs = {}
+            fc.weight.data.copy_(clip_search(fc.weight.data, cov, self.grids[index][name]))
+        self._clip_covariances = {}
 
 
 @torch.no_grad()
-def clip_search(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, oc_chunk: int = 256) -> torch.Tensor:
-    """Clip each (row, group) of ``w`` to the shrink ratio that minimises the group's output error."""
+def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int = 8192) -> torch.Tensor:
+    """``[groups, gs, gs]``: each input group's second moment ``mean_t x_g x_gᵀ`` over all tokens.
+
+    Massive tokens are capped as in GPTQ's Hessian (:mod:`quark.torch.algorithm.utils.tokens`).
+    """
+    x = capped_tokens(x)
+    cols = x.shape[-1]
+    cov = torch.zeros(cols // group_size, group_size, group_size, device=x.device, dtype=torch.float32)
+    for t0 in range(0, x.shape[0], token_chunk):
+        xs = x[t0:t0 + token_chunk].float().reshape(-1, cols // group_size, group_size)
+        cov += torch.einsum("ngk,ngl->gkl", xs, xs)
+    return cov / max(x.shape[0], 1)
+
+
+@torch.no_grad()
+def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: int = 256) -> torch.Tensor:
+    """Clip each (row, group) of ``w`` to the shrink ratio that minimises the group's output error.
+
+    The error of a group ``e = Q(clip(w_g)) - w_g`` on the outputs is ``mean_t (x_g · e)²
+    = e C_g eᵀ`` with ``C_g = cov[g]`` the group's input covariance
+    (:func:`group_input_covariance`), so every calibration token counts
+    (AutoAWQ samples 512 of them; SmolLM2-135M int4 g64: 27.09 -> 27.01 on WikiText-2 test,
+    23.58 -> 23.49 on validation).
+    """
     out, cols = w.shape
     gs = grid.group_size
-    # A seeded random subset: a stride that divides the sample length would pick every sample's
-    # first token (an attention sink with massive activations) and over-weight it.
-    if x.shape[0] > CLIP_TOKENS:
-        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:CLIP_TOKENS].to(x.device)]
-    xs = x.float().reshape(-1, cols // gs, gs)
+    if cov.shape != (cols // gs, gs, gs):
+        raise ValueError(f"clip_search: covariance of shape {tuple(cov.shape)} does not match {cols} inputs in "
+                         f"groups of {gs}")
     clipped = []
     for o0 in range(0, out, oc_chunk):
         wg = w[o0:o0 + oc_chunk].float().reshape(-1, cols // gs, gs)
-        ref = torch.einsum("ngk,ogk->nog", xs, wg)
         max0 = wg.abs().amax(-1, keepdim=True)
         best_err = torch.full(max0.shape[:2], float("inf"), device=w.device)
         best_max = max0.clone()
         for i in range(CLIP_STEPS):
             mx = max0 * (1 - i / N_GRID)
             cur = torch.maximum(torch.minimum(wg, mx), -mx)
-            q = fake_quant_weight(cur.reshape(-1, cols), grid).reshape(wg.shape)
-            err = (torch.einsum("ngk,ogk->nog", xs, q) - ref).pow(2).mean(0)
+            e = fake_quant_weight(cur.reshape(-1, cols), grid).reshape(wg.shape) - wg
+            err = torch.einsum("ogk,gkl,ogl->og", e, cov, e)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better[..., None], mx, best_max)

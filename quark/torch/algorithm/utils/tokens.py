@@ -9,7 +9,8 @@ the *mean* diagonal) over-regularises every other column. Leaving the token out 
 (its output matters: perplexity 30.1 → 48.1 on SmolLM2 int4 g64), so instead each token's
 contribution is capped: a token whose peak |activation| exceeds ``MASSIVE_TOKEN_RATIO`` × the
 median token peak of its batch is scaled down to that peak, keeping its direction (30.1 → 28.6;
-RTN 30.7, float 21.8; ``bench/quality.py``, README).
+RTN 30.7, float 21.8; ``bench/quality.py``, README). AWQ's clipping search caps its input
+covariance the same way (``awq.group_input_covariance``).
 """
 
 from __future__ import annotations
