@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quark.torch.algorithm.utils.batching import merge_calls
 from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, submodule
 from quark.torch.algorithm.utils.scaling import find_head_dim, scale_fc_fc, scale_norm_fcs
@@ -58,6 +59,9 @@ class ScalingStep:
     """
 
     owner = "scaling"
+    #: Whether searches may run merged calls (:meth:`_batched`); a search whose candidates quantize
+    #: activations with parameters taken from each call's own tensor must see the calls as recorded.
+    merge_search_calls = True
 
     def __init__(self, groups: Sequence[ScalingGroup], layers: Sequence[nn.Module]) -> None:
         self.groups = list(groups)
@@ -68,6 +72,7 @@ class ScalingStep:
         ]
         self.inputs: dict[str, list[tuple[tuple, dict]]] = {}
         self.results: list[ScaleResult] = []
+        self._merge_ok: dict[str, bool] = {}
 
     def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]:
         names: dict[str, nn.Module] = {}
@@ -97,12 +102,41 @@ class ScalingStep:
         return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs], 0)
 
     def inspect_calls(self, layer: nn.Module, g: ScalingGroup) -> tuple[nn.Module, list[tuple[tuple, dict]]]:
-        """The module whose output the search compares, and its recorded calls."""
+        """The module whose output the search compares, and its recorded calls (merged into batches)."""
         if g.module2inspect:
             m = submodule(layer, g.module2inspect, f"{self.owner}.module2inspect")
-            calls = self.inputs[g.module2inspect]
-            return m, [(a, k if (g.has_kwargs or not a) else {}) for a, k in calls]
-        return submodule(layer, g.layers[0], f"{self.owner}.layers"), self.inputs[g.inp]
+            calls = [(a, k if (g.has_kwargs or not a) else {}) for a, k in self.inputs[g.module2inspect]]
+            return m, self._batched(g.module2inspect, m, calls)
+        m = submodule(layer, g.layers[0], f"{self.owner}.layers")
+        return m, self._batched(g.layers[0], m, self.inputs[g.inp])
+
+    def _batched(self, name: str, module: nn.Module, calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+        """``calls`` merged along the batch (:mod:`.batching`) when that gives the same outputs.
+
+        The first time a module name is seen, the first merged call is checked against the calls
+        it replaces; a module that mixes samples (or a merge that changes the result) keeps its
+        recorded calls from then on.
+        """
+        merged = merge_calls(calls) if self.merge_search_calls else None
+        if merged is None or self._merge_ok.get(name) is False:
+            return calls
+        if name not in self._merge_ok:
+            first = self.run(module, merged[:1])[0]
+            parts, seen = [], 0
+            for call in calls:
+                if seen >= first.shape[0]:
+                    break
+                out = self.run(module, [call])[0]
+                parts.append(out)
+                seen += out.shape[0]
+            single = torch.cat(parts, 0).float()
+            ok = first.shape == single.shape and bool((first.float() - single).norm() <= 1e-4 * single.norm() + 1e-12)
+            self._merge_ok[name] = ok
+            if not ok:
+                logger.info("%s: %s changes its output when calibration calls are merged; running them one by one",
+                            self.owner, name)
+                return calls
+        return merged
 
     @staticmethod
     def run(module: nn.Module, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:

@@ -1,0 +1,101 @@
+"""Merging recorded calibration calls along the batch: same outputs, fewer forwards, safe fallback."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from tiny_models import make_batches, make_model
+from torch import nn
+
+from quark.torch import ModelQuantizer
+from quark.torch.algorithm.utils import batching, scaling_step
+from quark.torch.algorithm.utils.batching import merge_calls
+from quark.torch.algorithm.utils.scaling_step import ScalingStep
+from quark.torch.quantization.config.config import AutoSmoothQuantConfig, AWQConfig, Config, QuantizationConfig
+from quark.torch.quantization.config.custom_config import INT8_PER_TENSOR_SPEC, UINT4_PER_GROUP_ASYM_SPEC
+
+CALIB = make_batches(6, seq=32, seed=1)
+HELD_OUT = make_batches(2, seq=32, seed=2)
+
+
+def test_tensors_with_the_batch_dim_are_concatenated_and_shared_ones_kept() -> None:
+    shared = torch.arange(6.0).reshape(1, 6)  # dim0 == batch (1): concatenated
+    cache_pos = torch.arange(6)  # no batch dim, same everywhere: kept once
+    calls = [((torch.full((1, 6, 3), float(i)),), {"pos": shared, "cache_position": cache_pos, "flag": True,
+                                                     "rope": (shared, shared)}) for i in range(5)]
+    merged = merge_calls(calls, max_tokens=12)
+    assert merged is not None and len(merged) == 3  # 2 + 2 + 1 calls of 6 tokens each
+    (x,), kw = merged[0]
+    assert x.shape == (2, 6, 3) and torch.equal(x[1], torch.full((6, 3), 1.0))
+    assert kw["pos"].shape == (2, 6) and kw["cache_position"] is cache_pos and kw["flag"] is True
+    assert kw["rope"][0].shape == (2, 6)
+    assert merged[2][0][0].shape == (1, 6, 3)
+
+
+def test_calls_that_cannot_merge_are_refused() -> None:
+    a = ((torch.zeros(1, 4, 2),), {"mask": torch.zeros(4)})
+    b = ((torch.zeros(1, 4, 2),), {"mask": torch.ones(4)})  # differs and has no batch dim
+    assert merge_calls([a, b]) is None
+    c = ((torch.zeros(1, 5, 2),), {})  # another sequence length
+    assert merge_calls([((torch.zeros(1, 4, 2),), {}), c]) is None
+    assert merge_calls([a]) is None  # nothing to merge
+    assert merge_calls([((torch.zeros(1, 4, 2),), {"n": 1}), ((torch.zeros(1, 4, 2),), {"n": 2})]) is None
+
+
+class _MixesSamples(nn.Module):
+    """Normalises over the batch: merging samples changes its output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+
+def test_a_module_that_mixes_samples_keeps_its_recorded_calls() -> None:
+    step = ScalingStep([], [])
+    calls = [((torch.randn(1, 4, 3),), {}) for _ in range(3)]
+    assert step._batched("mix", _MixesSamples(), calls) is calls
+    assert step._merge_ok["mix"] is False
+    lin = nn.Linear(3, 2)
+    merged = step._batched("lin", lin, calls)
+    assert len(merged) == 1 and step._merge_ok["lin"] is True
+
+
+def _count_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    calls = {"merged": 0}
+    real = batching.merge_calls
+
+    def counting(c, max_tokens=batching.MERGE_TOKENS):
+        out = real(c, max_tokens)
+        calls["merged"] += out is not None
+        return out
+
+    monkeypatch.setattr(scaling_step, "merge_calls", counting)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "mistral", "phi3"])
+def test_awq_with_merged_calls_gives_the_per_call_model(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(family)
+    spec = replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=32)
+    config = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["lm_head"], algo_config=[AWQConfig()])
+    counted = _count_merges(monkeypatch)
+    merged = copy.deepcopy(model)
+    ModelQuantizer(config).quantize_model(merged, CALIB)
+    assert counted["merged"] > 0
+    monkeypatch.setattr(scaling_step, "merge_calls", lambda c, max_tokens=0: None)
+    single = copy.deepcopy(model)
+    ModelQuantizer(config).quantize_model(single, CALIB)
+    with torch.no_grad():
+        for b in HELD_OUT:
+            torch.testing.assert_close(merged(b).logits, single(b).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_autosmoothquant_keeps_calls_as_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its candidates quantize activations per call (ranges from the call itself): merging would change them."""
+    int8 = QuantizationConfig(weight=INT8_PER_TENSOR_SPEC, input_tensors=INT8_PER_TENSOR_SPEC)
+    config = Config(global_quant_config=int8, exclude=["lm_head"], pre_quant_opt_config=[AutoSmoothQuantConfig()])
+    counted = _count_merges(monkeypatch)
+    ModelQuantizer(config).quantize_model(make_model("llama"), CALIB)
+    assert counted["merged"] == 0
