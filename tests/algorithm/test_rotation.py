@@ -174,3 +174,18 @@ def test_wrong_structure_is_caught_by_the_final_check_and_undone(monkeypatch):
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
     assert not any(hasattr(m, "qk_rotation") or getattr(m, "input_rotation", None) is not None
                    or m._forward_pre_hooks for m in model.modules())
+
+
+def test_smoothing_listed_before_a_rotation_is_warned(caplog):
+    from quark.torch.quantization.config.config import SmoothQuantConfig
+
+    model = make_model("llama")
+    config = Config(global_quant_config=QuantizationConfig(weight=INT8_PER_CHANNEL_SPEC), exclude=["lm_head"])
+    with caplog.at_level("WARNING", logger="quark.torch.algorithm.api"):
+        apply_pre_quant_optimization(model, [SmoothQuantConfig(), RotationConfig()], config, make_batches(2), "cpu")
+    assert "runs SmoothQuantConfig before RotationConfig" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quark.torch.algorithm.api"):
+        apply_pre_quant_optimization(make_model("llama"), [RotationConfig(), SmoothQuantConfig()], config,
+                                     make_batches(2), "cpu")
+    assert "before" not in caplog.text

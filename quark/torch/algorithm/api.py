@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 _PRE = ("SmoothQuantConfig", "AutoSmoothQuantConfig", "RotationConfig", "QuaRotConfig")
 _ADVANCED = ("AWQConfig", "GPTQConfig")
+_SMOOTHING = ("SmoothQuantConfig", "AutoSmoothQuantConfig")
+_ROTATIONS = ("RotationConfig", "QuaRotConfig")
 
 
 def _kind(cfg: Any, allowed: Sequence[str], stage: str) -> str:
@@ -39,10 +41,22 @@ def _kind(cfg: Any, allowed: Sequence[str], stage: str) -> str:
     raise ValueError(f"{stage}: {type(cfg).__name__} is not one of: {', '.join(allowed)}")
 
 
+def _warn_scaling_before_rotation(kinds: Sequence[str]) -> None:
+    """Configs run in list order; a rotation after a smoothing step mixes the channels it balanced."""
+    rotations = [i for i, k in enumerate(kinds) if k in _ROTATIONS]
+    for i, kind in enumerate(kinds):
+        later = [kinds[j] for j in rotations if j > i]
+        if kind in _SMOOTHING and later:
+            logger.warning("Config.pre_quant_opt_config runs %s before %s: the rotation mixes the channels that "
+                           "%s balanced, so its per-channel scales no longer line up with the outliers; list "
+                           "the rotation first (e.g. --quant_algo quarot,smoothquant)", kind, later[0], kind)
+
+
 def apply_pre_quant_optimization(model: nn.Module, configs: list, config: Any, batches: list,
                                  device: torch.device | str) -> None:
     """Apply each pre-quantization optimization in ``configs`` to the float ``model`` in order."""
     kinds = [_kind(c, _PRE, "Config.pre_quant_opt_config") for c in configs]
+    _warn_scaling_before_rotation(kinds)
     backup = ModelBackup()
     try:
         for cfg, kind in zip(configs, kinds):
