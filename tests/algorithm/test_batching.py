@@ -11,9 +11,10 @@ from tiny_models import make_batches, make_model
 from torch import nn
 
 from quark.torch import ModelQuantizer
-from quark.torch.algorithm.utils import batching, scaling_step
-from quark.torch.algorithm.utils.batching import merge_calls
+from quark.torch.algorithm.utils import scaling_step
 from quark.torch.algorithm.utils.scaling_step import ScalingStep
+from quark.torch.quantization.calibration import batching, layerwise
+from quark.torch.quantization.calibration.batching import merge_calls
 from quark.torch.quantization.config.config import AutoSmoothQuantConfig, AWQConfig, Config, QuantizationConfig
 from quark.torch.quantization.config.custom_config import INT8_PER_TENSOR_SPEC, UINT4_PER_GROUP_ASYM_SPEC
 
@@ -72,7 +73,13 @@ def _count_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         return out
 
     monkeypatch.setattr(scaling_step, "merge_calls", counting)
+    monkeypatch.setattr(layerwise, "merge_calls", counting)
     return calls
+
+
+def _no_merges(monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in (scaling_step, layerwise):
+        monkeypatch.setattr(module, "merge_calls", lambda c, max_tokens=0: None)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "mistral", "phi3"])
@@ -84,7 +91,7 @@ def test_awq_with_merged_calls_gives_the_per_call_model(family: str, monkeypatch
     merged = copy.deepcopy(model)
     ModelQuantizer(config).quantize_model(merged, CALIB)
     assert counted["merged"] > 0
-    monkeypatch.setattr(scaling_step, "merge_calls", lambda c, max_tokens=0: None)
+    _no_merges(monkeypatch)
     single = copy.deepcopy(model)
     ModelQuantizer(config).quantize_model(single, CALIB)
     with torch.no_grad():
@@ -99,3 +106,60 @@ def test_autosmoothquant_keeps_calls_as_recorded(monkeypatch: pytest.MonkeyPatch
     counted = _count_merges(monkeypatch)
     ModelQuantizer(config).quantize_model(make_model("llama"), CALIB)
     assert counted["merged"] == 0
+
+
+def _decoder_batch_sizes(model: nn.Module) -> list[int]:
+    seen: list[int] = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, a, k: seen.append(_hidden(a, k).shape[0]), with_kwargs=True)
+    return seen
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def test_gptq_runs_merged_batches_and_matches_per_batch_without_token_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hessian is a sum over tokens: merging batches changes nothing once the massive-token cap is off."""
+    from quark.torch.algorithm.utils import tokens
+    from quark.torch.quantization.config.config import GPTQConfig
+    from quark.torch.quantization.config.custom_config import INT4_PER_GROUP_SYM_SPEC
+
+    monkeypatch.setattr(tokens, "MASSIVE_TOKEN_RATIO", None)
+    model = make_model("llama")
+    weight = QuantizationConfig(weight=replace(INT4_PER_GROUP_SYM_SPEC, group_size=32))
+    config = Config(global_quant_config=weight, exclude=["lm_head"], algo_config=[GPTQConfig()])
+    merged = copy.deepcopy(model)
+    sizes = _decoder_batch_sizes(merged)
+    ModelQuantizer(config).quantize_model(merged, CALIB)
+    assert max(sizes) == len(CALIB)  # the six one-sample batches ran as one
+    with monkeypatch.context() as m:
+        for module in (scaling_step, layerwise):
+            m.setattr(module, "merge_calls", lambda c, max_tokens=0: None)
+        single = copy.deepcopy(model)
+        ModelQuantizer(config).quantize_model(single, CALIB)
+    with torch.no_grad():
+        for b in HELD_OUT:
+            torch.testing.assert_close(merged(b).logits, single(b).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_runner_keeps_batches_when_a_merged_call_changes_the_layer_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quark.torch.quantization.config.config import GPTQConfig
+    from quark.torch.quantization.config.custom_config import INT4_PER_GROUP_SYM_SPEC
+
+    monkeypatch.setattr(layerwise, "same_outputs", lambda run, merged, calls: False)
+    model = make_model("llama")
+    sizes = _decoder_batch_sizes(model)
+    weight = QuantizationConfig(weight=replace(INT4_PER_GROUP_SYM_SPEC, group_size=32))
+    config = Config(global_quant_config=weight, exclude=["lm_head"], algo_config=[GPTQConfig()])
+    ModelQuantizer(config).quantize_model(model, CALIB)
+    assert sizes and max(sizes) == 1
+
+
+def test_split_like_restores_per_call_outputs() -> None:
+    calls = [((torch.full((b, 3, 2), float(i)),), {}) for i, b in enumerate([1, 2, 1, 3])]
+    merged = merge_calls(calls, max_tokens=9)
+    assert merged is not None and [batching.call_batch(c) for c in merged] == [3, 1, 3]
+    parts = batching.split_like([c[0][0] * 2 for c in merged], merged, calls)
+    for (args, _), part in zip(calls, parts):
+        torch.testing.assert_close(part, args[0] * 2)

@@ -38,14 +38,15 @@ def test_replay_reproduces_full_model(family):
     step = _Recorder()
     run_layerwise(model, batches, [step], "cpu")
     # Final norm + head on the last layer's replayed outputs equals the full forward's logits.
+    # The runner hands the step the batches merged (batching.py): compare all tokens at once.
     with torch.no_grad():
-        for batch, hidden in zip(batches, step.last):
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            ref = model(batch, use_cache=False).logits
-            base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-            norm = getattr(base, "norm", None) or base.final_layer_norm
-            logits = model.get_output_embeddings()(norm(hidden))
-            assert torch.allclose(logits, ref, atol=1e-5, rtol=1e-5)
+        hidden = torch.cat([h[0] if isinstance(h, tuple) else h for h in step.last], 0)
+        assert hidden.shape[0] == len(batches)
+        ref = torch.cat([model(batch, use_cache=False).logits for batch in batches], 0)
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        norm = getattr(base, "norm", None) or base.final_layer_norm
+        logits = model.get_output_embeddings()(norm(hidden))
+        assert torch.allclose(logits, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_batch_formats_and_bad_batch():

@@ -71,7 +71,7 @@ class AutoSmoothQuantStep(ScalingStep):
     """Per-layer SmoothQuant whose alpha is searched per group (``ALPHA_GRID``)."""
 
     owner = "AutoSmoothQuantConfig"
-    merge_search_calls = False  # candidates quantize each call's activations with that call's own range
+    keeps_calls_as_recorded = True  # candidates quantize each call's activations with that call's own range
 
     def __init__(self, groups: Sequence[ScalingGroup], layers: Sequence[nn.Module],
                  specs: list[dict[str, tuple[Any, Any]]], loss: str, clamp_min: float = 1e-3) -> None:

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quark.torch.algorithm.utils.batching import merge_calls
 from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, submodule
 from quark.torch.algorithm.utils.scaling import find_head_dim, scale_fc_fc, scale_norm_fcs
 from quark.torch.algorithm.utils.specs import refresh_weight_qparams
+from quark.torch.quantization.calibration.batching import merge_calls, same_outputs
 from quark.torch.quantization.calibration.layerwise import float_linears, layer_output_tensor
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ class ScalingStep:
     """
 
     owner = "scaling"
-    #: Whether searches may run merged calls (:meth:`_batched`); a search whose candidates quantize
-    #: activations with parameters taken from each call's own tensor must see the calls as recorded.
-    merge_search_calls = True
+    #: True for a search whose candidates quantize activations with parameters taken from each
+    #: call's own tensor: it must see the calibration calls as recorded, never merged.
+    keeps_calls_as_recorded = False
 
     def __init__(self, groups: Sequence[ScalingGroup], layers: Sequence[nn.Module]) -> None:
         self.groups = list(groups)
@@ -111,26 +111,17 @@ class ScalingStep:
         return m, self._batched(g.layers[0], m, self.inputs[g.inp])
 
     def _batched(self, name: str, module: nn.Module, calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-        """``calls`` merged along the batch (:mod:`.batching`) when that gives the same outputs.
+        """``calls`` merged along the batch (:mod:`quark.torch.quantization.calibration.batching`).
 
         The first time a module name is seen, the first merged call is checked against the calls
         it replaces; a module that mixes samples (or a merge that changes the result) keeps its
         recorded calls from then on.
         """
-        merged = merge_calls(calls) if self.merge_search_calls else None
+        merged = None if self.keeps_calls_as_recorded else merge_calls(calls)
         if merged is None or self._merge_ok.get(name) is False:
             return calls
         if name not in self._merge_ok:
-            first = self.run(module, merged[:1])[0]
-            parts, seen = [], 0
-            for call in calls:
-                if seen >= first.shape[0]:
-                    break
-                out = self.run(module, [call])[0]
-                parts.append(out)
-                seen += out.shape[0]
-            single = torch.cat(parts, 0).float()
-            ok = first.shape == single.shape and bool((first.float() - single).norm() <= 1e-4 * single.norm() + 1e-12)
+            ok = same_outputs(lambda call: self.run(module, [call])[0], merged[0], calls)
             self._merge_ok[name] = ok
             if not ok:
                 logger.info("%s: %s changes its output when calibration calls are merged; running them one by one",

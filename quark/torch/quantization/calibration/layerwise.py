@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
+from quark.torch.quantization.calibration.batching import merge_calls, same_outputs, split_like
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,10 @@ class LayerStep(Protocol):
 
     ``targets`` names the sub-modules (relative to the decoder layer) whose forwards ``collect``
     should see; ``apply`` changes the layer in place once all calibration batches were seen. It
-    receives the layer's inputs (``[(args, kwargs)]`` per batch, on the compute device) so search
-    algorithms can re-run the layer or parts of it.
+    receives the layer's inputs (``[(args, kwargs)]`` on the compute device) so search algorithms
+    can re-run the layer or parts of it. The runner merges calibration batches along the batch
+    dimension (``batching.py``) when the layer's outputs allow it; a step that needs each batch as
+    recorded (statistics taken per batch) sets ``keeps_calls_as_recorded = True``.
     """
 
     def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]: ...
@@ -284,6 +288,10 @@ class ModelBackup:
         self._ids.clear()
 
 
+def _layer_call(layer: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
+    return layer_output_tensor(layer(*call[0], **call[1]))
+
+
 def _check_finite(t: torch.Tensor, where: str) -> None:
     if torch.isnan(t).any():
         raise RuntimeError(f"NaN in the outputs of decoder layer {where}; the run was stopped")
@@ -314,6 +322,11 @@ def run_layerwise(
     # the layer and its inputs from the float model (a second stream of hidden states).
     float_steps = [s for s in steps if getattr(s, "uses_float_inputs", False)] if propagate else []
     hidden_float = list(hidden) if float_steps else []
+    # Calibration batches run merged (batching.py) unless a step needs them as recorded; the first
+    # layer checks that a merged call reproduces the batches it replaces.
+    merge_ok: bool | None = None
+    if float_steps or any(getattr(s, "keeps_calls_as_recorded", False) for s in steps):
+        merge_ok = False
     try:
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", leave=False)
         for i in bar:
@@ -332,29 +345,38 @@ def run_layerwise(
                     for step in float_steps:
                         step.set_float_reference(reference, float_inputs)
                 with float_linears(layer):
+                    runs = inputs
+                    merged = None if merge_ok is False else merge_calls(inputs)
+                    if merged is not None and merge_ok is None:
+                        merge_ok = same_outputs(functools.partial(_layer_call, layer), merged[0], inputs)
+                        if not merge_ok:
+                            logger.info("%s: %s changes its output when calibration batches are merged; running "
+                                        "them one by one", desc, type(layer).__name__)
+                    if merged is not None and merge_ok:
+                        runs = merged
                     for step in steps:
                         with collecting(layer, step, i):
-                            for args, kwargs in inputs:
+                            for args, kwargs in runs:
                                 layer(*args, **kwargs)
                     backup.save(layer)
                     for step in steps:
-                        step.apply(layer, i, inputs)
+                        step.apply(layer, i, runs)
                     for p in layer.parameters():
                         if torch.isnan(p).any():
                             raise RuntimeError(f"NaN in the weights of decoder layer {name} after the algorithm")
                     if propagate:
-                        new_hidden = []
-                        for args, kwargs in inputs:
+                        outs = []
+                        for args, kwargs in runs:
                             out = layer_output_tensor(layer(*args, **kwargs))
                             _check_finite(out, name)
-                            new_hidden.append(out.to(offload))
-                        hidden = new_hidden
+                            outs.append(out.to(offload))
+                        hidden = outs if runs is inputs else split_like(outs, runs, inputs)
                 if reference is not None:
                     with float_linears(reference):
                         hidden_float = [layer_output_tensor(reference(*a, **k)).to(offload) for a, k in float_inputs]
                     for step in float_steps:
                         step.set_float_reference(None, [])
-                del inputs, float_inputs, reference
+                del inputs, runs, float_inputs, reference
             finally:
                 layer.to(home)
             logger.debug("%s: layer %s done in %.2fs", desc, name, time.perf_counter() - start)

@@ -1,10 +1,12 @@
-"""Recorded module calls merged along the batch dimension, so a search runs a few large forwards.
+"""Calibration calls merged along the batch dimension, so a layer or module runs a few large forwards.
 
-AWQ and AutoSmoothQuant evaluate a module (``self_attn``, ``mlp``, ...) on every recorded
-calibration call once per grid point; with 128 one-sample calls that is thousands of tiny
-forwards per layer, bound by kernel launches on a GPU. Calls are merged when each tensor
-argument either has the call's batch size as its first dimension (concatenated) or is the same
-in every call (kept once); anything else keeps the calls as recorded.
+The layerwise runner feeds each decoder layer every calibration batch several times (collect,
+re-collect per GPTQ sub-group, propagate) and AWQ evaluates a module on every recorded call once
+per grid point; with 128 one-sample batches that is thousands of tiny forwards per layer, bound
+by kernel launches on a GPU. Calls are merged when each tensor argument either has the call's
+batch size as its first dimension (concatenated) or is the same in every call (kept once);
+anything else keeps the calls as they are. Callers check once that a merged call gives the
+outputs of the calls it replaces (:func:`same_outputs`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,43 @@ Call = tuple[tuple, dict]
 
 #: Tokens (batch × sequence) per merged call: bounds the search's activation memory.
 MERGE_TOKENS = 16384
+
+
+def call_batch(call: Call) -> int:
+    """The batch size of a call: the first dimension of its first tensor argument (1 if none)."""
+    t = _first_tensor(call)
+    return 1 if t is None or t.dim() == 0 else int(t.shape[0])
+
+
+def split_like(outputs: list[torch.Tensor], merged: list[Call], calls: list[Call]) -> list[torch.Tensor]:
+    """Per-call outputs from the outputs of ``merged`` (the merge of ``calls``, in order)."""
+    sizes = [call_batch(c) for c in calls]
+    parts: list[torch.Tensor] = []
+    k = 0
+    for out, run in zip(outputs, merged):
+        n, take = call_batch(run), []
+        while n > 0:
+            take.append(sizes[k])
+            n -= sizes[k]
+            k += 1
+        parts.extend(out.split(take, 0) if len(take) > 1 else [out])
+    if k != len(calls):
+        raise RuntimeError(f"split_like: merged calls cover {k} of {len(calls)} calls")
+    return parts
+
+
+def same_outputs(run: Any, merged: Call, calls: list[Call]) -> bool:
+    """Whether ``run(merged)`` equals the concatenated ``run(call)`` of the calls it replaces."""
+    first = run(merged).float()
+    parts, seen = [], 0
+    for call in calls:
+        if seen >= first.shape[0]:
+            break
+        out = run(call)
+        parts.append(out)
+        seen += out.shape[0]
+    single = torch.cat(parts, 0).float()
+    return first.shape == single.shape and bool((first - single).norm() <= 1e-4 * single.norm() + 1e-12)
 
 
 def _first_tensor(call: Call) -> torch.Tensor | None:
