@@ -124,8 +124,7 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
     The error of a group ``e = Q(clip(w_g)) - w_g`` on the outputs is ``mean_t (x_g · e)²
     = e C_g eᵀ`` with ``C_g = cov[g]`` the group's input covariance
     (:func:`group_input_covariance`), so every calibration token counts
-    (AutoAWQ samples 512 of them; SmolLM2-135M int4 g64: 27.09 -> 27.01 on WikiText-2 test,
-    23.58 -> 23.49 on validation).
+    (AutoAWQ samples 512 of them) at no extra cost.
     """
     out, cols = w.shape
     gs = grid.group_size
