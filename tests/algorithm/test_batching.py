@@ -77,9 +77,19 @@ def _count_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return calls
 
 
-def _no_merges(monkeypatch: pytest.MonkeyPatch) -> None:
-    for module in (scaling_step, layerwise):
-        monkeypatch.setattr(module, "merge_calls", lambda c, max_tokens=0: None)
+
+def _assert_merged_matches_per_call(model: nn.Module, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantize copies of ``model`` with merging on, then off; their logits must agree."""
+    merged = copy.deepcopy(model)
+    ModelQuantizer(config).quantize_model(merged, CALIB)
+    with monkeypatch.context() as m:
+        for module in (scaling_step, layerwise):
+            m.setattr(module, "merge_calls", lambda c, max_tokens=0: None)
+        single = copy.deepcopy(model)
+        ModelQuantizer(config).quantize_model(single, CALIB)
+    with torch.no_grad():
+        for b in HELD_OUT:
+            torch.testing.assert_close(merged(b).logits, single(b).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "mistral", "phi3"])
@@ -88,15 +98,8 @@ def test_awq_with_merged_calls_gives_the_per_call_model(family: str, monkeypatch
     spec = replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=32)
     config = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["lm_head"], algo_config=[AWQConfig()])
     counted = _count_merges(monkeypatch)
-    merged = copy.deepcopy(model)
-    ModelQuantizer(config).quantize_model(merged, CALIB)
+    _assert_merged_matches_per_call(model, config, monkeypatch)
     assert counted["merged"] > 0
-    _no_merges(monkeypatch)
-    single = copy.deepcopy(model)
-    ModelQuantizer(config).quantize_model(single, CALIB)
-    with torch.no_grad():
-        for b in HELD_OUT:
-            torch.testing.assert_close(merged(b).logits, single(b).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_autosmoothquant_keeps_calls_as_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,18 +132,9 @@ def test_gptq_runs_merged_batches_and_matches_per_batch_without_token_cap(monkey
     model = make_model("llama")
     weight = QuantizationConfig(weight=replace(INT4_PER_GROUP_SYM_SPEC, group_size=32))
     config = Config(global_quant_config=weight, exclude=["lm_head"], algo_config=[GPTQConfig()])
-    merged = copy.deepcopy(model)
-    sizes = _decoder_batch_sizes(merged)
-    ModelQuantizer(config).quantize_model(merged, CALIB)
+    sizes = _decoder_batch_sizes(model)
+    _assert_merged_matches_per_call(model, config, monkeypatch)
     assert max(sizes) == len(CALIB)  # the six one-sample batches ran as one
-    with monkeypatch.context() as m:
-        for module in (scaling_step, layerwise):
-            m.setattr(module, "merge_calls", lambda c, max_tokens=0: None)
-        single = copy.deepcopy(model)
-        ModelQuantizer(config).quantize_model(single, CALIB)
-    with torch.no_grad():
-        for b in HELD_OUT:
-            torch.testing.assert_close(merged(b).logits, single(b).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_runner_keeps_batches_when_a_merged_call_changes_the_layer_output(monkeypatch: pytest.MonkeyPatch) -> None:
