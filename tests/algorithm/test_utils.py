@@ -93,3 +93,10 @@ def test_auto_config_command(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, check=True, timeout=120)
     cfg = json.loads(out.stdout)
     assert cfg["model_decoder_layers"] == "model.layers" and len(cfg["scaling_layers"]) == 4
+
+
+def test_candidate_slices_tail_then_head_longest_first():
+    from quark.torch.algorithm.utils.scaling import candidate_slices
+
+    assert list(candidate_slices(12, [12, 8, 4, 16])) == [(0, 12), (4, 8), (0, 8), (8, 4), (0, 4)]
+    assert list(candidate_slices(3, [4])) == []

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from quark.torch.algorithm.utils.model_info import _norm_like, discover_scaling_groups
+from quark.torch.algorithm.utils.scaling import candidate_slices
 from quark.torch.quantization.calibration.layerwise import (
     capture_decoder_inputs,
     find_decoder_layers,
@@ -371,12 +372,9 @@ def find_value_slice(layer: nn.Module, args: tuple, kwargs: dict, attn: str, o_n
                   if isinstance(m, nn.Linear) and n.startswith(attn + ".") and n not in (o_name, hint)]
     lengths = [n for n in range(o.in_features, 0, -head_dim) if n % head_dim == 0 and o.in_features % n == 0]
     for name in names:
-        out_features = layer.get_submodule(name).out_features
-        for length in lengths:
-            starts = [0] if length == out_features else [out_features - length, 0]
-            for start in starts if length <= out_features else []:
-                if _value_slice_ok(layer, args, kwargs, base, name, start, length, o_name, head_dim):
-                    return name, start, length
+        for start, length in candidate_slices(layer.get_submodule(name).out_features, lengths):
+            if _value_slice_ok(layer, args, kwargs, base, name, start, length, o_name, head_dim):
+                return name, start, length
     raise ValueError(f"QuaRotConfig: no Linear of {attn} (tried {names}) produces the attention values read by "
                      f"{o_name}; set QuaRotConfig.v_proj and o_proj to the value and output projections")
 

@@ -12,7 +12,7 @@ are reduced back to kv channels (:func:`reduce_to_prev`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +45,18 @@ def reduce_to_prev(stat: torch.Tensor, n_prev: int, head_dim: int | None = None,
         return stat
     v = stat.view(n_prev // head_dim, rep, head_dim)
     return (v.amax(1) if how == "max" else v.mean(1)).reshape(n_prev)
+
+
+def candidate_slices(n_out: int, lengths: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """``(start, length)`` row windows of a fused producer's ``n_out`` outputs that a consumer may read.
+
+    In the order fused layouts make likely: for each length (callers pass the longest first), the
+    tail (``q|k|v`` puts the values last, ``gate|up`` the up projection), then the head.
+    """
+    for length in lengths:
+        if length <= n_out:
+            for start in dict.fromkeys((n_out - length, 0)):
+                yield start, length
 
 
 def _check_fc_inputs(fcs: Sequence[nn.Linear], n: int, owner: str) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, submodule
-from quark.torch.algorithm.utils.scaling import find_head_dim, scale_fc_fc, scale_norm_fcs
+from quark.torch.algorithm.utils.scaling import candidate_slices, find_head_dim, scale_fc_fc, scale_norm_fcs
 from quark.torch.algorithm.utils.specs import refresh_weight_qparams
 from quark.torch.quantization.calibration.batching import merge_calls, same_outputs
 from quark.torch.quantization.calibration.layerwise import float_linears, layer_output_tensor
@@ -178,17 +178,16 @@ def producer_slice(layer: nn.Module, g: ScalingGroup, inputs: list[tuple[tuple, 
     generator = torch.Generator().manual_seed(0)
     with float_linears(layer):
         base = layer_output_tensor(layer(*args, **kwargs)).float()
-        for m in lengths:
-            for start in dict.fromkeys((n_prev - m, 0)):
-                s = torch.rand(m, generator=generator) + 0.5
-                try:
-                    scale_fc_fc(prev, fcs, s, head_dim, start=start)
-                    out = layer_output_tensor(layer(*args, **kwargs)).float()
-                finally:
-                    for p, v in zip(params, saved):
-                        p.copy_(v)
-                if (out - base).norm() <= 1e-4 * base.norm():
-                    return start, m
+        for start, m in candidate_slices(n_prev, lengths):
+            s = torch.rand(m, generator=generator) + 0.5
+            try:
+                scale_fc_fc(prev, fcs, s, head_dim, start=start)
+                out = layer_output_tensor(layer(*args, **kwargs)).float()
+            finally:
+                for p, v in zip(params, saved):
+                    p.copy_(v)
+            if (out - base).norm() <= 1e-4 * base.norm():
+                return start, m
     raise ValueError(f"{owner}: no slice of {g.prev_op}'s {n_prev} outputs feeds {g.layers} ({n_in} inputs) "
                      "unchanged; check the scaling group")
 
