@@ -208,12 +208,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
                 scales[:, g], zeros[:, g] = sg[:, 0], zg[:, 0]
             c = w1[:, i]
             q = fake_quant_with(c, scales[:, g], zeros[:, g], grid)
-            d = hinv1[i, i]
             q_all[:, col] = q
-            losses += (c - q) ** 2 / d**2 / 2
-            e = (c - q) / d
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            e = (c - q) / hinv1[i, i]
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
             err1[:, i] = e
+        losses += err1.pow(2).sum(1) / 2  # (c - q)² / d² / 2 per column
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if perm is not None:
         q_all = q_all[:, torch.argsort(perm)]

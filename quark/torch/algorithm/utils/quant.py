@@ -123,6 +123,8 @@ def fake_quant_with(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid
     if grid.is_float:  # the quantizer's own FP8 arithmetic (float32, native cast)
         return fake_quantize_broadcast(x, scale, None, grid.dtype)
     xf = x if x.dtype == torch.float64 else x.float()
+    if grid.symmetric and grid.qmin < 0:  # signed symmetric grids have zero point 0 (range_to_qparams)
+        return (round_to_grid(xf / scale, grid.round_method).clamp(grid.qmin, grid.qmax) * scale).to(x.dtype)
     q = (round_to_grid(xf / scale, grid.round_method) + zp).clamp(grid.qmin, grid.qmax)
     return ((q - zp) * scale).to(x.dtype)
 
