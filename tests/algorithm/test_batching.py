@@ -67,7 +67,7 @@ def _count_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     calls = {"merged": 0}
     real = batching.merge_calls
 
-    def counting(c, max_tokens=batching.MERGE_TOKENS):
+    def counting(c, max_tokens=None):
         out = real(c, max_tokens)
         calls["merged"] += out is not None
         return out
@@ -157,3 +157,26 @@ def test_split_like_restores_per_call_outputs() -> None:
     parts = batching.split_like([c[0][0] * 2 for c in merged], merged, calls)
     for (args, _), part in zip(calls, parts):
         torch.testing.assert_close(part, args[0] * 2)
+
+
+def test_merge_tokens_is_read_at_call_time_and_zero_disables(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = [((torch.zeros(1, 8, 2),), {}) for _ in range(4)]
+    assert len(merge_calls(calls)) == 1
+    monkeypatch.setattr(batching, "MERGE_TOKENS", 16)
+    assert len(merge_calls(calls)) == 2
+    monkeypatch.setattr(batching, "MERGE_TOKENS", 0)
+    assert merge_calls(calls) is None
+
+
+def test_out_of_memory_on_the_merged_call_keeps_the_batches(caplog: pytest.LogCaptureFixture) -> None:
+    calls = [((torch.ones(1, 4, 2),), {}) for _ in range(3)]
+    merged = merge_calls(calls)
+
+    def run(call):
+        if call[0][0].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return call[0][0]
+
+    assert batching.same_outputs(run, merged[0], calls) is False
+    assert "ran out of device memory" in caplog.text
+    assert batching.same_outputs(lambda c: c[0][0] * 2, merged[0], calls) is True

@@ -11,14 +11,18 @@ outputs of the calls it replaces (:func:`same_outputs`).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 Call = tuple[tuple, dict]
 
-#: Tokens (batch × sequence) per merged call: bounds the search's activation memory.
+#: Tokens (batch × sequence) per merged call, read at each call: bounds the activation memory of
+#: a merged forward. 0 runs every calibration batch as given.
 MERGE_TOKENS = 16384
+
+logger = logging.getLogger(__name__)
 
 
 def call_batch(call: Call) -> int:
@@ -45,8 +49,20 @@ def split_like(outputs: list[torch.Tensor], merged: list[Call], calls: list[Call
 
 
 def same_outputs(run: Any, merged: Call, calls: list[Call]) -> bool:
-    """Whether ``run(merged)`` equals the concatenated ``run(call)`` of the calls it replaces."""
-    first = run(merged).float()
+    """Whether ``run(merged)`` equals the concatenated ``run(call)`` of the calls it replaces.
+
+    Running out of device memory on the merged call also answers False (logged): the caller then
+    keeps the calls as they are.
+    """
+    try:
+        first = run(merged).float()
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.warning("a merged calibration batch of %d samples ran out of device memory; running the "
+                       "batches one by one (lower batching.MERGE_TOKENS=%d to merge fewer)", call_batch(merged),
+                       MERGE_TOKENS)
+        return False
     parts, seen = [], 0
     for call in calls:
         if seen >= first.shape[0]:
@@ -118,9 +134,10 @@ def _merge_group(calls: list[Call]) -> Call | None:
     return tuple(args), merged_kwargs
 
 
-def merge_calls(calls: list[Call], max_tokens: int = MERGE_TOKENS) -> list[Call] | None:
-    """The calls merged into chunks of at most ``max_tokens`` tokens, or None if they cannot merge."""
-    if len(calls) < 2:
+def merge_calls(calls: list[Call], max_tokens: int | None = None) -> list[Call] | None:
+    """The calls merged into chunks of at most ``max_tokens`` (default ``MERGE_TOKENS``) tokens, or None."""
+    max_tokens = MERGE_TOKENS if max_tokens is None else max_tokens
+    if len(calls) < 2 or max_tokens <= 0:
         return None
     sizes = []
     for call in calls:
