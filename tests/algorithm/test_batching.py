@@ -154,7 +154,7 @@ def test_split_like_restores_per_call_outputs() -> None:
     calls = [((torch.full((b, 3, 2), float(i)),), {}) for i, b in enumerate([1, 2, 1, 3])]
     merged = merge_calls(calls, max_tokens=9)
     assert merged is not None and [batching.call_batch(c) for c in merged] == [3, 1, 3]
-    parts = batching.split_like([c[0][0] * 2 for c in merged], merged, calls)
+    parts = batching.split_like([c[0][0] * 2 for c in merged], merged, [1, 2, 1, 3])
     for (args, _), part in zip(calls, parts):
         torch.testing.assert_close(part, args[0] * 2)
 

@@ -31,9 +31,8 @@ def call_batch(call: Call) -> int:
     return 1 if t is None or t.dim() == 0 else int(t.shape[0])
 
 
-def split_like(outputs: list[torch.Tensor], merged: list[Call], calls: list[Call]) -> list[torch.Tensor]:
-    """Per-call outputs from the outputs of ``merged`` (the merge of ``calls``, in order)."""
-    sizes = [call_batch(c) for c in calls]
+def split_like(outputs: list[torch.Tensor], merged: list[Call], sizes: list[int]) -> list[torch.Tensor]:
+    """Per-call outputs from the outputs of ``merged``, the merge of calls with batch ``sizes`` (in order)."""
     parts: list[torch.Tensor] = []
     k = 0
     for out, run in zip(outputs, merged):
@@ -43,8 +42,8 @@ def split_like(outputs: list[torch.Tensor], merged: list[Call], calls: list[Call
             n -= sizes[k]
             k += 1
         parts.extend(out.split(take, 0) if len(take) > 1 else [out])
-    if k != len(calls):
-        raise RuntimeError(f"split_like: merged calls cover {k} of {len(calls)} calls")
+    if k != len(sizes):
+        raise RuntimeError(f"split_like: merged calls cover {k} of {len(sizes)} calls")
     return parts
 
 
@@ -113,12 +112,7 @@ def _merge_value(values: list[Any], batches: list[int]) -> tuple[bool, Any]:
 
 
 def _merge_group(calls: list[Call]) -> Call | None:
-    batches = []
-    for call in calls:
-        t = _first_tensor(call)
-        if t is None or t.dim() < 2:
-            return None
-        batches.append(t.shape[0])
+    batches = [call_batch(c) for c in calls]
     args0, kwargs0 = calls[0]
     if any(len(a) != len(args0) or k.keys() != kwargs0.keys() for a, k in calls):
         return None

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
-from quark.torch.quantization.calibration.batching import merge_calls, same_outputs, split_like
+from quark.torch.quantization.calibration.batching import call_batch, merge_calls, same_outputs, split_like
 
 logger = logging.getLogger(__name__)
 
@@ -338,14 +338,14 @@ def run_layerwise(
             try:
                 kwargs_list = cache.kwargs_for(layer)
                 inputs = _layer_inputs(cache.args, kwargs_list, hidden, device)
-                reference, float_inputs = None, inputs
+                reference, float_inputs = None, []
                 if float_steps:
                     reference = copy.deepcopy(layer)
                     float_inputs = _layer_inputs(cache.args, kwargs_list, hidden_float, device)
                     for step in float_steps:
                         step.set_float_reference(reference, float_inputs)
                 with float_linears(layer):
-                    runs = inputs
+                    runs, sizes = inputs, None
                     merged = None if merge_ok is False else merge_calls(inputs)
                     if merged is not None and merge_ok is None:
                         merge_ok = same_outputs(functools.partial(_layer_call, layer), merged[0], inputs)
@@ -353,7 +353,9 @@ def run_layerwise(
                             logger.info("%s: %s changes its output when calibration batches are merged; running "
                                         "them one by one", desc, type(layer).__name__)
                     if merged is not None and merge_ok:
-                        runs = merged
+                        runs, sizes = merged, [call_batch(c) for c in inputs]
+                        inputs = []  # the merged copies replace them on the device
+                    del merged
                     for step in steps:
                         with collecting(layer, step, i):
                             for args, kwargs in runs:
@@ -370,7 +372,7 @@ def run_layerwise(
                             out = layer_output_tensor(layer(*args, **kwargs))
                             _check_finite(out, name)
                             outs.append(out.to(offload))
-                        hidden = outs if runs is inputs else split_like(outs, runs, inputs)
+                        hidden = outs if sizes is None else split_like(outs, runs, sizes)
                 if reference is not None:
                     with float_linears(reference):
                         hidden_float = [layer_output_tensor(reference(*a, **k)).to(offload) for a, k in float_inputs]
