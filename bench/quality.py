@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import platform
@@ -51,6 +52,7 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "fp8_gptq_no_kv": ("w_fp8_a_fp8", None, ["gptq"], None),
     "int8_smoothquant": ("w_int8_a_int8_per_tensor_sym", None, ["smoothquant"], None),
     "int8_smoothquant_gptq": ("w_int8_a_int8_per_tensor_sym", None, ["smoothquant", "gptq"], None),
+    "int8_smoothquant_mse": ("w_int8_a_int8_per_tensor_sym", None, ["smoothquant"], None),
     "int8_quarot": ("w_int8_a_int8_per_tensor_sym", None, ["quarot"], None),
     "int8_quarot_gptq": ("w_int8_a_int8_per_tensor_sym", None, ["quarot", "gptq"], None),
     "int4_g64_rtn": ("w_int4_per_group_sym", 64, [], None),
@@ -64,13 +66,17 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "fp8_quarot_no_kv": ("w_fp8_a_fp8", None, ["quarot"], None),
     "fp8_rotation_no_kv": ("w_fp8_a_fp8", None, ["rotation"], None),
 }
-DEFAULT_SCHEMES = ["float", "fp8", "fp8_no_kv", "fp8_gptq", "int8_smoothquant", "int8_quarot", "int8_quarot_gptq",
+DEFAULT_SCHEMES = ["float", "fp8", "fp8_no_kv", "fp8_gptq", "int8_smoothquant", "int8_smoothquant_mse", "int8_quarot",
+                   "int8_quarot_gptq",
                    "int4_g64_rtn", "int4_g64_awq", "int4_g64_gptq", "int4_g64_gptq_reference",
                    "int4_per_channel_rtn", "int4_per_channel_gptq", "mxfp4"]
 # The "reference" GPTQ row runs amd-quark's numerics: no massive-token cap in the Hessian
 # (quark/torch/algorithm/utils/tokens.py) and min-max group ranges (GPTQConfig.clip_search_steps=0).
 TOKEN_RATIO: dict[str, float | None] = {"int4_g64_gptq_reference": None}
 GPTQ_FIELDS: dict[str, dict[str, object]] = {"int4_g64_gptq_reference": {"clip_search_steps": 0}}
+# Rows whose activation observer differs from the scheme's (min-max): the MSE observer picks the
+# per-tensor range that minimises the histogram's quantization error, clipping the sink's peak.
+ACT_OBSERVER: dict[str, str] = {"int8_smoothquant_mse": "PerTensorMSEObserver"}
 
 
 def fetch_model() -> Path:
@@ -147,6 +153,9 @@ def main() -> None:
         if scheme is not None:
             config = schemes.build_config(template, schemes.SchemeRequest(scheme, group_size=group, algorithms=algos,
                                                                           kv_cache_dtype=kv))
+            if name in ACT_OBSERVER:
+                config.global_quant_config.input_tensors = dataclasses.replace(
+                    config.global_quant_config.input_tensors, observer_cls=ACT_OBSERVER[name])
             for algo in config.algo_config or []:
                 if algo.name == "gptq":
                     for field, value in GPTQ_FIELDS.get(name, {}).items():
@@ -163,7 +172,7 @@ def main() -> None:
                "group_size": group, "algorithms": algos,
                "gptq_token_cap": tokens.MASSIVE_TOKEN_RATIO if "gptq" in algos else None,
                "gptq_clip_search_steps": clip_steps,
-               "kv_cache": kv, "metric": "perplexity",
+               "kv_cache": kv, "activation_observer": ACT_OBSERVER.get(name), "metric": "perplexity",
                "value": result.perplexity, "unit": "ppl", "nll": result.nll, "tokens": result.tokens,
                "windows": result.windows,
                "ratio_to_float": None if float_ppl is None else result.perplexity / float_ppl,
