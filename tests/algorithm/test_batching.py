@@ -19,6 +19,20 @@ from quark.torch.quantization.config.config import AutoSmoothQuantConfig, AWQCon
 from quark.torch.quantization.config.custom_config import INT8_PER_TENSOR_SPEC, UINT4_PER_GROUP_ASYM_SPEC
 
 CALIB = make_batches(6, seq=32, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _merge_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests run on CPU, where merging is off by default (``batching.MERGE_ON_CPU``)."""
+    monkeypatch.setattr(batching, "MERGE_ON_CPU", True)
+
+
+def test_merging_is_off_on_cpu_by_default_and_on_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "MERGE_ON_CPU", False)
+    assert not batching.merging_enabled("cpu")
+    assert batching.merging_enabled("cuda")
+    monkeypatch.setattr(batching, "MERGE_TOKENS", 0)
+    assert not batching.merging_enabled("cuda")
 HELD_OUT = make_batches(2, seq=32, seed=2)
 
 

@@ -18,7 +18,7 @@ from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, submodule
 from quark.torch.algorithm.utils.scaling import candidate_slices, find_head_dim, scale_fc_fc, scale_norm_fcs
 from quark.torch.algorithm.utils.specs import refresh_weight_qparams
-from quark.torch.quantization.calibration.batching import merge_calls, same_outputs
+from quark.torch.quantization.calibration.batching import merge_calls, merging_enabled, same_outputs
 from quark.torch.quantization.calibration.layerwise import float_linears, layer_output_tensor
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,8 @@ class ScalingStep:
         it replaces; a module that mixes samples (or a merge that changes the result) keeps its
         recorded calls from then on.
         """
-        merged = None if self.keeps_calls_as_recorded else merge_calls(calls)
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        merged = None if self.keeps_calls_as_recorded or not merging_enabled(device) else merge_calls(calls)
         if merged is None or self._merge_ok.get(name) is False:
             return calls
         if name not in self._merge_ok:

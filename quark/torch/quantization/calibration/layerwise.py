@@ -30,7 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
-from quark.torch.quantization.calibration.batching import call_batch, merge_calls, same_outputs, split_like
+from quark.torch.quantization.calibration.batching import (
+    call_batch,
+    merge_calls,
+    merging_enabled,
+    same_outputs,
+    split_like,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +331,8 @@ def run_layerwise(
     # Calibration batches run merged (batching.py) unless a step needs them as recorded; the first
     # layer checks that a merged call reproduces the batches it replaces.
     merge_ok: bool | None = None
-    if float_steps or any(getattr(s, "keeps_calls_as_recorded", False) for s in steps):
+    if (float_steps or any(getattr(s, "keeps_calls_as_recorded", False) for s in steps)
+            or not merging_enabled(device)):
         merge_ok = False
     try:
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", leave=False)
