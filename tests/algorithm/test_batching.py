@@ -11,9 +11,8 @@ from tiny_models import make_batches, make_model
 from torch import nn
 
 from quark.torch import ModelQuantizer
-from quark.torch.algorithm.utils import scaling_step
 from quark.torch.algorithm.utils.scaling_step import ScalingStep
-from quark.torch.quantization.calibration import batching, layerwise
+from quark.torch.quantization.calibration import batching
 from quark.torch.quantization.calibration.batching import merge_calls
 from quark.torch.quantization.config.config import AutoSmoothQuantConfig, AWQConfig, Config, QuantizationConfig
 from quark.torch.quantization.config.custom_config import INT8_PER_TENSOR_SPEC, UINT4_PER_GROUP_ASYM_SPEC
@@ -86,8 +85,7 @@ def _count_merges(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         calls["merged"] += out is not None
         return out
 
-    monkeypatch.setattr(scaling_step, "merge_calls", counting)
-    monkeypatch.setattr(layerwise, "merge_calls", counting)
+    monkeypatch.setattr(batching, "merge_calls", counting)
     return calls
 
 
@@ -97,8 +95,7 @@ def _assert_merged_matches_per_call(model: nn.Module, config: Config, monkeypatc
     merged = copy.deepcopy(model)
     ModelQuantizer(config).quantize_model(merged, CALIB)
     with monkeypatch.context() as m:
-        for module in (scaling_step, layerwise):
-            m.setattr(module, "merge_calls", lambda c, max_tokens=0: None)
+        m.setattr(batching, "merge_calls", lambda c, max_tokens=0: None)
         single = copy.deepcopy(model)
         ModelQuantizer(config).quantize_model(single, CALIB)
     with torch.no_grad():
@@ -155,7 +152,7 @@ def test_runner_keeps_batches_when_a_merged_call_changes_the_layer_output(monkey
     from quark.torch.quantization.config.config import GPTQConfig
     from quark.torch.quantization.config.custom_config import INT4_PER_GROUP_SYM_SPEC
 
-    monkeypatch.setattr(layerwise, "same_outputs", lambda run, merged, calls: False)
+    monkeypatch.setattr(batching, "same_outputs", lambda run, merged, calls: False)
     model = make_model("llama")
     sizes = _decoder_batch_sizes(model)
     weight = QuantizationConfig(weight=replace(INT4_PER_GROUP_SYM_SPEC, group_size=32))

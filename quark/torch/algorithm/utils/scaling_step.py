@@ -18,7 +18,7 @@ from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, submodule
 from quark.torch.algorithm.utils.scaling import candidate_slices, find_head_dim, scale_fc_fc, scale_norm_fcs
 from quark.torch.algorithm.utils.specs import refresh_weight_qparams
-from quark.torch.quantization.calibration.batching import merge_calls, merging_enabled, same_outputs
+from quark.torch.quantization.calibration.batching import checked_merge
 from quark.torch.quantization.calibration.layerwise import float_linears, layer_output_tensor
 
 logger = logging.getLogger(__name__)
@@ -117,18 +117,14 @@ class ScalingStep:
         it replaces; a module that mixes samples (or a merge that changes the result) keeps its
         recorded calls from then on.
         """
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        merged = None if self.keeps_calls_as_recorded or not merging_enabled(device) else merge_calls(calls)
-        if merged is None or self._merge_ok.get(name) is False:
+        if self.keeps_calls_as_recorded:
             return calls
-        if name not in self._merge_ok:
-            ok = same_outputs(lambda call: self.run(module, [call])[0], merged[0], calls)
-            self._merge_ok[name] = ok
-            if not ok:
-                logger.info("%s: %s changes its output when calibration calls are merged; running them one by one",
-                            self.owner, name)
-                return calls
-        return merged
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        runs, verdict = checked_merge(calls, lambda call: self.run(module, [call])[0], self._merge_ok.get(name),
+                                      device, f"{self.owner}: {name}")
+        if verdict is not None:
+            self._merge_ok[name] = verdict
+        return runs
 
     @staticmethod
     def run(module: nn.Module, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:

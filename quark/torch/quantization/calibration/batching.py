@@ -34,6 +34,25 @@ def merging_enabled(device: torch.device | str) -> bool:
     return MERGE_TOKENS > 0 and (torch.device(device).type != "cpu" or MERGE_ON_CPU)
 
 
+def checked_merge(calls: list[Call], run: Any, verdict: bool | None, device: torch.device | str,
+                  what: str) -> tuple[list[Call], bool | None]:
+    """``(calls to run, verdict)``: ``calls`` merged when merging is on for ``device`` and allowed.
+
+    ``verdict`` carries the caller's decision between calls: False keeps calls as given, None
+    checks once (:func:`same_outputs` on the first merged call, logged when refused), True merges.
+    """
+    if verdict is False or not merging_enabled(device):
+        return calls, verdict
+    merged = merge_calls(calls)
+    if merged is None:
+        return calls, verdict
+    if verdict is None:
+        verdict = same_outputs(run, merged[0], calls)
+        if not verdict:
+            logger.info("%s changes its output when calibration calls are merged; running them one by one", what)
+    return (merged if verdict else calls), verdict
+
+
 def call_batch(call: Call) -> int:
     """The batch size of a call: the first dimension of its first tensor argument (1 if none)."""
     t = _first_tensor(call)

@@ -30,13 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
-from quark.torch.quantization.calibration.batching import (
-    call_batch,
-    merge_calls,
-    merging_enabled,
-    same_outputs,
-    split_like,
-)
+from quark.torch.quantization.calibration.batching import call_batch, checked_merge, split_like
 
 logger = logging.getLogger(__name__)
 
@@ -331,8 +325,7 @@ def run_layerwise(
     # Calibration batches run merged (batching.py) unless a step needs them as recorded; the first
     # layer checks that a merged call reproduces the batches it replaces.
     merge_ok: bool | None = None
-    if (float_steps or any(getattr(s, "keeps_calls_as_recorded", False) for s in steps)
-            or not merging_enabled(device)):
+    if float_steps or any(getattr(s, "keeps_calls_as_recorded", False) for s in steps):
         merge_ok = False
     try:
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", leave=False)
@@ -352,17 +345,12 @@ def run_layerwise(
                     for step in float_steps:
                         step.set_float_reference(reference, float_inputs)
                 with float_linears(layer):
-                    runs, sizes = inputs, None
-                    merged = None if merge_ok is False else merge_calls(inputs)
-                    if merged is not None and merge_ok is None:
-                        merge_ok = same_outputs(functools.partial(_layer_call, layer), merged[0], inputs)
-                        if not merge_ok:
-                            logger.info("%s: %s changes its output when calibration batches are merged; running "
-                                        "them one by one", desc, type(layer).__name__)
-                    if merged is not None and merge_ok:
-                        runs, sizes = merged, [call_batch(c) for c in inputs]
+                    runs, merge_ok = checked_merge(inputs, functools.partial(_layer_call, layer), merge_ok, device,
+                                                   f"{desc}: {type(layer).__name__}")
+                    sizes = None
+                    if runs is not inputs:
+                        sizes = [call_batch(c) for c in inputs]
                         inputs = []  # the merged copies replace them on the device
-                    del merged
                     for step in steps:
                         with collecting(layer, step, i):
                             for args, kwargs in runs:
