@@ -2,7 +2,9 @@
 
 One JSON row per grid: the best of ``--repeats`` wall times of ``gptq_quantize`` (act-order, static
 groups, no clipping search) and of round-to-nearest (``fake_quant_weight``) on the same weight in
-the same process, and their ratio. The Hessian comes from 4,096 random Gaussian tokens.
+the same process, and their ratio. On CUDA also the column loop run eagerly instead of as replayed
+CUDA graphs (``columns.USE_CUDA_GRAPHS``), as ``eager_over_graphs``. The Hessian comes from 4,096
+random Gaussian tokens.
 
 Usage: ``python bench/bench_gptq.py [--device cpu|cuda] [--repeats 3]``.
 """
@@ -17,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from quark.torch.algorithm.gptq import columns
 from quark.torch.algorithm.gptq.math import accumulate_hessian, gptq_quantize
 from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_weight
 from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
@@ -51,14 +54,22 @@ def main() -> None:
     weight = torch.randn(576, 1536, generator=gen).to(device)
     hessian, _ = accumulate_hessian(None, 0, torch.randn(4096, 1536, generator=gen).to(device))
     for name, grid in GRIDS.items():
-        gptq_s = best_time(lambda g=grid: gptq_quantize(weight, hessian, g, desc_act=True, static_groups=True),
-                           args.repeats, device)
+        def run(g: WeightGrid = grid) -> object:
+            return gptq_quantize(weight, hessian, g, desc_act=True, static_groups=True)
+
+        gptq_s = best_time(run, args.repeats, device)
+        row: dict[str, object] = {}
+        if device.type == "cuda":
+            columns.USE_CUDA_GRAPHS = False
+            eager_s = best_time(run, args.repeats, device)
+            columns.USE_CUDA_GRAPHS = True
+            row = {"gptq_eager_seconds": eager_s, "eager_over_graphs": eager_s / gptq_s}
         rtn_grid = grid if grid.qscheme != QSchemeType.per_tensor else None
         rtn_s = best_time(lambda g=rtn_grid: fake_quant_weight(weight, g) if g is not None else
                           weight.to(torch.float8_e4m3fn).float(), args.repeats, device)
         print(json.dumps({"bench": "gptq_loop", "device": str(device), "torch": torch.__version__,
                           "python": platform.python_version(), "grid": name, "shape": [576, 1536],
-                          "gptq_seconds": gptq_s, "rtn_seconds": rtn_s, "gptq_over_rtn": gptq_s / rtn_s}),
+                          "gptq_seconds": gptq_s, "rtn_seconds": rtn_s, "gptq_over_rtn": gptq_s / rtn_s, **row}),
               flush=True)
 
 

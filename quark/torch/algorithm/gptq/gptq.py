@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quark.torch.algorithm.gptq.columns import clear_graph_cache
 from quark.torch.algorithm.gptq.math import (
     accumulate_cross,
     accumulate_hessian,
@@ -206,6 +207,9 @@ class GptqProcessor(AlgorithmProcessor):
 
     def apply(self, backup: ModelBackup | None = None) -> None:
         step = self.build_step()
-        run_layerwise(self.model, self.data, [step], self.device,
-                      decoder_path=getattr(self.cfg, "model_decoder_layers", None) or None,
-                      backup=backup, desc="GPTQ")
+        try:
+            run_layerwise(self.model, self.data, [step], self.device,
+                          decoder_path=getattr(self.cfg, "model_decoder_layers", None) or None,
+                          backup=backup, desc="GPTQ")
+        finally:
+            clear_graph_cache()

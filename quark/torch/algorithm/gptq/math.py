@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quark.torch.algorithm.gptq.columns import column_loop, quantize_block
 from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_with, minmax_qparams
 from quark.torch.quantization.config.type import QSchemeType
 
@@ -191,27 +192,29 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
     hinv, damp = _inverse_cholesky(h, damp_percent, name)
 
     block = max(block_size // gs, 1) * gs if per_group else block_size
-    # column -> its group, as Python ints: indexing a CUDA ``perm`` per column would sync every step
-    group_of = [int(c) // gs for c in (perm.tolist() if perm is not None else range(cols))]
+    # column -> its group (in the permuted order), for gathering each block's per-column parameters
+    group_of = torch.arange(cols, device=w.device) if perm is None else perm
+    group_of = torch.div(group_of, gs, rounding_mode="floor")
     q_all = torch.zeros_like(w)
     losses = torch.zeros(out, device=w.device, dtype=work)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = group_of[col]
-            if not fixed and col % gs == 0:
-                sg, zg = group_params(w1[:, None, i:i + gs], grid, hdiag[None, col:col + gs], clip_steps)
+        if fixed:
+            cols_g = group_of[i1:i2]
+            q1, err1 = quantize_block(w[:, i1:i2], hinv1, scales.index_select(1, cols_g),
+                                      zeros.index_select(1, cols_g), grid)
+        else:  # no act-order here: the block holds whole groups, each ranged when its first column is reached
+            w1 = w[:, i1:i2].clone()
+            q1, err1 = torch.empty_like(w1), torch.empty_like(w1)
+            s1, z1 = torch.empty_like(w1), torch.empty_like(w1)
+            for i in range(0, i2 - i1, gs):
+                g = (i1 + i) // gs
+                sg, zg = group_params(w1[:, None, i:i + gs], grid, hdiag[None, i1 + i:i1 + i + gs], clip_steps)
                 scales[:, g], zeros[:, g] = sg[:, 0], zg[:, 0]
-            c = w1[:, i]
-            q = fake_quant_with(c, scales[:, g], zeros[:, g], grid)
-            q_all[:, col] = q
-            e = (c - q) / hinv1[i, i]
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
-            err1[:, i] = e
+                s1[:, i:i + gs], z1[:, i:i + gs] = sg, zg
+                column_loop(w1, hinv1, s1, z1, grid, q1, err1, i, i + gs)
+        q_all[:, i1:i2] = q1
         losses += err1.pow(2).sum(1) / 2  # (c - q)² / d² / 2 per column
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if perm is not None:

@@ -1,0 +1,119 @@
+"""GPTQ's sequential column loop over one block, run eagerly or replayed as a CUDA graph.
+
+The loop quantizes one column at a time and spreads its rounding error over the block's later
+columns: ~10 small kernels per column, so on a GPU it is bound by kernel launches, not by
+arithmetic. When every column's grid parameters are known before the block starts (static groups,
+per-channel, per-tensor), the whole block is captured once per shape as a CUDA graph and replayed:
+the same kernels on the same values, so the result is bit-identical to the eager loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_with
+
+logger = logging.getLogger(__name__)
+
+USE_CUDA_GRAPHS = True  # read at call time; False runs every block eagerly
+MAX_CACHED_GRAPHS = 16
+
+_GraphKey = tuple[torch.device, int, int, torch.dtype, WeightGrid]
+
+
+def column_loop(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid: WeightGrid,
+                q1: torch.Tensor, err1: torch.Tensor, start: int, stop: int) -> None:
+    """Quantize columns ``start..stop-1`` of the block ``w1 [out, B]`` in place.
+
+    ``scales``/``zeros`` are ``[out, B]`` (column ``i``'s grid parameters in column ``i``);
+    ``hinv1 [B, B]`` is the block of the inverse Hessian's upper Cholesky factor. Writes the
+    quantized columns into ``q1`` and the scaled errors ``(w - q) / d`` into ``err1``; the later
+    columns of ``w1`` receive each error's update.
+    """
+    for i in range(start, stop):
+        c = w1[:, i]
+        q = fake_quant_with(c, scales[:, i], zeros[:, i], grid)
+        q1[:, i] = q
+        e = (c - q) / hinv1[i, i]
+        w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
+        err1[:, i] = e
+
+
+@dataclass
+class _BlockGraph:
+    """A captured :func:`column_loop` over a whole block and the static tensors it reads and writes."""
+
+    graph: torch.cuda.CUDAGraph
+    w1: torch.Tensor
+    hinv1: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    q1: torch.Tensor
+    err1: torch.Tensor
+
+
+_graphs: OrderedDict[_GraphKey, _BlockGraph | None] = OrderedDict()
+
+
+def clear_graph_cache() -> None:
+    """Release every captured block graph (and the device memory it holds)."""
+    _graphs.clear()
+
+
+def _capture(w1: torch.Tensor, hinv1: torch.Tensor, grid: WeightGrid) -> _BlockGraph:
+    static = [torch.zeros_like(w1) for _ in range(5)]
+    bw, bs, bz, bq, be = static
+    bh = torch.zeros_like(hinv1)
+    bh.copy_(torch.eye(hinv1.shape[0], device=hinv1.device, dtype=hinv1.dtype))
+    bs.fill_(1.0)
+    side = torch.cuda.Stream(w1.device)
+    side.wait_stream(torch.cuda.current_stream(w1.device))
+    with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
+        column_loop(bw, bh, bs, bz, grid, bq, be, 0, w1.shape[1])
+    torch.cuda.current_stream(w1.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        column_loop(bw, bh, bs, bz, grid, bq, be, 0, w1.shape[1])
+    return _BlockGraph(graph, bw, bh, bs, bz, bq, be)
+
+
+def _block_graph(w1: torch.Tensor, hinv1: torch.Tensor, grid: WeightGrid) -> _BlockGraph | None:
+    key = (w1.device, w1.shape[0], w1.shape[1], w1.dtype, grid)
+    if key in _graphs:
+        _graphs.move_to_end(key)
+        return _graphs[key]
+    try:
+        entry: _BlockGraph | None = _capture(w1, hinv1, grid)
+    except RuntimeError as exc:  # capture unsupported here: remember, and run this shape eagerly
+        logger.debug("GPTQ: CUDA graph capture failed for block %s (%s); running it eagerly", key[1:3], exc)
+        entry = None
+    _graphs[key] = entry
+    while len(_graphs) > MAX_CACHED_GRAPHS:
+        _graphs.popitem(last=False)
+    return entry
+
+
+def quantize_block(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole block's quantized columns and scaled errors ``(q1, err1)``, each ``[out, B]``.
+
+    On CUDA (and with :data:`USE_CUDA_GRAPHS`) the loop is a replayed CUDA graph; ``w1`` is not
+    modified either way.
+    """
+    if USE_CUDA_GRAPHS and w1.is_cuda:
+        entry = _block_graph(w1, hinv1, grid)
+        if entry is not None:
+            entry.w1.copy_(w1)
+            entry.hinv1.copy_(hinv1)
+            entry.scales.copy_(scales)
+            entry.zeros.copy_(zeros)
+            entry.graph.replay()
+            return entry.q1.clone(), entry.err1.clone()
+    w1 = w1.clone()
+    q1, err1 = torch.empty_like(w1), torch.empty_like(w1)
+    column_loop(w1, hinv1, scales, zeros, grid, q1, err1, 0, w1.shape[1])
+    return q1, err1
