@@ -53,3 +53,23 @@ def test_bf16_model_on_cuda():
     ModelQuantizer.freeze(model)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(_logits(model, batches, "cuda"), out, rtol=2e-2, atol=2e-2)
+
+
+def test_calibration_merges_batches_on_cuda_with_the_per_batch_scales(monkeypatch):
+    from quark.torch.quantization.calibration import batching
+
+    batches = [b.cuda() for b in token_batches(8, seq=32)]
+    base = tiny_model("llama").cuda()
+    config = LLMTemplate.get("llama").get_config(scheme="fp8", kv_cache_scheme="fp8")
+    scales, forwards = [], []
+    for merge_tokens in (0, batching.MERGE_TOKENS):
+        monkeypatch.setattr(batching, "MERGE_TOKENS", merge_tokens)
+        model = copy.deepcopy(base)
+        count = [0]
+        model.register_forward_pre_hook(lambda mod, args, c=count: c.__setitem__(0, c[0] + 1))
+        ModelQuantizer(config).quantize_model(model, batches)
+        forwards.append(count[0])
+        scales.append({n: b for n, b in model.named_buffers() if n.endswith("quantizer.scale")})
+    assert forwards == [8, 1 + 2 + 1]
+    for name, scale in scales[0].items():
+        torch.testing.assert_close(scales[1][name], scale, rtol=1e-5, atol=0, msg=name)

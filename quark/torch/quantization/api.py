@@ -130,7 +130,8 @@ class ModelQuantizer:
                    for q in quantizers):
                 routing = all_experts_see_every_token(model) if self.calibrate_all_experts else nullcontext()
                 with routing:
-                    run_batches(model, batches, desc="Calibrating")
+                    run_batches(model, batches, desc="Calibrating", merge=_merge_invariant(quantizers),
+                                forget=lambda: _forget_statistics(quantizers))
             for quantizer in quantizers:
                 try:
                     quantizer.finalize()
@@ -173,6 +174,36 @@ class ModelQuantizer:
         for quantizer in all_quantizers(model):
             quantizer.finalize()
         return model
+
+
+def _merge_invariant(quantizers: list[Any]) -> bool:
+    """Whether calibrating on merged batches records what the batches one by one would.
+
+    Every observing quantizer's observer must say so, and no activation may be fake-quantized
+    with a per-tensor range taken from the batch itself (dynamic per-tensor), which merging would widen.
+    """
+    for quantizer in quantizers:
+        for part in (quantizer, quantizer.scale_quantizer):
+            if part is None:
+                continue
+            if part.observing and (part.observer is None or not part.observer.merge_invariant):
+                return False
+            dynamic_per_tensor = part.is_dynamic and part.needs_qparams and _qscheme_name(part.spec) == "per_tensor"
+            if dynamic_per_tensor and not (part.name or "").endswith(("weight_quantizer", "bias_quantizer")):
+                return False
+    return True
+
+
+def _qscheme_name(spec: Any) -> str:
+    qscheme = getattr(spec, "qscheme", None)
+    return str(getattr(qscheme, "name", qscheme))
+
+
+def _forget_statistics(quantizers: list[Any]) -> None:
+    for quantizer in quantizers:
+        for part in (quantizer, quantizer.scale_quantizer):
+            if part is not None and part.observing and part.observer is not None:
+                part.observer.reset_state()
 
 
 def spec_is_dynamic_or_free(spec: Any) -> bool:

@@ -6,13 +6,16 @@ Accepted items: a LongTensor of token ids (``[seq]`` or ``[batch, seq]``), a map
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from quark.torch.quantization.calibration import batching
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +86,55 @@ def _accepts_use_cache(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def run_batches(model: nn.Module, batches: list[Any], desc: str = "Calibrating") -> None:
-    """Forward every batch through ``model`` (no grad, KV cache off) with a progress bar."""
+def run_batches(model: nn.Module, batches: list[Any], desc: str = "Calibrating",
+                merge: bool = False, forget: Callable[[], None] | None = None) -> None:
+    """Forward every batch through ``model`` (no grad, KV cache off) with a progress bar.
+
+    With ``merge`` (the caller knows that its observers record the same statistics from a merged
+    batch as from its parts, and from a batch seen twice) the batches run merged along the batch
+    dimension on an accelerator (:mod:`batching`). The first two batches check it: merged, then
+    one by one; when their outputs differ, ``forget`` clears what the check recorded and every
+    batch runs as given.
+    """
     device = model_device(model)
     extra = {"use_cache": False} if _accepts_use_cache(model) else {}
+    if merge and len(batches) > 2 and batching.merging_enabled(device):
+        calls = []
+        for index, batch in enumerate(batches):
+            args, kwargs = model_inputs(batch, device, index)
+            calls.append((args, {**extra, **kwargs}))
+        max_tokens = min(batching.MERGE_TOKENS, batching.MODEL_MERGE_TOKENS)
+        head = batching.merge_calls(calls[:2], max_tokens)
+        if head is not None and len(head) == 1 and batching.merge_calls(calls, max_tokens) is not None:
+            total = sum(batching.call_batch(c) for c in calls)
+            with tqdm(total=total, desc=desc, unit="sample", leave=False) as bar:
+                same = batching.same_outputs(functools.partial(_fingerprint, model), head[0], calls[:2])
+                if same:
+                    runs = batching.merge_calls(calls[2:], max_tokens) or calls[2:]
+                    bar.update(batching.call_batch(head[0]))
+                else:
+                    logger.info("the model changes its outputs when calibration batches are merged; "
+                                "running them one by one")
+                    if forget is not None:
+                        forget()
+                    runs = calls
+                for args, kwargs in runs:
+                    model(*args, **kwargs)
+                    bar.update(batching.call_batch((args, kwargs)))
+            return
     for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
         args, kwargs = model_inputs(batch, device, index)
         model(*args, **{**extra, **kwargs})
+
+
+def _fingerprint(model: nn.Module, call: batching.Call) -> torch.Tensor:
+    """Per sample: the mean over positions and the last position of the logits (or plain output)."""
+    args, kwargs = call
+    out = model(*args, **kwargs)
+    out = getattr(out, "logits", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() < 3:
+        raise TypeError(f"run_batches(merge=True) needs [batch, seq, ...] outputs, got {type(out).__name__}")
+    out = out.float()
+    return torch.cat([out.mean(1), out[:, -1]], -1)

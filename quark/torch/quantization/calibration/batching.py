@@ -22,6 +22,10 @@ Call = tuple[tuple, dict]
 #: a merged forward. 0 runs every calibration batch as given.
 MERGE_TOKENS = 16384
 
+#: The same bound for whole-model calibration forwards, which also hold the logits (tokens ×
+#: vocabulary); the smaller of the two applies (0 runs them as given).
+MODEL_MERGE_TOKENS = 4096
+
 #: Whether calls on a CPU are merged too. Off: a CPU is compute-bound already, and one large forward
 #: was slower there (SmolLM2-135M GPTQ, 8 samples, 2 cores: 80 s per batch, 91 s merged).
 MERGE_ON_CPU = False

@@ -117,6 +117,14 @@ class ObserverBase(nn.Module):
     def has_statistics(self) -> bool:
         return True
 
+    @property
+    def merge_invariant(self) -> bool:
+        """Whether observing a batch gives the statistics of observing its samples one by one.
+
+        Then calibration may run its batches merged (``calibration/batches.py``).
+        """
+        return False
+
     def _qparams_from_range(self, min_val: torch.Tensor, max_val: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.qspec
@@ -198,12 +206,20 @@ class PerTensorMinMaxObserver(_MinMaxObserver):
     qschemes = (QSchemeType.per_tensor,)
     qscheme_for_stats = QSchemeType.per_tensor
 
+    @property
+    def merge_invariant(self) -> bool:
+        return True  # min and max of a union are the min and max of the parts
+
 
 class PerChannelMinMaxObserver(_MinMaxObserver):
     """Running min/max per index of ``ch_axis`` (one scale per channel)."""
 
     qschemes = (QSchemeType.per_channel,)
     qscheme_for_stats = QSchemeType.per_channel
+
+    @property
+    def merge_invariant(self) -> bool:
+        return self.qspec.ch_axis == -1  # channels along the features, not the batch
 
 
 class PerGroupMinMaxObserver(_MinMaxObserver):

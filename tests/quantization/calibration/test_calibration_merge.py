@@ -1,0 +1,105 @@
+"""Whole-model calibration on merged batches: same scales, fewer forwards, and when it must not merge."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from quark.torch import LLMTemplate, ModelQuantizer
+from quark.torch.quantization.calibration import batching
+from tests.helpers.tiny_models import tiny_model, token_batches
+
+BATCHES = token_batches(6, seq=16)
+
+
+@pytest.fixture(autouse=True)
+def _merge_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU merging is off by default (``batching.MERGE_ON_CPU``); these tests need it on."""
+    monkeypatch.setattr(batching, "MERGE_ON_CPU", True)
+
+
+def _calibrate(config, merge: bool, monkeypatch: pytest.MonkeyPatch, model=None) -> tuple[dict, int]:
+    """(every static scale by name, number of whole-model forwards) after calibrating a tiny Llama."""
+    monkeypatch.setattr(batching, "MERGE_TOKENS", 16384 if merge else 0)
+    model = model if model is not None else tiny_model("llama")
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(1), with_kwargs=True)
+    ModelQuantizer(config).quantize_model(model, BATCHES)
+    scales = {name: buf.clone() for name, buf in model.named_buffers() if name.endswith("quantizer.scale")}
+    return scales, len(calls)
+
+
+def _fp8_kv():
+    return LLMTemplate.get("llama").get_config(scheme="fp8", kv_cache_scheme="fp8")
+
+
+def test_min_max_calibration_runs_merged_with_the_per_batch_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    per_batch, n_per_batch = _calibrate(_fp8_kv(), False, monkeypatch)
+    merged, n_merged = _calibrate(_fp8_kv(), True, monkeypatch)
+    assert n_per_batch == len(BATCHES)
+    # the check runs the first two batches merged, then one by one; the other four run as one call
+    assert n_merged == 1 + 2 + 1
+    assert per_batch.keys() == merged.keys() and any(k.endswith("k_proj.output_quantizer.scale") for k in merged)
+    for name, scale in per_batch.items():
+        torch.testing.assert_close(merged[name], scale, rtol=1e-5, atol=0, msg=name)
+
+
+def test_model_merge_tokens_bounds_each_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "MODEL_MERGE_TOKENS", 32)  # two 16-token batches per forward
+    _, n = _calibrate(_fp8_kv(), True, monkeypatch)
+    assert n == 1 + 2 + 2  # the check, then the other four batches in two calls
+
+
+def test_histogram_observers_keep_the_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _fp8_kv()
+    config.global_quant_config.input_tensors = replace(config.global_quant_config.input_tensors,
+                                                       observer_cls="PerTensorMSEObserver")
+    _, n = _calibrate(config, True, monkeypatch)
+    assert n == len(BATCHES)
+
+
+def test_dynamic_per_tensor_activations_keep_the_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _fp8_kv()  # static fp8 KV outputs are still calibrated...
+    config.global_quant_config.input_tensors = replace(config.global_quant_config.input_tensors, is_dynamic=True)
+    _, n = _calibrate(config, True, monkeypatch)
+    assert n == len(BATCHES)  # ...but each batch's own activation range feeds them
+
+
+def test_a_model_that_mixes_samples_forgets_the_check_and_runs_the_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    def mixing_model():
+        model = tiny_model("llama")
+        # adds the batch mean to the embeddings: a merged batch changes every sample's output
+        model.model.embed_tokens.register_forward_hook(lambda mod, args, out: out + out.mean(0, keepdim=True))
+        return model
+
+    reference, _ = _calibrate(_fp8_kv(), False, monkeypatch, mixing_model())
+    scales, n = _calibrate(_fp8_kv(), True, monkeypatch, mixing_model())
+    assert n == 1 + 2 + len(BATCHES)  # the check, then every batch as given
+    for name, scale in reference.items():
+        assert torch.equal(scales[name], scale), name  # what the merged check saw was forgotten
+
+
+def test_batches_of_different_lengths_run_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    global BATCHES
+    saved = BATCHES
+    BATCHES = token_batches(3, seq=16) + token_batches(3, seq=12, seed=3)
+    try:
+        _, n = _calibrate(_fp8_kv(), True, monkeypatch)
+    finally:
+        BATCHES = saved
+    assert n == 6
+
+
+def test_merged_calibration_matches_the_quantized_model_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tiny_model("llama")
+    outputs = []
+    for merge in (False, True):
+        monkeypatch.setattr(batching, "MERGE_TOKENS", 16384 if merge else 0)
+        model = copy.deepcopy(base)
+        ModelQuantizer(_fp8_kv()).quantize_model(model, BATCHES)
+        with torch.no_grad():
+            outputs.append(model(BATCHES[0]).logits)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
