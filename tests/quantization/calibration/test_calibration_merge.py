@@ -103,3 +103,45 @@ def test_merged_calibration_matches_the_quantized_model_outputs(monkeypatch: pyt
         with torch.no_grad():
             outputs.append(model(BATCHES[0]).logits)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_merged_forward_out_of_memory_runs_the_rest_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    reference, _ = _calibrate(_fp8_kv(), False, monkeypatch)
+    monkeypatch.setattr(batching, "MODEL_MERGE_TOKENS", 48)  # the check's 2 batches, then 3 + 1
+
+    def short_of_memory(mod, args, kwargs):
+        if _ids(args, kwargs).shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated")
+
+    model = tiny_model("llama")
+    model.register_forward_pre_hook(short_of_memory, with_kwargs=True)
+    scales, n = _calibrate(_fp8_kv(), True, monkeypatch, model)
+    # the check, then the four batches one by one (the failed merged call stopped before the counting hook)
+    assert n == 1 + 2 + 4
+    for name, scale in reference.items():
+        torch.testing.assert_close(scales[name], scale, rtol=1e-5, atol=0, msg=name)
+
+
+def _ids(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["input_ids"]
+
+
+class _DictOutput(torch.nn.Module):
+    """A model whose output is a plain dict: nothing per sample to compare."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_model("llama")
+
+    def forward(self, input_ids: torch.Tensor) -> dict:
+        return {"hidden": self.inner(input_ids).logits}
+
+
+def test_outputs_that_cannot_be_compared_run_the_batches_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _fp8_kv()
+    config.exclude = ["*lm_head"]
+    reference, _ = _calibrate(config, False, monkeypatch, _DictOutput())
+    scales, n = _calibrate(config, True, monkeypatch, _DictOutput())
+    assert n == 1 + len(BATCHES)  # the merged call whose output could not be compared, then every batch
+    for name, scale in reference.items():
+        assert torch.equal(scales[name], scale), name

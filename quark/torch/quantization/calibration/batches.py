@@ -93,8 +93,9 @@ def run_batches(model: nn.Module, batches: list[Any], desc: str = "Calibrating",
     With ``merge`` (the caller knows that its observers record the same statistics from a merged
     batch as from its parts, and from a batch seen twice) the batches run merged along the batch
     dimension on an accelerator (:mod:`batching`). The first two batches check it: merged, then
-    one by one; when their outputs differ, ``forget`` clears what the check recorded and every
-    batch runs as given.
+    one by one; when their outputs differ (or cannot be compared), ``forget`` clears what the check
+    recorded and every batch runs as given. A merged forward that runs out of device memory
+    leaves the remaining batches to run as given.
     """
     device = model_device(model)
     extra = {"use_cache": False} if _accepts_use_cache(model) else {}
@@ -106,25 +107,61 @@ def run_batches(model: nn.Module, batches: list[Any], desc: str = "Calibrating",
         max_tokens = min(batching.MERGE_TOKENS, batching.MODEL_MERGE_TOKENS)
         head = batching.merge_calls(calls[:2], max_tokens)
         if head is not None and len(head) == 1 and batching.merge_calls(calls, max_tokens) is not None:
-            total = sum(batching.call_batch(c) for c in calls)
-            with tqdm(total=total, desc=desc, unit="sample", leave=False) as bar:
-                same = batching.same_outputs(functools.partial(_fingerprint, model), head[0], calls[:2])
-                if same:
-                    runs = batching.merge_calls(calls[2:], max_tokens) or calls[2:]
-                    bar.update(batching.call_batch(head[0]))
-                else:
-                    logger.info("the model changes its outputs when calibration batches are merged; "
-                                "running them one by one")
-                    if forget is not None:
-                        forget()
-                    runs = calls
-                for args, kwargs in runs:
-                    model(*args, **kwargs)
-                    bar.update(batching.call_batch((args, kwargs)))
+            with tqdm(total=sum(batching.call_batch(c) for c in calls), desc=desc, unit="sample",
+                      leave=False) as bar:
+                _run_merged(model, calls, head[0], max_tokens, bar, forget)
             return
     for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
         args, kwargs = model_inputs(batch, device, index)
         model(*args, **{**extra, **kwargs})
+
+
+class _Unverifiable(Exception):
+    """The model's output has no per-sample tensor to compare."""
+
+
+def _run_merged(model: nn.Module, calls: list[batching.Call], head: batching.Call, max_tokens: int, bar: Any,
+                forget: Callable[[], None] | None) -> None:
+    try:
+        same = batching.same_outputs(functools.partial(_fingerprint, model), head, calls[:2])
+    except _Unverifiable:
+        same = False
+    if not same:
+        logger.info("calibration batches run one by one: merged, the first two did not reproduce their outputs")
+        if forget is not None:
+            forget()
+        rest = calls
+    else:
+        bar.update(batching.call_batch(head))
+        rest = calls[2:]
+    runs = (batching.merge_calls(rest, max_tokens) or rest) if same else rest
+    done = 0  # samples of ``rest`` already run
+    for k, (args, kwargs) in enumerate(runs):
+        try:
+            model(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            if runs is rest:  # nothing merged: a real shortage
+                raise
+            torch.cuda.empty_cache()
+            logger.warning("a merged calibration batch ran out of device memory; running the remaining batches "
+                           "one by one (lower batching.MODEL_MERGE_TOKENS=%d to merge fewer)", max_tokens)
+            for call in _after(rest, done):
+                model(*call[0], **call[1])
+                bar.update(batching.call_batch(call))
+            return
+        size = batching.call_batch((args, kwargs))
+        done += size
+        bar.update(size)
+
+
+def _after(calls: list[batching.Call], samples: int) -> list[batching.Call]:
+    """The calls after the first ``samples`` samples of ``calls``."""
+    seen = 0
+    for i, call in enumerate(calls):
+        if seen >= samples:
+            return calls[i:]
+        seen += batching.call_batch(call)
+    return []
 
 
 def _fingerprint(model: nn.Module, call: batching.Call) -> torch.Tensor:
@@ -132,9 +169,11 @@ def _fingerprint(model: nn.Module, call: batching.Call) -> torch.Tensor:
     args, kwargs = call
     out = model(*args, **kwargs)
     out = getattr(out, "logits", out)
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, (tuple, list)) and out:
         out = out[0]
-    if not isinstance(out, torch.Tensor) or out.dim() < 3:
-        raise TypeError(f"run_batches(merge=True) needs [batch, seq, ...] outputs, got {type(out).__name__}")
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        raise _Unverifiable(type(out).__name__)
     out = out.float()
-    return torch.cat([out.mean(1), out[:, -1]], -1)
+    if out.dim() == 2:
+        return out
+    return torch.cat([out.mean(1), out[:, -1]], -1).reshape(out.shape[0], -1)
