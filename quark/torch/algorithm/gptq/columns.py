@@ -65,19 +65,18 @@ def clear_graph_cache() -> None:
 
 
 def _capture(w1: torch.Tensor, hinv1: torch.Tensor, grid: WeightGrid) -> _BlockGraph:
-    static = [torch.zeros_like(w1) for _ in range(5)]
-    bw, bs, bz, bq, be = static
-    bh = torch.zeros_like(hinv1)
-    bh.copy_(torch.eye(hinv1.shape[0], device=hinv1.device, dtype=hinv1.dtype))
-    bs.fill_(1.0)
-    side = torch.cuda.Stream(w1.device)
-    side.wait_stream(torch.cuda.current_stream(w1.device))
-    with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
-        column_loop(bw, bh, bs, bz, grid, bq, be, 0, w1.shape[1])
-    torch.cuda.current_stream(w1.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        column_loop(bw, bh, bs, bz, grid, bq, be, 0, w1.shape[1])
+    with torch.cuda.device(w1.device):
+        bw, bs, bz, bq, be = (torch.zeros_like(w1) for _ in range(5))
+        bh = torch.eye(hinv1.shape[0], device=hinv1.device, dtype=hinv1.dtype)
+        bs.fill_(1.0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
+            column_loop(bw, bh, bs, bz, grid, bq, be, 0, w1.shape[1])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            column_loop(bw, bh, bs, bz, grid, bq, be, 0, w1.shape[1])
     return _BlockGraph(graph, bw, bh, bs, bz, bq, be)
 
 

@@ -126,17 +126,17 @@ def _run_merged(model: nn.Module, calls: list[batching.Call], head: batching.Cal
         same = batching.same_outputs(functools.partial(_fingerprint, model), head, calls[:2])
     except _Unverifiable:
         same = False
-    if not same:
+    if same:
+        bar.update(batching.call_batch(head))
+        rest = calls[2:]
+        runs = batching.merge_calls(rest, max_tokens) or rest
+    else:
         logger.info("calibration batches run one by one: merged, the first two did not reproduce their outputs")
         if forget is not None:
             forget()
-        rest = calls
-    else:
-        bar.update(batching.call_batch(head))
-        rest = calls[2:]
-    runs = (batching.merge_calls(rest, max_tokens) or rest) if same else rest
+        rest = runs = calls
     done = 0  # samples of ``rest`` already run
-    for k, (args, kwargs) in enumerate(runs):
+    for args, kwargs in runs:
         try:
             model(*args, **kwargs)
         except torch.OutOfMemoryError:
