@@ -57,6 +57,7 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "int8_quarot_gptq": ("w_int8_a_int8_per_tensor_sym", None, ["quarot", "gptq"], None),
     "int4_g64_rtn": ("w_int4_per_group_sym", 64, [], None),
     "int4_g64_awq": ("w_int4_per_group_sym", 64, ["awq"], None),
+    "int4_g64_awq_scale_then_clip": ("w_int4_per_group_sym", 64, ["awq"], None),
     "int4_g64_gptq": ("w_int4_per_group_sym", 64, ["gptq"], None),
     "int4_g64_gptq_reference": ("w_int4_per_group_sym", 64, ["gptq"], None),
     "int4_per_channel_rtn": ("w_int4_per_channel_sym", None, [], None),
@@ -68,12 +69,16 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
 }
 DEFAULT_SCHEMES = ["float", "fp8", "fp8_no_kv", "fp8_gptq", "int8_smoothquant", "int8_smoothquant_mse", "int8_quarot",
                    "int8_quarot_gptq",
-                   "int4_g64_rtn", "int4_g64_awq", "int4_g64_gptq", "int4_g64_gptq_reference",
+                   "int4_g64_rtn", "int4_g64_awq", "int4_g64_awq_scale_then_clip", "int4_g64_gptq", "int4_g64_gptq_reference",
                    "int4_per_channel_rtn", "int4_per_channel_gptq", "mxfp4"]
 # The "reference" GPTQ row runs amd-quark's numerics: no massive-token cap in the Hessian
 # (quark/torch/algorithm/utils/tokens.py) and min-max group ranges (GPTQConfig.clip_search_steps=0).
+# The "scale_then_clip" AWQ row judges the scale candidates unclipped and clips once after (the reference order).
 TOKEN_RATIO: dict[str, float | None] = {"int4_g64_gptq_reference": None}
-GPTQ_FIELDS: dict[str, dict[str, object]] = {"int4_g64_gptq_reference": {"clip_search_steps": 0}}
+ALGO_FIELDS: dict[str, dict[str, dict[str, object]]] = {
+    "int4_g64_gptq_reference": {"gptq": {"clip_search_steps": 0}},
+    "int4_g64_awq_scale_then_clip": {"awq": {"clip_in_scale_search": False}},
+}
 # Rows whose activation observer differs from the scheme's (min-max): the MSE observer picks the
 # per-tensor range that minimises the histogram's quantization error, clipping the sink's peak.
 ACT_OBSERVER: dict[str, str] = {"int8_smoothquant_mse": "PerTensorMSEObserver"}
@@ -157,9 +162,9 @@ def main() -> None:
                 config.global_quant_config.input_tensors = dataclasses.replace(
                     config.global_quant_config.input_tensors, observer_cls=ACT_OBSERVER[name])
             for algo in config.algo_config or []:
+                for field, value in ALGO_FIELDS.get(name, {}).get(algo.name, {}).items():
+                    setattr(algo, field, value)
                 if algo.name == "gptq":
-                    for field, value in GPTQ_FIELDS.get(name, {}).items():
-                        setattr(algo, field, value)
                     clip_steps = algo.clip_search_steps
             ModelQuantizer(config).quantize_model(model, calib)
         seconds = time.perf_counter() - start
@@ -171,7 +176,7 @@ def main() -> None:
                "model": "SmolLM2-135M-Instruct (Q4_1 de-quantized)", "config": name, "scheme": scheme,
                "group_size": group, "algorithms": algos,
                "gptq_token_cap": tokens.MASSIVE_TOKEN_RATIO if "gptq" in algos else None,
-               "gptq_clip_search_steps": clip_steps,
+               "gptq_clip_search_steps": clip_steps, "algorithm_fields": ALGO_FIELDS.get(name),
                "kv_cache": kv, "activation_observer": ACT_OBSERVER.get(name), "metric": "perplexity",
                "value": result.perplexity, "unit": "ppl", "nll": result.nll, "tokens": result.tokens,
                "windows": result.windows,

@@ -53,11 +53,12 @@ def _g(spec, group):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "mistral", "phi3"])
-def test_awq_beats_rtn(family):
+@pytest.mark.parametrize("clip_in_scale_search", [True, False])
+def test_awq_beats_rtn(family, clip_in_scale_search):
     model = make_model(family)
     spec = _g(UINT4_PER_GROUP_ASYM_SPEC, 32)
     rtn = _error(model, _config(spec))
-    awq = _error(model, _config(spec, AWQConfig()))
+    awq = _error(model, _config(spec, AWQConfig(clip_in_scale_search=clip_in_scale_search)))
     assert awq < rtn, (awq, rtn)
 
 

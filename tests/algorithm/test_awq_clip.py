@@ -6,12 +6,20 @@ brute-force search that measures each candidate's output error token by token.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from tiny_models import make_batches, make_model
 
-from quark.torch.algorithm.awq.awq import CLIP_STEPS, N_GRID, clip_search, group_input_covariance
+from quark.torch import ModelQuantizer
+from quark.torch.algorithm.awq import awq
+from quark.torch.algorithm.awq.awq import CLIP_STEPS, N_GRID, clip_search, group_input_covariance, scaled_covariance
 from quark.torch.algorithm.utils import tokens
 from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_weight
+from quark.torch.quantization.config.algo import AWQConfig, algo_config_from_dict
+from quark.torch.quantization.config.config import Config, QuantizationConfig
+from quark.torch.quantization.config.custom_config import INT4_PER_GROUP_SYM_SPEC
 from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
 
 GRID = WeightGrid(Dtype.int4, QSchemeType.per_group, 16, True, RoundType.half_even)
@@ -89,3 +97,42 @@ def test_clip_search_rejects_a_covariance_of_other_groups() -> None:
     w, x = _problem()
     with pytest.raises(ValueError, match="covariance of shape"):
         clip_search(w, group_input_covariance(x, 8), GRID)
+
+
+def test_scaled_covariance_is_the_covariance_of_the_scaled_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokens, "MASSIVE_TOKEN_RATIO", None)
+    _, x = _problem(4)
+    scales = torch.rand(48, generator=torch.Generator().manual_seed(4)) * 3 + 0.1
+    torch.testing.assert_close(scaled_covariance(group_input_covariance(x, 16), scales),
+                               group_input_covariance(x / scales, 16), rtol=1e-5, atol=1e-6)
+
+
+def _clip_calls(joint: bool, monkeypatch: pytest.MonkeyPatch) -> int:
+    calls: list[int] = []
+    real = awq.clip_search
+
+    def counting(w, cov, grid, oc_chunk=None):
+        calls.append(w.shape[1])
+        return real(w, cov, grid, oc_chunk)
+
+    monkeypatch.setattr(awq, "clip_search", counting)
+    spec = replace(INT4_PER_GROUP_SYM_SPEC, group_size=32)
+    config = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["lm_head"],
+                    algo_config=[AWQConfig(clip_in_scale_search=joint)])
+    ModelQuantizer(config).quantize_model(make_model("llama"), make_batches(2, seq=16, seed=1))
+    return len(calls)
+
+
+def test_clip_in_scale_search_clips_every_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    after_only = _clip_calls(False, monkeypatch)  # the reference: once per clipped linear, after the search
+    assert after_only > 0
+    assert _clip_calls(True, monkeypatch) == after_only * (awq.N_GRID + 1)
+
+
+def test_awq_config_clip_in_scale_search_field() -> None:
+    assert AWQConfig().clip_in_scale_search is True
+    assert "clip_in_scale_search" not in AWQConfig().to_dict()  # reference keys at the default
+    off = AWQConfig(clip_in_scale_search=False)
+    assert algo_config_from_dict(off.to_dict()).clip_in_scale_search is False
+    with pytest.raises(ValueError, match="clip_in_scale_search"):
+        AWQConfig(clip_in_scale_search="yes")

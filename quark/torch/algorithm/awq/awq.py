@@ -2,9 +2,10 @@
 
 Per scaling group: a 20-point grid over ``alpha``, ``s = mean|x|^alpha`` normalised by
 ``sqrt(max(s) * min(s))``; each candidate is judged by the MSE of ``module2inspect``'s output
-when the group's weights are replaced by ``Q(W * s) / s``. Then, per linear, a clipping search
-shrinks each group's weight range (down to 55%) to minimise the output error over every
-calibration token (through each group's input covariance). Results are data
+when the group's weights are replaced by ``Q(clip(W * s)) / s``. The clipping search shrinks each
+weight group's range (down to 55%) to minimise that linear's output error over every calibration
+token (through each group's input covariance); the reference judges the candidates unclipped and
+clips once after (``AWQConfig.clip_in_scale_search=False``). Results are data
 (:class:`ScaleResult`, plus the clipped weights left in the module).
 """
 
@@ -39,9 +40,10 @@ class AwqStep(ScalingStep):
     owner = "AWQConfig"
 
     def __init__(self, groups: Sequence[ScalingGroup], layers: Sequence[nn.Module],
-                 grids: list[dict[str, WeightGrid]]) -> None:
+                 grids: list[dict[str, WeightGrid]], clip_in_scale_search: bool = True) -> None:
         super().__init__(groups, layers)
         self.grids = grids
+        self.clip_in_scale_search = clip_in_scale_search
         self._mse = loss_fn("MSE")
         self._clip_covariances: dict[str, torch.Tensor] = {}
 
@@ -59,6 +61,9 @@ class AwqStep(ScalingStep):
             start, n_prev = producer_slice(layer, g, inputs, self.owner)
             x = self.group_input(g)
             x_mean = reduce_to_prev(x.abs().float().mean(0), n_prev, head_dim, how="mean")
+            clipped = [n for n in quantized if n not in skip]
+            # the group input's covariance per group size, rescaled for each candidate
+            covariances = {size: group_input_covariance(x, size) for size in {grids[n].group_size for n in clipped}}
             module, calls = self.inspect_calls(layer, g)
             reference = self.run(module, calls)
             fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in quantized}
@@ -69,7 +74,11 @@ class AwqStep(ScalingStep):
                 s = s / (s.max() * s.min()).sqrt()
                 for n, fc in fcs.items():
                     se = expand_scales(s, fc.in_features, head_dim).to(fc.weight.dtype)
-                    fc.weight.data.copy_(fake_quant_weight(saved[n] * se, grids[n]) / se)
+                    scaled = saved[n] * se
+                    if self.clip_in_scale_search and n in clipped:
+                        cov = scaled_covariance(covariances[grids[n].group_size], se)
+                        scaled = clip_search(scaled, cov, grids[n])
+                    fc.weight.data.copy_(fake_quant_weight(scaled, grids[n]) / se)
                 loss = self._mse(self.run(module, calls), reference)
                 if loss < best_loss:
                     best, best_loss = s.clone(), loss
@@ -78,15 +87,9 @@ class AwqStep(ScalingStep):
             if best is None:
                 raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
             results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start))
-            clipped = [n for n in quantized if n not in skip]
-            if clipped:
-                scaled = x / expand_scales(best, x.shape[-1], head_dim).to(x.dtype)
-                by_size: dict[int, torch.Tensor] = {}
-                for n in clipped:
-                    gs = grids[n].group_size
-                    if gs not in by_size:
-                        by_size[gs] = group_input_covariance(scaled, gs)
-                    self._clip_covariances[n] = by_size[gs]
+            for n in clipped:
+                se = expand_scales(best, x.shape[-1], head_dim)
+                self._clip_covariances[n] = scaled_covariance(covariances[grids[n].group_size], se)
         return results
 
     def _clip_skip(self, index: int) -> set[str]:
@@ -117,20 +120,28 @@ def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int = 
     return cov / max(x.shape[0], 1)
 
 
+def scaled_covariance(cov: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The group covariances of ``x / scales`` from those of ``x`` (``cov [G, gs, gs]``, ``scales [G * gs]``)."""
+    s = scales.to(device=cov.device, dtype=cov.dtype).reshape(cov.shape[0], -1)
+    return cov / (s[:, :, None] * s[:, None, :])
+
+
 @torch.no_grad()
-def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: int = 256) -> torch.Tensor:
+def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: int | None = None) -> torch.Tensor:
     """Clip each (row, group) of ``w`` to the shrink ratio that minimises the group's output error.
 
     The error of a group ``e = Q(clip(w_g)) - w_g`` on the outputs is ``mean_t (x_g · e)²
     = e C_g eᵀ`` with ``C_g = cov[g]`` the group's input covariance
     (:func:`group_input_covariance`), so every calibration token counts
-    (AutoAWQ samples 512 of them) at no extra cost.
+    (AutoAWQ samples 512 of them) at no extra cost. Rows go ``oc_chunk`` at a time (default:
+    about 4M weights per chunk).
     """
     out, cols = w.shape
     gs = grid.group_size
     if cov.shape != (cols // gs, gs, gs):
         raise ValueError(f"clip_search: covariance of shape {tuple(cov.shape)} does not match {cols} inputs in "
                          f"groups of {gs}")
+    oc_chunk = oc_chunk or max(1, (1 << 22) // cols)
     clipped = []
     for o0 in range(0, out, oc_chunk):
         wg = w[o0:o0 + oc_chunk].float().reshape(-1, cols // gs, gs)
@@ -140,8 +151,8 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
         for i in range(CLIP_STEPS):
             mx = max0 * (1 - i / N_GRID)
             cur = torch.maximum(torch.minimum(wg, mx), -mx)
-            e = fake_quant_weight(cur.reshape(-1, cols), grid).reshape(wg.shape) - wg
-            err = torch.einsum("ogk,gkl,ogl->og", e, cov, e)
+            e = (fake_quant_weight(cur.reshape(-1, cols), grid).reshape(wg.shape) - wg).transpose(0, 1)
+            err = (torch.bmm(e, cov) * e).sum(-1).t()  # [rows, groups]: e C_g eᵀ
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better[..., None], mx, best_max)
@@ -187,7 +198,8 @@ class AwqProcessor(AlgorithmProcessor):
         grids = awq_grids(self.model, path, layers, groups, self.quant_config)
         if not any(grids):
             raise ValueError("AWQConfig: no linear of the scaling groups has a quantized weight")
-        return path, AwqStep(groups, list(layers), grids)
+        return path, AwqStep(groups, list(layers), grids,
+                             clip_in_scale_search=bool(getattr(self.cfg, "clip_in_scale_search", True)))
 
     def apply(self, backup: ModelBackup | None = None) -> None:
         path, step = self.build_step()

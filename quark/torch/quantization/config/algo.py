@@ -189,17 +189,29 @@ class AWQConfig(AlgoConfig):
 
     ``scaling_layers=None`` lets the algorithm take the groups from the model's template or
     discover them.
+
+    :param bool clip_in_scale_search: quark-torch extension: each candidate scale is judged with the
+        weights clipped as the clipping search would clip them under that scale, so the scale and
+        the clipping are chosen together (SmolLM2-135M int4 g64, 128 calibration samples: test
+        27.48 -> 26.56, validation 23.91 -> 22.99; about 1.7x the search time). ``False`` is the
+        reference's order: candidates judged with min-max ranges, clipping searched once after.
+
+    Extension fields are left out of ``to_dict`` at their defaults, so saved configs keep the
+    reference's keys.
     """
 
     names: ClassVar[tuple[str, ...]] = ("awq",)
+    extension_defaults: ClassVar[dict[str, object]] = {"clip_in_scale_search": True}
 
     name: str = "awq"
     scaling_layers: list[dict[str, Any]] | None = None
     model_decoder_layers: str | None = None
     embedding_layers: list[str] | None = None
+    clip_in_scale_search: bool = True
 
     def __post_init__(self) -> None:
         owner = "AWQConfig"
+        _check_bool(owner, "clip_in_scale_search", self.clip_in_scale_search)
         self._check_name()
         _check_scaling_layers(owner, self.scaling_layers)
         _check_str(owner, "model_decoder_layers", self.model_decoder_layers)
