@@ -68,9 +68,8 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "fp8_rotation_no_kv": ("w_fp8_a_fp8", None, ["rotation"], None),
 }
 DEFAULT_SCHEMES = ["float", "fp8", "fp8_no_kv", "fp8_gptq", "int8_smoothquant", "int8_smoothquant_mse", "int8_quarot",
-                   "int8_quarot_gptq",
-                   "int4_g64_rtn", "int4_g64_awq", "int4_g64_awq_scale_then_clip", "int4_g64_gptq", "int4_g64_gptq_reference",
-                   "int4_per_channel_rtn", "int4_per_channel_gptq", "mxfp4"]
+                   "int8_quarot_gptq", "int4_g64_rtn", "int4_g64_awq", "int4_g64_awq_scale_then_clip", "int4_g64_gptq",
+                   "int4_g64_gptq_reference", "int4_per_channel_rtn", "int4_per_channel_gptq", "mxfp4"]
 # The "reference" GPTQ row runs amd-quark's numerics: no massive-token cap in the Hessian
 # (quark/torch/algorithm/utils/tokens.py) and min-max group ranges (GPTQConfig.clip_search_steps=0).
 # The "scale_then_clip" AWQ row judges the scale candidates unclipped and clips once after (the reference order).
