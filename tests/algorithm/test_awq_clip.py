@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_models import make_batches, make_model
 
-from quark.torch import ModelQuantizer
+from quark.torch import LLMTemplate, ModelQuantizer
 from quark.torch.algorithm.awq import awq
 from quark.torch.algorithm.awq.awq import CLIP_STEPS, N_GRID, clip_search, group_input_covariance, scaled_covariance
 from quark.torch.algorithm.utils import tokens
@@ -107,7 +107,7 @@ def test_scaled_covariance_is_the_covariance_of_the_scaled_input(monkeypatch: py
                                group_input_covariance(x / scales, 16), rtol=1e-5, atol=1e-6)
 
 
-def _clip_calls(joint: bool, monkeypatch: pytest.MonkeyPatch) -> int:
+def _clip_calls(joint: bool, monkeypatch: pytest.MonkeyPatch, scaling_layers: list | None = None) -> int:
     calls: list[int] = []
     real = awq.clip_search
 
@@ -118,7 +118,7 @@ def _clip_calls(joint: bool, monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(awq, "clip_search", counting)
     spec = replace(INT4_PER_GROUP_SYM_SPEC, group_size=32)
     config = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["lm_head"],
-                    algo_config=[AWQConfig(clip_in_scale_search=joint)])
+                    algo_config=[AWQConfig(clip_in_scale_search=joint, scaling_layers=scaling_layers)])
     ModelQuantizer(config).quantize_model(make_model("llama"), make_batches(2, seq=16, seed=1))
     return len(calls)
 
@@ -127,6 +127,16 @@ def test_clip_in_scale_search_clips_every_candidate(monkeypatch: pytest.MonkeyPa
     after_only = _clip_calls(False, monkeypatch)  # the reference: once per clipped linear, after the search
     assert after_only > 0
     assert _clip_calls(True, monkeypatch) == after_only * (awq.N_GRID + 1)
+
+
+def test_groups_with_kwargs_clip_q_and_k_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seeds' JSON marks the attention group ``has_kwargs``; its q/k are clipped like the template's."""
+    template = LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm="awq")
+    groups = [dict(g) for g in template.algo_config[0].scaling_layers]
+    for g in groups:
+        g["has_kwargs"] = g.get("module2inspect") == "self_attn"
+    assert any(g["has_kwargs"] for g in groups)
+    assert _clip_calls(False, monkeypatch, groups) == _clip_calls(False, monkeypatch, None)
 
 
 def test_awq_config_clip_in_scale_search_field() -> None:
