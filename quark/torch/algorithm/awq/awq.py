@@ -37,7 +37,7 @@ CLIP_STEPS = 10  # shrink ratios 1.0, 0.95, ..., 0.55
 
 
 class AwqStep(ScalingStep):
-    """Per-layer AWQ: scale search, scale application, then weight clipping."""
+    """Per-layer AWQ: scale search (each candidate clipped as it would be), scale application, clipping."""
 
     owner = "AWQConfig"
 
