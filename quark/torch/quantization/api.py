@@ -177,26 +177,8 @@ class ModelQuantizer:
 
 
 def _merge_invariant(quantizers: list[Any]) -> bool:
-    """Whether calibrating on merged batches records what the batches one by one would.
-
-    Every observing quantizer's observer must say so, and no activation may be fake-quantized
-    with a per-tensor range taken from the batch itself (dynamic per-tensor), which merging would widen.
-    """
-    for quantizer in quantizers:
-        for part in (quantizer, quantizer.scale_quantizer):
-            if part is None:
-                continue
-            if part.observing and (part.observer is None or not part.observer.merge_invariant):
-                return False
-            dynamic_per_tensor = part.is_dynamic and part.needs_qparams and _qscheme_name(part.spec) == "per_tensor"
-            if dynamic_per_tensor and not (part.name or "").endswith(("weight_quantizer", "bias_quantizer")):
-                return False
-    return True
-
-
-def _qscheme_name(spec: Any) -> str:
-    qscheme = getattr(spec, "qscheme", None)
-    return str(getattr(qscheme, "name", qscheme))
+    """Whether calibrating on merged batches records what the batches one by one would (every stage says so)."""
+    return all(part.merge_invariant for q in quantizers for part in (q, q.scale_quantizer) if part is not None)
 
 
 def _forget_statistics(quantizers: list[Any]) -> None:

@@ -163,6 +163,17 @@ class FakeQuantize(nn.Module):
         self.observing = False
         self.qparams_fixed = True
 
+    @property
+    def merge_invariant(self) -> bool:
+        """Whether calibrating on batches merged along the batch dimension records and applies what
+        the batches one by one would: an observing quantizer asks its observer; a dynamic per-tensor
+        activation quantizer would take one range over the merged batch (a weight's is its own)."""
+        if self.observing:
+            return self.observer is not None and self.observer.merge_invariant
+        if self.is_dynamic and self.needs_qparams and _qscheme(self.spec) == QSchemeType.per_tensor:
+            return (self.name or "").endswith(("weight_quantizer", "bias_quantizer"))
+        return True
+
     def finalize(self) -> None:
         """End calibration: turn the observer's statistics into fixed ``scale``/``zero_point``."""
         if self.observing:
