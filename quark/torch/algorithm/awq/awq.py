@@ -68,16 +68,18 @@ class AwqStep(ScalingStep):
             reference = self.run(module, calls)
             fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in quantized}
             saved = {n: fc.weight.data.clone() for n, fc in fcs.items()}
+            dtype = saved[quantized[0]].dtype
             best, best_loss = None, float("inf")
             for r in range(N_GRID):
                 s = x_mean.pow(r / N_GRID).clamp(min=1e-4)
                 s = s / (s.max() * s.min()).sqrt()
+                # the group's linears share their input (x) and so its scales
+                se = expand_scales(s, x.shape[-1], head_dim).to(dtype)
+                clip_covs = _scaled_covariances(covariances, se) if self.clip_in_scale_search else {}
                 for n, fc in fcs.items():
-                    se = expand_scales(s, fc.in_features, head_dim).to(fc.weight.dtype)
                     scaled = saved[n] * se
-                    if self.clip_in_scale_search:
-                        cov = scaled_covariance(covariances[grids[n].group_size], se)
-                        scaled = clip_search(scaled, cov, grids[n])
+                    if clip_covs:
+                        scaled = clip_search(scaled, clip_covs[grids[n].group_size], grids[n])
                     fc.weight.data.copy_(fake_quant_weight(scaled, grids[n]) / se)
                 loss = self._mse(self.run(module, calls), reference)
                 if loss < best_loss:
@@ -87,9 +89,9 @@ class AwqStep(ScalingStep):
             if best is None:
                 raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
             results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start))
+            final = _scaled_covariances(covariances, expand_scales(best, x.shape[-1], head_dim))
             for n in quantized:
-                se = expand_scales(best, x.shape[-1], head_dim)
-                self._clip_covariances[n] = scaled_covariance(covariances[grids[n].group_size], se)
+                self._clip_covariances[n] = final[grids[n].group_size]
         return results
 
     @torch.no_grad()
@@ -119,6 +121,10 @@ def scaled_covariance(cov: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The group covariances of ``x / scales`` from those of ``x`` (``cov [G, gs, gs]``, ``scales [G * gs]``)."""
     s = scales.to(device=cov.device, dtype=cov.dtype).reshape(cov.shape[0], -1)
     return cov / (s[:, :, None] * s[:, None, :])
+
+
+def _scaled_covariances(covariances: dict[int, torch.Tensor], scales: torch.Tensor) -> dict[int, torch.Tensor]:
+    return {size: scaled_covariance(cov, scales) for size, cov in covariances.items()}
 
 
 @torch.no_grad()
