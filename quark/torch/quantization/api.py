@@ -12,9 +12,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from quark.torch.quantization.calibration.batches import materialize, model_device, run_batches
+from quark.torch.quantization.calibration.layer_forward import (
+    forward_layerwise,
+    modules_outside,
+    normalize_device,
+    on_device,
+)
+from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.model_transformation import (
     all_quantizers,
@@ -62,13 +70,20 @@ class ModelQuantizer:
     ``nn.Linear`` layers replaced by fake-quantized ``QuantLinear`` modules; ``freeze(model)``
     turns their weights into real low-bit storage. If ``quantize_model`` raises, the original
     modules are put back (weights are only changed by algorithms that say so).
+
+    ``compute_device`` (e.g. ``"cuda"``) is where the work runs. The model may sit anywhere: on that
+    device, in CPU memory, or spread over devices (an accelerate device map); when it is not wholly
+    on the compute device, every stage (algorithms, calibration, ``freeze``) moves one decoder layer
+    at a time there and back. Default: the device of the model's first parameter.
     """
 
-    def __init__(self, config: Config, multi_device: bool = False, *, calibrate_all_experts: bool = False) -> None:
+    def __init__(self, config: Config, multi_device: bool = False, *, calibrate_all_experts: bool = False,
+                 compute_device: torch.device | str | None = None) -> None:
         if not isinstance(config, Config):
             raise ValueError(f"ModelQuantizer(config=...) needs a quark Config, got {type(config).__name__}")
         self.config = config
         self.multi_device = multi_device
+        self.compute_device = _checked_device(compute_device)
         self.calibrate_all_experts = bool(calibrate_all_experts)
         self.summary = QuantizationSummary()
         level = config.log_severity_level
@@ -106,7 +121,10 @@ class ModelQuantizer:
         ) or (self.config.softmax_quant_spec is not None
               and not spec_is_dynamic_or_free(self.config.softmax_quant_spec))
         batches = materialize(dataloader, required=needs_data)
-        device = model_device(model)
+        device = self.compute_device or normalize_device(model_device(model))
+        layerwise = not on_device(model, device)
+        if layerwise:
+            logger.info("the model is not wholly on %s: every stage runs one decoder layer at a time there", device)
         was_training = model.training
         model.eval()
         records = []
@@ -130,8 +148,11 @@ class ModelQuantizer:
                    for q in quantizers):
                 routing = all_experts_see_every_token(model) if self.calibrate_all_experts else nullcontext()
                 with routing:
-                    run_batches(model, batches, desc="Calibrating", merge=_merge_invariant(quantizers),
-                                forget=lambda: _forget_statistics(quantizers))
+                    if layerwise:
+                        _calibrate_layerwise(model, batches, device, quantizers)
+                    else:
+                        run_batches(model, batches, desc="Calibrating", merge=_merge_invariant(quantizers),
+                                    forget=lambda: _forget_statistics(quantizers))
             for quantizer in quantizers:
                 try:
                     quantizer.finalize()
@@ -154,6 +175,7 @@ class ModelQuantizer:
             undo_swaps(records)
             model.train(was_training)
             raise
+        model.quark_compute_device = device
         self.summary = QuantizationSummary(
             quantized=[p.name for p in plan], excluded=excluded, calibration_batches=len(batches),
             seconds=time.perf_counter() - start, algorithms=[_algo_name(a) for a in pre + advanced],
@@ -163,14 +185,31 @@ class ModelQuantizer:
         return model
 
     @staticmethod
-    def freeze(model: nn.Module, pack_method: str = "reorder") -> nn.Module:
-        """Store every quantized weight in its real low-bit form (idempotent); returns ``model``."""
+    def freeze(model: nn.Module, pack_method: str = "reorder", device: torch.device | str | None = None) -> nn.Module:
+        """Store every quantized weight in its real low-bit form (idempotent); returns ``model``.
+
+        Runs on ``device`` (default: the compute device ``quantize_model`` used), one decoder layer at a
+        time when the model is not wholly there; each layer returns to where it was, now smaller.
+        """
         layers = quant_linears(model)
         if not layers:
             raise ValueError("freeze(model): the model has no quantized layers; run "
                              "ModelQuantizer.quantize_model first")
-        for _, module in layers:
-            module.freeze(pack_method)
+        device = device if device is not None else getattr(model, "quark_compute_device", None)
+        device = normalize_device(device) if device is not None else None
+        if device is None or on_device(model, device):
+            for _, module in layers:
+                module.freeze(pack_method)
+        else:
+            for unit in _placement_units(model):
+                home = _home(unit)
+                unit.to(device)
+                try:
+                    for module in unit.modules():
+                        if isinstance(module, QuantLinear):
+                            module.freeze(pack_method)
+                finally:
+                    unit.to(home)
         for quantizer in all_quantizers(model):
             quantizer.finalize()
         return model
@@ -179,6 +218,54 @@ class ModelQuantizer:
 def _merge_invariant(quantizers: list[Any]) -> bool:
     """Whether calibrating on merged batches records what the batches one by one would (every stage says so)."""
     return all(part.merge_invariant for q in quantizers for part in (q, q.scale_quantizer) if part is not None)
+
+
+def _checked_device(device: torch.device | str | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"ModelQuantizer(compute_device={device!r}) is not a device; use e.g. 'cpu', 'cuda', "
+                         "'cuda:1'") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"ModelQuantizer(compute_device={device!r}): no CUDA device is available here")
+    return normalize_device(resolved)
+
+
+def _home(module: nn.Module) -> torch.device:
+    """Where ``module`` lives: the device of its first parameter (CPU for a module without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _placement_units(model: nn.Module) -> list[nn.Module]:
+    """What moves to the compute device as one piece: each decoder layer, then each quantized module
+    outside them (e.g. a quantized ``lm_head``)."""
+    try:
+        _, layers = find_decoder_layers(model)
+    except ValueError:
+        return [m for _, m in quant_linears(model)]
+    inside = {id(m) for m in layers.modules()}
+    return [*layers, *(m for _, m in quant_linears(model) if id(m) not in inside)]
+
+
+def _calibrate_layerwise(model: nn.Module, batches: list[Any], device: torch.device, quantizers: list[Any]) -> None:
+    """The calibration forward, one decoder layer at a time on ``device`` (model not wholly there).
+
+    The modules after the decoder layers run too when a quantizer there still observes. New
+    statistics and scales land on the compute device; each quantizer then goes back to its module.
+    """
+    _, layers = find_decoder_layers(model)
+    outside = {id(m) for m in modules_outside(model, layers)}
+    tail_observes = any(id(module) in outside and any(q.observing for q in _own_quantizers(module))
+                        for module in model.modules())
+    forward_layerwise(model, batches, device, merge=_merge_invariant(quantizers), run_tail=tail_observes)
+
+
+def _own_quantizers(module: nn.Module) -> list[Any]:
+    from quark.torch.quantization.tensor_quantize import FakeQuantize
+
+    return [child for child in module.children() if isinstance(child, FakeQuantize)]
 
 
 def _forget_statistics(quantizers: list[Any]) -> None:

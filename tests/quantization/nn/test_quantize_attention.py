@@ -93,16 +93,24 @@ def test_failed_run_removes_attention_quantizers():
     assert not hasattr(model.model.layers[0].self_attn, "softmax_quantizer")
 
 
-def test_post_rope_kv_on_attention_outside_the_interface_says_so():
-    """GPT-J computes attention itself, so the post-RoPE quantizers never see data: the error says why."""
-    import transformers
+class _EagerOnlyAttention:
+    """Stands in for transformers' attention registry: every model computes attention itself."""
+
+    @staticmethod
+    def get_interface(name, default):
+        return default
+
+
+def test_post_rope_kv_on_attention_outside_the_interface_says_so(monkeypatch):
+    """A model that computes attention itself (not through transformers' attention interface, as
+    GPT-J did before transformers 5.25) never feeds the post-RoPE quantizers: the error says why."""
+    from transformers.models.llama import modeling_llama
 
     from quark.torch.llm import schemes
 
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.GPTJConfig(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, rotary_dim=8)).eval()
-    config = schemes.build_config(schemes.template_for("gptj"), schemes.SchemeRequest(
+    monkeypatch.setattr(modeling_llama, "ALL_ATTENTION_FUNCTIONS", _EagerOnlyAttention())
+    model = tiny_model("llama")
+    config = schemes.build_config(schemes.template_for("llama"), schemes.SchemeRequest(
         "w_fp8_a_fp8", kv_cache_dtype="fp8", kv_cache_post_rope=True))
     with pytest.raises(RuntimeError, match="attention interface"):
         ModelQuantizer(config).quantize_model(model, token_batches(2))
