@@ -73,3 +73,38 @@ def test_calibration_merges_batches_on_cuda_with_the_per_batch_scales(monkeypatc
     assert forwards == [8, 1 + 2 + 1]
     for name, scale in scales[0].items():
         torch.testing.assert_close(scales[1][name], scale, rtol=1e-5, atol=0, msg=name)
+
+
+PLACEMENT_CASES = {
+    "fp8_kv": dict(scheme="fp8", kv_cache_scheme="fp8"),
+    "fp8_attention": dict(scheme="fp8", kv_cache_scheme="fp8", attention_scheme="fp8"),
+    "int8_smoothquant": dict(scheme="int8", algorithm="smoothquant"),
+    "int4_awq": dict(scheme="int4_wo_32", algorithm="awq"),
+    "int4_gptq": dict(scheme="int4_wo_32", algorithm="gptq"),
+    "int8_rotation": dict(scheme="int8", algorithm="rotation"),
+    "fp8_lm_head": dict(scheme="fp8", exclude_layers=[]),
+}
+
+
+@pytest.mark.parametrize("case", list(PLACEMENT_CASES))
+def test_model_in_cpu_memory_equals_model_on_gpu(case):
+    """Decoder layers in CPU memory, one at a time on the GPU: the same frozen tensors as all-on-GPU,
+    and nothing of the model left on the GPU afterwards."""
+    batches = token_batches(6, seq=32)
+    config = LLMTemplate.get("llama").get_config(**PLACEMENT_CASES[case])
+    on_gpu = tiny_model("llama").cuda()
+    quantizer = ModelQuantizer(config)
+    quantizer.quantize_model(on_gpu, [b.cuda() for b in batches])
+    quantizer.freeze(on_gpu)
+    in_cpu = tiny_model("llama")
+    quantizer = ModelQuantizer(config, compute_device="cuda")
+    quantizer.quantize_model(in_cpu, batches)
+    quantizer.freeze(in_cpu)
+    assert all(t.device.type == "cpu" for t in (*in_cpu.parameters(), *in_cpu.buffers()))
+    a, b = on_gpu.state_dict(), in_cpu.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key].cpu(), b[key]
+        if x.dtype.itemsize == 1:
+            x, y = x.view(torch.uint8), y.view(torch.uint8)
+        assert torch.equal(x, y), key

@@ -7,8 +7,8 @@
   weights for calibration to observe.
 
 Both validate every config against the model before any weight changes and, if a run fails
-part-way, restore the weights they touched from CPU copies (memory: one CPU copy of the
-touched decoder layers; for Rotation/QuaRot, of the whole model).
+part-way, restore the weights they touched from copies on disk (``ModelBackup``: written in the
+background, never a second copy of the model in host memory).
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def apply_pre_quant_optimization(model: nn.Module, configs: list, config: Any, b
     except BaseException:
         backup.restore()
         raise
+    finally:
+        backup.close()
 
 
 def apply_advanced_algorithm(model: nn.Module, configs: list, config: Any, batches: list,
@@ -89,3 +91,5 @@ def apply_advanced_algorithm(model: nn.Module, configs: list, config: Any, batch
     except BaseException:
         backup.restore()
         raise
+    finally:
+        backup.close()

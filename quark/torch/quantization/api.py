@@ -16,13 +16,9 @@ import torch
 from torch import nn
 
 from quark.torch.quantization.calibration.batches import materialize, model_device, run_batches
-from quark.torch.quantization.calibration.layer_forward import (
-    forward_layerwise,
-    modules_outside,
-    normalize_device,
-    on_device,
-)
+from quark.torch.quantization.calibration.layer_forward import forward_layerwise
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
+from quark.torch.quantization.calibration.placement import modules_outside, normalize_device, on_device
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.model_transformation import (
     all_quantizers,

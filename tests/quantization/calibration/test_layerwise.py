@@ -94,3 +94,31 @@ def test_nan_stops_with_layer_name_and_restores_weights():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(not hasattr(m, "_forward_hooks") or not m._forward_hooks for m in model.modules()
                if isinstance(m, nn.Linear))
+
+
+def test_backup_goes_to_disk_and_restores(tmp_path, monkeypatch):
+    """The backup holds no copy in memory after the write; restore reads it back; close deletes it."""
+    monkeypatch.setattr("quark.torch.quantization.calibration.layerwise.BACKUP_PIECE_BYTES", 1024)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backup = ModelBackup(folder=tmp_path)
+    backup.save(model)
+    backup._flush()
+    files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
+    assert len(files) > 1  # pieces of about BACKUP_PIECE_BYTES
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    backup.restore()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not any(tmp_path.iterdir())
+
+
+def test_backup_close_deletes_its_folder(tmp_path):
+    backup = ModelBackup(folder=tmp_path)
+    backup.save(torch.nn.Linear(4, 4))
+    assert any(tmp_path.iterdir())
+    backup.close()
+    assert not any(tmp_path.iterdir())
+    backup.restore()  # nothing saved any more: a no-op

@@ -15,7 +15,8 @@ from quark.torch import LLMTemplate, ModelQuantizer
 from quark.torch.quantization import api
 from quark.torch.quantization.calibration import layer_forward
 from quark.torch.quantization.calibration.batches import run_batches
-from quark.torch.quantization.calibration.layer_forward import forward_layerwise, tensors_moved
+from quark.torch.quantization.calibration.layer_forward import forward_layerwise
+from quark.torch.quantization.calibration.placement import tensors_moved
 from tests.helpers.tiny_models import tiny_model, token_batches
 
 CASES = {

@@ -105,11 +105,11 @@ def run_batches(model: nn.Module, batches: list[Any], desc: str = "Calibrating",
             args, kwargs = model_inputs(batch, device, index)
             calls.append((args, {**extra, **kwargs}))
         max_tokens = min(batching.MERGE_TOKENS, batching.MODEL_MERGE_TOKENS)
-        head = batching.merge_calls(calls[:2], max_tokens)
-        if head is not None and len(head) == 1 and batching.merge_calls(calls, max_tokens) is not None:
+        plan = batching.model_pass_runs(calls, max_tokens)
+        if plan is not None:
             with tqdm(total=sum(batching.call_batch(c) for c in calls), desc=desc, unit="sample",
                       leave=False) as bar:
-                _run_merged(model, calls, head[0], max_tokens, bar, forget)
+                _run_merged(model, calls, plan, max_tokens, bar, forget)
             return
     for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
         args, kwargs = model_inputs(batch, device, index)
@@ -120,8 +120,9 @@ class _Unverifiable(Exception):
     """The model's output has no per-sample tensor to compare."""
 
 
-def _run_merged(model: nn.Module, calls: list[batching.Call], head: batching.Call, max_tokens: int, bar: Any,
-                forget: Callable[[], None] | None) -> None:
+def _run_merged(model: nn.Module, calls: list[batching.Call], plan: tuple[batching.Call, list[batching.Call]],
+                max_tokens: int, bar: Any, forget: Callable[[], None] | None) -> None:
+    head, merged_rest = plan
     try:
         same = batching.same_outputs(functools.partial(_fingerprint, model), head, calls[:2])
     except _Unverifiable:
@@ -129,7 +130,7 @@ def _run_merged(model: nn.Module, calls: list[batching.Call], head: batching.Cal
     if same:
         bar.update(batching.call_batch(head))
         rest = calls[2:]
-        runs = batching.merge_calls(rest, max_tokens) or rest
+        runs = merged_rest if len(merged_rest) < len(rest) else rest
     else:
         logger.info("calibration batches run one by one: merged, the first two did not reproduce their outputs")
         if forget is not None:

@@ -57,6 +57,21 @@ def checked_merge(calls: list[Call], run: Any, verdict: bool | None, device: tor
     return (merged if verdict else calls), verdict
 
 
+def model_pass_runs(calls: list[Call], max_tokens: int) -> tuple[Call, list[Call]] | None:
+    """``(head, rest)`` of a merged whole-model calibration pass, or None when the calls do not merge.
+
+    ``head`` merges the first two calls (the ones the merge is checked on); ``rest`` the others, in
+    chunks of at most ``max_tokens``. Every path that runs a calibration pass merged uses this one
+    grouping, so the same matrix shapes (and the same float results) come out of each.
+    """
+    if len(calls) <= 2:
+        return None
+    head = merge_calls(calls[:2], max_tokens)
+    if head is None or len(head) != 1 or merge_calls(calls, max_tokens) is None:
+        return None
+    return head[0], merge_calls(calls[2:], max_tokens) or calls[2:]
+
+
 def call_batch(call: Call) -> int:
     """The batch size of a call: the first dimension of its first tensor argument (1 if none)."""
     t = _first_tensor(call)

@@ -15,18 +15,25 @@ outside the decoder layers sit on the compute device for that pass only. It runs
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quark.torch.quantization.calibration import batching
 from quark.torch.quantization.calibration.batches import model_inputs
-from quark.torch.quantization.calibration.batching import call_batch, checked_merge, split_like
+from quark.torch.quantization.calibration.batching import (
+    Call,
+    call_batch,
+    merging_enabled,
+    model_pass_runs,
+    same_outputs,
+    split_like,
+)
 from quark.torch.quantization.calibration.layerwise import (
     _layer_call,
     _layer_inputs,
@@ -34,59 +41,11 @@ from quark.torch.quantization.calibration.layerwise import (
     find_decoder_layers,
     layer_output_tensor,
 )
+from quark.torch.quantization.calibration.placement import modules_outside, normalize_device, tensors_moved
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["forward_layerwise", "modules_outside", "normalize_device", "on_device", "tensors_moved"]
-
-
-def normalize_device(device: torch.device | str) -> torch.device:
-    """``device`` with an explicit index for accelerators (``cuda`` -> ``cuda:<current>``)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def on_device(module: nn.Module, device: torch.device | str) -> bool:
-    """Whether every parameter and buffer of ``module`` is on ``device`` (meta tensors count as elsewhere)."""
-    device = normalize_device(device)
-    return all(t.device == device for t in (*module.parameters(), *module.buffers()))
-
-
-def modules_outside(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
-    """The modules of ``model`` that are neither the decoder layer list nor inside one of its layers."""
-    inside = {id(m) for m in layers.modules()}
-    return [m for m in model.modules() if id(m) not in inside]
-
-
-@contextlib.contextmanager
-def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str) -> Iterator[None]:
-    """Move the direct parameters and buffers of ``modules`` to ``device``; put each back where it was.
-
-    Parameters are moved through ``.data`` so that tied weights (one Parameter in two modules) move
-    once and stay tied.
-    """
-    params: dict[int, tuple[nn.Parameter, torch.device]] = {}
-    buffers: list[tuple[nn.Module, str, torch.device]] = []
-    try:
-        for module in modules:
-            for p in module.parameters(recurse=False):
-                if id(p) not in params and p.device != torch.device(device):
-                    params[id(p)] = (p, p.device)
-                    p.data = p.data.to(device)
-            for name, b in module.named_buffers(recurse=False):
-                if b is not None and b.device != torch.device(device):
-                    buffers.append((module, name, b.device))
-                    module._buffers[name] = b.to(device)
-        yield
-    finally:
-        for p, home in params.values():
-            p.data = p.data.to(home)
-        for module, name, home in buffers:
-            buf = module._buffers.get(name)
-            if buf is not None:
-                module._buffers[name] = buf.to(home)
+__all__ = ["forward_layerwise"]
 
 
 class _ReturnsComputed:
@@ -103,6 +62,37 @@ class _ReturnsComputed:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.hidden if self.rest is None else (self.hidden, *self.rest)
+
+
+def _merged_runs(layer: nn.Module, inputs: list[Call], verdict: bool | None, device: torch.device,
+                 desc: str) -> tuple[list[Call], bool | None]:
+    """The calls to run through ``layer``: merged as the whole-model pass merges them (same grouping,
+    so the same float results), once the first layer showed that merging keeps its outputs."""
+    if verdict is False or not merging_enabled(device):
+        return inputs, verdict
+    plan = model_pass_runs(inputs, min(batching.MERGE_TOKENS, batching.MODEL_MERGE_TOKENS))
+    if plan is None:
+        return inputs, verdict
+    head, rest = plan
+    if verdict is None:
+        verdict = same_outputs(functools.partial(_layer_call, layer), head, inputs[:2])
+        if not verdict:
+            logger.info("%s: %s changes its output when calibration batches are merged; running them one by one",
+                        desc, type(layer).__name__)
+            return inputs, False
+    return [head, *rest], verdict
+
+
+def _run_layer(layer: nn.Module, runs: list[Call], index: int) -> list[tuple[torch.Tensor, Any]]:
+    """``(hidden states, raw output)`` of ``layer`` for each call; NaN stops the run."""
+    results = []
+    for args, kwargs in runs:
+        raw = layer(*args, **kwargs)
+        out = layer_output_tensor(raw)
+        if torch.isnan(out).any():
+            raise RuntimeError(f"NaN in the outputs of decoder layer {index}; the run was stopped")
+        results.append((out, raw if len(results) == 0 else None))
+    return results
 
 
 @torch.no_grad()
@@ -128,7 +118,8 @@ def forward_layerwise(
     device = normalize_device(device)
     _, layers = find_decoder_layers(model, decoder_path)
     outside = modules_outside(model, layers)
-    cache = capture_decoder_inputs(model, batches, layers, offload=device)
+    with tensors_moved(outside, device):
+        cache = capture_decoder_inputs(model, batches, layers, offload=device)
     hidden = [a[0] if a else None for a in cache.args]
     verdict: bool | None = None if merge else False
     template: Any = None
@@ -138,17 +129,20 @@ def forward_layerwise(
             layer.to(device)
             try:
                 inputs = _layer_inputs(cache.args, cache.kwargs_for(layer), hidden, device)
-                runs, verdict = checked_merge(inputs, functools.partial(_layer_call, layer), verdict, device,
-                                              f"{desc}: {type(layer).__name__}")
-                outs = []
-                for args, kwargs in runs:
-                    raw = layer(*args, **kwargs)
-                    if i == len(layers) - 1 and template is None:
-                        template = raw
-                    out = layer_output_tensor(raw)
-                    if torch.isnan(out).any():
-                        raise RuntimeError(f"NaN in the outputs of decoder layer {i}; the run was stopped")
-                    outs.append(out)
+                runs, verdict = _merged_runs(layer, inputs, verdict, device, desc)
+                try:
+                    outs = _run_layer(layer, runs, i)
+                except torch.OutOfMemoryError:
+                    if runs is inputs:
+                        raise
+                    torch.cuda.empty_cache()
+                    logger.warning("a merged calibration batch ran out of device memory in decoder layer %d; running "
+                                   "the batches one by one from here on", i)
+                    runs, verdict = inputs, False
+                    outs = _run_layer(layer, runs, i)
+                if i == len(layers) - 1:
+                    template = outs[0][1]
+                outs = [out for out, _ in outs]
                 hidden = outs if runs is inputs else split_like(outs, runs, [call_batch(c) for c in inputs])
                 del inputs, runs, outs
             finally:

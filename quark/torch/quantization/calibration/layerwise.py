@@ -20,17 +20,24 @@ import copy
 import functools
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
 from quark.torch.quantization.calibration.batching import call_batch, checked_merge, split_like
+from quark.torch.quantization.calibration.placement import modules_outside, tensors_moved
 
 logger = logging.getLogger(__name__)
 
@@ -258,34 +265,95 @@ def _layer_inputs(args_list: Sequence[tuple], kwargs_list: Sequence[dict], state
     ]
 
 
-class ModelBackup:
-    """CPU copies of module states taken before an algorithm changes them, for restoring on error.
+#: Bytes of one backup file: a module's state is copied and written in pieces of about this size, so
+#: saving a whole model holds at most two pieces in host memory.
+BACKUP_PIECE_BYTES = 512 * 1024**2
 
-    Memory cost: one CPU copy of every module saved (for a whole-model run, the decoder weights).
+
+class ModelBackup:
+    """Copies of module states taken before an algorithm changes them, for restoring on error.
+
+    The copies go to safetensors files in a temporary folder (``QUARK_BACKUP_DIR`` or the system's
+    temporary folder), written by a background thread while the algorithm works, so a run never
+    holds a second copy of the model in host memory: at most two pieces of ``BACKUP_PIECE_BYTES``
+    wait for the disk. :meth:`restore` reads them back; :meth:`close` deletes them.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, folder: str | os.PathLike | None = None) -> None:
         self.enabled = enabled
-        self._saved: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+        self._parent = folder if folder is not None else os.environ.get("QUARK_BACKUP_DIR") or None
+        self._dir: Path | None = None
+        self._saved: list[tuple[nn.Module, list[Path]]] = []
         self._ids: set[int] = set()
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    def _folder(self) -> Path:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="quark-backup-", dir=self._parent))
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quark-backup")
+        return self._dir
+
+    def _write(self, piece: dict[str, torch.Tensor], path: Path) -> None:
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()
+        assert self._writer is not None
+        self._pending.append(self._writer.submit(save_file, piece, str(path)))
 
     def save(self, module: nn.Module) -> None:
         if not self.enabled or id(module) in self._ids:
             return
-        state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict(keep_vars=True).items()}
-        self._saved.append((module, state))
+        folder = self._folder()
+        files: list[Path] = []
+        piece: dict[str, torch.Tensor] = {}
+        size = 0
+        seen: set[int] = set()
+        for key, value in module.state_dict(keep_vars=True).items():
+            if id(value) in seen or value.device.type == "meta":  # tied: restored through the first key
+                continue
+            seen.add(id(value))
+            piece[key] = value.detach().to("cpu", copy=True).contiguous()
+            size += value.numel() * value.element_size()
+            if size >= BACKUP_PIECE_BYTES:
+                files.append(folder / f"{len(self._ids)}-{len(files)}.safetensors")
+                self._write(piece, files[-1])
+                piece, size = {}, 0
+        if piece or not files:
+            files.append(folder / f"{len(self._ids)}-{len(files)}.safetensors")
+            self._write(piece, files[-1])
+        self._saved.append((module, files))
         self._ids.add(id(module))
+
+    def _flush(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Load every saved state back (once; a second call does nothing)."""
+        """Load every saved state back (once; a second call does nothing), then delete the copies."""
         if not self._saved:
+            self.close()
             return
-        for module, state in reversed(self._saved):
-            module.load_state_dict(state, strict=False)
+        self._flush()
+        for module, files in reversed(self._saved):
+            for path in files:
+                module.load_state_dict(load_file(str(path)), strict=False)
         logger.warning("restored the weights of %d module(s) after a failed run", len(self._saved))
-        self._saved.clear()
-        self._ids.clear()
+        self.close()
+
+    def close(self) -> None:
+        """Forget the copies and delete their folder (after a successful run, or after ``restore``)."""
+        try:
+            self._flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self._dir = None
+            self._saved.clear()
+            self._ids.clear()
 
 
 def _layer_call(layer: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
@@ -315,7 +383,11 @@ def run_layerwise(
     its CPU copy (kept by ``backup``) before the error propagates.
     """
     path, layers = find_decoder_layers(model, decoder_path)
-    cache = capture_decoder_inputs(model, batches, layers, offload)
+    # The embeddings and whatever else runs before layer 0 compute on ``device`` too, so the captured
+    # inputs do not depend on where the model sits.
+    with tensors_moved(modules_outside(model, layers), device):
+        cache = capture_decoder_inputs(model, batches, layers, offload)
+    own_backup = backup is None
     backup = backup if backup is not None else ModelBackup()
     hidden = [a[0] if a else None for a in cache.args]
     # Steps that match the float model's outputs also get, per layer, an untouched float copy of
@@ -382,3 +454,6 @@ def run_layerwise(
     except BaseException:
         backup.restore()
         raise
+    finally:
+        if own_backup:
+            backup.close()

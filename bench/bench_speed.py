@@ -1,0 +1,203 @@
+"""Benchmark: quantization time and memory of big models, by placement (not a timed test).
+
+Builds a Llama-shaped model with random weights (``--shape 8b`` is Llama-3-8B's, ``70b`` Llama-3-70B's,
+``tiny`` a small one for CPU checks) with ``--layers`` decoder layers, or reads ``--model DIR``, and
+quantizes it with one scheme per process, so each process's peak memory is its own. Placements:
+
+- ``gpu``: the whole model on the compute device;
+- ``cpu``: the model in CPU memory, one decoder layer at a time on the compute device.
+
+Prints one JSON object per run: scheme, placement, layers, quantize and freeze seconds, seconds per
+layer, peak GPU memory (GiB), peak host RSS (GiB), device name. With ``--reference PYTHON`` (an
+interpreter with amd-quark 0.13 installed, not this package) each scheme also runs there on the
+same shape in the same job, and the JSON gains ``reference_seconds`` and ``speedup`` (its time over ours).
+
+    python bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs fp8_kv:gpu,fp8_kv:cpu,gptq:cpu,awq:cpu
+    python bench/bench_speed.py --shape tiny --device cpu --runs fp8_kv:cpu     # a check that runs anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=512, num_hidden_layers=2),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, num_hidden_layers=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                vocab_size=128256, num_hidden_layers=80),
+}
+# scheme name -> LLMTemplate.get_config keyword arguments
+SCHEMES = {
+    "fp8_kv": dict(scheme="fp8", kv_cache_scheme="fp8"),
+    "fp8": dict(scheme="fp8"),
+    "int8_smoothquant": dict(scheme="int8", algorithm="smoothquant"),
+    "gptq": dict(scheme="int4_wo_128", algorithm="gptq"),
+    "awq": dict(scheme="int4_wo_128", algorithm="awq"),
+    "int4_rtn": dict(scheme="int4_wo_128"),
+    "mxfp4": dict(scheme="mxfp4"),
+}
+PLACEMENTS = ("gpu", "cpu")
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def build_model(shape: str, layers: int | None, placement: str, device: str):
+    """A random-weight Llama of ``shape`` built on the meta device and filled where it will live."""
+    import torch
+    import transformers
+
+    dims = dict(SHAPES[shape])
+    if layers:
+        dims["num_hidden_layers"] = layers
+    config = transformers.LlamaConfig(max_position_embeddings=8192, tie_word_embeddings=False, **dims)
+    home = torch.device(device if placement == "gpu" else "cpu")
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.to_empty(device=home)
+    gen_device = device if torch.device(device).type == "cuda" else "cpu"
+    gen = torch.Generator(gen_device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                fresh = torch.empty(param.shape, dtype=param.dtype, device=gen_device).normal_(0, 0.02, generator=gen)
+                param.copy_(fresh)
+                del fresh
+    with torch.device(home):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.eval()
+
+
+def _batches(samples: int, seq: int, vocab: int, device: str):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (1, seq), generator=gen).to(device) for _ in range(samples)]
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Quantize and freeze once in this process; the measurements as a dict."""
+    import torch
+
+    from quark.torch import LLMTemplate, ModelQuantizer
+
+    scheme, placement = args.run.split(":")
+    cuda = torch.device(args.device).type == "cuda"
+    start = time.perf_counter()
+    if args.model:
+        import transformers
+
+        home = args.device if placement == "gpu" else "cpu"
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", device_map=home).eval()
+    else:
+        model = build_model(args.shape, args.layers, placement, args.device)
+    build_s = time.perf_counter() - start
+    layers = model.config.num_hidden_layers
+    config = LLMTemplate.get("llama").get_config(**SCHEMES[scheme])
+    batch_device = args.device if placement == "gpu" else "cpu"
+    batches = _batches(args.samples, args.seq, model.config.vocab_size, batch_device)
+    kwargs = {} if args.is_reference else {"compute_device": args.device}
+    quantizer = ModelQuantizer(config, **kwargs)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_gpu = torch.cuda.memory_allocated() / 2**30
+    start = time.perf_counter()
+    quantizer.quantize_model(model, batches)
+    if cuda:
+        torch.cuda.synchronize()
+    quantize_s = time.perf_counter() - start
+    start = time.perf_counter()
+    quantizer.freeze(model)
+    if cuda:
+        torch.cuda.synchronize()
+    freeze_s = time.perf_counter() - start
+    return {
+        "scheme": scheme, "placement": placement, "shape": args.model or args.shape, "layers": layers,
+        "samples": args.samples, "seq_len": args.seq, "build_s": round(build_s, 2),
+        "quantize_s": round(quantize_s, 2), "freeze_s": round(freeze_s, 2),
+        "seconds_per_layer": round(quantize_s / layers, 3),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "model_gpu_gib": round(base_gpu, 2) if cuda else None,
+        "peak_host_gib": round(_peak_rss_gib(), 2),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "implementation": "amd-quark" if args.is_reference else "quark-torch",
+    }
+
+
+def _child(python: str, args: argparse.Namespace, run: str, reference: bool) -> dict:
+    cmd = [python, str(Path(__file__).resolve()), "--child", "--run", run, "--shape", args.shape,
+           "--device", args.device, "--samples", str(args.samples), "--seq", str(args.seq)]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
+    if args.model:
+        cmd += ["--model", args.model]
+    if reference:
+        cmd.append("--is-reference")
+    env = dict(os.environ)
+    if not reference:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    else:  # the reference's environment must not see this package
+        env.pop("PYTHONPATH", None)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        return {"run": run, "implementation": "amd-quark" if reference else "quark-torch",
+                "error": " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    parser.add_argument("--model", default=None, help="a model folder to read instead of random weights")
+    parser.add_argument("--device", default="cuda", help="the compute device: cuda, cuda:N or cpu")
+    parser.add_argument("--runs", default="fp8_kv:gpu,fp8_kv:cpu,gptq:cpu,awq:cpu",
+                        help=f"comma-separated SCHEME:PLACEMENT; schemes {', '.join(SCHEMES)}; placements "
+                             f"{', '.join(PLACEMENTS)}")
+    parser.add_argument("--samples", type=int, default=128, help="calibration samples (batch 1 each)")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per calibration sample")
+    parser.add_argument("--reference", default=None, metavar="PYTHON",
+                        help="an interpreter with amd-quark 0.13 (not this package) to run each scheme too")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--is-reference", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    for run in runs:
+        scheme, _, placement = run.partition(":")
+        if scheme not in SCHEMES or placement not in PLACEMENTS:
+            parser.error(f"--runs: {run!r} is not SCHEME:PLACEMENT with SCHEME in {', '.join(SCHEMES)} and "
+                         f"PLACEMENT in {', '.join(PLACEMENTS)}")
+    if args.child:
+        print(json.dumps(run_one(args)), flush=True)
+        return 0
+    for run in runs:
+        ours = _child(sys.executable, args, run, reference=False)
+        if args.reference:
+            ref = _child(args.reference, args, run, reference=True)
+            ours["reference_seconds"] = ref.get("quantize_s")
+            ours["reference_error"] = ref.get("error")
+            if ref.get("quantize_s") and ours.get("quantize_s"):
+                ours["speedup"] = round(ref["quantize_s"] / ours["quantize_s"], 2)
+        print(json.dumps(ours), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

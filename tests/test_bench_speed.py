@@ -1,0 +1,28 @@
+"""bench/bench_speed.py runs end to end on a tiny shape (the script itself is tested; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_speed.py"
+
+
+def test_bench_speed_prints_one_json_row_per_run():
+    done = subprocess.run([sys.executable, str(BENCH), "--shape", "tiny", "--device", "cpu", "--runs",
+                           "fp8_kv:cpu,int4_rtn:cpu", "--samples", "2", "--seq", "16"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["scheme"], r["placement"]) for r in rows] == [("fp8_kv", "cpu"), ("int4_rtn", "cpu")]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["layers"] == 2 and row["quantize_s"] > 0 and row["peak_host_gib"] > 0
+
+
+def test_bench_speed_refuses_an_unknown_run():
+    done = subprocess.run([sys.executable, str(BENCH), "--runs", "fp9:gpu"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "SCHEME:PLACEMENT" in done.stderr
