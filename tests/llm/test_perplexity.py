@@ -77,3 +77,16 @@ def test_wikitext_out_of_domain_is_finite(stories, shared_assets: Path) -> None:
     text = (shared_assets / "text/wikitext-2-raw/wiki.test.raw").read_text()[:20000]
     result = perplexity.text_perplexity(model, text, info, 512, max_windows=2)
     assert result.windows == 2 and math.isfinite(result.perplexity) and result.perplexity > 20
+
+
+def test_layer_by_layer_perplexity_equals_whole_model(stories, calib_text: Path, monkeypatch) -> None:
+    """A model not wholly on the compute device is scored one decoder layer at a time: same NLL."""
+    from quark.torch.llm import perplexity as ppl
+
+    model, info = stories
+    whole = ppl.story_perplexity(model, calib_text, info)
+    monkeypatch.setattr(ppl, "on_device", lambda module, device: False)
+    monkeypatch.setattr(ppl, "LAYERWISE_SEQUENCES", 2)  # several passes
+    layered = ppl.story_perplexity(model, calib_text, info, compute_device="cpu")
+    assert layered.tokens == whole.tokens
+    assert layered.nll == pytest.approx(whole.nll, rel=1e-9, abs=1e-9)
