@@ -222,3 +222,26 @@ def test_match_float_outputs_lowers_the_models_logit_error(family: str) -> None:
         with torch.no_grad():
             errors[match] = sum(float((model(b).logits - base(b).logits).pow(2).mean()) for b in batches)
     assert errors[True] < 0.6 * errors[False]  # measured 0.23 (llama), 0.37 (opt)
+
+
+def test_linears_fed_the_same_input_share_one_hessian(monkeypatch):
+    """q/k/v (and gate/up) see one tensor: its Hessian is accumulated once; and only the first
+    true-sequential group's Hessians come from the runner's pass (the others are collected again)."""
+    from quark.torch import LLMTemplate, ModelQuantizer
+    from quark.torch.algorithm.gptq import gptq as gptq_module
+    from tests.helpers.tiny_models import tiny_model, token_batches
+
+    calls = []
+    real = gptq_module.accumulate_hessian
+
+    def counting(h, count, x):
+        calls.append(x.shape[-1])
+        return real(h, count, x)
+
+    monkeypatch.setattr(gptq_module, "accumulate_hessian", counting)
+    model = tiny_model("llama")
+    config = LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm="gptq")
+    ModelQuantizer(config).quantize_model(model, token_batches(4, seq=32))
+    # per batch: layer 0's pass feeds {qkv}, o, {gate,up}, down (4), then o, {gate,up}, down again (3);
+    # layer 1's pass feeds only {qkv} (1), then the same 3. 4 batches. (Unshared: 11 + 11 per batch.)
+    assert len(calls) == 4 * (4 + 3 + 1 + 3)

@@ -69,6 +69,11 @@ class GptqStep:
         self.uses_float_inputs = bool(getattr(cfg, "match_float_outputs", False))
         self._reference: nn.Module | None = None
         self._reference_inputs: list[tuple[tuple, dict]] = []
+        # The last accumulation: (input tensor, the Hessian entry before it, the entry after it). A linear
+        # fed the same tensor from the same state (q/k/v, gate/up) takes the entry after it as is.
+        self._last: tuple[torch.Tensor, tuple | None, tuple] | None = None
+        # Linears of the first true-sequential group, per decoder layer class (known after its first layer).
+        self._first_group: dict[type, list[str]] = {}
 
     def set_float_reference(self, reference: nn.Module | None, inputs: list[tuple[tuple, dict]]) -> None:
         """The runner's float copy of the current layer and its float-model inputs (or None)."""
@@ -77,12 +82,27 @@ class GptqStep:
     def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]:
         if self._reference is not None and self._only is None:
             return {}  # apply() collects paired statistics itself; the runner's pass would be discarded
-        names = self._only if self._only is not None else set(self.grids[index])
+        if self._only is not None:
+            names = self._only
+        else:
+            # With true_sequential only the first group's Hessians come from this pass; apply()
+            # collects each later group again after the groups before it are quantized.
+            first = self._first_group.get(type(layer))
+            names = set(self.grids[index]) if first is None else set(first) & set(self.grids[index])
         return {n: layer.get_submodule(n) for n in names}
 
     def collect(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        h, count = self.hessians.get(name, (None, 0))
-        self.hessians[name] = accumulate_hessian(h, count, capped_tokens(args[0]))
+        x = args[0]
+        before = self.hessians.get(name)
+        if self._last is not None and self._last[0] is x and self._last[1] is before:
+            self.hessians[name] = self._last[2]  # same input, same state: the same result
+            return
+        h, count = before if before is not None else (None, 0)
+        if h is not None and any(other is before for key, other in self.hessians.items() if key != name):
+            h = h.clone()  # shared with a linear that has not seen this input yet
+        after = accumulate_hessian(h, count, capped_tokens(x))
+        self.hessians[name] = after
+        self._last = (x, before, after)
 
     def _quantize(self, layer: nn.Module, index: int, name: str) -> None:
         module = layer.get_submodule(name)
@@ -150,15 +170,18 @@ class GptqStep:
                 self._collect_paired(layer, names, inputs)
             for n in names:
                 self._quantize(layer, index, n)
+            self._last = None
             return
         groups = sequential_groups(layer, *inputs[0], names=names)
         missing = set(names) - {n for g in groups for n in g}
         if missing:
             groups.append(sorted(missing))
+        if not paired and self._first_group.get(type(layer)) is None and set(names) == set(self.grids[index]):
+            self._first_group[type(layer)] = list(groups[0])
         for k, group in enumerate(groups):
             if paired:
                 self._collect_paired(layer, group, inputs)
-            elif k > 0:
+            elif k > 0 or any(n not in self.hessians for n in group):
                 for n in group:
                     self.hessians.pop(n, None)
                 self._only = set(group)
@@ -170,6 +193,7 @@ class GptqStep:
                     self._only = None
             for n in group:
                 self._quantize(layer, index, n)
+        self._last = None
 
 
 class GptqProcessor(AlgorithmProcessor):
