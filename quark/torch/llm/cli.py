@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from quark.torch.llm import datasets, export_step, model_loading, schemes
+from quark.torch.llm import datasets, export_step, model_loading, placement, schemes
 
 PROG = "quark-quantize"
 _LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Hugging Face model folder (default: the embedded stories260K Llama)")
     model.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda or cuda:N")
     model.add_argument("--multi_gpu", action="store_true", help="spread the model over all GPUs (accelerate)")
+    model.add_argument("--offload", default="auto", choices=list(placement.OFFLOAD_CHOICES),
+                       help="where the model waits while --device works on one decoder layer at a time: auto "
+                            "(on the GPU when it fits, else CPU memory; logged), none (whole model on --device), "
+                            "cpu (CPU memory), disk (not available yet)")
     model.add_argument("--model_dtype", default="auto", choices=list(model_loading.DTYPES),
                        help="dtype to load the model in")
     model.add_argument("--trust_remote_code", action="store_true",

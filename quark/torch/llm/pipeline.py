@@ -35,6 +35,7 @@ from quark.torch.llm.model_loading import (
     load_tokenizer,
     resolve_device,
 )
+from quark.torch.llm.placement import check_offload, choose_placement
 from quark.torch.llm.summary import RunSummary, folder_bytes, peak_gpu_memory_bytes, peak_host_memory_bytes
 from quark.torch.quantization.config.template import LLMTemplate
 
@@ -107,6 +108,7 @@ def _validate(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{flag}={value} must be a positive integer")
     resolve_device(args.device)
+    check_offload(args.offload)
 
 
 def _evaluation_plan(args: argparse.Namespace, embedded: bool, context: int | None) -> Evaluation:
@@ -133,14 +135,16 @@ def _evaluation_plan(args: argparse.Namespace, embedded: bool, context: int | No
 
 
 def _evaluate(model: nn.Module, info: TokenizerInfo, plan: Evaluation, stage: str,
-              summary: RunSummary) -> None:
+              summary: RunSummary, compute_device: torch.device | None = None) -> None:
     if plan.kind == "none":
         return
     desc = f"Perplexity ({stage})"
     if plan.kind == "stories":
-        result = perplexity.story_perplexity(model, plan.source, info, desc=desc)  # type: ignore[arg-type]
+        result = perplexity.story_perplexity(model, plan.source, info, desc=desc,  # type: ignore[arg-type]
+                                             compute_device=compute_device)
     else:
-        result = perplexity.text_perplexity(model, plan.text or "", info, plan.seq_len, plan.max_windows, desc)
+        result = perplexity.text_perplexity(model, plan.text or "", info, plan.seq_len, plan.max_windows, desc,
+                                            compute_device=compute_device)
     logger.info("perplexity (%s): %.4f", stage, result.perplexity)
     summary.evaluation[stage] = {**result.to_dict(), "source": plan.source}
 
@@ -204,18 +208,22 @@ def run(args: argparse.Namespace) -> RunSummary:
     if mode == "quantize":
         batches, summary.dataset, summary.seq_len = _calibration(args, embedded, info, context)
         summary.calibration_samples = sum(b.shape[0] for b in batches)
-    model = load_model(model_dir, device=args.device, multi_gpu=args.multi_gpu, dtype=args.model_dtype,
-                       trust_remote_code=args.trust_remote_code)
+    compute = resolve_device(args.device)
+    where = choose_placement(model_dir, compute, args.offload, args.model_dtype, args.multi_gpu)
+    summary.placement = "cpu memory, layers on " + str(compute) if where == "cpu" else str(compute)
+    args.compute_device = compute
+    model = load_model(model_dir, device="cpu" if where == "cpu" else args.device, multi_gpu=args.multi_gpu,
+                       dtype=args.model_dtype, trust_remote_code=args.trust_remote_code)
     if not args.skip_float_evaluation:
-        _evaluate(model, info, evaluation, "float", summary)
+        _evaluate(model, info, evaluation, "float", summary, compute)
 
     if mode == "reload":
         summary.unfused_expert_modules = len(moe.unfuse_experts(model))
         model = export_step.import_model(model, Path(args.import_model_dir))
-        _evaluate(model, info, evaluation, "reloaded", summary)
+        _evaluate(model, info, evaluation, "reloaded", summary, compute)
     elif request is not None:
         model = _quantize(model, config, request, batches, args, summary)
-        _evaluate(model, info, evaluation, "quantized", summary)
+        _evaluate(model, info, evaluation, "quantized", summary, compute)
     if args.tasks and not args.skip_evaluation:
         from quark.torch.llm.lm_eval_tasks import run_tasks
 
@@ -263,7 +271,8 @@ def _quantize(model: nn.Module, config: Any, request: schemes.SchemeRequest, bat
     if request.moe_second_step is not None:
         touched = moe.prequantize_experts(model, config, schemes.EXPERT_LAYER_PATTERNS)
         logger.info("MoE second step: %d expert Linears rounded to the first-step weight spec", len(touched))
-    quantizer = ModelQuantizer(config, multi_device=args.multi_gpu, calibrate_all_experts=args.calibrate_all_experts)
+    quantizer = ModelQuantizer(config, multi_device=args.multi_gpu, calibrate_all_experts=args.calibrate_all_experts,
+                               compute_device=args.compute_device)
     model = quantizer.quantize_model(model, batches)
     summary.quantized_layers = len(quantizer.summary.quantized)
     summary.excluded_layers = list(quantizer.summary.excluded)

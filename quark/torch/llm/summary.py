@@ -48,6 +48,7 @@ class RunSummary:
     model: str
     model_type: str
     mode: str  # quantize | float | reload
+    placement: str | None = None  # the device, or "cpu memory, layers on <device>"
     scheme: str | None = None
     algorithms: list[str] = field(default_factory=list)
     kv_cache_dtype: str | None = None
@@ -79,6 +80,8 @@ class RunSummary:
 
     def rows(self) -> list[tuple[str, str]]:
         rows = [("model", f"{self.model} ({self.model_type})"), ("mode", self.mode)]
+        if self.placement:
+            rows.append(("placement", self.placement))
         if self.mode == "quantize":
             rows += [
                 ("scheme", self.scheme or "-"),
