@@ -67,7 +67,7 @@ def apply_pre_quant_optimization(model: nn.Module, configs: list, config: Any, b
                 AutoSmoothQuantProcessor(model, cfg, batches, config, device).apply(backup)
             else:
                 backup.save(model)
-                rotate_model(model, cfg, quarot=kind == "QuaRotConfig")
+                rotate_model(model, cfg, quarot=kind == "QuaRotConfig", device=device)
     except BaseException:
         backup.restore()
         raise

@@ -35,6 +35,7 @@ was discovered wrongly raises instead of returning a different model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -55,6 +56,7 @@ from quark.torch.algorithm.rotation.structure import (
     norm_keeps_bias,
 )
 from quark.torch.algorithm.utils.scaling import find_head_dim
+from quark.torch.quantization.calibration.placement import tensors_moved
 from quark.torch.quantization.nn.modules.quantize_attention import QK_ROTATION
 
 logger = logging.getLogger(__name__)
@@ -329,49 +331,64 @@ def _add_buffer(module: nn.Module, name: str, value: torch.Tensor, undo: list[Ca
     undo.append(remove)
 
 
-def _apply(model: nn.Module, plan: _Plan, undo: list[Callable[[], None]]) -> None:
+def _apply(model: nn.Module, plan: _Plan, undo: list[Callable[[], None]],
+           device: torch.device | str | None = None) -> None:
     st, q = plan.st, plan.r1
     center = st.kind == "layer"
     _untie(model, st, undo)
     work = _Work()
-    for emb in st.embeddings:
-        w = emb.weight.double()
-        if center:
-            w = w - w.mean(-1, keepdim=True)
-        emb.weight.copy_((w @ q.to(w.device)).to(emb.weight.dtype))
-    _fold_norm(st.final_norm, [st.head], q, work)
-    work.flush()
-    for i, layer in enumerate(st.layers):
-        for prev, readers in st.norm_groups.items():
-            _fold_norm(layer.get_submodule(prev), [layer.get_submodule(n) for n in readers], q, work)
-        for name in st.writers:
-            _write(layer.get_submodule(name), q, center, work)
-        if plan.r2 is not None and plan.value is not None and plan.o_name is not None:
-            r2 = plan.r2_per_layer[i]
-            rot = r2.double() if r2 is not None else plan.r2
-            name, start, length = plan.value
-            item = work.get(layer.get_submodule(name))
-            blk = _block(rot, length).to(item[0].device)
-            item[0] = item[0].clone()
-            item[0][start:start + length] = blk.t() @ item[0][start:start + length]
-            if item[1] is not None:
-                item[1] = item[1].clone()
-                item[1][start:start + length] = item[1][start:start + length] @ blk
-            o = layer.get_submodule(plan.o_name)
-            o_item = work.get(o)
-            o_item[0] = o_item[0] @ _block(rot, o.in_features).to(o_item[0].device)
-        if plan.h4 is not None and plan.down_name is not None:
-            down = layer.get_submodule(plan.down_name)
-            d_item = work.get(down)
-            d_item[0] = d_item[0] @ (plan.h4 / math.sqrt(plan.h4.shape[0])).to(d_item[0].device)
-            _add_buffer(down, "input_rotation", plan.h4.to(torch.int8).to(down.weight.device), undo)
-            handle = down.register_forward_pre_hook(_InputRotationHook(down.input_rotation))
-            undo.append(handle.remove)
-        if plan.h3 is not None and plan.attn_name is not None:
-            attn = layer.get_submodule(plan.attn_name)
-            device = next(attn.parameters()).device
-            _add_buffer(attn, QK_ROTATION, plan.h3.to(torch.int8).to(device), undo)
+    outside = [*st.embeddings, st.final_norm, st.head]
+    with tensors_moved(outside, device) if device is not None else contextlib.nullcontext():
+        for emb in st.embeddings:
+            w = emb.weight.double()
+            if center:
+                w = w - w.mean(-1, keepdim=True)
+            emb.weight.copy_((w @ q.to(w.device)).to(emb.weight.dtype))
+        _fold_norm(st.final_norm, [st.head], q, work)
         work.flush()
+    for i, layer in enumerate(st.layers):
+        home = next(layer.parameters()).device
+        if device is not None:
+            layer.to(device)
+        try:
+            _apply_layer(layer, i, plan, center, work, undo)
+        finally:
+            layer.to(home)
+
+
+def _apply_layer(layer: nn.Module, i: int, plan: _Plan, center: bool, work: _Work,
+                 undo: list[Callable[[], None]]) -> None:
+    st, q = plan.st, plan.r1
+    for prev, readers in st.norm_groups.items():
+        _fold_norm(layer.get_submodule(prev), [layer.get_submodule(n) for n in readers], q, work)
+    for name in st.writers:
+        _write(layer.get_submodule(name), q, center, work)
+    if plan.r2 is not None and plan.value is not None and plan.o_name is not None:
+        r2 = plan.r2_per_layer[i]
+        rot = r2.double() if r2 is not None else plan.r2
+        name, start, length = plan.value
+        item = work.get(layer.get_submodule(name))
+        blk = _block(rot, length).to(item[0].device)
+        item[0] = item[0].clone()
+        item[0][start:start + length] = blk.t() @ item[0][start:start + length]
+        if item[1] is not None:
+            item[1] = item[1].clone()
+            item[1][start:start + length] = item[1][start:start + length] @ blk
+        o = layer.get_submodule(plan.o_name)
+        o_item = work.get(o)
+        o_item[0] = o_item[0] @ _block(rot, o.in_features).to(o_item[0].device)
+    if plan.h4 is not None and plan.down_name is not None:
+        down = layer.get_submodule(plan.down_name)
+        d_item = work.get(down)
+        d_item[0] = d_item[0] @ (plan.h4 / math.sqrt(plan.h4.shape[0])).to(d_item[0].device)
+        _add_buffer(down, "input_rotation", plan.h4.to(torch.int8).to(down.weight.device), undo)
+        handle = down.register_forward_pre_hook(_InputRotationHook(down.input_rotation))
+        undo.append(handle.remove)
+    if plan.h3 is not None and plan.attn_name is not None:
+        attn = layer.get_submodule(plan.attn_name)
+        device = next(attn.parameters()).device
+        _add_buffer(attn, QK_ROTATION, plan.h3.to(torch.int8).to(device), undo)
+    work.flush()
 
 
 def _verify(model: nn.Module, plan: _Plan) -> None:
@@ -389,8 +406,11 @@ def _verify(model: nn.Module, plan: _Plan) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, cfg: Any, quarot: bool) -> None:
+def rotate_model(model: nn.Module, cfg: Any, quarot: bool, device: torch.device | str | None = None) -> None:
     """Fuse R1 (and for QuaRot R2, online R3 and R4) into ``model``; float outputs are preserved.
+
+    ``device``: where the (float64) products run, one decoder layer at a time when the model sits
+    elsewhere (default: where each tensor is).
 
     Raises ``ValueError`` before any change for structures it cannot handle. If the final check
     fails, buffers, hooks and the head/embedding tie are undone and weights are left for the caller
@@ -400,7 +420,7 @@ def rotate_model(model: nn.Module, cfg: Any, quarot: bool) -> None:
         plan = _plan(model, cfg, quarot)
         undo: list[Callable[[], None]] = []
         try:
-            _apply(model, plan, undo)
+            _apply(model, plan, undo, device)
             _verify(model, plan)
         except BaseException:
             for fn in reversed(undo):
