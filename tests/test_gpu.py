@@ -82,7 +82,6 @@ PLACEMENT_CASES = {
     "int4_awq": dict(scheme="int4_wo_32", algorithm="awq"),
     "int4_gptq": dict(scheme="int4_wo_32", algorithm="gptq"),
     "int8_rotation": dict(scheme="int8", algorithm="rotation"),
-    "int8_quarot": dict(scheme="int8", algorithm="quarot"),
     "fp8_lm_head": dict(scheme="fp8", exclude_layers=[]),
 }
 
