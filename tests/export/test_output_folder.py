@@ -189,6 +189,18 @@ def test_leftovers_removed_by_the_next_export(tmp_path: Path, dead_pid: int, out
     assert fingerprint(dest) == new_print
 
 
+def test_leftovers_of_similar_names_are_not_taken(tmp_path: Path, dead_pid: int) -> None:
+    hidden = tmp_path / ".out"  # its aside copy must never be restored as "out"
+    aside = _leftover(hidden, "quark-old", dead_pid, "the hidden folder's output")
+    other = _leftover(tmp_path / "out2", "quark-tmp", dead_pid, "another destination")
+    legacy = tmp_path / ".out.tmp-ab12cd34"  # an AtomicFolder before process ids were in the name
+    legacy.mkdir()
+    actions = clean_leftovers(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and aside.is_dir() and other.is_dir() and legacy.is_dir()
+    assert actions == [f"found {legacy}, probably left by an interrupted export of an earlier quark-torch version; "
+                       "remove it by hand when no export into the same place is running"]
+
+
 def test_leftovers_of_a_running_process_are_kept(tmp_path: Path) -> None:
     dest = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -127,22 +127,41 @@ class Leftover:
     pid: int
 
 
-def _leftover_pattern(name: str) -> re.Pattern[str]:
-    # leading dots: the hf_format export of quark-quantize is itself staged beside its staging folder
-    return re.compile(rf"^\.+{re.escape(name)}\.(?P<tag>{TMP_TAG}|{OLD_TAG})-(?P<pid>\d+)(?:-[0-9a-f]+)?(?:\..*)?$")
+def _leftover_patterns(name: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """The temporaries of exports into ``name``, and those of an export into one of its staging
+    folders (quark-quantize stages its output, then ``ModelExporter`` stages hf_format beside that)."""
+    n = re.escape(name)
+    own = re.compile(rf"^\.{n}\.(?P<tag>{TMP_TAG}|{OLD_TAG})-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+    nested = re.compile(rf"^\.\.{n}\.{TMP_TAG}-(?P<pid>\d+)-[0-9a-f]+\.(?:{TMP_TAG}|{OLD_TAG})-\d+-[0-9a-f]+$")
+    return own, nested
+
+
+# AtomicFolder before quark-torch 0.13's naming: no process id, so never removed automatically
+_LEGACY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-[a-z0-9_]{8}$")
 
 
 def find_leftovers(dest: Path) -> list[Leftover]:
     """Temporary folders beside ``dest`` made by exports into it (this process's included)."""
     if not dest.parent.is_dir():
         return []
-    pattern = _leftover_pattern(dest.name)
+    own, nested = _leftover_patterns(dest.name)
     found = []
     for entry in dest.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink():
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        match = own.match(entry.name)
+        if match:
             found.append(Leftover(entry, match["tag"], int(match["pid"])))
+        elif match := nested.match(entry.name):
+            found.append(Leftover(entry, TMP_TAG, int(match["pid"])))
     return sorted(found, key=lambda item: item.path.name)
+
+
+def _legacy_leftovers(dest: Path) -> list[Path]:
+    if not dest.parent.is_dir():
+        return []
+    return sorted(p for p in dest.parent.iterdir()
+                  if p.is_dir() and (m := _LEGACY.match(p.name)) is not None and m["name"] == dest.name)
 
 
 def process_running(pid: int) -> bool:
@@ -196,6 +215,9 @@ def clean_leftovers(dest: str | Path) -> list[str]:
     for item in dead:
         shutil.rmtree(item.path)
         done.append(f"removed {item.path.name}, left by an interrupted export (process {item.pid})")
+    for path in _legacy_leftovers(dest):
+        done.append(f"found {path}, probably left by an interrupted export of an earlier quark-torch version; "
+                    "remove it by hand when no export into the same place is running")
     for line in done:
         logger.warning("%s", line)
     return done
