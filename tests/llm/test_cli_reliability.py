@@ -21,6 +21,9 @@ from quark.torch.llm.cli import Terminated, main
 from quark.torch.llm.summary import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[2]
+# the signals of the random-moment kills (a handful, to keep the test short)
+KILLS = (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
+KILL_SEED = 15
 
 
 def small(model_dir: Path, calib: Path) -> list[str]:
@@ -153,9 +156,8 @@ def test_killed_at_random_moments_never_loses_the_output(tmp_path: Path, tiny_ll
     duration = time.monotonic() - start
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     summaries = {json.dumps(check_complete_output(out), sort_keys=True)}
-    rng = random.Random(15)
-    kills = [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGINT]
-    for sig in kills:
+    rng = random.Random(KILL_SEED)
+    for sig in KILLS:
         moment = rng.uniform(0.2, 1.0) * duration
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
@@ -172,4 +174,4 @@ def test_killed_at_random_moments_never_loses_the_output(tmp_path: Path, tiny_ll
         summaries.add(json.dumps(summary, sort_keys=True))
         clean_leftovers(out)  # what the next run does first
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], (sig, moment)
-    print(f"{len(kills)} kills at random moments, outputs lost: 0, {len(summaries) - 1} runs completed")
+    print(f"{len(KILLS)} kills at random moments, outputs lost: 0, {len(summaries) - 1} runs completed")
