@@ -71,9 +71,17 @@ def test_output_dir_not_empty_needs_overwrite(tiny_llama_dir: Path, calib_text: 
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    # --overwrite replaces only a previous output (recognised by its quark_summary.json)
+    assert main([*args, "--overwrite"]) == 2
+    assert SUMMARY_FILE in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(args) == 0
+    (out / "stale.txt").write_text("from an earlier run")
     assert main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [SUMMARY_FILE]
     assert json.loads((out / SUMMARY_FILE).read_text())["mode"] == "quantize"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 def test_seq_len_longer_than_context(tiny_llama_dir: Path, calib_text: Path, capsys: pytest.CaptureFixture[str],

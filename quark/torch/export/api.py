@@ -47,7 +47,11 @@ class ModelExporter:
     """Write a quantized (frozen) model as hf_format safetensors, ONNX or GGUF under ``export_dir``.
 
     :param ExporterConfig config: export settings (``json_export_config`` for hf_format).
-    :param export_dir: destination folder; written atomically (temporary folder, then rename).
+    :param export_dir: destination folder; written into a temporary folder beside it, then swapped in,
+        so it always holds a complete output (:class:`~quark.torch.export.output_folder.AtomicFolder`).
+        A non-empty ``export_dir`` is replaced only with ``overwrite=True`` and only when it holds a
+        previous export: ``config.json`` with a ``quantization_config``, ``quark_model.onnx`` or a
+        ``*.gguf`` file. It must not be or contain the current directory or a filesystem root.
     """
 
     def __init__(self, config: ExporterConfig | None = None, export_dir: str | Path | None = None) -> None:
@@ -67,7 +71,7 @@ class ModelExporter:
             ``"compressed-tensors"`` (vLLM's llm-compressor layout).
         :param tokenizer: saved beside the model; when ``None`` tokenizer files are copied from the
             model's source folder if it is local.
-        :param overwrite: replace a non-empty ``export_dir`` (refused otherwise).
+        :param overwrite: replace a non-empty ``export_dir`` that holds a previous export (refused otherwise).
         :param max_shard_size: shard limit (bytes or ``"5GB"``); over it, shards + index are written.
         :param fp8_scale_names: ``custom_mode="fp8"`` only: ``"vllm"`` writes ``weight_scale`` /
             ``input_scale`` / ``k_scale`` / ``v_scale`` (vLLM's per-tensor fp8 names);

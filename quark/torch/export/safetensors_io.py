@@ -1,11 +1,11 @@
 """Safetensors files written shard by shard into an atomically published folder, and read back
 with clear errors (never pickle).
 
-Writing: :class:`AtomicFolder` gives a temporary folder beside the destination; the exporter writes
-everything there and :meth:`AtomicFolder.publish` renames it into place with ``os.replace``, so an
-interrupted export leaves the destination untouched. :func:`write_sharded` plans shards from tensor
-sizes alone, then serialises one shard at a time: the extra memory is one shard's bytes, never a
-second copy of the model.
+Writing: the exporter writes everything into the temporary folder of an
+:class:`~quark.torch.export.output_folder.AtomicFolder` (defined there, re-exported here), which
+is swapped with the destination at the end, so the destination always holds a complete output.
+:func:`write_sharded` plans shards from tensor sizes alone, then serialises one shard at a time:
+the extra memory is one shard's bytes, never a second copy of the model.
 
 Reading: :func:`read_checkpoint` checks the index and every file header before touching data and
 names the file and tensor in every error.
@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from quark.torch.export.output_folder import AtomicFolder
 
 logger = logging.getLogger(__name__)
 
@@ -50,49 +49,6 @@ def parse_size(value: int | str) -> int:
         if text.isdigit() and int(text) > 0:
             return int(text)
     raise ValueError(f"max_shard_size={value!r} must be a positive int (bytes) or a string like '5GB', '200MB'")
-
-
-class AtomicFolder:
-    """A temporary folder in ``dest``'s parent, renamed onto ``dest`` by :meth:`publish`.
-
-    An existing non-empty ``dest`` is refused unless ``overwrite=True``; with it, the old folder is
-    moved aside and removed only after the new one is in place.
-    """
-
-    def __init__(self, dest: str | Path, overwrite: bool = False) -> None:
-        self.dest = Path(dest).resolve()
-        if self.dest.exists() and not self.dest.is_dir():
-            raise ValueError(f"export_dir {self.dest} exists and is not a folder")
-        if self.dest.is_dir() and any(self.dest.iterdir()) and not overwrite:
-            raise ValueError(f"export_dir {self.dest} exists and is not empty; pass overwrite=True to "
-                             "replace it or choose another folder")
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
-        self.published = False
-
-    def publish(self) -> Path:
-        old: Path | None = None
-        if self.dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old-", dir=self.dest.parent))
-            os.replace(self.dest, old / "x")
-        os.replace(self.path, self.dest)
-        self.published = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.dest
-
-    def discard(self) -> None:
-        if not self.published:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-    def __enter__(self) -> AtomicFolder:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self.discard()
-        elif not self.published:
-            self.publish()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -214,11 +170,18 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
                           "only safetensors checkpoints are read (never pickle)")
 
 
-def iter_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield ``(name, tensor, file)`` for every tensor of the folder, one at a time."""
+def check_checkpoint(folder: str | Path) -> list[Path]:
+    """The safetensors files of ``folder`` after checking every header (``CheckpointError`` names the
+    file); no tensor data is read."""
     files = checkpoint_files(folder)
     for path in files:
         _check_header(path)
+    return files
+
+
+def iter_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """Yield ``(name, tensor, file)`` for every tensor of the folder, one at a time."""
+    files = check_checkpoint(folder)
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -248,6 +211,7 @@ __all__ = [
     "SAFE_NAME",
     "AtomicFolder",
     "CheckpointError",
+    "check_checkpoint",
     "checkpoint_files",
     "iter_checkpoint",
     "parse_size",

@@ -2,18 +2,20 @@
 
 Without ``--model_dir`` it quantizes the stories260K Llama embedded in the package (fp8 W8A8 with
 an fp8 KV cache, calibrated on its in-domain text) and reports perplexity before and after, offline.
-Bad input ends with one error line and exit status 2, with nothing written.
+Bad input ends with one error line and exit status 2, with nothing written. SIGINT (Ctrl-C) and
+SIGTERM end the run with one line and exit status 130 / 143, after removing the temporary folders;
+``--output_dir`` keeps its previous content.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
-
-from quark.torch.llm import datasets, export_step, model_loading, placement, schemes
 
 PROG = "quark-quantize"
 _LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
@@ -27,12 +29,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: object) -> NoReturn:
-    text = " ".join(str(message).split())
-    sys.stderr.write(f"{PROG}: error: {text}\n")
+    _error_line(message)
     raise SystemExit(2)
 
 
+def _error_line(message: object) -> None:
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"{PROG}: error: {text}\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's ``KeyboardInterrupt`` so that the same clean-up runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _exit_status(interrupt: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
 def _formats(value: str) -> list[str]:
+    from quark.torch.llm import export_step
+
     items = [v.strip() for v in value.split(",") if v.strip()]
     for item in items:
         if item not in export_step.EXPORT_FORMATS:
@@ -49,6 +69,9 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # imported here, not at the top: main() handles SIGINT/SIGTERM before torch is loaded
+    from quark.torch.llm import datasets, export_step, model_loading, placement, schemes
+
     parser = _Parser(prog=PROG, formatter_class=_DefaultsFormatter,
                      description="Post-training quantization of a Hugging Face causal LM with Quark: "
                                  "quantize, evaluate (perplexity, lm-eval), export (hf_format, onnx, gguf) "
@@ -154,22 +177,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``quark-quantize``; returns the exit status (0, or 2 for bad input)."""
+    """Entry point of ``quark-quantize``; returns the exit status: 0, 2 for bad input (one line, nothing
+    written), 1 for an I/O error, 130 for SIGINT and 143 for SIGTERM."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
-        args = parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    logging.basicConfig(level=_LEVELS[args.log_severity_level], format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("quark").setLevel(_LEVELS[args.log_severity_level])
+        try:
+            args = parse_args(argv)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        logging.basicConfig(level=_LEVELS[args.log_severity_level], format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("quark").setLevel(_LEVELS[args.log_severity_level])
+        return _run(args)
+    except KeyboardInterrupt as interrupt:
+        name = "SIGTERM" if isinstance(interrupt, Terminated) else "SIGINT"
+        sys.stderr.write(f"{PROG}: interrupted by {name}; temporary files removed, no partial output left\n")
+        return _exit_status(interrupt)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
     from quark.torch.llm.pipeline import run
 
     try:
         summary = run(args)
     except ValueError as exc:
-        try:
-            _fail(exc)
-        except SystemExit as stop:
-            return int(stop.code or 2)
+        _error_line(exc)
+        return 2
+    except ImportError as exc:  # an optional package a step needs (the pre-checks name most of them)
+        package = (exc.name or str(exc)).split(".")[0]
+        _error_line(f"a package this run needs is not installed: {package!r} (pip install {package}): {exc}")
+        return 2
+    except OSError as exc:  # disk full, permissions, ...: the output folder was left as it was
+        _error_line(f"{exc}; the output folder was left as it was")
+        return 1
     sys.stdout.write(summary.table() + "\n")
     return 0
 

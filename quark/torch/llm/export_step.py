@@ -6,6 +6,7 @@ quantized model with ``ModelImporter``. Requests are validated before any work i
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,21 @@ logger = logging.getLogger(__name__)
 EXPORT_FORMATS = ("hf_format", "onnx", "gguf")
 CUSTOM_MODES = ("quark", "awq", "fp8", "compressed-tensors")
 IMPORT_FORMATS = ("hf_format",)
+# the optional packages each format is written with
+FORMAT_PACKAGES = {"onnx": "onnx", "gguf": "gguf"}
+
+
 def check_export_request(formats: list[str], custom_mode: str) -> None:
     for fmt in formats:
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"--model_export={fmt!r} is not one of: {', '.join(EXPORT_FORMATS)}")
+        package = FORMAT_PACKAGES.get(fmt)
+        if package is not None:
+            try:
+                importlib.import_module(package)
+            except ImportError:
+                raise ValueError(f"--model_export {fmt} needs the {package!r} package, which is not installed "
+                                 f"(pip install {package})") from None
     if custom_mode not in CUSTOM_MODES:
         raise ValueError(f"--custom_mode={custom_mode!r} is not one of: {', '.join(CUSTOM_MODES)}")
     if custom_mode != "quark" and "hf_format" not in formats:

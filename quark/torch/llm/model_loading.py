@@ -1,7 +1,8 @@
 """Loading causal language models and their tokenizers for the LLM tools (layer 10).
 
 * :func:`check_model_dir` rejects folders that are not Hugging Face model folders before any
-  weight is read;
+  weight is read, and folders whose weights are not safetensors (pickles are never loaded) or whose
+  safetensors files are truncated;
 * :func:`load_tokenizer` applies the conventions every family of the seeds needs: a missing pad
   token is set to the eos token, padding is on the left, and whether a BOS token starts each
   sequence is decided once (:class:`TokenizerInfo`) and applied explicitly by :func:`encode`;
@@ -20,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
+
+from quark.torch.export.safetensors_io import CheckpointError, check_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ DTYPES: dict[str, Any] = {
 BOS_MODES = ("auto", "yes", "no")
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 @dataclass
@@ -51,7 +56,7 @@ class TokenizerInfo:
 
 def check_model_dir(path: str | Path, owner: str = "--model_dir") -> Path:
     """``path`` as a ``Path`` if it is a model folder (a ``config.json`` naming a ``model_type``
-    or architecture), else ``ValueError``."""
+    or architecture, and complete safetensors weights), else ``ValueError``."""
     folder = Path(path)
     if not folder.is_dir():
         raise ValueError(f"{owner}={str(path)!r} is not a directory")
@@ -64,7 +69,21 @@ def check_model_dir(path: str | Path, owner: str = "--model_dir") -> Path:
         raise ValueError(f"{owner}={str(path)!r}: config.json is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not (data.get("model_type") or data.get("architectures")):
         raise ValueError(f"{owner}={str(path)!r}: config.json names neither a model_type nor architectures")
+    _check_weights(folder, owner)
     return folder
+
+
+def _check_weights(folder: Path, owner: str) -> None:
+    """``ValueError`` unless ``folder`` holds safetensors weights whose headers are intact."""
+    try:
+        check_checkpoint(folder)
+    except CheckpointError as exc:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles and not any(folder.glob("*.safetensors")):
+            raise ValueError(f"{owner}={str(folder)!r} holds only pickle checkpoints ({', '.join(pickles)}); "
+                             "only safetensors weights are read (pickles can run code): convert them, e.g. "
+                             "load once with transformers and save_pretrained (safetensors by default)") from None
+        raise ValueError(f"{owner}={str(folder)!r}: {exc}") from None
 
 
 def load_config(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
@@ -182,7 +201,8 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", multi_gpu: bool = 
     """
     if dtype not in DTYPES:
         raise ValueError(f"--model_dtype={dtype!r} is not one of: {', '.join(DTYPES)}")
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code,
+                              "use_safetensors": True}
     if multi_gpu:
         if not torch.cuda.is_available():
             raise ValueError("--multi_gpu needs CUDA devices; none is available here")
@@ -191,7 +211,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", multi_gpu: bool = 
     try:
         model_type = load_config(model_dir, trust_remote_code).model_type
         model = model_class(model_type).from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ValueError(f"cannot load a causal LM from {str(model_dir)!r}: {str(exc).splitlines()[0]}") from None
     if target is not None:
         model = model.to(target)

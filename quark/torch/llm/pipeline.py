@@ -5,15 +5,14 @@
 3. draw the calibration samples (a corpus too small is an error before any work);
 4. evaluate the float model, quantize (or reload an export), evaluate again;
 5. freeze and export into a staging folder beside ``--output_dir``, write ``quark_summary.json``,
-   and move the folder into place only at the end: a failed run writes nothing.
+   and swap the folder into place only at the end (:class:`AtomicFolder`): a failed or interrupted
+   run leaves the previous output, and the next run removes its temporary folders.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quark.torch.export.output_folder import AtomicFolder, check_destination, check_replaceable, clean_leftovers
 from quark.torch.llm import datasets as ds
 from quark.torch.llm import export_step, moe, perplexity, schemes
 from quark.torch.llm.model_loading import (
@@ -36,7 +36,13 @@ from quark.torch.llm.model_loading import (
     resolve_device,
 )
 from quark.torch.llm.placement import check_offload, choose_placement
-from quark.torch.llm.summary import RunSummary, folder_bytes, peak_gpu_memory_bytes, peak_host_memory_bytes
+from quark.torch.llm.summary import (
+    SUMMARY_FILE,
+    RunSummary,
+    folder_bytes,
+    peak_gpu_memory_bytes,
+    peak_host_memory_bytes,
+)
 from quark.torch.quantization.config.template import LLMTemplate
 
 logger = logging.getLogger(__name__)
@@ -61,20 +67,40 @@ class Evaluation:
     note: str | None = None
 
 
+def _inputs(args: argparse.Namespace) -> dict[str, Path]:
+    """The local inputs of the run, which ``--output_dir`` must neither be nor contain."""
+    inputs = {"the embedded model": EMBEDDED_MODEL_DIR}
+    for flag in ("model_dir", "import_model_dir", "dataset", "ppl_dataset"):
+        value = getattr(args, flag)
+        if value is not None and Path(value).exists():
+            inputs[f"--{flag}"] = Path(value)
+    return inputs
+
+
+def _previous_output(folder: Path) -> str | None:
+    return SUMMARY_FILE if (folder / SUMMARY_FILE).is_file() else None
+
+
+def _output_folder(args: argparse.Namespace, out: Path) -> AtomicFolder:
+    """The staging folder beside ``--output_dir``, swapped into place when the run succeeds."""
+    return AtomicFolder(out, args.overwrite, what="--output_dir", marker=_previous_output, marker_name=SUMMARY_FILE,
+                        protected=_inputs(args))
+
+
 def _check_output_dir(args: argparse.Namespace) -> Path | None:
+    """``--output_dir`` as given, after the checks publishing will repeat (and cleaning what an
+    interrupted run left there); a non-empty folder is replaced only when it holds a previous
+    ``quark_summary.json`` and ``--overwrite`` is given."""
     if args.output_dir is None:
         if args.model_export:
             raise ValueError("--model_export needs --output_dir")
         return None
     out = Path(args.output_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"--output_dir={args.output_dir!r} exists and is not a directory")
-        if any(out.iterdir()) and not args.overwrite:
-            raise ValueError(f"--output_dir={args.output_dir!r} exists and is not empty; pass --overwrite "
-                             "to replace it")
-    elif not out.parent.exists():
-        raise ValueError(f"--output_dir={args.output_dir!r}: parent folder {str(out.parent)!r} does not exist")
+    dest = check_destination(out, "--output_dir", _inputs(args))
+    if not dest.parent.exists():
+        raise ValueError(f"--output_dir={args.output_dir!r}: parent folder {str(dest.parent)!r} does not exist")
+    clean_leftovers(dest)
+    check_replaceable(dest, args.overwrite, "--output_dir", _previous_output, SUMMARY_FILE)
     return out
 
 
@@ -168,12 +194,6 @@ def _calibration(args: argparse.Namespace, embedded: bool, info: TokenizerInfo,
     return ds.batch_samples(samples, args.batch_size), dataset, seq_len
 
 
-def _publish(staging: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-
-
 def run(args: argparse.Namespace) -> RunSummary:
     """Run the whole command; ``ValueError`` for bad input (nothing is written then)."""
     start = time.perf_counter()
@@ -232,10 +252,8 @@ def run(args: argparse.Namespace) -> RunSummary:
     summary.peak_host_memory_bytes = peak_host_memory_bytes()
     summary.peak_gpu_memory_bytes = peak_gpu_memory_bytes()
     if out is not None:
-        staging = out.parent / f".{out.name}.quark-tmp-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        try:
+        with _output_folder(args, out) as folder:
+            staging = folder.path
             if args.model_export:
                 from quark.torch import ModelQuantizer
 
@@ -246,15 +264,10 @@ def run(args: argparse.Namespace) -> RunSummary:
                     model_type=model_type, model_dir=model_dir, sample=sample,
                     kv_cache_group=list(config.kv_cache_quant_config) or None, min_kv_scale=args.min_kv_scale)
                 summary.exports = {k: str(out / Path(v).relative_to(staging)) for k, v in summary.exports.items()}
-            staging.mkdir(exist_ok=True)
             summary.output_dir = str(out)
             summary.total_seconds = time.perf_counter() - start
             summary.output_bytes = folder_bytes(staging)
             summary.write(staging)
-            _publish(staging, out)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
     summary.total_seconds = time.perf_counter() - start
     return summary
 
