@@ -41,7 +41,7 @@ from quark.torch.quantization.calibration.layerwise import (
     find_decoder_layers,
     layer_output_tensor,
 )
-from quark.torch.quantization.calibration.placement import modules_outside, normalize_device, tensors_moved
+from quark.torch.quantization.calibration.placement import modules_outside, normalize_device, onloaded, tensors_moved
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +125,7 @@ def forward_layerwise(
     template: Any = None
     with tqdm(total=len(layers), desc=desc, unit="layer", leave=False) as bar:
         for i, layer in enumerate(layers):
-            home = next(layer.parameters()).device
-            layer.to(device)
-            try:
+            with onloaded(layer, device, weights_change=False):
                 inputs = _layer_inputs(cache.args, cache.kwargs_for(layer), hidden, device)
                 runs, verdict = _merged_runs(layer, inputs, verdict, device, desc)
                 try:
@@ -145,8 +143,6 @@ def forward_layerwise(
                 outs = [out for out, _ in outs]
                 hidden = outs if runs is inputs else split_like(outs, runs, [call_batch(c) for c in inputs])
                 del inputs, runs, outs
-            finally:
-                layer.to(home)
             bar.update(1)
     if tail is None and not run_tail:
         return

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["modules_outside", "normalize_device", "on_device", "tensors_moved"]
+__all__ = ["modules_outside", "normalize_device", "on_device", "onloaded", "tensors_moved"]
 
 
 def normalize_device(device: torch.device | str) -> torch.device:
@@ -63,3 +63,28 @@ def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str) -> I
             buf = module._buffers.get(name)
             if buf is not None:
                 module._buffers[name] = buf.to(home)
+
+
+@contextlib.contextmanager
+def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: bool = True) -> Iterator[None]:
+    """``module`` on ``device`` for the block, then back where it was.
+
+    With ``weights_change=False`` (a pass that only reads the parameters, such as calibration) the
+    parameters get their original tensors back instead of a copy from ``device``: no transfer back.
+    Buffers (observer statistics, scales) always travel back, changed or new.
+    """
+    home = next((p.device for p in module.parameters()), torch.device("cpu"))
+    if home == torch.device(device):
+        yield
+        return
+    originals = None if weights_change else {id(p): (p, p.data) for p in module.parameters()}
+    module.to(device)
+    try:
+        yield
+    finally:
+        if originals is None:
+            module.to(home)
+        else:
+            for p, data in originals.values():
+                p.data = data
+            module.to(home)  # the buffers; parameters are home already
