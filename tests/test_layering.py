@@ -302,7 +302,7 @@ def test_observer_registry_refuses_a_second_class_under_a_taken_name() -> None:
     assert registered_observers()["PerTensorMinMaxObserver"] is PerTensorMinMaxObserver
     assert register_observer(PerTensorMinMaxObserver) is PerTensorMinMaxObserver  # same class again: no-op
     impostor = type("PerTensorMinMaxObserver", (), {"qschemes": (), "kinds": ()})
-    with pytest.raises(ValueError, match="PerTensorMinMaxObserver.*already registered"):
+    with pytest.raises(ValueError, match=r"PerTensorMinMaxObserver.*already registered"):
         register_observer(impostor)
     with pytest.raises(ValueError, match="must declare qschemes"):
         register_observer(type("NoSupportDeclared", (), {}))
