@@ -2,7 +2,7 @@
 random model built from its ``transformers`` config, through the command line's config builder.
 
 Families whose code is not in ``transformers`` (remote code) run on their closest architecture;
-``CLOSEST`` records which, and the README's family table states the gap.
+``CLOSEST`` records which, and the family table of docs/results.md states the gap.
 """
 
 from __future__ import annotations

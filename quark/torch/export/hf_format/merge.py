@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import torch
 
-from quark.torch.export.hf_format.writer import matches_any
+from quark.torch.quantization.config.resolve import matches_any
 from quark.torch.quantization.config.type import QSchemeType
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 from quark.torch.quantization.nn.modules.weight_layout import pack_weight

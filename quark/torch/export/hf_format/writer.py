@@ -6,7 +6,6 @@ knows a model family. Tensors are references into the model until a shard is ser
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import shutil
@@ -19,8 +18,10 @@ from torch import nn
 
 import quark
 from quark.torch.export.config.config import JsonExporterConfig
+from quark.torch.export.hf_format.merge import merged_weight_state
 from quark.torch.export.keys import TENSOR_ROLES, checkpoint_suffix, split_role, to_checkpoint_tensor
 from quark.torch.quantization.config.config import Config, QuantizationSpec
+from quark.torch.quantization.config.resolve import matches_any
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,6 @@ def quantizer_state(suffix: str) -> tuple[str, str] | None:
     return None
 
 
-def matches_any(name: str, patterns: list[str]) -> bool:
-    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def quark_tensors(model: nn.Module, json_config: JsonExporterConfig,
                   transform: Callable[[str, QuantLinear, str, torch.Tensor], torch.Tensor | None] | None = None,
                   ) -> list[tuple[str, torch.Tensor]]:
@@ -96,8 +93,6 @@ def quark_tensors(model: nn.Module, json_config: JsonExporterConfig,
     kv_group = json_config.kv_cache_group
     merged: dict[str, dict[str, torch.Tensor]] = {}
     if json_config.weight_merge_groups:
-        from quark.torch.export.hf_format.merge import merged_weight_state
-
         merged = merged_weight_state(modules, json_config.weight_merge_groups)
     for key, tensor in model.state_dict().items():
         if tensor.device.type == "meta":

@@ -37,6 +37,11 @@ def name_matches(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
+def matches_any(name: str, patterns: list[str]) -> bool:
+    """True when any of ``patterns`` (exact names or fnmatch patterns) matches the module name."""
+    return any(name_matches(name, pattern) for pattern in patterns)
+
+
 def _by_name(name: str, table: dict[str, QuantizationConfig] | None) -> tuple[str, QuantizationConfig] | None:
     if not table:
         return None

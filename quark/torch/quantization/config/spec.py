@@ -5,19 +5,20 @@ implementation so that ``config.py`` stays small. A spec is plain data: it is va
 ``__post_init__`` and serialised with ``to_dict`` / ``from_dict`` exactly as a Quark checkpoint
 records it (``reference/quark-hf-format.md``): enums by name, ``observer_cls`` by class name.
 
-Observer classes are resolved only from the registry
-``quark.torch.quantization.observer.observer.OBSERVER_CLASSES`` (an allow-list), imported lazily
-because the observer layer sits below the config layer.
+Observer classes are resolved only from the allow-list of ``config/observer_registry.py``, which the
+observer layer (layer 3, above this one) fills when imported; this module never imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
+from quark.torch.quantization.config.observer_registry import registered_observers
 from quark.torch.quantization.config.type import (
     Dtype,
     QSchemeType,
@@ -100,11 +101,9 @@ def check_known_keys(owner: str, data: object, known: tuple[str, ...] | list[str
     return data
 
 
-def observer_registry() -> dict[str, type]:
-    """The allow-list of observer classes, by class name (imported lazily: layer 3 < layer 1)."""
-    from quark.torch.quantization.observer.observer import OBSERVER_CLASSES
-
-    return OBSERVER_CLASSES
+def observer_registry() -> Mapping[str, type]:
+    """The allow-list of observer classes, by class name (registered by the observer layer)."""
+    return registered_observers()
 
 
 def resolve_observer(owner: str, value: object) -> type | None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from quark.torch.quantization.config.observer_registry import register_observer
 from quark.torch.quantization.config.type import Dtype, QSchemeType, ScaleType, ZeroPointType
 from quark.torch.quantization.formats.table import FormatInfo, format_info
 
@@ -418,6 +419,8 @@ OBSERVER_CLASSES: dict[str, type[ObserverBase]] = {
         PerTensorMSEObserver,
     )
 }
+for _observer in OBSERVER_CLASSES.values():
+    register_observer(_observer)
 
 
 def observer_class(name: str) -> type[ObserverBase]:
