@@ -24,6 +24,7 @@ from quark.torch.algorithm.awq.awq import AwqProcessor
 from quark.torch.algorithm.awq.smooth import AutoSmoothQuantProcessor, SmoothQuantProcessor
 from quark.torch.algorithm.gptq.gptq import GptqProcessor
 from quark.torch.algorithm.rotation.rotation import rotate_model
+from quark.torch.quantization.algorithm_registry import register_algorithm_runner
 from quark.torch.quantization.calibration.layerwise import ModelBackup
 
 logger = logging.getLogger(__name__)
@@ -93,3 +94,7 @@ def apply_advanced_algorithm(model: nn.Module, configs: list, config: Any, batch
         raise
     finally:
         backup.close()
+
+
+register_algorithm_runner("pre_quant", apply_pre_quant_optimization)
+register_algorithm_runner("advanced", apply_advanced_algorithm)

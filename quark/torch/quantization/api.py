@@ -1,4 +1,4 @@
-"""``ModelQuantizer`` (layer 8): the pipeline of DESIGN.md in one place.
+"""``ModelQuantizer`` (layer 8): the pipeline of docs/design.md in one place.
 
 resolve -> pre-quant optimizations -> insert quantizers -> algorithms -> calibrate -> (freeze).
 """
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quark.torch.quantization.algorithm_registry import algorithm_runner
 from quark.torch.quantization.calibration.batches import materialize, model_device, run_batches
 from quark.torch.quantization.calibration.layer_forward import forward_layerwise
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
@@ -127,16 +128,12 @@ class ModelQuantizer:
         attention_patch = None
         try:
             if pre:
-                from quark.torch.algorithm.api import apply_pre_quant_optimization
-
-                apply_pre_quant_optimization(model, pre, self.config, batches, device)
+                algorithm_runner("pre_quant")(model, pre, self.config, batches, device)
                 plan, excluded = plan_quantization(model, self.config)
             records = swap_linears(model, plan)
             attention_patch = attach_attention_quantizers(model, self.config)
             if advanced:
-                from quark.torch.algorithm.api import apply_advanced_algorithm
-
-                apply_advanced_algorithm(model, advanced, self.config, batches, device)
+                algorithm_runner("advanced")(model, advanced, self.config, batches, device)
                 for _, module in quant_linears(model):
                     module.recalibrate_weight()
             quantizers = all_quantizers(model)
