@@ -19,7 +19,7 @@ from quark.torch.quantization.algorithm_registry import algorithm_runner
 from quark.torch.quantization.calibration.batches import materialize, model_device, run_batches
 from quark.torch.quantization.calibration.layer_forward import forward_layerwise
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
-from quark.torch.quantization.calibration.placement import modules_outside, normalize_device, on_device
+from quark.torch.quantization.calibration.placement import modules_outside, normalize_device, on_device, onloaded
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.model_transformation import (
     all_quantizers,
@@ -195,14 +195,10 @@ class ModelQuantizer:
                 module.freeze(pack_method)
         else:
             for unit in _placement_units(model):
-                home = _home(unit)
-                unit.to(device)
-                try:
+                with onloaded(unit, device):
                     for module in unit.modules():
                         if isinstance(module, QuantLinear):
                             module.freeze(pack_method)
-                finally:
-                    unit.to(home)
         for quantizer in all_quantizers(model):
             quantizer.finalize()
         return model
@@ -224,11 +220,6 @@ def _checked_device(device: torch.device | str | None) -> torch.device | None:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"ModelQuantizer(compute_device={device!r}): no CUDA device is available here")
     return normalize_device(resolved)
-
-
-def _home(module: nn.Module) -> torch.device:
-    """Where ``module`` lives: the device of its first parameter (CPU for a module without any)."""
-    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def _placement_units(model: nn.Module) -> list[nn.Module]:
