@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from quark.torch.llm import datasets, export_step, model_loading, schemes
+from quark.torch.quantization.config.resolve import UNFIT_LAYER_MODES
 
 PROG = "quark-quantize"
 _LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--exclude_layers", nargs="*", default=None, metavar="PATTERN",
                        help="fnmatch patterns of layers to leave in float (default: the family's, e.g. "
                             "lm_head); give the flag alone to exclude nothing")
+    quant.add_argument("--unfit_layers", default="error", choices=list(UNFIT_LAYER_MODES),
+                       help="layers whose shape the scheme's group/block size does not divide (e.g. group 128 "
+                            "on a 576-wide input): error (stop before any work, listing them; default), keep "
+                            "(leave them in float) or fallback (the nearest format that fits: a smaller "
+                            "power-of-two group, else per-channel weights, else float); each is logged and "
+                            "listed in quark_summary.json")
     quant.add_argument("--moe_experts_second_step_config", default=None,
                        choices=list(schemes.MOE_SECOND_STEP_SCHEMES),
                        help="quantize MoE expert weights a second time with this scheme")
@@ -108,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model_export", nargs="+", type=_formats, default=None, metavar="FORMAT",
                         help=f"export formats: {', '.join(export_step.EXPORT_FORMATS)} (several allowed)")
     export.add_argument("--custom_mode", default="quark", choices=list(export_step.CUSTOM_MODES),
-                        help="hf_format layout: quark, awq (AutoAWQ) or fp8 (native fp8)")
+                        help="hf_format layout: quark, awq (AutoAWQ), fp8 (native fp8) or compressed-tensors")
+    export.add_argument("--fp8_scale_names", default="vllm", choices=list(export_step.FP8_SCALE_NAMES),
+                        help="--custom_mode fp8 only: the consumer whose scale names are written: vllm "
+                             "(weight_scale / input_scale, KV-cache scales; transformers ignores these names) "
+                             "or transformers (FineGrainedFP8's weight_scale_inv / activation_scale; no "
+                             "KV-cache scales)")
 
     reload = parser.add_argument_group("reload")
     reload.add_argument("--import_model_dir", default=None, help="folder of an exported quantized model")
@@ -144,6 +156,7 @@ def _cuda() -> bool:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    args.command_line = [PROG, *(sys.argv[1:] if argv is None else argv)]
     if args.model_export is not None:
         args.model_export = list(dict.fromkeys(f for group in args.model_export for f in group))
     return args
