@@ -34,8 +34,12 @@ _PACKAGES: dict[str, list[tuple[str, str]]] = {
 }
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def _check_packages(output: str, flag: str) -> None:
-    missing = [pip for module, pip in _PACKAGES.get(output, []) if importlib.util.find_spec(module) is None]
+    missing = [pip for module, pip in _PACKAGES.get(output, []) if not _installed(module)]
     if missing:
         raise ValueError(f"{flag} {output} needs the Python package(s) {', '.join(missing)}, which are not "
                          f"installed: pip install {' '.join(missing)}")
