@@ -147,3 +147,15 @@ def test_cli_quarot_needs_a_hadamard_of_the_mlp_width(capsys: pytest.CaptureFixt
     assert code == 0, err
     summary = json.loads((tmp_path / "o" / SUMMARY_FILE).read_text())
     assert summary["unfit_layers"][0]["changes"] == ["QuaRotConfig.had: True -> False"]
+
+
+def test_fallback_with_awq_keeps_layers_it_cannot_group() -> None:
+    from quark.torch.quantization.model_transformation import fit_config_to_model
+
+    request = schemes.SchemeRequest(scheme="w_int4_per_group_sym", algorithms=["awq"], unfit_layers="fallback")
+    config = schemes.build_config(schemes.template_for("llama"), request)  # group 128 on widths 64 and 172
+    done = fit_config_to_model(stories(), config)
+    assert config.exclude == ["lm_head", *DOWN]  # AWQ refuses per-channel weights
+    assert {n: c.weight.group_size for n, c in config.layer_quant_config.items()} == {
+        u.name: 64 for u in done if u.action == "fallback"}
+    assert len(config.layer_quant_config) == 30

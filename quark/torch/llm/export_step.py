@@ -91,14 +91,16 @@ def _first(spec: Any) -> Any:
     return spec[0] if isinstance(spec, (list, tuple)) else spec
 
 
-def _gguf_problems(layers: dict[str, QuantizationConfig]) -> list[str]:
+def _gguf_problems(layers: dict[str, QuantizationConfig], unfit_layers: str) -> list[str]:
     from quark.torch.export.gguf.exporter import SUPPORTED, spec_block_type
 
     bad = [name for name, cfg in layers.items() if name != "lm_head" and spec_block_type(cfg.weight) is None]
     if not bad:
         return []
+    hint = (" (--unfit_layers keep leaves layers that do not fit in float, which GGUF writes as F16)"
+            if unfit_layers == "fallback" else "")
     return [f"--model_export gguf: {len(bad)} layer(s) have weights with no GGML block type (e.g. {bad[0]}: "
-            f"{_describe(layers[bad[0]].weight)}); GGUF export supports {SUPPORTED}"]
+            f"{_describe(layers[bad[0]].weight)}){hint}; GGUF export supports {SUPPORTED}"]
 
 
 def _onnx_problems(layers: dict[str, QuantizationConfig]) -> list[str]:
@@ -170,7 +172,7 @@ def check_export_layers(model: nn.Module, config: Config, formats: list[str], cu
     layers = _layer_configs(model, config)
     problems: list[str] = []
     if "gguf" in formats:
-        problems += _gguf_problems(layers)
+        problems += _gguf_problems(layers, config.unfit_layers)
     if "onnx" in formats:
         problems += _onnx_problems(layers)
     if "hf_format" in formats:

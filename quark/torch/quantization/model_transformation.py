@@ -66,6 +66,8 @@ def fit_config_to_model(model: nn.Module, config: Config) -> list[UnfitLayer]:
     No module is changed.
     """
     mode = getattr(config, "unfit_layers", "error")
+    # AWQ searches scales for per-group weights only; a layer it cannot group stays in float
+    per_channel = not any(str(getattr(a, "name", "")).lower() == "awq" for a in config.algo_config or [])
     done: list[UnfitLayer] = []
     plan: list[PlannedModule] = []
     for name, module in model.named_modules():
@@ -74,7 +76,7 @@ def fit_config_to_model(model: nn.Module, config: Config) -> list[UnfitLayer]:
         res = resolve(name, module, config)
         if res.config is None:
             continue
-        fitted = fit_layer(name, module, res.config, mode)
+        fitted = fit_layer(name, module, res.config, mode, per_channel=per_channel)
         if fitted is None:
             plan.append(PlannedModule(name, module, res.config, res.rule))
             continue

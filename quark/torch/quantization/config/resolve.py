@@ -208,13 +208,14 @@ def layer_shape_issues(name: str, linear: nn.Linear, qconfig: QuantizationConfig
     return issues
 
 
-def fitting_spec(spec: QuantizationSpec | list[QuantizationSpec], tensor: str, dim: int,
-                 ) -> QuantizationSpec | list[QuantizationSpec] | None:
+def fitting_spec(spec: QuantizationSpec | list[QuantizationSpec], tensor: str, dim: int, *,
+                 per_channel: bool = True) -> QuantizationSpec | list[QuantizationSpec] | None:
     """The nearest spec that fits a blocked dimension of size ``dim``, or None (keep the layer in float).
 
     Nearest: the same format with the largest power-of-two group (at least ``MIN_FALLBACK_GROUP``,
     a multiple of the format's sub-block) below the requested one that divides ``dim``; failing
-    that, for an integer or float weight of a one-stage spec, the same format per output channel.
+    that, for an integer or float weight of a one-stage spec, the same format per output channel
+    (unless ``per_channel`` is False: an algorithm that needs per-group weights).
     """
     first = first_stage(spec)
     if first is None:
@@ -226,7 +227,7 @@ def fitting_spec(spec: QuantizationSpec | list[QuantizationSpec], tensor: str, d
     fitted: QuantizationSpec | None = None
     if groups:
         fitted = replace(first, group_size=max(groups))
-    elif tensor == "weight" and first.kind in ("int", "float") and not isinstance(spec, (list, tuple)):
+    elif per_channel and tensor == "weight" and first.kind in ("int", "float") and not isinstance(spec, (list, tuple)):
         fitted = replace(first, qscheme=QSchemeType.per_channel, group_size=None, ch_axis=0, observer_cls=None)
     if fitted is None:
         return None
@@ -260,7 +261,7 @@ class UnfitLayer:
         return f"{self.name}: {what} ({'; '.join(self.issues)})"
 
 
-def fit_layer(name: str, linear: nn.Linear, qconfig: QuantizationConfig, mode: str,
+def fit_layer(name: str, linear: nn.Linear, qconfig: QuantizationConfig, mode: str, *, per_channel: bool = True,
               ) -> tuple[QuantizationConfig | None, UnfitLayer] | None:
     """None when ``qconfig`` fits ``linear``; else (the config it gets, or None for float; the record).
 
@@ -279,7 +280,7 @@ def fit_layer(name: str, linear: nn.Linear, qconfig: QuantizationConfig, mode: s
         return None, UnfitLayer(name, "keep", issues)
     fitted: dict[str, Any] = {}
     for tensor, (dim, _) in misfits.items():
-        spec = fitting_spec(getattr(qconfig, tensor), tensor, dim)
+        spec = fitting_spec(getattr(qconfig, tensor), tensor, dim, per_channel=per_channel)
         if spec is None:
             return None, UnfitLayer(name, "keep", issues)
         fitted[tensor] = spec
