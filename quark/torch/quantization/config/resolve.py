@@ -270,12 +270,11 @@ def fit_layer(name: str, linear: nn.Linear, qconfig: QuantizationConfig, mode: s
     if mode not in UNFIT_LAYER_MODES:
         raise ValueError(f"Config.unfit_layers={mode!r} is not one of: {', '.join(UNFIT_LAYER_MODES)}")
     shapes = linear_tensor_shapes(linear)
-    misfits = {t: group_misfit(shapes[t], s) for t in shapes if (s := first_stage(getattr(qconfig, t))) is not None}
-    misfits = {t: m for t, m in misfits.items() if m is not None}
+    specs = {t: spec for t in shapes if (spec := first_stage(getattr(qconfig, t))) is not None}
+    misfits = {t: m for t, spec in specs.items() if (m := group_misfit(shapes[t], spec)) is not None}
     if not misfits or mode == "error":
         return None
-    issues = tuple(issue for t in misfits
-                   if (issue := shape_issue(name, t, shapes[t], first_stage(getattr(qconfig, t)))))  # type: ignore[arg-type]
+    issues = tuple(issue for t in misfits if (issue := shape_issue(name, t, shapes[t], specs[t])))
     if mode == "keep":
         return None, UnfitLayer(name, "keep", issues)
     fitted: dict[str, Any] = {}
