@@ -71,6 +71,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     # imported here, not at the top: main() handles SIGINT/SIGTERM before torch is loaded
     from quark.torch.llm import datasets, export_step, model_loading, placement, schemes
+    from quark.torch.quantization.config.resolve import UNFIT_LAYER_MODES
 
     parser = _Parser(prog=PROG, formatter_class=_DefaultsFormatter,
                      description="Post-training quantization of a Hugging Face causal LM with Quark: "
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--exclude_layers", nargs="*", default=None, metavar="PATTERN",
                        help="fnmatch patterns of layers to leave in float (default: the family's, e.g. "
                             "lm_head); give the flag alone to exclude nothing")
+    quant.add_argument("--unfit_layers", default="error", choices=list(UNFIT_LAYER_MODES),
+                       help="layers whose shape the scheme's group/block size does not divide (e.g. group 128 "
+                            "on a 576-wide input): error (stop before any work, listing them; default), keep "
+                            "(leave them in float) or fallback (the nearest format that fits: a smaller "
+                            "power-of-two group, else per-channel weights, else float); each is logged and "
+                            "listed in quark_summary.json")
     quant.add_argument("--moe_experts_second_step_config", default=None,
                        choices=list(schemes.MOE_SECOND_STEP_SCHEMES),
                        help="quantize MoE expert weights a second time with this scheme")
@@ -135,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model_export", nargs="+", type=_formats, default=None, metavar="FORMAT",
                         help=f"export formats: {', '.join(export_step.EXPORT_FORMATS)} (several allowed)")
     export.add_argument("--custom_mode", default="quark", choices=list(export_step.CUSTOM_MODES),
-                        help="hf_format layout: quark, awq (AutoAWQ) or fp8 (native fp8)")
+                        help="hf_format layout: quark, awq (AutoAWQ), fp8 (native fp8) or compressed-tensors")
+    export.add_argument("--fp8_scale_names", default="vllm", choices=list(export_step.FP8_SCALE_NAMES),
+                        help="--custom_mode fp8 only: the consumer whose scale names are written: vllm "
+                             "(weight_scale / input_scale, KV-cache scales; transformers ignores these names) "
+                             "or transformers (FineGrainedFP8's weight_scale_inv / activation_scale; no "
+                             "KV-cache scales)")
 
     reload = parser.add_argument_group("reload")
     reload.add_argument("--import_model_dir", default=None, help="folder of an exported quantized model")
@@ -171,6 +183,7 @@ def _cuda() -> bool:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    args.command_line = [PROG, *(sys.argv[1:] if argv is None else argv)]
     if args.model_export is not None:
         args.model_export = list(dict.fromkeys(f for group in args.model_export for f in group))
     return args

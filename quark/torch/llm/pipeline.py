@@ -1,10 +1,15 @@
 """What ``quark-quantize`` does, step by step (layer 10).
 
-1. validate every flag that can be checked without the model (names, paths, output folder);
-2. load the config, tokenizer and model; check ``--seq_len`` against the model's context;
+1. validate every flag that can be checked without the model (names, paths, output folder, the
+   packages each asked output needs);
+2. load the config; build the quantization config and check it against the family and every
+   asked export; load the tokenizer; check ``--seq_len`` against the model's context;
 3. draw the calibration samples (a corpus too small is an error before any work);
-4. evaluate the float model, quantize (or reload an export), evaluate again;
-5. freeze and export into a staging folder beside ``--output_dir``, write ``quark_summary.json``,
+4. choose where the model waits (``--offload``), load it; check every layer's shape against its
+   config (``--unfit_layers``) and every asked export format against every layer's config: all
+   before the first expensive step;
+5. evaluate the float model, quantize (or reload an export), evaluate again;
+6. freeze and export into a staging folder beside ``--output_dir``, write ``quark_summary.json``,
    and swap the folder into place only at the end (:class:`AtomicFolder`): a failed or interrupted
    run leaves the previous output, and the next run removes its temporary folders.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +46,7 @@ from quark.torch.llm.summary import (
     SUMMARY_FILE,
     RunSummary,
     folder_bytes,
+    package_versions,
     peak_gpu_memory_bytes,
     peak_host_memory_bytes,
 )
@@ -52,6 +59,7 @@ DEFAULT_SCHEME = "w_fp8_a_fp8"
 EMBEDDED_CALIBRATION = (4, 256)
 MODEL_CALIBRATION = (128, 512)
 DEFAULT_DATASET = "pileval"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -124,7 +132,10 @@ def _validate(args: argparse.Namespace) -> None:
     schemes.parse_algorithms(args.quant_algo)
     if args.dataset is not None:
         ds.check_dataset(args.dataset)
-    export_step.check_export_request(args.model_export or [], args.custom_mode)
+    export_step.check_export_request(args.model_export or [], args.custom_mode,
+                                     getattr(args, "fp8_scale_names", "vllm"))
+    if args.model_dir is not None:
+        _check_local_model_dir(args.model_dir)
     if args.tasks and not args.skip_evaluation:
         from quark.torch.llm.lm_eval_tasks import check_lm_eval
 
@@ -135,6 +146,58 @@ def _validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag}={value} must be a positive integer")
     resolve_device(args.device)
     check_offload(args.offload)
+
+
+def _check_local_model_dir(value: str) -> None:
+    """A hub id given as ``--model_dir`` gets a message saying this build reads local folders only."""
+    if not Path(value).exists() and _HUB_ID.match(value):
+        local = value.rsplit("/", 1)[1]
+        raise ValueError(f"--model_dir={value!r} is not a local folder. It looks like a Hugging Face hub id, but "
+                         "this build has no hub access: download the model first (e.g. huggingface-cli download "
+                         f"{value} --local-dir ./{local}) and pass that folder (--model_dir ./{local})")
+
+
+def _check_rotation(config: Any, hf_config: Any, unfit_layers: str, summary: RunSummary) -> None:
+    """QuaRot's online R4 Hadamard needs one of the MLP width; without one, refuse or (keep/fallback)
+    run QuaRot without its online Hadamards, before any work."""
+    from quark.torch.algorithm.rotation.hadamard import hadamard_matrix
+    from quark.torch.quantization.config.config import QuaRotConfig
+
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    width = getattr(text, "intermediate_size", None)
+    for algo in config.algo_config or []:
+        if not isinstance(algo, QuaRotConfig) or not algo.had or not isinstance(width, int):
+            continue
+        try:
+            hadamard_matrix(width)
+        except ValueError as exc:
+            if unfit_layers == "error":
+                raise ValueError(f"--quant_algo quarot: the online Hadamard R4 of the MLP down projection input "
+                                 f"needs a Hadamard matrix of size {width} (intermediate_size): {exc}. Pass "
+                                 "--unfit_layers keep (or fallback) to run QuaRot without online Hadamards "
+                                 "(R1/R2 only), or use --quant_algo rotation") from None
+            algo.had = False
+            note = (f"QuaRot without online Hadamards (R3/R4): no Hadamard matrix of size {width} "
+                    f"(intermediate_size) for the down projection input; --unfit_layers {unfit_layers}")
+            logger.warning("%s", note)
+            summary.unfit_layers.append({"layer": "*mlp down projection (QuaRot R4)", "action": "keep",
+                                         "issues": [note], "changes": ["QuaRotConfig.had: True -> False"]})
+
+
+def _check_layers(model: nn.Module, config: Any, args: argparse.Namespace, summary: RunSummary) -> None:
+    """Shapes against the config (``--unfit_layers``) and the config against every asked export."""
+    from quark.torch.quantization.model_transformation import fit_config_to_model
+
+    unfit = fit_config_to_model(model, config)
+    summary.unfit_layers += [u.to_dict() for u in unfit]
+    export_step.check_export_layers(model, config, args.model_export or [], args.custom_mode)
+
+
+def _restore_source_settings(model: nn.Module, hf_config: Any) -> None:
+    """Loading turned the KV cache off for calibration; the export keeps the source's ``use_cache``."""
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "use_cache") and hasattr(hf_config, "use_cache"):
+        model_config.use_cache = hf_config.use_cache
 
 
 def _evaluation_plan(args: argparse.Namespace, embedded: bool, context: int | None) -> Evaluation:
@@ -153,10 +216,14 @@ def _evaluation_plan(args: argparse.Namespace, embedded: bool, context: int | No
                       max_windows=args.ppl_max_windows)
     try:
         plan.text = perplexity.evaluation_text(source)
-    except ValueError as exc:
+    except ValueError:
         if plan.explicit:
             raise
-        return Evaluation("none", note=f"skipped: {exc}")
+        note = ("skipped: the default perplexity text 'wikitext' comes from the Hugging Face hub, which this run "
+                "cannot read; pass --ppl_dataset FILE (a local text file such as wiki.test.raw) to measure "
+                "perplexity, or --skip_evaluation to say so")
+        logger.warning("evaluation %s", note)
+        return Evaluation("none", note=note)
     return plan
 
 
@@ -206,7 +273,8 @@ def run(args: argparse.Namespace) -> RunSummary:
     context = context_length(hf_config)
     mode = "reload" if args.model_reload else "float" if args.skip_quantization else "quantize"
     summary = RunSummary(model="embedded stories260K" if embedded else str(model_dir), model_type=model_type,
-                         mode=mode)
+                         mode=mode, seed=args.seed, versions=package_versions(),
+                         command_line=getattr(args, "command_line", None))
     request: schemes.SchemeRequest | None = None
     config: Any = None
     if mode == "quantize":
@@ -216,10 +284,17 @@ def run(args: argparse.Namespace) -> RunSummary:
             kv_cache_dtype=args.kv_cache_dtype or default_kv, algorithms=schemes.parse_algorithms(args.quant_algo),
             exclude_layers=args.exclude_layers, moe_second_step=args.moe_experts_second_step_config,
             min_kv_scale=args.min_kv_scale, extra_exclude=schemes.text_only_excludes(hf_config),
-            kv_cache_post_rope=args.kv_cache_post_rope)
+            kv_cache_post_rope=args.kv_cache_post_rope, unfit_layers=getattr(args, "unfit_layers", "error"))
         template = schemes.template_for(model_type)
         config = schemes.build_config(template, request)
         config.log_severity_level = args.log_severity_level
+        export_step.check_export_model(args.model_export or [], model_type, model_dir)
+        _check_rotation(config, hf_config, request.unfit_layers, summary)
+        note = export_step.fp8_consumer_note(args.custom_mode, getattr(args, "fp8_scale_names", "vllm")) \
+            if "hf_format" in (args.model_export or []) else None
+        if note:
+            logger.warning("%s", note)
+            summary.notes.append(note)
     info = load_tokenizer(model_dir, trust_remote_code=args.trust_remote_code,
                           add_bos=args.add_bos)
     evaluation = _evaluation_plan(args, embedded, context)
@@ -234,6 +309,8 @@ def run(args: argparse.Namespace) -> RunSummary:
     args.compute_device = compute
     model = load_model(model_dir, device="cpu" if where == "cpu" else args.device, multi_gpu=args.multi_gpu,
                        dtype=args.model_dtype, trust_remote_code=args.trust_remote_code)
+    if mode == "quantize":
+        _check_layers(model, config, args, summary)
     if not args.skip_float_evaluation:
         _evaluate(model, info, evaluation, "float", summary, compute)
 
@@ -258,11 +335,13 @@ def run(args: argparse.Namespace) -> RunSummary:
                 from quark.torch import ModelQuantizer
 
                 ModelQuantizer.freeze(model)
+                _restore_source_settings(model, hf_config)
                 sample = batches[0][:1] if batches else torch.tensor([[info.tokenizer.eos_token_id] * 8])
                 summary.exports = export_step.export_model(
                     model, config, info.tokenizer, args.model_export, staging, custom_mode=args.custom_mode,
                     model_type=model_type, model_dir=model_dir, sample=sample,
-                    kv_cache_group=list(config.kv_cache_quant_config) or None, min_kv_scale=args.min_kv_scale)
+                    kv_cache_group=list(config.kv_cache_quant_config) or None, min_kv_scale=args.min_kv_scale,
+                    fp8_scale_names=getattr(args, "fp8_scale_names", "vllm"))
                 summary.exports = {k: str(out / Path(v).relative_to(staging)) for k, v in summary.exports.items()}
             summary.output_dir = str(out)
             summary.total_seconds = time.perf_counter() - start

@@ -29,6 +29,7 @@ from quark.torch.quantization.config.config import (
     ScaleQuantSpec,
     Uint4PerGroupSpec,
 )
+from quark.torch.quantization.config.resolve import UNFIT_LAYER_MODES
 from quark.torch.quantization.config.template import LLMTemplate, isolated_registry, parse_algorithm_names
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class SchemeRequest:
     min_kv_scale: float = 0.0
     extra_exclude: Sequence[str] = ()
     kv_cache_post_rope: bool = False
+    unfit_layers: str = "error"
 
 
 def build_config(template: LLMTemplate, request: SchemeRequest) -> Config:
@@ -217,6 +219,9 @@ def build_config(template: LLMTemplate, request: SchemeRequest) -> Config:
         config = template.get_config(scheme=request.scheme, algorithm=template_algos or None,
                                      kv_cache_scheme=request.kv_cache_dtype, min_kv_scale=request.min_kv_scale,
                                      exclude_layers=exclude)
+    if request.unfit_layers not in UNFIT_LAYER_MODES:
+        raise ValueError(f"--unfit_layers={request.unfit_layers!r} is not one of: {', '.join(UNFIT_LAYER_MODES)}")
+    config.unfit_layers = request.unfit_layers
     if request.kv_cache_post_rope:
         if request.kv_cache_dtype is None:
             raise ValueError("--kv_cache_post_rope needs --kv_cache_dtype (it says where the KV cache is quantized)")

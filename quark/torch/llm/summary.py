@@ -26,6 +26,19 @@ def peak_gpu_memory_bytes() -> int | None:
     return int(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())))
 
 
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages a result depends on (None when one is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in ("quark-torch", "torch", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -69,6 +82,11 @@ class RunSummary:
     evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation_note: str | None = None
     lm_eval: dict[str, Any] = field(default_factory=dict)
+    unfit_layers: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seed: int | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)
+    command_line: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +109,10 @@ class RunSummary:
                 ("calibration", f"{self.calibration_samples} x {self.seq_len} tokens from {self.dataset}"),
                 ("quantization time", f"{self.quantize_seconds:.1f} s"),
             ]
+            if self.unfit_layers:
+                kept = sum(u["action"] == "keep" for u in self.unfit_layers)
+                rows.append(("unfit layers", f"{kept} kept in float, {len(self.unfit_layers) - kept} fallback "
+                                             f"(listed in {SUMMARY_FILE})"))
             if self.unfused_expert_modules:
                 rows.append(("MoE experts unfused", str(self.unfused_expert_modules)))
             if self.moe_second_step:
@@ -114,6 +136,8 @@ class RunSummary:
                     rows.append((f"ratio {stage}/float", f"{result['perplexity'] / base:.4f}"))
         if self.evaluation_note:
             rows.append(("evaluation", self.evaluation_note))
+        for note in self.notes:
+            rows.append(("note", note))
         for task, value in self.lm_eval.items():
             rows.append((f"lm-eval {task}", json.dumps(value, sort_keys=True, default=str)))
         return rows
@@ -126,4 +150,5 @@ class RunSummary:
         return f"{line}\n{body}\n{line}"
 
 
-__all__ = ["SUMMARY_FILE", "RunSummary", "folder_bytes", "peak_gpu_memory_bytes", "peak_host_memory_bytes"]
+__all__ = ["SUMMARY_FILE", "RunSummary", "folder_bytes", "package_versions", "peak_gpu_memory_bytes",
+           "peak_host_memory_bytes"]

@@ -11,16 +11,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from quark.torch.quantization.config.config import Config, QuantizationConfig, QuantizationSpec
-from quark.torch.quantization.config.resolve import is_quantizable, resolve
-from quark.torch.quantization.config.type import QSchemeType
-from quark.torch.quantization.formats.table import format_info
+from quark.torch.quantization.config.config import Config, QuantizationConfig
+from quark.torch.quantization.config.resolve import (
+    UnfitLayer,
+    fit_layer,
+    is_quantizable,
+    layer_shape_issues,
+    record_unfit,
+    resolve,
+)
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 from quark.torch.quantization.tensor_quantize import FakeQuantize
 
 logger = logging.getLogger(__name__)
-
-_COMMON_GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -42,63 +45,60 @@ class SwapRecord:
     original: nn.Module
 
 
-def _first_stage(spec: QuantizationSpec | list[QuantizationSpec] | None) -> QuantizationSpec | None:
-    if isinstance(spec, (list, tuple)):
-        return spec[0] if spec else None
-    return spec
-
-
-def _group_issue(name: str, tensor: str, shape: tuple[int, ...], spec: QuantizationSpec) -> str | None:
-    """A message when ``spec`` cannot be applied to a tensor of ``shape``, else None."""
-    info = format_info(spec.dtype)
-    kind = spec.kind
-    blocked = kind in ("mx", "bfp") or spec.qscheme in (QSchemeType.per_group, QSchemeType.per_channel)
-    if not blocked:
-        return None
-    axis = -1 if spec.ch_axis is None else spec.ch_axis
-    if not -len(shape) <= axis < len(shape):
-        return (f"{name} ({tensor}, shape {list(shape)}): ch_axis={axis} is out of range for a "
-                f"{len(shape)}-D tensor; allowed: {-len(shape)}..{len(shape) - 1}")
-    if spec.qscheme == QSchemeType.per_channel and kind not in ("mx", "bfp"):
-        return None
-    group = spec.group_size or (32 if kind == "mx" else info.block_size)
-    dim = shape[axis]
-    if group and dim % group != 0:
-        fits = [g for g in _COMMON_GROUP_SIZES if dim % g == 0] or [
-            g for g in range(2, min(dim, 256) + 1) if dim % g == 0][:8]
-        return (f"{name} ({tensor}, dim {axis} = {dim}): group_size {group} does not divide {dim}; "
-                f"group sizes that fit: {fits}")
-    return None
-
-
 def validate_plan(plan: list[PlannedModule]) -> None:
     """Raise one ``ValueError`` naming every layer whose shape does not fit its config."""
-    issues: list[str] = []
-    for item in plan:
-        linear = item.module
-        tensors = {
-            "weight": (_first_stage(item.config.weight), (linear.out_features, linear.in_features)),
-            "input_tensors": (_first_stage(item.config.input_tensors), (1, linear.in_features)),
-            "output_tensors": (_first_stage(item.config.output_tensors), (1, linear.out_features)),
-        }
-        for tensor, (spec, shape) in tensors.items():
-            if spec is None:
-                continue
-            if tensor != "weight" and spec.qscheme == QSchemeType.per_channel and spec.ch_axis not in (-1, 1):
-                # activations are [..., features]; only the feature axis is known here
-                continue
-            issue = _group_issue(item.name, tensor, shape, spec)
-            if issue:
-                issues.append(issue)
+    issues = [issue for item in plan for issue in layer_shape_issues(item.name, item.module, item.config)]
     if issues:
         listing = "\n  ".join(issues)
         raise ValueError(f"the quantization config does not fit {len(issues)} tensor(s) of this model "
-                         f"(nothing was changed):\n  {listing}\nUse a group size that fits, or exclude "
-                         "these layers with Config.exclude.")
+                         f"(nothing was changed):\n  {listing}\nUse a group size that fits, exclude these "
+                         "layers with Config.exclude, or set Config.unfit_layers='fallback' (each gets the "
+                         "nearest format that fits: a smaller group size, or per-channel) or 'keep' (they "
+                         "stay in float); on the command line: --unfit_layers fallback|keep.")
+
+
+def fit_config_to_model(model: nn.Module, config: Config) -> list[UnfitLayer]:
+    """Apply ``config.unfit_layers`` to every layer whose shape does not fit its config.
+
+    ``"error"``: raise (as :func:`validate_plan`). ``"keep"`` / ``"fallback"``: each such layer is
+    added to ``config.exclude`` or gets an exact-name ``config.layer_quant_config`` entry with the
+    nearest spec that fits (logged), so later resolution and exports agree; returns what was done.
+    No module is changed.
+    """
+    mode = getattr(config, "unfit_layers", "error")
+    # AWQ searches scales for per-group weights only; a layer it cannot group stays in float
+    per_channel = not any(str(getattr(a, "name", "")).lower() == "awq" for a in config.algo_config or [])
+    done: list[UnfitLayer] = []
+    plan: list[PlannedModule] = []
+    for name, module in model.named_modules():
+        if not is_quantizable(module) or isinstance(module, QuantLinear):
+            continue
+        res = resolve(name, module, config)
+        if res.config is None:
+            continue
+        fitted = fit_layer(name, module, res.config, mode, per_channel=per_channel)
+        if fitted is None:
+            plan.append(PlannedModule(name, module, res.config, res.rule))
+            continue
+        qconfig, unfit = fitted
+        done.append(unfit)
+        if qconfig is not None:
+            plan.append(PlannedModule(name, module, qconfig, res.rule))
+    validate_plan(plan)
+    for unfit in done:
+        record_unfit(config, unfit, next((p.config for p in plan if p.name == unfit.name), None))
+        logger.warning("unfit_layers=%s: %s", mode, unfit.describe())
+    return done
 
 
 def plan_quantization(model: nn.Module, config: Config) -> tuple[list[PlannedModule], list[str]]:
-    """Resolve every quantizable module; return (modules to quantize, names excluded)."""
+    """Resolve every quantizable module; return (modules to quantize, names excluded).
+
+    Layers that do not fit their config are handled first as ``config.unfit_layers`` says
+    (:func:`fit_config_to_model`).
+    """
+    if getattr(config, "unfit_layers", "error") != "error":
+        fit_config_to_model(model, config)
     plan: list[PlannedModule] = []
     excluded: list[str] = []
     ignored_types = {type(m).__name__ for m in model.modules() if not is_quantizable(m)}

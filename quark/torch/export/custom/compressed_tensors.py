@@ -60,6 +60,19 @@ def _format(weight_args: dict[str, Any]) -> str:
     return "float-quantized" if weight_args["type"] == "float" else "int-quantized"
 
 
+def check_config_group(qconfig: Any) -> None:
+    """``ValueError`` unless compressed-tensors' one config group can hold ``qconfig``."""
+    if qconfig.output_tensors is not None or qconfig.bias is not None:
+        raise ValueError(f"compressed-tensors cannot hold output/bias quantization; supported: {SUPPORTED}")
+    if any(isinstance(s, (list, tuple)) for s in (qconfig.weight, qconfig.input_tensors)):
+        raise ValueError(f"compressed-tensors cannot hold two-stage (quantized) scales; supported: {SUPPORTED}")
+    weights = _args("weight", qconfig.weight, True)
+    if weights is None:
+        raise ValueError(f"compressed-tensors needs quantized weights; supported: {SUPPORTED}")
+    if _format(weights) == "pack-quantized" and _args("input_tensors", qconfig.input_tensors, False) is not None:
+        raise ValueError(f"compressed-tensors pack-quantized (int4) is weight-only; supported: {SUPPORTED}")
+
+
 def compressed_tensors_checkpoint(model: nn.Module, config: Config, json_cfg: JsonExporterConfig
                                   ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, Any]]:
     modules = check_exportable(model)
@@ -114,4 +127,4 @@ def _convert(mod_name: str, module: QuantLinear, suffix: str, tensor: torch.Tens
     return [(f"{mod_name}.{suffix}", tensor)]
 
 
-__all__ = ["SUPPORTED", "compressed_tensors_checkpoint"]
+__all__ = ["SUPPORTED", "check_config_group", "compressed_tensors_checkpoint"]

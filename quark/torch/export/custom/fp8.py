@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 SCALE_NAMES = {"vllm": ("weight_scale", "input_scale"), "transformers": ("weight_scale_inv", "activation_scale")}
 
 
-def _is_fp8_tensor(spec: Any) -> bool:
+def is_fp8_per_tensor(spec: Any) -> bool:
+    """True for an fp8_e4m3 per-tensor spec (the only one this layout holds)."""
     return isinstance(spec, QuantizationSpec) and spec.dtype == Dtype.fp8_e4m3 \
         and (spec.qscheme or QSchemeType.per_tensor) == QSchemeType.per_tensor
 
@@ -33,11 +34,11 @@ def _is_fp8_tensor(spec: Any) -> bool:
 def _check_module(name: str, module: QuantLinear, kv: bool) -> None:
     cfg = module.quant_config
     problems = []
-    if cfg is None or not _is_fp8_tensor(cfg.weight):
+    if cfg is None or not is_fp8_per_tensor(cfg.weight):
         problems.append("weight must be fp8_e4m3 per_tensor")
-    if cfg is not None and cfg.input_tensors is not None and not _is_fp8_tensor(cfg.input_tensors):
+    if cfg is not None and cfg.input_tensors is not None and not is_fp8_per_tensor(cfg.input_tensors):
         problems.append("input_tensors must be None or fp8_e4m3 per_tensor")
-    if cfg is not None and cfg.output_tensors is not None and not (kv and _is_fp8_tensor(cfg.output_tensors)):
+    if cfg is not None and cfg.output_tensors is not None and not (kv and is_fp8_per_tensor(cfg.output_tensors)):
         problems.append("output_tensors is only allowed on KV-cache layers (fp8_e4m3 per_tensor)")
     if cfg is not None and cfg.bias is not None:
         problems.append("bias quantization is not part of the fp8 layout")
@@ -52,10 +53,10 @@ def _check_module(name: str, module: QuantLinear, kv: bool) -> None:
 def fp8_quantization_config(config: Config, ignored: list[str] | None = None) -> dict[str, Any]:
     """``quantization_config`` of the fp8 layout for ``config`` (raises when it is not fp8 per-tensor)."""
     glob = config.global_quant_config
-    if not _is_fp8_tensor(glob.weight):
+    if not is_fp8_per_tensor(glob.weight):
         raise ValueError("the fp8 layout needs an fp8_e4m3 per_tensor weight in global_quant_config")
     inp = glob.input_tensors
-    if inp is not None and not _is_fp8_tensor(inp):
+    if inp is not None and not is_fp8_per_tensor(inp):
         raise ValueError("the fp8 layout needs fp8_e4m3 per_tensor input_tensors (or none)")
     scheme = "static" if inp is not None and not inp.is_dynamic else "dynamic"
     out: dict[str, Any] = {"quant_method": "fp8", "activation_scheme": scheme, "weight_block_size": None,
@@ -103,4 +104,4 @@ def fp8_checkpoint(model: nn.Module, config: Config, json_cfg: JsonExporterConfi
     return out, qc
 
 
-__all__ = ["SCALE_NAMES", "fp8_checkpoint", "fp8_quantization_config"]
+__all__ = ["SCALE_NAMES", "fp8_checkpoint", "fp8_quantization_config", "is_fp8_per_tensor"]

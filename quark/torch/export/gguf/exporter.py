@@ -42,11 +42,27 @@ _LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "sel
                 "post_attention_layernorm": "ffn_norm"}
 
 
+def spec_block_type(spec: Any) -> str | None:
+    """The GGML type that holds weights quantized with ``spec`` (a two-stage list: none), or ``None``."""
+    if spec is None or isinstance(spec, (list, tuple)):
+        return None
+    if spec.qscheme != QSchemeType.per_group or spec.group_size != 32 or spec.ch_axis not in (1, -1):
+        return None
+    if spec.dtype == Dtype.int4 and spec.symmetric is not False:
+        return "Q4_0"
+    if spec.dtype == Dtype.uint4 and spec.symmetric is False:
+        return "Q4_1"
+    if spec.dtype == Dtype.int8 and spec.symmetric is not False:
+        return "Q8_0"
+    return None
+
+
 def _block_type(module: QuantLinear) -> str | None:
     """The GGML type that holds ``module``'s quantized weight, or ``None``."""
     wq = module.weight_quantizer
-    if wq is None:
+    if wq is None or wq.scale_quantizer is not None:
         return None
+    return spec_block_type(wq.spec)
     spec = wq.spec
     if spec.qscheme != QSchemeType.per_group or spec.group_size != 32 or spec.ch_axis not in (1, -1) \
             or wq.scale_quantizer is not None:
@@ -244,4 +260,4 @@ def _file_type(plans: list[tuple[str, Any, str]]) -> int:
     return int(gguf.LlamaFileType.MOSTLY_F16)
 
 
-__all__ = ["GGUF_TYPES", "SUPPORTED", "export_gguf"]
+__all__ = ["GGUF_TYPES", "LLAMA_TYPES", "SUPPORTED", "export_gguf", "spec_block_type"]

@@ -135,15 +135,23 @@ def _zero(spec_dtype: Dtype, zero_point: torch.Tensor | None, like: torch.Tensor
     return torch.zeros(like.shape, dtype=torch.int32 if format_info(spec_dtype).kind == "int" else torch.float32)
 
 
+def spec_problem(spec: Any) -> str | None:
+    """Why ONNX export cannot represent ``spec`` (a spec or a two-stage list), or None."""
+    if isinstance(spec, (list, tuple)):
+        return "two-stage (quantized) scales" if len(spec) > 1 else spec_problem(spec[0]) if spec else None
+    if spec.kind == "cast":
+        return None
+    if spec.dtype not in ONNX_TYPES or spec.kind not in ("int", "float"):
+        return f"dtype {spec.dtype.name}{' (' + spec.scale_format + ' scales)' if spec.scale_format else ''}"
+    return None
+
+
 def _check_spec(owner: str, quantizer: FakeQuantize) -> None:
-    spec = quantizer.spec
-    if quantizer.kind == "cast":
-        return
-    if spec.dtype not in ONNX_TYPES or quantizer.kind not in ("int", "float"):
-        raise _unsupported(owner, f"dtype {spec.dtype.name}"
-                                  f"{' (' + spec.scale_format + ' scales)' if spec.scale_format else ''}")
-    if quantizer.scale_quantizer is not None:
-        raise _unsupported(owner, "two-stage (quantized) scales")
+    problem = spec_problem(quantizer.spec)
+    if problem is None and quantizer.kind != "cast" and quantizer.scale_quantizer is not None:
+        problem = "two-stage (quantized) scales"
+    if problem is not None:
+        raise _unsupported(owner, problem)
 
 
 def _activation(owner: str, quantizer: FakeQuantize | None, x: torch.Tensor) -> torch.Tensor:
@@ -439,4 +447,4 @@ def export_onnx(model: nn.Module, input_args: Any, path: Path, opset_version: in
     return path
 
 
-__all__ = ["DEFAULT_OPSET", "ONNX_TYPES", "SUPPORTED", "CausalLMLogits", "export_onnx", "onnx_mode"]
+__all__ = ["DEFAULT_OPSET", "ONNX_TYPES", "SUPPORTED", "CausalLMLogits", "export_onnx", "onnx_mode", "spec_problem"]

@@ -34,6 +34,7 @@ from quark.torch.quantization.config.algo import (
     load_pre_optimization_config_from_file,
     load_quant_algo_config_from_file,
 )
+from quark.torch.quantization.config.resolve import UNFIT_LAYER_MODES
 from quark.torch.quantization.config.spec import (
     SPEC_KEYS,
     QuantizationSpec,
@@ -177,6 +178,12 @@ class Config:
     :param softmax_quant_spec: spec of the attention softmax output (attention quantization).
     :param bool kv_cache_post_rope: quantize K after RoPE (inside the cache update).
     :param float min_kv_scale: lower bound of KV-cache scales. Default 0.0.
+    :param str unfit_layers: what happens to a layer whose shape its per-group / block config does not
+        fit (e.g. group 128 on a 576-wide input): ``"error"`` (default: quantization refuses, naming
+        each tensor), ``"keep"`` (the layer stays in float) or ``"fallback"`` (the nearest spec that
+        fits: the largest power-of-two group >= 8 below the requested one that divides, else weights
+        per output channel, else float). Quantization records the outcome in this Config (``exclude``
+        or an exact-name ``layer_quant_config`` entry) so exports describe what each layer got.
 
     Precedence when resolving a module: exclude > layer_quant_config > layer_type_quant_config >
     global_quant_config.
@@ -194,6 +201,7 @@ class Config:
     softmax_quant_spec: QuantizationSpec | None = None
     kv_cache_post_rope: bool = False
     min_kv_scale: float = 0.0
+    unfit_layers: str = "error"
 
     def __post_init__(self) -> None:
         owner = "Config"
@@ -226,6 +234,9 @@ class Config:
                 or self.min_kv_scale < 0:
             raise ValueError(f"{owner}.min_kv_scale={self.min_kv_scale!r} must be a number >= 0")
         self.min_kv_scale = float(self.min_kv_scale)
+        if self.unfit_layers not in UNFIT_LAYER_MODES:
+            raise ValueError(f"{owner}.unfit_layers={self.unfit_layers!r} is not one of: "
+                             f"{', '.join(UNFIT_LAYER_MODES)}")
 
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
