@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import warnings
 from typing import Any
 
 MAX_CONDITION_CHARS = 1000
@@ -93,7 +94,9 @@ def evaluate_condition(text: str | None, module: Any) -> bool:
         raise ValueError(f"condition {text[:60]!r}... is {len(text)} characters long; at most "
                          f"{MAX_CONDITION_CHARS} are allowed")
     try:
-        tree = ast.parse(text, mode="eval")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)  # e.g. "invalid decimal literal": refused below anyway
+            tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
         raise ValueError(f"condition {text!r} is not a valid expression: {exc.msg}") from None
     except (ValueError, RecursionError, MemoryError) as exc:  # null bytes, nesting too deep for the parser
