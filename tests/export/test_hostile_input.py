@@ -308,3 +308,14 @@ def test_custom_config_errors_name_the_field(custom):
     field = next((k for k in custom if k != "quant_method"), "quant_method")
     with pytest.raises(ValueError, match=field):
         QuantConfigParser.from_custom_config(custom)
+
+
+def test_nan_embedding_is_refused_in_transformers(tmp_path, exported):
+    dest = _copy(exported, tmp_path)
+    name = "model.embed_tokens.weight"
+    value = load_file(str(dest / "model.safetensors"))[name].clone()
+    value[3, 3] = float("inf")
+    _edit_tensor(dest, name, value)
+    model = AutoModelForCausalLM.from_pretrained(str(dest))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' has 1 NaN/Inf"):
+        model(token_batches(1, 8)[0])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,32 +270,45 @@ def file_of_tensor(folder: str | Path, name: str) -> str:
     return str(folder)
 
 
-def _check_module_tensor(module: QuantLinear, suffix: str, tensor: torch.Tensor, name: str, where: str) -> None:
-    if suffix == "input_rotation":
+def _check_loaded_tensor(module: QuantLinear | None, suffix: str, tensor: torch.Tensor, name: str,
+                         where: str) -> None:
+    if module is not None and suffix == "input_rotation":
         _check_rotation(tensor, name, where, module.in_features)
-    elif suffix.endswith("_quantizer.scale") or suffix.endswith("scale_2"):
+    elif module is not None and (suffix.endswith("_quantizer.scale") or suffix.endswith("scale_2")):
         _check_scale(tensor, name, where)
     else:
         check_finite(tensor, name, where)
 
 
-def check_quantized_state(model: nn.Module, folder: str | Path | None) -> None:
-    """Refuse a loaded model whose quantized layers hold NaN/Inf weights or qparams, non-positive
-    scales or an online rotation that is not a ±1 Hadamard matrix; errors give the checkpoint name of
-    the tensor and, when known, its file. Tensors still on ``meta`` (offloaded) are skipped."""
-    for mod_name, module in quant_modules(model).items():
+def _loaded_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor, QuantLinear | None]]:
+    """(checkpoint name, module-state suffix, tensor, owning QuantLinear or None) of every tensor a
+    checkpoint fills: all state of the quantized layers and the parameters of the other modules."""
+    modules = quant_modules(model)
+    for mod_name, module in modules.items():
         for suffix, tensor in module.state_dict(keep_vars=True).items():
-            if tensor is None or tensor.device.type == "meta":
-                continue
-            ckpt = f"{mod_name}.{checkpoint_suffix(suffix) or suffix}" if mod_name else suffix
-            try:
-                _check_module_tensor(module, suffix, tensor, ckpt, str(folder) if folder else type(model).__name__)
-            except CheckpointError:
-                if folder is None:
-                    raise
-                # the index is read only now, on the error path, to name the file holding the tensor
-                _check_module_tensor(module, suffix, tensor, ckpt, file_of_tensor(folder, ckpt))
+            if tensor is not None:
+                ckpt = f"{mod_name}.{checkpoint_suffix(suffix) or suffix}" if mod_name else suffix
+                yield ckpt, suffix, tensor, module
+    for name, param in model.named_parameters():
+        if owner_of(name, modules) is None:
+            yield name, name, param, None
+
+
+def check_quantized_state(model: nn.Module, folder: str | Path | None) -> None:
+    """Refuse a loaded model holding NaN/Inf weights or qparams, non-positive scales or an online
+    rotation that is not a ±1 Hadamard matrix; errors give the checkpoint name of the tensor and,
+    when known, its file. Tensors still on ``meta`` (offloaded) are skipped."""
+    for ckpt, suffix, tensor, module in _loaded_tensors(model):
+        if tensor.device.type == "meta":
+            continue
+        try:
+            _check_loaded_tensor(module, suffix, tensor, ckpt, str(folder) if folder else type(model).__name__)
+        except CheckpointError:
+            if folder is None:
                 raise
+            # the index is read only now, on the error path, to name the file holding the tensor
+            _check_loaded_tensor(module, suffix, tensor, ckpt, file_of_tensor(folder, ckpt))
+            raise
 
 
 def check_online_rotations(model: nn.Module, config: Config, path: Path) -> None:
