@@ -319,3 +319,18 @@ def test_nan_embedding_is_refused_in_transformers(tmp_path, exported):
     model = AutoModelForCausalLM.from_pretrained(str(dest))
     with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' has 1 NaN/Inf"):
         model(token_batches(1, 8)[0])
+
+
+def test_first_forward_check_follows_deep_copies(tmp_path, exported):
+    import copy
+
+    dest = _copy(exported, tmp_path)
+    value = load_file(str(dest / "model.safetensors"))[SCALE].clone()
+    value.view(-1)[0] = float("nan")
+    _edit_tensor(dest, SCALE, value)
+    clone = copy.deepcopy(AutoModelForCausalLM.from_pretrained(str(dest)))
+    with pytest.raises(CheckpointError, match=SCALE):
+        clone(token_batches(1, 8)[0])
+    healthy = copy.deepcopy(AutoModelForCausalLM.from_pretrained(str(exported)))
+    healthy(token_batches(1, 8)[0])
+    assert not healthy._forward_pre_hooks

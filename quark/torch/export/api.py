@@ -252,21 +252,28 @@ def _local_folder(model: nn.Module) -> Path | None:
     return None
 
 
-def _check_state_before_first_forward(model: nn.Module) -> None:
-    """Validate the loaded checkpoint once, before the model's first forward.
+class _FirstForwardCheck:
+    """Forward pre-hook validating a transformers-loaded model once, before its first forward.
 
-    transformers loads the tensors after ``_map_to_quark`` and calls nothing of quark afterwards; this
-    hook refuses NaN/Inf weights or qparams, non-positive scales and online rotations the checkpoint
-    did not fill (uninitialised memory) before they can produce an output. It removes itself once
-    the state passed; a failing state keeps refusing.
+    transformers loads the tensors after ``_map_to_quark`` and calls nothing of quark afterwards; the
+    check refuses NaN/Inf weights or qparams, non-positive scales and online rotations the checkpoint
+    did not fill (uninitialised memory) before they can produce an output. The hook removes itself
+    once the state passed (from the module it runs on, so deep copies behave the same); a failing
+    state keeps refusing. A plain object rather than a closure, so the model stays picklable.
     """
-    folder = _local_folder(model)
 
-    def check(module: nn.Module, args: Any) -> None:
-        check_quantized_state(model, folder)
-        handle.remove()
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.hook_id: int | None = None
 
-    handle = model.register_forward_pre_hook(check)
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        check_quantized_state(module, self.folder)
+        module._forward_pre_hooks.pop(self.hook_id, None)
+
+
+def _check_state_before_first_forward(model: nn.Module) -> None:
+    hook = _FirstForwardCheck(_local_folder(model))
+    hook.hook_id = model.register_forward_pre_hook(hook).id
 
 
 def _declare_online_rotations(model: nn.Module, quant_config: Config) -> None:

@@ -253,7 +253,7 @@ def _check_header(path: Path) -> dict[str, dict]:
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
-    meta = header.get("__metadata__", {})
+    meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{path}: header field '__metadata__' must map names to strings")
     data_len = size - 8 - n
