@@ -183,11 +183,20 @@ def test_quarot_checkpoint_without_rotations_is_refused(tmp_path, quarot_exporte
     kept = {k: v for k, v in tensors.items() if not k.endswith("input_rotation")}
     assert len(kept) < len(tensors)
     save_file(kept, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"QuaRot.*no input_rotation"):
+    with pytest.raises(CheckpointError, match=r"QuaRot.*holds no \['model.layers.0.mlp.down_proj.input_rotation'"):
         ModelImporter(dest).load_model()
     model = AutoModelForCausalLM.from_pretrained(str(dest))
     with pytest.raises(CheckpointError, match=r"input_rotation' is not a ±1 Hadamard matrix"):
         model(token_batches(1, 8)[0])
+
+
+def test_quarot_checkpoint_missing_one_rotation_is_refused(tmp_path, quarot_exported):
+    dest = _copy(quarot_exported, tmp_path)
+    tensors = load_file(str(dest / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.input_rotation"]
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"holds no \['model.layers.1.mlp.down_proj.input_rotation'\]"):
+        ModelImporter(dest).load_model()
 
 
 def test_corrupted_rotation_is_refused(tmp_path, quarot_exported):

@@ -18,8 +18,8 @@ from quark.torch.export.config.config import ExporterConfig, JsonExporterConfig
 from quark.torch.export.hf_format.reader import (
     MALFORMED_VALUE_ERRORS,
     check_quantized_state,
+    declare_online_rotations,
     load_quark_folder,
-    online_rotation_config,
     read_config_json,
     read_quantization_config,
 )
@@ -38,10 +38,8 @@ from quark.torch.export.safetensors_io import (
     shown,
     write_sharded,
 )
-from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.moe_experts import UnfusedExperts
-from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +237,7 @@ def _map_to_quark(model: nn.Module, quant_config: Config, pack_method: str = "re
     except MALFORMED_VALUE_ERRORS as e:  # e.g. a group size whose tensors overflow
         raise ValueError(f"quantization_config cannot be applied to {type(model).__name__} "
                          f"({type(e).__name__}: {str(e)[:400]})") from e
-    _declare_online_rotations(model, quant_config)
+    declare_online_rotations(model, quant_config)
     _check_state_before_first_forward(model)
 
 
@@ -274,43 +272,6 @@ class _FirstForwardCheck:
 def _check_state_before_first_forward(model: nn.Module) -> None:
     hook = _FirstForwardCheck(_local_folder(model))
     hook.hook_id = model.register_forward_pre_hook(hook).id
-
-
-def _declare_online_rotations(model: nn.Module, quant_config: Config) -> None:
-    """Give QuaRot's online-R4 linears an ``input_rotation`` buffer for transformers to load into.
-
-    transformers keeps only checkpoint keys the model declares; without this the Hadamard of each
-    MLP writer's input would be dropped and the model would silently compute something else.
-    """
-    quarot = online_rotation_config(quant_config)
-    if quarot is None:
-        return
-    mlp_name = getattr(quarot, "mlp", "mlp") or "mlp"
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    owners: dict[str, list[tuple[str, QuantLinear]]] = {}
-    for name, module in model.named_modules():
-        parent, _, _ = name.rpartition(".")
-        if isinstance(module, QuantLinear) and parent.split(".")[-1] == mlp_name and module.out_features == hidden:
-            owners.setdefault(parent, []).append((name, module))
-    if not owners:
-        # no `mlp` module (OPT's fc1/fc2 sit in the decoder layer): the MLP writer is the linear of a
-        # decoder layer that maps a wider input back to the hidden size outside attention
-        _, layers = find_decoder_layers(model, getattr(quarot, "model_decoder_layers", None) or None)
-        for i, layer in enumerate(layers):
-            for name, module in layer.named_modules():
-                if isinstance(module, QuantLinear) and module.out_features == hidden and \
-                        module.in_features > module.out_features and "attn" not in name and "attention" not in name:
-                    owners.setdefault(str(i), []).append((name, module))
-    if not owners:
-        raise ValueError(f"the checkpoint was rotated by QuaRot with online Hadamards (had=True), but no quantized "
-                         f"MLP linear writes the hidden size {hidden}; cannot place its input_rotation buffers")
-    for parent, found in owners.items():
-        if len(found) != 1:
-            raise ValueError(f"QuaRot online rotation: {parent} has {len(found)} linears writing the hidden "
-                             f"size ({[n for n, _ in found]}); expected one")
-        _, module = found[0]
-        n = module.in_features
-        module.input_rotation = torch.empty(n, n, dtype=torch.int8, device=module.weight.device)
 
 
 __all__ = ["CUSTOM_MODES", "ModelExporter", "ModelImporter", "_map_to_quark"]

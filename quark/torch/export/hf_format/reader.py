@@ -28,6 +28,7 @@ from quark.torch.export.safetensors_io import (
     iter_checkpoint,
     shown,
 )
+from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.nn.modules.quantize_attention import (
     ATTENTION_QUANTIZERS,
@@ -191,6 +192,47 @@ def _check_rotation(tensor: torch.Tensor, name: str, path: Path | str, size: int
                               "hold this online rotation (missing or corrupted)")
 
 
+def declare_online_rotations(model: nn.Module, quant_config: Config) -> None:
+    """Give QuaRot's online-R4 linears an ``input_rotation`` buffer for the checkpoint to fill.
+
+    transformers keeps only checkpoint keys the model declares; without this the Hadamard of each
+    MLP writer's input would be dropped and the model would silently compute something else. The
+    placeholder is all zeros (or ``meta``): a rotation the checkpoint does not fill is refused by
+    :func:`load_tensors` / :func:`check_quantized_state`, never used.
+    """
+    quarot = online_rotation_config(quant_config)
+    if quarot is None:
+        return
+    mlp_name = getattr(quarot, "mlp", "mlp") or "mlp"
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    owners: dict[str, list[tuple[str, QuantLinear]]] = {}
+    for name, module in model.named_modules():
+        parent, _, _ = name.rpartition(".")
+        if isinstance(module, QuantLinear) and parent.split(".")[-1] == mlp_name and module.out_features == hidden:
+            owners.setdefault(parent, []).append((name, module))
+    if not owners:
+        # no `mlp` module (OPT's fc1/fc2 sit in the decoder layer): the MLP writer is the linear of a
+        # decoder layer that maps a wider input back to the hidden size outside attention
+        _, layers = find_decoder_layers(model, getattr(quarot, "model_decoder_layers", None) or None)
+        for i, layer in enumerate(layers):
+            for name, module in layer.named_modules():
+                if isinstance(module, QuantLinear) and module.out_features == hidden and \
+                        module.in_features > module.out_features and "attn" not in name and "attention" not in name:
+                    owners.setdefault(str(i), []).append((name, module))
+    if not owners:
+        raise CheckpointError(f"the checkpoint was rotated by QuaRot with online Hadamards (had=True), but no "
+                              f"quantized MLP linear writes the hidden size {hidden}; cannot place its input_rotation "
+                              "buffers")
+    for parent, found in owners.items():
+        if len(found) != 1:
+            raise CheckpointError(f"QuaRot online rotation: {parent} has {len(found)} linears writing the hidden "
+                                  f"size ({[n for n, _ in found]}); expected one")
+        _, module = found[0]
+        if module.input_rotation is None:
+            n = module.in_features
+            module.input_rotation = torch.zeros(n, n, dtype=torch.int8, device=module.weight.device)
+
+
 def load_tensors(model: nn.Module, folder: str | Path, tensors_iter: Any = None) -> None:
     """Assign every checkpoint tensor of ``folder`` to ``model`` (skeletons already in place)."""
     targets = model.state_dict(keep_vars=True)
@@ -241,6 +283,11 @@ def load_tensors(model: nn.Module, folder: str | Path, tensors_iter: Any = None)
     if unexpected:
         raise CheckpointError(f"{folder}: {len(unexpected)} checkpoint tensor(s) match nothing in "
                               f"{type(model).__name__}: {unexpected[:8]}")
+    rotations = [k for k in targets if k not in loaded and k.endswith("input_rotation")]
+    if rotations:
+        raise CheckpointError(f"{folder}: quantization_config claims QuaRot with online rotations (had=True), but the "
+                              f"checkpoint holds no {rotations[:8]}; without them the model would compute something "
+                              "else")
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()
@@ -311,16 +358,6 @@ def check_quantized_state(model: nn.Module, folder: str | Path | None) -> None:
             raise
 
 
-def check_online_rotations(model: nn.Module, config: Config, path: Path) -> None:
-    """A config claiming QuaRot online Hadamards needs ``input_rotation`` tensors in the checkpoint."""
-    if online_rotation_config(config) is None:
-        return
-    if not any(getattr(m, "input_rotation", None) is not None for m in quant_modules(model).values()):
-        raise CheckpointError(f"{path}: quantization_config claims QuaRot with online rotations (had=True), but the "
-                              "checkpoint holds no input_rotation tensor; without them the model would compute "
-                              "something else")
-
-
 def load_quark_folder(model: nn.Module, folder: str | Path, qc: dict[str, Any]) -> nn.Module:
     """Rebuild the quantized model of an hf_format folder in ``model`` (float or meta weights)."""
     path = Path(folder) / "config.json"
@@ -339,6 +376,7 @@ def load_quark_folder(model: nn.Module, folder: str | Path, qc: dict[str, Any]) 
         try:
             build_skeletons(model, config, pack_method=pack_method)
             attach_attention_quantizers(model, config)  # post-RoPE K/V and softmax quantizers, when configured
+            declare_online_rotations(model, config)
         except CheckpointError:
             raise
         except ValueError as e:
@@ -356,12 +394,23 @@ def load_quark_folder(model: nn.Module, folder: str | Path, qc: dict[str, Any]) 
                     raise CheckpointError(f"{folder}: the checkpoint has no scale for {name}.{attr}")
                 _check_scale(quantizer.scale, f"{name}.{attr}.scale", folder)
                 quantizer.set_qparams(quantizer.scale, quantizer.zero_point)
-    check_online_rotations(model, config, path)
     check_quantized_state(model, folder)
     model.quant_config = config  # type: ignore[assignment]
     return model
 
 
-__all__ = ["CUSTOM_METHODS", "MALFORMED_VALUE_ERRORS", "check_online_rotations", "check_quantized_state",
-           "check_version", "file_of_tensor", "load_quark_folder", "load_tensors", "online_rotation_config",
-           "parse_config", "read_config_json", "read_json_object", "read_quantization_config"]
+__all__ = [
+    "CUSTOM_METHODS",
+    "MALFORMED_VALUE_ERRORS",
+    "check_quantized_state",
+    "check_version",
+    "declare_online_rotations",
+    "file_of_tensor",
+    "load_quark_folder",
+    "load_tensors",
+    "online_rotation_config",
+    "parse_config",
+    "read_config_json",
+    "read_json_object",
+    "read_quantization_config",
+]
