@@ -267,7 +267,7 @@ def _condition_case(layer: torch.nn.Module, tally: Tally, data: st.DataObject) -
 
 
 # -- (b) the checkpoint importer -----------------------------------------------------------------------------------
-POISON = ["nan", "inf", "-inf", "huge", "zero", "negative", "shape", "dtype", "int_wrap"]
+POISON = ["nan", "inf", "-inf", "huge", "zero", "negative", "shape", "dtype", "int_wrap", "complex"]
 
 
 def _poisoned(tensor: torch.Tensor, poison: str) -> torch.Tensor:
@@ -283,6 +283,8 @@ def _poisoned(tensor: torch.Tensor, poison: str) -> torch.Tensor:
         t = -t.float() - 1
     elif poison == "shape":
         t = torch.ones(t.numel() + 1, dtype=t.dtype)
+    elif poison == "complex":
+        t = t.float().to(torch.complex64)
     elif poison == "dtype":
         t = t.to(torch.float16) if t.dtype != torch.float16 else t.to(torch.int64)
     else:
@@ -347,7 +349,7 @@ def _importer_case(base: dict[str, Any], tally: Tally, data: st.DataObject) -> N
         tensors[name] = _poisoned(tensors[name], poison)
         save_file(tensors, str(st_path), metadata={"format": "pt"})
         names = (name, str(folder))
-        must_fail = poison in ("nan", "inf", "-inf", "huge")
+        must_fail = poison in ("nan", "inf", "-inf", "huge", "complex")
     fresh_model = kind in ("config", "path") and data.draw(st.booleans())
     model = copy.deepcopy(base["meta"]) if fresh_model else base["skeleton"]
     loaded = outcome(tally, folder, lambda: ModelImporter(folder).import_model_info(model), names)

@@ -150,6 +150,9 @@ def _declared_buffer(model: nn.Module, key: str) -> bool:
 def _converted(tensor: torch.Tensor, converted: torch.Tensor, name: str, path: Path) -> torch.Tensor:
     """``converted`` (``tensor`` cast to the model's dtype) after checking the cast lost nothing that
     matters: a float that overflows the model's dtype or an integer that wraps around is refused."""
+    if tensor.is_complex():
+        raise CheckpointError(f"{path}: tensor {shown(name)} is complex ({tensor.dtype}); the model expects "
+                              f"{converted.dtype}")
     if converted.is_floating_point() and tensor.dtype != converted.dtype:
         if converted.dtype.itemsize >= 2 or converted.dtype == getattr(torch, "float8_e8m0fnu", None):
             try:
