@@ -265,6 +265,8 @@ class _FirstForwardCheck:
         self.hook_id: int | None = None
 
     def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return  # data-dependent checks cannot be traced; the next eager forward runs them
         check_quantized_state(module, self.folder)
         module._forward_pre_hooks.pop(self.hook_id, None)
 
