@@ -343,3 +343,12 @@ def test_first_forward_check_follows_deep_copies(tmp_path, exported):
     healthy = copy.deepcopy(AutoModelForCausalLM.from_pretrained(str(exported)))
     healthy(token_batches(1, 8)[0])
     assert not healthy._forward_pre_hooks
+
+
+@pytest.mark.parametrize("dtype", ["XYZ", ["F32"], 5])
+def test_unknown_header_dtype_is_named(tmp_path, exported, dtype):
+    dest = _copy(exported, tmp_path)
+    header = json.dumps({"a": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (dest / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(CheckpointError, match=r"tensor 'a': header field 'dtype'=.* is not one of: BOOL"):
+        read_checkpoint(dest)

@@ -167,6 +167,7 @@ class CheckpointError(ValueError):
 _ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
                "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
                "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_SUB_BYTE_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")  # packed below one byte: no per-element size check
 _MAX_HEADER_BYTES = 100 * 1024**2  # the safetensors library's own limit
 _MAX_NAME_CHARS = 200  # names from files are echoed in errors at most this long
 _MAX_PATH_CHARS = 1024
@@ -209,8 +210,9 @@ def _header_entry(path: Path, name: object, info: object, data_len: int) -> None
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: tensor {shown(name)}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str):
-        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'dtype' is not a string")
+    if not isinstance(dtype, str) or (dtype not in _ITEM_BYTES and dtype not in _SUB_BYTE_DTYPES):
+        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'dtype'={shown(dtype)} is not one of: "
+                              f"{', '.join([*_ITEM_BYTES, *_SUB_BYTE_DTYPES])}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'shape' must be a list of "
                               "non-negative integers")
@@ -357,7 +359,8 @@ def iter_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor, Pat
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {str(e)[:200]})") from e
+            # the library's message may quote the file; the chained exception keeps it for debugging
+            raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__})") from e
 
 
 def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
