@@ -150,9 +150,6 @@ def _declared_buffer(model: nn.Module, key: str) -> bool:
 def _converted(tensor: torch.Tensor, converted: torch.Tensor, name: str, path: Path) -> torch.Tensor:
     """``converted`` (``tensor`` cast to the model's dtype) after checking the cast lost nothing that
     matters: a float that overflows the model's dtype or an integer that wraps around is refused."""
-    if tensor.is_complex():
-        raise CheckpointError(f"{path}: tensor {shown(name)} is complex ({tensor.dtype}); the model expects "
-                              f"{converted.dtype}")
     if converted.is_floating_point() and tensor.dtype != converted.dtype:
         if converted.dtype.itemsize >= 2 or converted.dtype == getattr(torch, "float8_e8m0fnu", None):
             try:
@@ -243,6 +240,8 @@ def load_tensors(model: nn.Module, folder: str | Path, tensors_iter: Any = None)
     loaded: set[str] = set()
     unexpected: list[str] = []
     for name, tensor, path in tensors_iter if tensors_iter is not None else iter_checkpoint(folder):
+        if tensor.is_complex():
+            raise CheckpointError(f"{path}: tensor {shown(name)} is complex ({tensor.dtype}); model tensors are real")
         key = name
         owner = owner_of(name, modules)
         kind_info = None
