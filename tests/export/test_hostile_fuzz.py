@@ -22,6 +22,8 @@ import pickle
 import shutil
 import struct
 import sys
+import traceback
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,10 @@ def _library_path(path: Path) -> bool:
     return any(path.is_relative_to(r) and not path.is_relative_to(REPO / "tmp") for r in roots)
 
 
+def _library_code(filename: str) -> bool:
+    return filename.startswith("<frozen ") or _library_path(Path(filename).resolve())
+
+
 @contextlib.contextmanager
 def guarded(tally: Tally, folder: Path) -> Iterator[None]:
     """Record every file opened outside ``folder`` and every eval/exec/unpickling while inside."""
@@ -112,16 +118,21 @@ def guarded(tally: Tally, folder: Path) -> Iterator[None]:
         note(file)
         return real_safe_open(file, *args, **kwargs)
 
-    def forbidden(what: str) -> Callable[..., Any]:
+    def forbidden(what: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
-            tally.code_runs.append(what)
+            if args and isinstance(args[0], types.CodeType) and _library_code(args[0].co_filename):
+                return real(*args, **kwargs)  # the import system running a library module's code (lazy imports)
+            caller = traceback.extract_stack(limit=2)[0]
+            tally.code_runs.append(f"{what} from {caller.filename}:{caller.lineno} ({str(args)[:80]})")
             raise AssertionError(f"{what} called while loading a checkpoint")
         return run
 
     patches = [(builtins, "open", checked_open), (io, "open", checked_open),
-               (safetensors_io, "safe_open", checked_safe_open), (builtins, "eval", forbidden("eval")),
-               (builtins, "exec", forbidden("exec")), (pickle, "loads", forbidden("pickle.loads")),
-               (pickle, "load", forbidden("pickle.load")), (torch, "load", forbidden("torch.load"))]
+               (safetensors_io, "safe_open", checked_safe_open), (builtins, "eval", forbidden("eval", builtins.eval)),
+               (builtins, "exec", forbidden("exec", builtins.exec)),
+               (pickle, "loads", forbidden("pickle.loads", pickle.loads)),
+               (pickle, "load", forbidden("pickle.load", pickle.load)),
+               (torch, "load", forbidden("torch.load", torch.load))]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, value in patches:
         setattr(obj, name, value)
