@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from quark.torch.export.config.config import ExporterConfig, JsonExporterConfig
-from quark.torch.export.hf_format.reader import load_quark_folder, read_config_json, read_quantization_config
+from quark.torch.export.hf_format.reader import (
+    MALFORMED_VALUE_ERRORS,
+    check_quantized_state,
+    declare_online_rotations,
+    load_quark_folder,
+    read_config_json,
+    read_quantization_config,
+)
 from quark.torch.export.hf_format.skeleton import build_skeletons
 from quark.torch.export.hf_format.writer import (
     check_exportable,
@@ -24,11 +31,15 @@ from quark.torch.export.hf_format.writer import (
     quark_tensors,
     write_model_files,
 )
-from quark.torch.export.safetensors_io import DEFAULT_MAX_SHARD_BYTES, AtomicFolder, write_sharded
-from quark.torch.quantization.calibration.layerwise import find_decoder_layers
+from quark.torch.export.safetensors_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    AtomicFolder,
+    CheckpointError,
+    shown,
+    write_sharded,
+)
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.moe_experts import UnfusedExperts
-from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -194,13 +205,18 @@ class ModelImporter:
         read_quantization_config(self.model_info_dir)
         data = read_config_json(self.model_info_dir)
         data.pop("quantization_config", None)
-        model_type = data.get("model_type")
-        if model_type is None:
-            raise ValueError(f"{self.model_info_dir / 'config.json'} has no 'model_type'")
-        hf_config = transformers.AutoConfig.for_model(**data)
-        with init_empty_weights(include_buffers=False):
-            model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32,
-                                                                  trust_remote_code=False)
+        path = self.model_info_dir / "config.json"
+        model_type = data.pop("model_type", None)
+        if not isinstance(model_type, str):
+            raise CheckpointError(f"{path}: field 'model_type' must be a string, got {shown(model_type)}")
+        try:
+            hf_config = transformers.AutoConfig.for_model(model_type, **data)
+            with init_empty_weights(include_buffers=False):
+                model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32,
+                                                                      trust_remote_code=False)
+        except Exception as e:  # transformers and huggingface_hub validate with their own error types
+            raise CheckpointError(f"{path}: cannot build the model it describes ({type(e).__name__}: "
+                                  f"{str(e)[:400]})") from e
         return self.import_model_info(model)
 
 
@@ -220,46 +236,48 @@ def _map_to_quark(model: nn.Module, quant_config: Config, pack_method: str = "re
         raise ValueError(f"_map_to_quark(quant_config=...) must be a quark Config, got "
                          f"{type(quant_config).__name__}")
     JsonExporterConfig(pack_method=pack_method)  # validates pack_method
-    build_skeletons(model, quant_config, pack_method=pack_method)
-    _declare_online_rotations(model, quant_config)
+    try:
+        build_skeletons(model, quant_config, pack_method=pack_method)
+    except MALFORMED_VALUE_ERRORS as e:  # e.g. a group size whose tensors overflow
+        raise ValueError(f"quantization_config cannot be applied to {type(model).__name__} "
+                         f"({type(e).__name__}: {str(e)[:400]})") from e
+    declare_online_rotations(model, quant_config)
+    _check_state_before_first_forward(model)
 
 
-def _declare_online_rotations(model: nn.Module, quant_config: Config) -> None:
-    """Give QuaRot's online-R4 linears an ``input_rotation`` buffer for transformers to load into.
+def _local_folder(model: nn.Module) -> Path | None:
+    """The local folder transformers is loading ``model`` from, when it is one (for error messages)."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    if isinstance(name, str) and name and Path(name).is_dir():
+        return Path(name)
+    return None
 
-    transformers keeps only checkpoint keys the model declares; without this the Hadamard of each
-    MLP writer's input would be dropped and the model would silently compute something else.
+
+class _FirstForwardCheck:
+    """Forward pre-hook validating a transformers-loaded model once, before its first forward.
+
+    transformers loads the tensors after ``_map_to_quark`` and calls nothing of quark afterwards; the
+    check refuses NaN/Inf weights or qparams, non-positive scales and online rotations the checkpoint
+    did not fill (uninitialised memory) before they can produce an output. The hook removes itself
+    once the state passed (from the module it runs on, so deep copies behave the same); a failing
+    state keeps refusing. A plain object rather than a closure, so the model stays picklable.
     """
-    algorithms = [*(quant_config.pre_quant_opt_config or []), *(quant_config.algo_config or [])]
-    quarot = [c for c in algorithms if getattr(c, "name", None) == "quarot" and getattr(c, "had", False)]
-    if not quarot:
-        return
-    mlp_name = getattr(quarot[0], "mlp", "mlp") or "mlp"
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    owners: dict[str, list[tuple[str, QuantLinear]]] = {}
-    for name, module in model.named_modules():
-        parent, _, _ = name.rpartition(".")
-        if isinstance(module, QuantLinear) and parent.split(".")[-1] == mlp_name and module.out_features == hidden:
-            owners.setdefault(parent, []).append((name, module))
-    if not owners:
-        # no `mlp` module (OPT's fc1/fc2 sit in the decoder layer): the MLP writer is the linear of a
-        # decoder layer that maps a wider input back to the hidden size outside attention
-        _, layers = find_decoder_layers(model, getattr(quarot[0], "model_decoder_layers", None) or None)
-        for i, layer in enumerate(layers):
-            for name, module in layer.named_modules():
-                if isinstance(module, QuantLinear) and module.out_features == hidden and \
-                        module.in_features > module.out_features and "attn" not in name and "attention" not in name:
-                    owners.setdefault(str(i), []).append((name, module))
-    if not owners:
-        raise ValueError(f"the checkpoint was rotated by QuaRot with online Hadamards (had=True), but no quantized "
-                         f"MLP linear writes the hidden size {hidden}; cannot place its input_rotation buffers")
-    for parent, found in owners.items():
-        if len(found) != 1:
-            raise ValueError(f"QuaRot online rotation: {parent} has {len(found)} linears writing the hidden "
-                             f"size ({[n for n, _ in found]}); expected one")
-        _, module = found[0]
-        n = module.in_features
-        module.input_rotation = torch.empty(n, n, dtype=torch.int8, device=module.weight.device)
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.hook_id: int | None = None
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return  # data-dependent checks cannot be traced; the next eager forward runs them
+        check_quantized_state(module, self.folder)
+        module._forward_pre_hooks.pop(self.hook_id, None)
+
+
+def _check_state_before_first_forward(model: nn.Module) -> None:
+    hook = _FirstForwardCheck(_local_folder(model))
+    hook.hook_id = model.register_forward_pre_hook(hook).id
 
 
 __all__ = ["CUSTOM_MODES", "ModelExporter", "ModelImporter", "_map_to_quark"]

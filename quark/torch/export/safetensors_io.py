@@ -120,6 +120,77 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupted or does not match the model."""
 
 
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
+               "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+               "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_SUB_BYTE_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")  # packed below one byte: no per-element size check
+_MAX_HEADER_BYTES = 100 * 1024**2  # the safetensors library's own limit
+_MAX_NAME_CHARS = 200  # names from files are echoed in errors at most this long
+_MAX_PATH_CHARS = 1024
+
+
+def shown(value: object) -> str:
+    """``repr`` of a name read from a file, shortened for an error message."""
+    text = repr(value)
+    return text if len(text) <= _MAX_NAME_CHARS else text[:_MAX_NAME_CHARS] + "...'"
+
+
+def file_inside(folder: str | Path, relative: object, what: str) -> Path:
+    """``folder / relative`` after checking that it resolves (symlinks followed) inside ``folder``.
+
+    Absolute paths, ``..`` steps and links that leave the folder are refused before anything is
+    opened; ``what`` names where the path came from in the error.
+    """
+    root = Path(folder).resolve()
+    if not isinstance(relative, str) or not relative or "\x00" in relative or len(relative) > _MAX_PATH_CHARS:
+        raise CheckpointError(f"{what}: file name {shown(relative)} is not a relative file name (at most "
+                              f"{_MAX_PATH_CHARS} characters, no NUL)")
+    if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise CheckpointError(f"{what}: file {shown(relative)} is not inside the model folder {root} "
+                              "(absolute paths and '..' are refused)")
+    path = root / relative
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (older Pythons)
+        raise CheckpointError(f"{what}: cannot resolve {shown(relative)} ({type(e).__name__})") from None
+    if not resolved.is_relative_to(root):
+        raise CheckpointError(f"{what}: {shown(relative)} is a link to a file outside the model folder {root}; "
+                              "refused (copy the files into the folder instead of linking them)")
+    return path
+
+
+def _header_entry(path: Path, name: object, info: object, data_len: int) -> None:
+    """Check one tensor entry of a safetensors header: dtype, shape and offsets agree with the file."""
+    if not isinstance(name, str):
+        raise CheckpointError(f"{path}: corrupted safetensors header (a tensor name is not a string)")
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {shown(name)}: header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or (dtype not in _ITEM_BYTES and dtype not in _SUB_BYTE_DTYPES):
+        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'dtype'={shown(dtype)} is not one of: "
+                              f"{', '.join([*_ITEM_BYTES, *_SUB_BYTE_DTYPES])}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'shape' must be a list of "
+                              "non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'data_offsets' must be two integers")
+    begin, end = offsets
+    if begin < 0 or begin > end:
+        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'data_offsets' [{begin}, {end}] "
+                              "is not a byte range")
+    if end > data_len:
+        raise CheckpointError(f"{path}: tensor {shown(name)} lies beyond the end of the file "
+                              f"(bytes {begin}..{end}, data is {data_len} bytes): the file is truncated")
+    numel = 1
+    for d in shape:
+        numel *= d  # Python ints: a 400-digit dimension cannot overflow here
+    item = _ITEM_BYTES.get(dtype)
+    if item is not None and numel * item != end - begin:
+        raise CheckpointError(f"{path}: tensor {shown(name)}: shape {shape if numel < 2**64 else '(huge)'} of "
+                              f"{dtype} needs {numel * item if numel < 2**64 else 'more than 2**64'} bytes, "
+                              f"the header gives {end - begin}")
+
+
 def _check_header(path: Path) -> dict[str, dict]:
     """Parse and validate a safetensors header without reading tensor data."""
     try:
@@ -129,44 +200,76 @@ def _check_header(path: Path) -> dict[str, dict]:
             if len(raw) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or 8 + n > size:
+            if n <= 0 or 8 + n > size or n > _MAX_HEADER_BYTES:
                 raise CheckpointError(f"{path}: corrupted safetensors header (header length {n}, file {size} bytes)")
             header = json.loads(f.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the safetensors header: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the safetensors header ({type(e).__name__})") from None
+    except json.JSONDecodeError as e:  # its message gives a position, never the file's content
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e.msg} at byte {e.pos})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8, integers too long for Python, nesting too deep
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: header field '__metadata__' must map names to strings")
     data_len = size - 8 - n
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info.get("data_offsets", (0, -1))
-        if end > data_len or begin > end:
-            raise CheckpointError(f"{path}: tensor {name!r} lies beyond the end of the file "
-                                  f"(bytes {begin}..{end}, data is {data_len} bytes): the file is truncated")
+        if name != "__metadata__":
+            _header_entry(path, name, info, data_len)
     return header
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, permissions
+        return False
+
+
+def _index_shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files an index names, each checked to lie inside ``folder``."""
+    try:
+        data = json.loads(index.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read the index ({type(e).__name__})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index (invalid JSON: {e.msg} at byte "
+                              f"{e.pos})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index (invalid JSON: {type(e).__name__})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a valid safetensors index: field 'weight_map' must be a non-empty "
+                              "object mapping tensor names to shard file names")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: weight_map[{shown(name)}] must be a shard file name (a string)")
+    files = [file_inside(folder, shard, f"{index} weight_map") for shard in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not _is_file(f)]
+    if missing:
+        raise CheckpointError(f"{index} names shard files that do not exist: {[shown(m) for m in missing[:8]]}")
+    return files
+
+
 def checkpoint_files(folder: str | Path) -> list[Path]:
-    """The safetensors files of a model folder (single file or the shards named by the index)."""
+    """The safetensors files of a model folder (single file or the shards named by the index).
+
+    Every file must lie inside ``folder`` (links out of it are refused).
+    """
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
-        return files
+        return _index_shards(folder, file_inside(folder, INDEX_NAME, str(folder)))
     single = folder / SAFE_NAME
     if single.is_file():
-        return [single]
-    others = sorted(folder.glob("*.safetensors"))
+        return [file_inside(folder, SAFE_NAME, str(folder))]
+    others = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if others:
-        return others
+        return [file_inside(folder, p.name, str(folder)) for p in others]
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise CheckpointError(f"{folder}: no {SAFE_NAME}, {INDEX_NAME} or *.safetensors file (found: {found}); "
+    raise CheckpointError(f"{folder}: no {SAFE_NAME}, {INDEX_NAME} or *.safetensors file (found: {found[:20]}); "
                           "only safetensors checkpoints are read (never pickle)")
 
 
@@ -179,18 +282,48 @@ def check_checkpoint(folder: str | Path) -> list[Path]:
     return files
 
 
+def _count_nonfinite(tensor: torch.Tensor) -> int:
+    """NaN/Inf entries of a floating tensor (fp8/e8m0 codes checked on their bits: no isfinite there)."""
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
+        bits = tensor.view(torch.uint8)
+        if tensor.dtype == torch.float8_e4m3fn:
+            return int(((bits & 0x7F) == 0x7F).sum())
+        return int((bits == 0x80).sum())  # the fnuz formats' one NaN
+    if tensor.dtype == torch.float8_e5m2:
+        return int(((tensor.view(torch.uint8) & 0x7C) == 0x7C).sum())
+    if tensor.dtype == getattr(torch, "float8_e8m0fnu", None):
+        return int((tensor.view(torch.uint8) == 0xFF).sum())
+    if tensor.is_floating_point() or tensor.is_complex():
+        return int((~torch.isfinite(tensor)).sum())
+    return 0
+
+
+def check_finite(tensor: torch.Tensor, name: str, path: Path | str) -> None:
+    """Refuse a tensor with NaN or Inf entries, naming it and its file."""
+    bad = _count_nonfinite(tensor)
+    if bad:
+        raise CheckpointError(f"{path}: tensor {shown(name)} has {bad} NaN/Inf value(s); checkpoint weights, "
+                              "scales and zero points must be finite")
+
+
 def iter_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield ``(name, tensor, file)`` for every tensor of the folder, one at a time."""
+    """Yield ``(name, tensor, file)`` for every tensor of the folder, one at a time.
+
+    Headers are all checked before any data is read; every tensor is checked to be finite.
+    """
     files = check_checkpoint(folder)
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    yield name, f.get_tensor(name), path
+                    tensor = f.get_tensor(name)
+                    check_finite(tensor, name, path)
+                    yield name, tensor, path
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: cannot read tensors: {e}") from e
+            # the library's message may quote the file; the chained exception keeps it for debugging
+            raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__})") from e
 
 
 def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
@@ -199,7 +332,7 @@ def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     origin: dict[str, Path] = {}
     for name, tensor, path in iter_checkpoint(folder):
         if name in tensors:
-            raise CheckpointError(f"tensor {name!r} appears in both {origin[name]} and {path}")
+            raise CheckpointError(f"tensor {shown(name)} appears in both {origin[name]} and {path}")
         tensors[name] = tensor
         origin[name] = path
     return tensors, origin
@@ -212,10 +345,13 @@ __all__ = [
     "AtomicFolder",
     "CheckpointError",
     "check_checkpoint",
+    "check_finite",
     "checkpoint_files",
+    "file_inside",
     "iter_checkpoint",
     "parse_size",
     "plan_shards",
     "read_checkpoint",
+    "shown",
     "write_sharded",
 ]

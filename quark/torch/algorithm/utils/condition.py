@@ -4,14 +4,21 @@ Grammar (anything else raises ``ValueError``): names (only ``module``), attribut
 ``.shape``, subscripts with integer constants, comparisons (``== != < > <= >=``), ``and`` /
 ``or`` / ``not``, integer constants and parentheses. Example:
 ``module.self_attn.v_proj.weight.shape == module.self_attn.o_proj.weight.shape``.
-Strings are parsed with :mod:`ast`; nothing is ever passed to ``eval``.
+Strings are parsed with :mod:`ast`; nothing is ever passed to ``eval``. Every failure, whatever the
+string (from a JSON file), is a ``ValueError`` naming the condition.
 """
 
 from __future__ import annotations
 
 import ast
 import operator
+import warnings
 from typing import Any
+
+MAX_CONDITION_CHARS = 1000
+# What evaluating a well-formed condition can still raise on a given module: an index out of range,
+# a value that is not subscriptable or comparable, an integer too large for an index, nesting too deep.
+_EVALUATION_ERRORS = (IndexError, KeyError, TypeError, RuntimeError, OverflowError, RecursionError, AttributeError)
 
 _COMPARE = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
@@ -59,7 +66,11 @@ def _eval(node: ast.AST, module: Any, text: str) -> Any:
             if type(op) not in _COMPARE:
                 raise _fail(op, text)
             right = _eval(right_node, module, text)
-            if not _COMPARE[type(op)](left, right):
+            result = _COMPARE[type(op)](left, right)
+            if not isinstance(result, bool):
+                raise ValueError(f"condition {text!r}: compares {type(left).__name__} with {type(right).__name__}, "
+                                 "which gives no truth value; compare integers or shapes")
+            if not result:
                 return False
             left = right
         return True
@@ -73,10 +84,29 @@ def _eval(node: ast.AST, module: Any, text: str) -> Any:
 
 def evaluate_condition(text: str | None, module: Any) -> bool:
     """Evaluate ``text`` with ``module`` bound to the decoder layer; empty means true."""
-    if text is None or not str(text).strip():
+    if text is None:
         return True
+    if not isinstance(text, str):
+        raise ValueError(f"condition must be a string, got {type(text).__name__}")
+    if not text.strip():
+        return True
+    if len(text) > MAX_CONDITION_CHARS:
+        raise ValueError(f"condition {text[:60]!r}... is {len(text)} characters long; at most "
+                         f"{MAX_CONDITION_CHARS} are allowed")
     try:
-        tree = ast.parse(str(text), mode="eval")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)  # e.g. "invalid decimal literal": refused below anyway
+            tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
         raise ValueError(f"condition {text!r} is not a valid expression: {exc.msg}") from None
-    return bool(_eval(tree, module, str(text)))
+    except (ValueError, RecursionError, MemoryError) as exc:  # null bytes, nesting too deep for the parser
+        raise ValueError(f"condition {text!r} is not a valid expression ({type(exc).__name__})") from None
+    try:
+        result = _eval(tree, module, text)
+    except _EVALUATION_ERRORS as exc:
+        raise ValueError(f"condition {text!r} cannot be evaluated on {type(module).__name__}: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(result, (bool, int)):
+        raise ValueError(f"condition {text!r} gives a {type(result).__name__}, not a truth value; "
+                         "write a comparison")
+    return bool(result)
