@@ -325,8 +325,8 @@ def check_finite(x: torch.Tensor | None, name: str, what: str = "calibration ten
         return
     n_nan = int(torch.isnan(x).sum())
     n_inf = int(torch.isinf(x).sum())
-    hint = ("fix the model or the calibration data" if what in ("calibration tensor", "tensor")
-            else "it was computed from a tensor holding NaN/Inf or a range beyond float32")
+    hint = ("it was computed from a tensor holding NaN/Inf or a range beyond float32"
+            if what in ("scale", "zero point") else "fix the model or the calibration data")
     raise NonFiniteTensorError(
         f"{name or 'tensor'}: {what} of shape {tuple(x.shape)} contains {n_nan} NaN and {n_inf} Inf "
         f"values; {hint}"
