@@ -8,6 +8,11 @@ States of a :class:`FakeQuantize`:
 - *dynamic* specs compute their qparams from every input; block formats (MX, MX6/MX9, BFP16)
   and casts need no calibrated qparams at all.
 
+Every format follows one rule (:func:`check_finite`): a weight or calibration tensor holding NaN
+or Inf, a non-finite scale or zero point (calibrated, set by an algorithm, or computed per input
+by a dynamic spec) and a block-format input holding NaN or Inf raise
+:class:`NonFiniteTensorError` naming the quantizer, instead of producing NaN outputs or codes.
+
 A two-stage spec (a list ``[element_spec, scale_spec]``, e.g. fp4 per-group with its scales in
 fp8 per-tensor) quantizes the first stage's scales with a second, nested quantizer
 (``scale_quantizer``, a :class:`SecondStageQuantize`). The second stage holds no buffers: its
@@ -153,6 +158,7 @@ class FakeQuantize(nn.Module):
         """Fix the quantization parameters (e.g. chosen by GPTQ); the observer is not used again."""
         from quark.torch.quantization.config.type import ZeroPointType
 
+        check_finite_qparams(scale, zero_point, self.name)
         self.scale = scale.detach().clone()
         if zero_point is not None:
             zero_point = zero_point.detach().clone()
@@ -180,7 +186,9 @@ class FakeQuantize(nn.Module):
             if self.observer is None or not self.observer.has_statistics:
                 raise RuntimeError(f"{self.name or 'FakeQuantize'}: no calibration data reached this "
                                    "quantizer; check that the calibration dataloader runs through it")
-            self.scale, self.zero_point = self.observer.calculate_qparams()
+            scale, zero_point = self.observer.calculate_qparams()
+            check_finite_qparams(scale, zero_point, self.name)
+            self.scale, self.zero_point = scale, zero_point
             self.observing = False
         second = self.scale_quantizer
         if second is not None and second.observing:
@@ -190,10 +198,10 @@ class FakeQuantize(nn.Module):
                 second.calibrate_from(self.scale)
 
     def calibrate_from(self, x: torch.Tensor) -> None:
-        """Observe ``x`` alone (a weight) and fix the qparams it gives."""
+        """Observe ``x`` alone (a weight) and fix the qparams it gives (every format refuses NaN/Inf)."""
+        check_finite(x, self.name, "tensor")
         if not self.needs_qparams:
             return
-        _check_finite(x, self.name)
         if self.is_dynamic:
             if self.scale_quantizer is not None:
                 self.scale_quantizer.calibrate_from(compute_qparams(x, self.spec)[0])
@@ -209,6 +217,7 @@ class FakeQuantize(nn.Module):
         """The (possibly second-stage-quantized) scale and zero point applied to ``x``."""
         if self.is_dynamic:
             scale, zero_point = compute_qparams(x, self.spec)
+            check_finite_qparams(scale, zero_point, self.name)
         else:
             if self.scale is None:
                 raise RuntimeError(f"{self.name or 'FakeQuantize'}: static quantizer has no scale; "
@@ -220,13 +229,15 @@ class FakeQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
-            _check_finite(x, self.name)
+            check_finite(x, self.name)
             if self.observer is not None:
                 self.observer(x)
             return x
         if not self.fake_quant_enabled:
             return x
         if not self.needs_qparams:
+            if self.kind != "cast":  # a NaN/Inf element would turn its whole block into NaN
+                check_finite(x, self.name, "tensor")
             return fake_quantize_with_spec(x, self.spec)
         scale, zero_point = self.qparams_for(x)
         return formats.fake_quantize(x, scale, zero_point, self.spec.dtype, qscheme=_qscheme(self.spec),
@@ -303,11 +314,27 @@ class SecondStageQuantize(FakeQuantize):
         self._set("zero_point_2", value)
 
 
-def _check_finite(x: torch.Tensor, name: str) -> None:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise NonFiniteTensorError(
-            f"{name or 'tensor'}: calibration tensor of shape {tuple(x.shape)} contains "
-            f"{n_nan} NaN and {n_inf} Inf values; fix the model or the calibration data"
-        )
+def check_finite(x: torch.Tensor | None, name: str, what: str = "calibration tensor") -> None:
+    """Raise :class:`NonFiniteTensorError` naming ``name`` when ``x`` holds NaN or Inf.
+
+    The one rule of every format: a weight, a calibration tensor, a scale or a zero point that is
+    not finite is refused here, at the quantizer that would use it, instead of turning into NaN
+    codes or NaN outputs.
+    """
+    if x is None or not x.is_floating_point() or bool(torch.isfinite(x).all()):
+        return
+    n_nan = int(torch.isnan(x).sum())
+    n_inf = int(torch.isinf(x).sum())
+    hint = ("it was computed from a tensor holding NaN/Inf or a range beyond float32"
+            if what in ("scale", "zero point") else "fix the model or the calibration data")
+    raise NonFiniteTensorError(
+        f"{name or 'tensor'}: {what} of shape {tuple(x.shape)} contains {n_nan} NaN and {n_inf} Inf "
+        f"values; {hint}"
+    )
+
+
+def check_finite_qparams(scale: torch.Tensor | None, zero_point: torch.Tensor | None, name: str) -> None:
+    """``check_finite`` for a quantizer's scale and zero point, named ``{name}.scale`` / ``.zero_point``."""
+    prefix = name or "FakeQuantize"
+    check_finite(scale, f"{prefix}.scale", "scale")
+    check_finite(zero_point, f"{prefix}.zero_point", "zero point")

@@ -336,7 +336,8 @@ def test_spec_dict_has_every_checkpoint_key_with_enums_by_name() -> None:
 def test_layer_config_accepts_two_stage_lists_and_round_trips() -> None:
     fp4 = QuantizationSpec(dtype=Dtype.fp4, qscheme="per_group", ch_axis=-1, group_size=16)
     fp8 = QuantizationSpec(dtype=Dtype.fp8_e4m3, qscheme="per_tensor", is_scale_quant=True)
-    cfg = QuantizationConfig(weight=[fp4, fp8], input_tensors=[fp4, fp8], target_device="cpu")
+    fp4_dynamic = fp4.replace(is_dynamic=True)  # a static per-group activation scale is refused
+    cfg = QuantizationConfig(weight=[fp4, fp8], input_tensors=[fp4_dynamic, fp8], target_device="cpu")
     assert cfg.target_device is DeviceType.CPU
     d = cfg.to_dict()
     assert (
@@ -454,7 +455,7 @@ def test_layer_type_keys_accept_module_classes_and_names() -> None:
         (dict(log_severity_level=7), r"log_severity_level=7 is not one of: 0, 1, 2, 3, 4, None"),
         (dict(softmax_quant_spec=_global()), r"softmax_quant_spec=.*None or a QuantizationSpec"),
         (dict(kv_cache_post_rope="no"), r"kv_cache_post_rope='no' must be True or False"),
-        (dict(min_kv_scale=-1.0), r"min_kv_scale=-1.0 must be a number >= 0"),
+        (dict(min_kv_scale=-1.0), r"Config.min_kv_scale=-1.0 must be in \[0, "),
         (dict(algo_config=[AWQConfig(), {"name": "gptq"}]), r"algo_config entry \{'name': 'gptq'\}"),
     ],
 )

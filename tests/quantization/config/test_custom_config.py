@@ -269,7 +269,10 @@ def test_scale_quant_spec_two_stage() -> None:
     ).to_quantization_spec()
     assert [s.dtype for s in stages] == [Dtype.fp4, Dtype.fp8_e4m3]
     assert [s.is_scale_quant for s in stages] == [False, True]
-    cfg = QuantizationConfig(weight=stages, input_tensors=stages)
+    dynamic_input = ScaleQuantSpec(  # activations: per-group scales computed per input
+        first_stage=FP4PerGroupSpec(group_size=16, is_dynamic=True), second_stage=FP8E4M3PerTensorSpec()
+    ).to_quantization_spec()
+    cfg = QuantizationConfig(weight=stages, input_tensors=dynamic_input)
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["weight"][0]["group_size"] == 16 and d["weight"][1]["is_scale_quant"] is True
     assert QuantizationConfig.from_dict(d) == cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from quark.torch.quantization.config.spec import check_min_kv_scale
 from quark.torch.quantization.nn.modules.weight_layout import PACK_METHODS
 
 WEIGHT_FORMATS = ("real_quantized", "fake_quantized")
@@ -43,10 +44,7 @@ class JsonExporterConfig:
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"{owner}.weight_format={self.weight_format!r} is not one of: "
                              f"{', '.join(WEIGHT_FORMATS)}")
-        if isinstance(self.min_kv_scale, bool) or not isinstance(self.min_kv_scale, (int, float)) \
-                or self.min_kv_scale < 0:
-            raise ValueError(f"{owner}.min_kv_scale={self.min_kv_scale!r} must be a number >= 0")
-        self.min_kv_scale = float(self.min_kv_scale)
+        self.min_kv_scale = check_min_kv_scale(owner, self.min_kv_scale)
         if not isinstance(self.kv_cache_group, list) or not all(isinstance(p, str) for p in self.kv_cache_group):
             raise ValueError(f"{owner}.kv_cache_group={self.kv_cache_group!r} must be a list of name patterns")
         groups = self.weight_merge_groups

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from quark.torch.quantization.config.spec import check_known_keys
+from quark.torch.quantization.config.spec import check_known_keys, check_real, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,13 @@ class PreQuantOptConfig(AlgoConfigBase):
 
 
 class AlgoConfig(AlgoConfigBase):
-    """Quantization algorithm: changes weights and their quantization parameters (AWQ, GPTQ)."""
+    """Quantization algorithm: changes weights and their quantization parameters (AWQ, GPTQ).
+
+    ``accepts_two_stage_weights`` says whether the algorithm can quantize a weight given as a
+    two-stage spec (e.g. fp4 per group with fp8 scales); ``Config`` refuses the pair otherwise.
+    """
+
+    accepts_two_stage_weights: ClassVar[bool] = False
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -115,10 +121,11 @@ def _check_scaling_layers(owner: str, value: object) -> None:
             raise ValueError(f"{where}.has_kwargs={entry['has_kwargs']!r} must be True or False")
 
 
-def _number(owner: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{owner}.{name}={value!r} must be a number")
-    return float(value)
+# Upper bounds of numeric algorithm fields: beyond them a run is absurd (hours per layer) or the
+# algorithm degenerates (GPTQ dampening above the mean diagonal, smoothing scales clamped above 1).
+MAX_SCALE_CLAMP_MIN = 1.0
+MAX_DAMP_PERCENT = 1.0
+MAX_CLIP_SEARCH_STEPS = 1000
 
 
 # ----------------------------------------------------------------------------- configs
@@ -146,10 +153,8 @@ class SmoothQuantConfig(PreQuantOptConfig):
     def __post_init__(self) -> None:
         owner = "SmoothQuantConfig"
         self._check_name()
-        if not 0.0 <= _number(owner, "alpha", self.alpha) <= 1.0:
-            raise ValueError(f"{owner}.alpha={self.alpha!r} must be in [0, 1]")
-        if _number(owner, "scale_clamp_min", self.scale_clamp_min) <= 0:
-            raise ValueError(f"{owner}.scale_clamp_min={self.scale_clamp_min!r} must be > 0")
+        check_real(owner, "alpha", self.alpha, low=0.0, high=1.0)
+        check_real(owner, "scale_clamp_min", self.scale_clamp_min, low=0.0, high=MAX_SCALE_CLAMP_MIN, low_open=True)
         _check_scaling_layers(owner, self.scaling_layers)
         _check_str(owner, "model_decoder_layers", self.model_decoder_layers)
         _check_str_list(owner, "embedding_layers", self.embedding_layers)
@@ -260,11 +265,11 @@ class GPTQConfig(AlgoConfig):
         owner = "GPTQConfig"
         _check_bool(owner, "match_float_outputs", self.match_float_outputs)
         steps = self.clip_search_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"{owner}.clip_search_steps={steps!r} must be an integer >= 0 (0: min-max ranges)")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_CLIP_SEARCH_STEPS:
+            raise ValueError(f"{owner}.clip_search_steps={short_repr(steps)} must be an integer in "
+                             f"[0, {MAX_CLIP_SEARCH_STEPS}] (0: min-max ranges)")
         self._check_name()
-        if _number(owner, "damp_percent", self.damp_percent) <= 0:
-            raise ValueError(f"{owner}.damp_percent={self.damp_percent!r} must be > 0")
+        check_real(owner, "damp_percent", self.damp_percent, low=0.0, high=MAX_DAMP_PERCENT, low_open=True)
         for flag in ("desc_act", "static_groups", "true_sequential"):
             _check_bool(owner, flag, getattr(self, flag))
         _check_str_list(owner, "inside_layer_modules", self.inside_layer_modules)

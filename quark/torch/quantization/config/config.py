@@ -40,6 +40,7 @@ from quark.torch.quantization.config.spec import (
     QuantizationSpec,
     as_enum,
     check_known_keys,
+    check_min_kv_scale,
     spec_or_list_from_dict,
     spec_or_list_to_dict,
 )
@@ -79,13 +80,60 @@ from quark.torch.quantization.config.spec_helpers import (
     Uint8PerGroupSpec,
     Uint8PerTensorSpec,
 )
-from quark.torch.quantization.config.type import DeviceType, QuantizationMode
+from quark.torch.quantization.config.type import DeviceType, QSchemeType, QuantizationMode, ZeroPointType
 
 logger = logging.getLogger(__name__)
 
 TensorSpec = QuantizationSpec | list[QuantizationSpec] | None
 LAYER_CONFIG_KEYS: tuple[str, ...] = ("input_tensors", "output_tensors", "weight", "bias", "target_device")
 _TENSOR_FIELDS: tuple[str, ...] = LAYER_CONFIG_KEYS[:4]
+
+
+_ACTIVATION_FIELDS: tuple[str, ...] = ("input_tensors", "output_tensors")
+# Axes of a Linear weight [out, in] along which a frozen block-format weight can be stored: its
+# blocks run along the input features, as the checkpoint layout records them.
+_WEIGHT_BLOCK_AXES: tuple[int, ...] = (-1, 1)
+
+
+def _stages(value: TensorSpec) -> list[QuantizationSpec]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _check_weight_spec(spec: QuantizationSpec) -> None:
+    """Refuse weight specs whose frozen (real low-bit) forward would differ from the fake-quantized one."""
+    where = "QuantizationConfig.weight"
+    kind = spec.kind
+    if kind in ("int", "float") and spec.is_dynamic:
+        raise ValueError(
+            f"{where}.is_dynamic=True is not supported for a {spec.dtype.name} weight: a frozen weight stores "
+            "qparams computed once from the weight (the same ones a dynamic spec would compute); allowed: False")
+    if kind in ("mx", "bfp") and spec.ch_axis not in _WEIGHT_BLOCK_AXES:
+        raise ValueError(
+            f"{where}.ch_axis={spec.ch_axis} is not supported for a {spec.dtype.name} weight: frozen block-format "
+            "weights are stored in blocks along the input features (the checkpoint layout); allowed: -1, 1")
+    if kind == "int" and spec.symmetric is False and spec.zero_point_type == ZeroPointType.float32:
+        raise ValueError(
+            f"{where}.zero_point_type=float32 is not supported for an asymmetric {spec.dtype.name} weight: frozen "
+            "weights store integer zero points, so the frozen forward would differ from the fake-quantized one; "
+            "allowed: int32")
+
+
+def _check_activation_spec(field_name: str, spec: QuantizationSpec) -> None:
+    """Refuse static activation specs whose calibrated parameters depend on the calibration batch shape."""
+    if spec.kind not in ("int", "float") or spec.is_dynamic:
+        return
+    where = f"QuantizationConfig.{field_name}"
+    if spec.qscheme == QSchemeType.per_group:
+        raise ValueError(
+            f"{where}.qscheme=per_group with is_dynamic=False is not supported: a calibrated per-group scale has "
+            "the calibration batch's shape and cannot apply to other batch sizes or sequence lengths; allowed: "
+            "is_dynamic=True, or qscheme per_tensor / per_channel (ch_axis=-1)")
+    if spec.qscheme == QSchemeType.per_channel and spec.ch_axis != -1:
+        raise ValueError(
+            f"{where}.ch_axis={spec.ch_axis} with qscheme=per_channel and is_dynamic=False is not supported: "
+            "only the last (hidden) axis of an activation has a fixed length; allowed: -1")
 
 
 @dataclass(eq=True)
@@ -124,6 +172,11 @@ class QuantizationConfig:
                 f"QuantizationSpec{hint}"
             )
         self.target_device = as_enum(owner, "target_device", DeviceType, self.target_device)
+        for stage in _stages(self.weight):
+            _check_weight_spec(stage)
+        for name in _ACTIVATION_FIELDS:
+            for stage in _stages(getattr(self, name)):
+                _check_activation_spec(name, stage)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: spec_or_list_to_dict(getattr(self, name)) for name in _TENSOR_FIELDS}
@@ -218,6 +271,7 @@ class Config:
         if not isinstance(self.exclude, list) or not all(isinstance(p, str) for p in self.exclude):
             raise ValueError(f"{owner}.exclude={self.exclude!r} must be a list of fnmatch pattern strings")
         self.algo_config = self._normalise_algo(self.algo_config)
+        self._check_algo_weight_specs()
         self.pre_quant_opt_config = self._normalise_pre_quant(self.pre_quant_opt_config)
         self.quant_mode = QuantizationMode.from_any(owner, "quant_mode", self.quant_mode)  # type: ignore[assignment]
         if self.log_severity_level is not None and (
@@ -230,10 +284,7 @@ class Config:
                              "QuantizationSpec")
         if not isinstance(self.kv_cache_post_rope, bool):
             raise ValueError(f"{owner}.kv_cache_post_rope={self.kv_cache_post_rope!r} must be True or False")
-        if isinstance(self.min_kv_scale, bool) or not isinstance(self.min_kv_scale, (int, float)) \
-                or self.min_kv_scale < 0:
-            raise ValueError(f"{owner}.min_kv_scale={self.min_kv_scale!r} must be a number >= 0")
-        self.min_kv_scale = float(self.min_kv_scale)
+        self.min_kv_scale = check_min_kv_scale(owner, self.min_kv_scale)
         if self.unfit_layers not in UNFIT_LAYER_MODES:
             raise ValueError(f"{owner}.unfit_layers={self.unfit_layers!r} is not one of: "
                              f"{', '.join(UNFIT_LAYER_MODES)}")
@@ -264,6 +315,28 @@ class Config:
                                  f"allowed: {names}")
         return list(items) or None
 
+    def _layer_configs(self) -> list[tuple[str, QuantizationConfig]]:
+        """Every per-module config with the field path naming it in errors."""
+        out = [("global_quant_config", self.global_quant_config)]
+        out += [(f"layer_type_quant_config[{_layer_type_key_to_name(k)!r}]", v)
+                for k, v in self.layer_type_quant_config.items()]
+        out += [(f"layer_quant_config[{k!r}]", v) for k, v in self.layer_quant_config.items()]
+        return out
+
+    def _check_algo_weight_specs(self) -> None:
+        """Refuse, before any work, an algorithm paired with weight specs it cannot quantize."""
+        for algo in self.algo_config or []:
+            if not isinstance(algo, AlgoConfig) or algo.accepts_two_stage_weights:
+                continue
+            for path, layer_config in self._layer_configs():
+                weight = layer_config.weight
+                if isinstance(weight, list):
+                    algo_name = type(algo).__name__
+                    raise ValueError(
+                        f"Config.{path}.weight is a two-stage spec ({weight[0].dtype.name} with "
+                        f"{weight[1].dtype.name} scales), which {algo_name} cannot quantize; allowed with "
+                        f"{algo_name}: a single QuantizationSpec weight (or leave {algo_name} out)")
+
     @staticmethod
     def _normalise_pre_quant(value: object) -> list[PreQuantOptConfig]:
         if value is None:
@@ -278,7 +351,13 @@ class Config:
     # ------------------------------------------------------------------ mutators (documented API)
     def set_algo_config(self, algo_config: AlgoConfigBase | list[AlgoConfigBase] | None) -> None:
         """Replace the algorithm configuration (validated, stored as a list or ``None``)."""
-        self.algo_config = self._normalise_algo(algo_config)
+        normalised = self._normalise_algo(algo_config)
+        previous, self.algo_config = self.algo_config, normalised
+        try:
+            self._check_algo_weight_specs()
+        except ValueError:
+            self.algo_config = previous
+            raise
 
     def add_pre_optimization_config(self, pre_quant_opt_config: PreQuantOptConfig) -> None:
         """Append a pre-quantization optimization (SmoothQuant, rotation, ...)."""

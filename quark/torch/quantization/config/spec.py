@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -76,14 +77,67 @@ def as_enum(owner: str, field: str, cls: type[E], value: object) -> E | None:
     return cls.from_any(owner, field, value)  # type: ignore[attr-defined,no-any-return]
 
 
-def check_optional_int(owner: str, field: str, value: object, *, positive: bool = False) -> None:
-    """Raise unless ``value`` is ``None`` or an ``int`` (bools rejected), positive when asked."""
+# Bounds of integer spec fields: a tensor has at most 64 dims (ch_axis in [-64, 63]); a group or
+# block holds at most 2**24 elements (every element index exact in float32); the memory hint
+# max_input_numel fits an int64.
+MAX_TENSOR_DIMS = 64
+MAX_GROUP_SIZE = 2**24
+MAX_INPUT_NUMEL = 2**63 - 1
+INT_FIELD_RANGES: dict[str, tuple[int, int]] = {
+    "ch_axis": (-MAX_TENSOR_DIMS, MAX_TENSOR_DIMS - 1),
+    "group_size": (1, MAX_GROUP_SIZE),
+    "block_size": (1, MAX_GROUP_SIZE),
+    "max_input_numel": (1, MAX_INPUT_NUMEL),
+}
+
+
+def short_repr(value: object) -> str:
+    """``repr`` of a config value, cut short (a 400-digit integer must not fill the message)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} chars)"
+
+
+def check_optional_int(owner: str, field: str, value: object, *, positive: bool = False,
+                       bounds: tuple[int, int] | None = None) -> None:
+    """Raise unless ``value`` is ``None`` or an ``int`` (bools rejected), positive when asked and
+    within ``bounds`` (inclusive; default: ``INT_FIELD_RANGES[field]`` when the field has one)."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{owner}.{field}={value!r} must be an int or None")
+        raise ValueError(f"{owner}.{field}={short_repr(value)} must be an int or None")
     if positive and value <= 0:
-        raise ValueError(f"{owner}.{field}={value!r} must be a positive int (> 0) or None")
+        raise ValueError(f"{owner}.{field}={short_repr(value)} must be a positive int (> 0) or None")
+    low, high = bounds or INT_FIELD_RANGES.get(field, (value, value))
+    if not low <= value <= high:
+        raise ValueError(f"{owner}.{field}={short_repr(value)} is out of range; allowed: an int in [{low}, {high}]")
+
+
+def check_real(owner: str, field: str, value: object, *, low: float, high: float,
+               low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` when ``low_open``), else raise.
+
+    Bools, NaN, infinities and integers too large for a float are refused naming the field.
+    """
+    allowed = f"> {low:g} and <= {high:g}" if low_open else f"in [{low:g}, {high:g}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{owner}.{field}={short_repr(value)} must be a number {allowed}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf if value > 0 else -math.inf
+    too_low = number <= low if low_open else number < low
+    if not math.isfinite(number) or too_low or number > high:
+        raise ValueError(f"{owner}.{field}={short_repr(value)} must be {allowed} (a finite number)")
+    return number
+
+
+# The largest finite float32: KV-cache scales are float32, a lower bound above it makes them all inf.
+MAX_FLOAT32 = 3.4028234663852886e38
+
+
+def check_min_kv_scale(owner: str, value: object) -> float:
+    """``min_kv_scale`` as a float: a finite number in [0, largest float32] (NaN would export NaN scales)."""
+    return check_real(owner, "min_kv_scale", value, low=0.0, high=MAX_FLOAT32)
 
 
 def check_optional_bool(owner: str, field: str, value: object) -> None:

@@ -35,6 +35,7 @@ from quark.torch.quantization.config.config import (
     RotationConfig,
     SmoothQuantConfig,
 )
+from quark.torch.quantization.config.spec import check_min_kv_scale
 from quark.torch.quantization.config.templates import all_families
 from quark.torch.quantization.config.templates.schemes import BUILTIN_SCHEMES, fp8_per_tensor
 
@@ -340,12 +341,7 @@ class LLMTemplate:
                 raise ValueError(
                     f"{owner}.{name}={value!r} is not supported; allowed: {', '.join(allowed)} or None"
                 )
-        if (
-            isinstance(min_kv_scale, bool)
-            or not isinstance(min_kv_scale, int | float)
-            or not min_kv_scale >= 0
-        ):
-            raise ValueError(f"{owner}.min_kv_scale={min_kv_scale!r} must be a number >= 0")
+        min_kv_scale = check_min_kv_scale(owner, min_kv_scale)
 
         exclude = (
             list(self.exclude_layers or [])
@@ -392,7 +388,7 @@ class LLMTemplate:
             kv_cache_quant_config=kv_cache_quant,
             exclude=exclude,
             algo_config=[self._algo_config(owner, name) for name in algorithms] or None,
-            min_kv_scale=float(min_kv_scale),
+            min_kv_scale=min_kv_scale,
             softmax_quant_spec=softmax_spec,
         )
 

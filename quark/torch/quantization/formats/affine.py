@@ -14,9 +14,10 @@ quantization parameters come from an observer (``scale``, optional ``zero_point`
 - ``float16`` / ``bfloat16``: a plain cast, ``scale`` and ``zero_point`` ignored.
 
 Scale and zero point have the canonical parameter shape of :mod:`.granularity`. All arithmetic
-runs in float32 so ``fake_quantize(x)`` equals ``dequantize(quantize(x))`` bit for bit. A zero
-scale is divided as the smallest normal float32 instead (codes saturate) and multiplies back to
-zero, so an all-zero channel with a zero scale stays zero instead of turning into NaN.
+runs in float32 so ``fake_quantize(x)`` equals ``dequantize(quantize(x))`` bit for bit. A NaN or
+Inf scale or zero point raises ``ValueError`` naming it. A zero scale is divided as the smallest
+normal float32 instead (codes saturate) and multiplies back to zero, so an all-zero channel with
+a zero scale stays zero instead of turning into NaN.
 Block formats (``mx``, ``mx6``, ``mx9``, ``bfp16``) live in :mod:`.mx` and :mod:`.bfp`.
 """
 
@@ -33,6 +34,7 @@ from quark.torch.quantization.formats.table import FORMATS, FormatInfo
 __all__ = ["dequantize", "fake_quantize", "fake_quantize_broadcast", "quantize"]
 
 _TINY = torch.finfo(torch.float32).tiny
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 def _scaled_info(dtype: Dtype | str, owner: str) -> FormatInfo:
@@ -44,14 +46,40 @@ def _scaled_info(dtype: Dtype | str, owner: str) -> FormatInfo:
     return info
 
 
+def _check_finite_param(param: torch.Tensor, name: str, owner: str) -> None:
+    """A NaN/Inf scale or zero point (also one past float32's range) would turn every code it
+    covers into NaN or saturate it; refuse it naming the parameter."""
+    if param.is_floating_point() and not bool(torch.isfinite(param.float()).all()):
+        n_bad = int((~torch.isfinite(param.float())).sum())
+        raise ValueError(f"{owner}: {name} of shape {tuple(param.shape)} holds {n_bad} NaN/Inf value(s) "
+                         f"(or values beyond float32); a {name} must be finite")
+
+
+def _check_grid_reach(scale: torch.Tensor, zero_point: torch.Tensor | None, info: FormatInfo, owner: str) -> None:
+    """Refuse a scale whose grid reaches past float32 (its extreme codes would dequantize to Inf):
+    a range near float32's max rounded up to a power of two, or ``qmin * scale`` of a symmetric one."""
+    s = scale.detach().double().abs()
+    if info.kind == "int":
+        z = torch.zeros_like(s) if zero_point is None else zero_point.detach().to(s.device).double()
+        reach = torch.maximum((info.qmax - z).abs(), (info.qmin - z).abs()) * s
+    else:
+        reach = info.qmax * s
+    if bool((reach > _F32_MAX).any()):
+        raise ValueError(f"{owner}: scale of shape {tuple(scale.shape)} reaches {float(reach.max()):.4g} at the "
+                         f"extreme codes of {info.dtype.name}, beyond float32's range ({_F32_MAX:.4g}); "
+                         "the tensor's range is too close to float32's maximum to quantize")
+
+
 def _params(x_shape: torch.Size, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
             qscheme: QSchemeType | str, ch_axis: int | None, group_size: int | None,
-            owner: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            owner: str, device: torch.device, info: FormatInfo,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(scale to divide by, scale to multiply by, zero point), broadcast to ``x_shape``, float32."""
     if scale is None:
         raise ValueError(f"{owner}: scale is required for integer and scaled float dtypes")
     if not isinstance(scale, torch.Tensor):
         scale = torch.tensor(scale)
+    _check_finite_param(scale, "scale", owner)
     s = broadcast_param(scale.to(device=device, dtype=torch.float32), x_shape, qscheme, ch_axis,
                         group_size)
     s_div = torch.where(s == 0, torch.full_like(s, _TINY), s)
@@ -59,8 +87,10 @@ def _params(x_shape: torch.Size, scale: torch.Tensor | None, zero_point: torch.T
     if zero_point is not None:
         if not isinstance(zero_point, torch.Tensor):
             zero_point = torch.tensor(zero_point)
+        _check_finite_param(zero_point, "zero_point", owner)
         zp = broadcast_param(zero_point.to(device=device, dtype=torch.float32), x_shape, qscheme,
                              ch_axis, group_size)
+    _check_grid_reach(scale, zero_point, info, owner)
     return s_div, s, zp
 
 
@@ -88,7 +118,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tens
     info = _scaled_info(dtype, owner)
     if info.kind == "cast":
         return x.to(info.torch_dtype)
-    s_div, _, zp = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device)
+    s_div, _, zp = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device, info)
     xf = x.float()
     if info.kind == "int":
         levels = _int_levels(xf, s_div, zp, info, round_method)
@@ -109,7 +139,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Te
     info = _scaled_info(dtype, owner)
     if info.kind == "cast":
         return q.to(out_dtype)
-    _, s, zp = _params(q.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, q.device)
+    _, s, zp = _params(q.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, q.device, info)
     if info.kind == "int":
         v = q.float()
         if zp is not None:
@@ -130,7 +160,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch
     info = _scaled_info(dtype, owner)
     if info.kind == "cast":
         return x.to(info.torch_dtype).to(x.dtype)
-    s_div, s, zp = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device)
+    s_div, s, zp = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device, info)
     return _fake_quantize_with(x, s_div, s, zp, info, round_method)
 
 

@@ -18,7 +18,8 @@ Choices where the spec leaves room (documented here so every caller sees one ans
 - ``scale_mode`` picks how ``log2(amax)`` is rounded: ``"floor"`` (the spec, default),
   ``"ceil"``, or ``"even"`` (amd/Quark's default ``scale_calculation_mode``: round ``amax`` to the
   element's precision first, so a block whose max would round past the element max moves up an
-  exponent instead of saturating).
+  exponent instead of saturating). Under ``"ceil"`` and ``"even"`` a block max above ``2^127``
+  keeps the floor exponent: rounding up would decode the block past float32's range.
 - A last partial block along the axis is a block of its real elements (the spec has ``k = 32``
   blocks only; we allow any ``block_size`` and any length).
 """
@@ -100,7 +101,9 @@ def mx_shared_exponent(amax: torch.Tensor, element_dtype: Dtype | str,
         else:
             # Round amax to the element's mantissa precision: up when 2*mant >= 2 - 2^-(mbits+1).
             up = 2 * mant >= 2 - 2.0 ** -(_mbits(info) + 1)
-        e = e + up.to(e.dtype)
+        # A block max above 2^127 keeps floor's exponent: rounding it up to 2^128 would decode the
+        # block past float32's range (Inf) instead of saturating at the element maximum.
+        e = (e + up.to(e.dtype)).clamp(max=E8M0_BIAS)
     shared = (e - _emax(info)).clamp(-E8M0_BIAS, E8M0_BIAS)
     shared = torch.where(a > 0, shared, torch.full_like(shared, -E8M0_BIAS))
     code = torch.where(finite, shared + E8M0_BIAS, torch.full_like(shared, E8M0_NAN))

@@ -33,6 +33,7 @@ import torch
 from quark.torch.quantization import formats
 from quark.torch.quantization.config.type import Dtype, QSchemeType
 from quark.torch.quantization.formats.table import format_info
+from quark.torch.quantization.tensor_quantize import check_finite, check_finite_qparams
 
 if TYPE_CHECKING:
     from quark.torch.quantization.config.config import QuantizationSpec
@@ -99,6 +100,9 @@ def pack_weight(weight: torch.Tensor, quantizer: FakeQuantize, pack_method: str 
     spec = quantizer.spec
     layout = layout_of(spec)
     w = weight.detach()
+    name = quantizer.name or "weight_quantizer"
+    check_finite(w, name, "weight")
+    check_finite_qparams(quantizer.scale, quantizer.zero_point, name)
     if layout == "cast":
         return StoredWeight(w.to(format_info(spec.dtype).torch_dtype), None, None)
     if layout == "mx":
