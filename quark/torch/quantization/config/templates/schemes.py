@@ -101,6 +101,7 @@ BUILTIN_SCHEMES: dict[str, Callable[[], QuantizationConfig]] = {
     "mxfp4": _block(OCP_MXFP4Spec, ch_axis=-1),
     "mxfp6_e2m3": _block(OCP_MXFP6E2M3Spec, ch_axis=-1),
     "mxfp6_e3m2": _block(OCP_MXFP6E3M2Spec, ch_axis=-1),
-    "mx6": _block(MX6Spec, ch_axis=-1, block_size=32),
+    # MX6: shared exponent per 16 elements (Rouhani et al.'s k1, amd-quark 0.13's MX6Scheme default)
+    "mx6": _block(MX6Spec, ch_axis=-1, block_size=16),
     "bfp16": _block(BFP16Spec, ch_axis=-1, block_size=8),
 }
