@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,14 +62,22 @@ class ModelQuantizer:
     ``nn.Linear`` layers replaced by fake-quantized ``QuantLinear`` modules; ``freeze(model)``
     turns their weights into real low-bit storage. If ``quantize_model`` raises, the original
     modules are put back (weights are only changed by algorithms that say so).
+
+    Static activation ranges are observed, as amd-quark 0.13 observes them, on the float model:
+    while calibrating, integer and scaled-float quantizers (weights, dynamic activations) pass
+    their input through, and only block formats (MX, MX6/MX9, BFP16) quantize. With
+    ``calibrate_on_quantized=True`` they quantize, so each range is that of the activations the
+    quantized model will see.
     """
 
-    def __init__(self, config: Config, multi_device: bool = False, *, calibrate_all_experts: bool = False) -> None:
+    def __init__(self, config: Config, multi_device: bool = False, *, calibrate_all_experts: bool = False,
+                 calibrate_on_quantized: bool = False) -> None:
         if not isinstance(config, Config):
             raise ValueError(f"ModelQuantizer(config=...) needs a quark Config, got {type(config).__name__}")
         self.config = config
         self.multi_device = multi_device
         self.calibrate_all_experts = bool(calibrate_all_experts)
+        self.calibrate_on_quantized = bool(calibrate_on_quantized)
         self.summary = QuantizationSummary()
         level = config.log_severity_level
         if level is not None:
@@ -129,7 +137,8 @@ class ModelQuantizer:
             if any(q.observing or (q.scale_quantizer is not None and q.scale_quantizer.observing)
                    for q in quantizers):
                 routing = all_experts_see_every_token(model) if self.calibrate_all_experts else nullcontext()
-                with routing:
+                scaled = nullcontext() if self.calibrate_on_quantized else _scaled_quantizers_off(quantizers)
+                with routing, scaled:
                     run_batches(model, batches, desc="Calibrating", merge=_merge_invariant(quantizers),
                                 forget=lambda: _forget_statistics(quantizers))
             for quantizer in quantizers:
@@ -179,6 +188,19 @@ class ModelQuantizer:
 def _merge_invariant(quantizers: list[Any]) -> bool:
     """Whether calibrating on merged batches records what the batches one by one would (every stage says so)."""
     return all(part.merge_invariant for q in quantizers for part in (q, q.scale_quantizer) if part is not None)
+
+
+@contextmanager
+def _scaled_quantizers_off(quantizers: list[Any]) -> Iterator[None]:
+    """Let integer and scaled-float quantizers pass their input through (observers still record)."""
+    paused = [q for q in quantizers if q.needs_qparams and q.fake_quant_enabled]
+    for quantizer in paused:
+        quantizer.disable_fake_quant()
+    try:
+        yield
+    finally:
+        for quantizer in paused:
+            quantizer.enable_fake_quant()
 
 
 def _forget_statistics(quantizers: list[Any]) -> None:
