@@ -32,6 +32,14 @@ def fp8_per_tensor() -> QuantizationSpec:
     ).to_quantization_spec()
 
 
+def fp8_output_per_tensor() -> QuantizationSpec:
+    """The KV-cache / attention output spec: static fp8 per tensor, ``scale_type`` left unset
+    (``null`` in checkpoints, as amd-quark 0.13 writes it; a float scale either way)."""
+    spec = FP8E4M3PerTensorSpec(observer_method="min_max", is_dynamic=False).to_quantization_spec()
+    spec.scale_type = None  # a recorded null (NULL_PRESERVING_KEYS): the observer reads it as float
+    return spec
+
+
 def _int4_wo(group_size: int) -> Callable[[], QuantizationConfig]:
     def build() -> QuantizationConfig:
         spec = Int4PerGroupSpec(
