@@ -192,8 +192,13 @@ def _merge_invariant(quantizers: list[Any]) -> bool:
 
 @contextmanager
 def _scaled_quantizers_off(quantizers: list[Any]) -> Iterator[None]:
-    """Let integer and scaled-float quantizers pass their input through (observers still record)."""
-    paused = [q for q in quantizers if q.needs_qparams and q.fake_quant_enabled]
+    """Let integer and scaled-float quantizers pass their input through (observers still record).
+
+    A dynamic quantizer whose second stage still observes (two-stage specs: its per-call scales
+    calibrate a static scale of the scales) keeps running, or that second stage would see nothing.
+    """
+    paused = [q for q in quantizers if q.needs_qparams and q.fake_quant_enabled
+              and not (q.scale_quantizer is not None and q.scale_quantizer.observing)]
     for quantizer in paused:
         quantizer.disable_fake_quant()
     try:
