@@ -46,7 +46,8 @@ def _reference(w, h, dtype, symmetric, group, damp, desc_act, static):
         elif j % group == 0:
             params = _qparams(wp[:, j:j + group], dtype, symmetric)
         s, z = params[0].double(), params[1].double()
-        q = (torch.round(wp[:, j] / s) + z).clamp(qmin, qmax)
+        # the quantizers' convention, x * (1 / s) (formats.divide_by_scale), so that no tie flips
+        q = (torch.round(wp[:, j] * (1 / s)) + z).clamp(qmin, qmax)
         qc = (q - z) * s
         out[:, j] = qc
         err = (wp[:, j] - qc) / u[j, j]

@@ -27,6 +27,11 @@ dequantize them with the same float32 arithmetic, so logits must agree to float 
 The single expected deviation: the reference's export overwrites the k_proj and v_proj KV-cache
 output scales with max(k, v), so in (a) the fp8-KV checkpoint no longer reproduces the reference's
 in-memory logits; there we compare with the reference's own re-import of that same folder.
+
+(c) Fake quantization: for every template scheme (``TEMPLATE_SCHEMES``, which must be our whole
+    scheme registry) both sides quantize the float model with the same calibration batches and
+    compute logits in fake-quant mode, which must be bit-identical (same scales, same rounding:
+    ``x * (1 / scale)``, MX6 blocks of 16, BFP16's int8 mantissa, ranges observed on the float model).
 """
 
 from __future__ import annotations
@@ -56,10 +61,14 @@ CASES: dict[str, tuple[str, bool]] = {
     "int4_wo_128": ("int4_wo_128", False),
     "mxfp4": ("mxfp4", False),
 }
-SUBPROCESS_TIMEOUT_S = 600
+# every LLMTemplate scheme, fake-quant logits compared bit for bit (test_fake_quant_logits_are_the_references)
+TEMPLATE_SCHEMES = ("int4_wo_128", "int4_wo_64", "int4_wo_32", "uint4_wo_128", "uint4_wo_64", "uint4_wo_32", "int8",
+                    "fp8", "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mx6", "bfp16")
+SUBPROCESS_TIMEOUT_S = 900
 
 _REFERENCE_SCRIPT = textwrap.dedent('''
-    """Runs under amd-quark: 'export' quantizes + exports each case, 'import' loads our folders."""
+    """Runs under amd-quark: 'export' quantizes + exports each case, 'import' loads our folders,
+    'fakequant' computes the fake-quantized logits of each scheme."""
     import json
     import sys
     import traceback
@@ -87,6 +96,17 @@ _REFERENCE_SCRIPT = textwrap.dedent('''
 
 
     status = {}
+    if mode == "fakequant":  # cases: a list of scheme names; logits of the fake-quantized models
+        fake = {}
+        for scheme in cases:
+            try:
+                config = LLMTemplate.get("llama").get_config(scheme=scheme)
+                fake[scheme] = logits(ModelQuantizer(config).quantize_model(float_model(), calib))
+                status[scheme] = "ok"
+            except Exception:  # recorded per scheme; the test reports it
+                status[scheme] = traceback.format_exc()
+        save_file(fake, f"{root}/fakequant_logits.safetensors")
+        cases = {}
     for name, (scheme, kv) in cases.items():
         folder = f"{root}/{name}"
         try:
@@ -160,9 +180,9 @@ def workspace(reference_python, tmp_path_factory) -> Path:
     return root
 
 
-def _run_reference(python: str, ws: Path, mode: str, root: Path) -> dict[str, str]:
+def _run_reference(python: str, ws: Path, mode: str, root: Path, cases: object = CASES) -> dict[str, str]:
     proc = subprocess.run([python, str(ws / "reference_script.py"), mode, str(ws / "float"),
-                           str(ws / "data.safetensors"), str(root), json.dumps(CASES)],
+                           str(ws / "data.safetensors"), str(root), json.dumps(cases)],
                           cwd=ws, env=_clean_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     status_file = root / f"status_{mode}.json"
     if proc.returncode != 0 or not status_file.exists():
@@ -242,26 +262,14 @@ def test_our_checkpoint_loads_in_reference(our_exports, name):
     torch.testing.assert_close(ref["skeleton"], ours[name], rtol=0, atol=ATOL)
 
 
-# Known, harmless differences in config.json["quantization_config"] (neither importer reads them to
-# load, and logits are identical): the version string ("0.13.0" vs "0.13") and the KV-cache output
-# spec's `scale_type`, which the reference leaves null and we write as "float". Two different non-null
-# values still fail.
-IGNORED_TOP_KEYS = {"version"}
-IGNORED_SPEC_KEYS: set[str] = set()
-NULL_TOLERANT_SPEC_KEYS = {"scale_type"}
-
-
 def _json_differences(ours: object, ref: object, path: str = "") -> list[str]:
+    """Every difference, the version string and the KV-cache spec's null ``scale_type`` included."""
     if isinstance(ours, dict) and isinstance(ref, dict):
         out = []
         for key in sorted(set(ours) | set(ref)):
             sub = f"{path}.{key}"
-            if (path == "" and key in IGNORED_TOP_KEYS) or key in IGNORED_SPEC_KEYS:
-                continue
             if key not in ours or key not in ref:
                 out.append(f"{sub}: only in {'ours' if key in ours else 'reference'}")
-            elif key in NULL_TOLERANT_SPEC_KEYS and (ours[key] is None) != (ref[key] is None):
-                continue
             else:
                 out += _json_differences(ours[key], ref[key], sub)
         return out
@@ -287,3 +295,30 @@ def test_same_tensor_layout(reference_exports, our_exports, name):
     ref_root, status = reference_exports
     _require_ok(status, name, "quantize + export")
     assert _header(our_exports[0] / name) == _header(ref_root / name)
+
+
+@pytest.fixture(scope="module")
+def reference_fake_quant(reference_python, workspace) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    root = workspace / "fakequant"
+    root.mkdir()
+    status = _run_reference(reference_python, workspace, "fakequant", root, list(TEMPLATE_SCHEMES))
+    return load_file(root / "fakequant_logits.safetensors"), status
+
+
+def test_every_template_scheme_is_cross_checked():
+    from quark.torch import LLMTemplate
+
+    assert set(TEMPLATE_SCHEMES) == set(LLMTemplate.list_schemes())
+
+
+@pytest.mark.parametrize("scheme", TEMPLATE_SCHEMES)
+def test_fake_quant_logits_are_the_references(workspace, reference_fake_quant, scheme):
+    from quark.torch import LLMTemplate, ModelQuantizer
+
+    ref, status = reference_fake_quant
+    _require_ok(status, scheme, "fake-quantize with")
+    data = load_file(workspace / "data.safetensors")
+    calib = [data[k] for k in sorted(data) if k.startswith("calib_")]
+    config = LLMTemplate.get("llama").get_config(scheme=scheme)
+    ours = _logits(workspace, ModelQuantizer(config).quantize_model(_float_model(workspace), calib))
+    torch.testing.assert_close(ours, ref[scheme], rtol=0, atol=0)

@@ -91,9 +91,26 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def public_dict(self) -> dict[str, Any]:
+        """``to_dict()`` as written into the output folder: no local paths (it is shared with the
+        export). Model and dataset keep a hub id, else only their folder/file name; the output
+        folder is ``"."`` and exports are relative to it."""
+        from quark.torch.export.hf_format.writer import public_model_id
+
+        data = self.to_dict()
+        for key in ("model", "dataset"):
+            if data[key] is not None:
+                data[key] = public_model_id(data[key]) or Path(data[key]).name
+        if self.output_dir is not None:
+            out = Path(self.output_dir)
+            data["output_dir"] = "."
+            data["exports"] = {k: str(Path(v).relative_to(out)) if Path(v).is_relative_to(out) else Path(v).name
+                               for k, v in self.exports.items()}
+        return data
+
     def write(self, folder: Path) -> Path:
         path = folder / SUMMARY_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(self.public_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
 
     def rows(self) -> list[tuple[str, str]]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,16 +72,23 @@ class ModelQuantizer:
     device, in CPU memory, or spread over devices (an accelerate device map); when it is not wholly
     on the compute device, every stage (algorithms, calibration, ``freeze``) moves one decoder layer
     at a time there and back. Default: the device of the model's first parameter.
+
+    Static activation ranges are observed, as amd-quark 0.13 observes them, on the float model:
+    while calibrating, integer and scaled-float quantizers (weights, dynamic activations) pass
+    their input through, and only block formats (MX, MX6/MX9, BFP16) quantize. With
+    ``calibrate_on_quantized=True`` they quantize, so each range is that of the activations the
+    quantized model will see.
     """
 
     def __init__(self, config: Config, multi_device: bool = False, *, calibrate_all_experts: bool = False,
-                 compute_device: torch.device | str | None = None) -> None:
+                 calibrate_on_quantized: bool = False, compute_device: torch.device | str | None = None) -> None:
         if not isinstance(config, Config):
             raise ValueError(f"ModelQuantizer(config=...) needs a quark Config, got {type(config).__name__}")
         self.config = config
         self.multi_device = multi_device
         self.compute_device = _checked_device(compute_device)
         self.calibrate_all_experts = bool(calibrate_all_experts)
+        self.calibrate_on_quantized = bool(calibrate_on_quantized)
         self.summary = QuantizationSummary()
         level = config.log_severity_level
         if level is not None:
@@ -140,7 +147,8 @@ class ModelQuantizer:
             if any(q.observing or (q.scale_quantizer is not None and q.scale_quantizer.observing)
                    for q in quantizers):
                 routing = all_experts_see_every_token(model) if self.calibrate_all_experts else nullcontext()
-                with routing:
+                scaled = nullcontext() if self.calibrate_on_quantized else _scaled_quantizers_off(quantizers)
+                with routing, scaled:
                     if layerwise:
                         _calibrate_layerwise(model, batches, device, quantizers)
                     else:
@@ -250,6 +258,24 @@ def _own_quantizers(module: nn.Module) -> list[Any]:
     from quark.torch.quantization.tensor_quantize import FakeQuantize
 
     return [child for child in module.children() if isinstance(child, FakeQuantize)]
+
+
+@contextmanager
+def _scaled_quantizers_off(quantizers: list[Any]) -> Iterator[None]:
+    """Let integer and scaled-float quantizers pass their input through (observers still record).
+
+    A dynamic quantizer whose second stage still observes (two-stage specs: its per-call scales
+    calibrate a static scale of the scales) keeps running, or that second stage would see nothing.
+    """
+    paused = [q for q in quantizers if q.needs_qparams and q.fake_quant_enabled
+              and not (q.scale_quantizer is not None and q.scale_quantizer.observing)]
+    for quantizer in paused:
+        quantizer.disable_fake_quant()
+    try:
+        yield
+    finally:
+        for quantizer in paused:
+            quantizer.enable_fake_quant()
 
 
 def _forget_statistics(quantizers: list[Any]) -> None:

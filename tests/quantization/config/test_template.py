@@ -131,7 +131,7 @@ SCHEME_TABLE = {
     "mxfp4": (Dtype.fp4, QSchemeType.per_group, 32, None, (Dtype.fp4, True)),
     "mxfp6_e2m3": (Dtype.fp6_e2m3, QSchemeType.per_group, 32, None, (Dtype.fp6_e2m3, True)),
     "mxfp6_e3m2": (Dtype.fp6_e3m2, QSchemeType.per_group, 32, None, (Dtype.fp6_e3m2, True)),
-    "mx6": (Dtype.mx6, QSchemeType.per_group, 32, None, (Dtype.mx6, True)),
+    "mx6": (Dtype.mx6, QSchemeType.per_group, 16, None, (Dtype.mx6, True)),
     "bfp16": (Dtype.bfp16, QSchemeType.per_group, 8, None, (Dtype.bfp16, True)),
 }
 

@@ -1,8 +1,9 @@
 """Weight grids used inside the algorithms' searches (AWQ, GPTQ, AutoSmoothQuant).
 
-Conventions (the Quark ones, see ``reference/quark-hf-format.md``): ``q = clamp(round(x / s) + zp,
-qmin, qmax)`` and ``x_hat = (q - zp) * s``; ``qmin``/``qmax`` come from the format table. FP8
-grids (GPTQ only) are ``x_hat = fp8(clamp(x / s, -max, max)) * s``, the native cast rounding.
+Conventions (the Quark ones, see ``reference/quark-hf-format.md``): ``q = clamp(round(x * (1 / s)) + zp,
+qmin, qmax)`` (``formats.divide_by_scale``, the quantizers' own division mode) and
+``x_hat = (q - zp) * s``; ``qmin``/``qmax`` come from the format table. FP8 grids (GPTQ only) are
+``x_hat = fp8(clamp(x / s, -max, max)) * s``, the native cast rounding.
 Min-max parameters follow torch's observer rule: symmetric ``s = amax / ((qmax - qmin) / 2)``,
 ``zp = 0``; asymmetric ``s = (max+ - min-) / (qmax - qmin)``, ``zp = qmin - round(min- / s)``
 with ``min- = min(x, 0)``, ``max+ = max(x, 0)``.
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
-from quark.torch.quantization.formats.affine import fake_quantize_broadcast
+from quark.torch.quantization.formats.affine import divide_by_scale, fake_quantize_broadcast
 from quark.torch.quantization.formats.table import FORMATS
 from quark.torch.quantization.observer.observer import range_to_qparams
 
@@ -124,8 +125,9 @@ def fake_quant_with(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid
         return fake_quantize_broadcast(x, scale, None, grid.dtype)
     xf = x if x.dtype == torch.float64 else x.float()
     if grid.symmetric and grid.qmin < 0:  # signed symmetric grids have zero point 0 (range_to_qparams)
-        return (round_to_grid(xf / scale, grid.round_method).clamp(grid.qmin, grid.qmax) * scale).to(x.dtype)
-    q = (round_to_grid(xf / scale, grid.round_method) + zp).clamp(grid.qmin, grid.qmax)
+        return (round_to_grid(divide_by_scale(xf, scale), grid.round_method).clamp(grid.qmin, grid.qmax)
+                * scale).to(x.dtype)
+    q = (round_to_grid(divide_by_scale(xf, scale), grid.round_method) + zp).clamp(grid.qmin, grid.qmax)
     return ((q - zp) * scale).to(x.dtype)
 
 

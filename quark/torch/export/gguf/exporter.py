@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quark.torch.export.hf_format.writer import public_model_id
 from quark.torch.quantization.config.type import Dtype, QSchemeType
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
@@ -195,7 +196,8 @@ def export_gguf(model: nn.Module, tokenizer_path: Path, model_type: str, path: P
                              f"gguf_type='F16'/'BF16'/'F32' to write it dequantized. GGUF export supports {SUPPORTED}")
         plans.append((gname, module, kind if gguf_type not in ("F16", "BF16", "F32") and kind else float_type))
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(str(getattr(cfg, "_name_or_path", "") or model_type))
+    # general.name: the hub id, never a local folder (an export must not carry local paths)
+    writer.add_name(public_model_id(getattr(cfg, "_name_or_path", None)) or model_type)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)

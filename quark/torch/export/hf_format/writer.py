@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,12 @@ from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
+# What the Hugging Face hub accepts as a repository id: ``name`` or ``owner/name`` (letters, digits,
+# ``-``, ``_``, ``.``; no leading or trailing ``-``/``.``, no ``--`` or ``..``; at most 96 per part).
+_HUB_PART = r"(?!.*(--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
+# ``quantization_config.version``: the format level as amd-quark writes its release ("0.13", not "0.13.0").
+FORMAT_VERSION = ".".join(quark.__version__.split(".")[:2])
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
@@ -138,7 +145,29 @@ def quark_quantization_config(config: Config, json_config: JsonExporterConfig) -
     """``config.json["quantization_config"]`` of the Quark layout."""
     body = config.to_dict()
     body.pop("min_kv_scale", None)  # recorded in the export block, as Quark does
-    return {"quant_method": "quark", "version": quark.__version__, **body, "export": json_config.to_dict()}
+    return {"quant_method": "quark", "version": FORMAT_VERSION, **body, "export": json_config.to_dict()}
+
+
+def public_model_id(name_or_path: object) -> str | None:
+    """The hub id a model was loaded from, or ``None`` when ``name_or_path`` names a local path.
+
+    ``from_pretrained("org/model")`` records the hub id; ``from_pretrained("/home/me/model")`` records
+    the folder, which an export must not carry (it shows user names and directory layout). A string
+    that could be either (``models/llama``) is taken as a path when that path exists here.
+    """
+    text = str(name_or_path or "")
+    if not _HUB_ID.fullmatch(text) or Path(text).exists():
+        return None
+    return text
+
+
+def public_config_dict(model_config: Any) -> dict[str, Any]:
+    """``model_config.to_dict()`` without local paths: ``_name_or_path`` only when it is a hub id."""
+    data = model_config.to_dict()
+    hub_id = public_model_id(data.pop("_name_or_path", None))
+    if hub_id is not None:
+        data["_name_or_path"] = hub_id
+    return data
 
 
 def effective_json_config(config: Config, json_config: JsonExporterConfig) -> JsonExporterConfig:
@@ -157,7 +186,7 @@ def write_model_files(model: nn.Module, folder: Path, quantization_config: dict[
     if model_config is None or not hasattr(model_config, "to_dict"):
         raise ValueError(f"{type(model).__name__} has no Hugging Face `config`; hf_format export needs a "
                          "transformers PreTrainedModel")
-    data = model_config.to_dict()
+    data = public_config_dict(model_config)
     data["quantization_config"] = quantization_config
     (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     generation = getattr(model, "generation_config", None)
@@ -173,5 +202,6 @@ def write_model_files(model: nn.Module, folder: Path, quantization_config: dict[
                 shutil.copy2(source / fname, folder / fname)
 
 
-__all__ = ["check_exportable", "effective_json_config", "owner_of", "quant_modules", "quantizer_state",
-           "quark_quantization_config", "quark_tensors", "write_model_files"]
+__all__ = ["FORMAT_VERSION", "check_exportable", "effective_json_config", "owner_of", "public_config_dict",
+           "public_model_id", "quant_modules", "quantizer_state", "quark_quantization_config", "quark_tensors",
+           "write_model_files"]

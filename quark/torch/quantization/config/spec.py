@@ -61,9 +61,10 @@ SPEC_KEYS: tuple[str, ...] = (
 
 # What a spec built without them records, as amd-quark 0.13 writes it for every dtype (zero point
 # type, memory hint) or for fp8 (symmetric). A checkpoint that holds null for one of them keeps
-# null through from_dict / to_dict, so re-exported checkpoints stay identical.
+# null through from_dict / to_dict, so re-exported checkpoints stay identical. ``scale_type`` is null
+# in amd-quark's KV-cache / attention fp8 specs (a float scale, as for "float").
 DEFAULT_MAX_INPUT_NUMEL = 4 * 1024 * 1024
-NULL_PRESERVING_KEYS: tuple[str, ...] = ("symmetric", "zero_point_type", "max_input_numel")
+NULL_PRESERVING_KEYS: tuple[str, ...] = ("symmetric", "zero_point_type", "max_input_numel", "scale_type")
 _SYMMETRIC_FLOAT_DTYPES = (Dtype.fp8_e4m3, Dtype.fp8_e5m2)
 
 
@@ -250,7 +251,7 @@ class QuantizationSpec:
 
     ``symmetric`` defaults to ``True`` for integer and fp8 dtypes and stays ``None`` for the others
     (MX, fp4/fp6, casts). ``from_dict`` keeps an explicit ``null`` of ``symmetric``,
-    ``zero_point_type`` and ``max_input_numel`` (``NULL_PRESERVING_KEYS``) instead of filling the
+    ``zero_point_type``, ``max_input_numel`` and ``scale_type`` (``NULL_PRESERVING_KEYS``) instead of filling the
     default, so that a checkpoint's config round-trips exactly; ``None`` behaves as the default.
     """
 

@@ -37,7 +37,7 @@ from quark.torch.quantization.config.config import (
 )
 from quark.torch.quantization.config.spec import check_min_kv_scale
 from quark.torch.quantization.config.templates import all_families
-from quark.torch.quantization.config.templates.schemes import BUILTIN_SCHEMES, fp8_per_tensor
+from quark.torch.quantization.config.templates.schemes import BUILTIN_SCHEMES, fp8_output_per_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -372,14 +372,14 @@ class LLMTemplate:
                     f"which is empty for {self.model_type!r}"
                 )
             for pattern in self.kv_layer_name:
-                entry = base.with_output(pattern, fp8_per_tensor())
+                entry = base.with_output(pattern, fp8_output_per_tensor())
                 layer_quant[pattern] = entry
                 kv_cache_quant[pattern] = copy.deepcopy(entry)
         softmax_spec = None
         if attention_scheme is not None:
-            softmax_spec = fp8_per_tensor()
+            softmax_spec = fp8_output_per_tensor()
             for pattern in self.q_layer_name or []:
-                layer_quant[pattern] = base.with_output(pattern, fp8_per_tensor())
+                layer_quant[pattern] = base.with_output(pattern, fp8_output_per_tensor())
 
         return Config(
             global_quant_config=global_config,

@@ -10,10 +10,21 @@
 - :mod:`.packing` -- sub-byte packing (int32 nibbles, uint8 nibbles, fp6 in 3 bytes).
 
 Everything here is a plain PyTorch reference path: it runs on CPU and on any device the inputs
-live on; no module state and no configuration objects.
+live on; no configuration objects. The one process-wide setting is the integer division mode
+(:func:`set_integer_division`: ``"reciprocal"``, amd-quark 0.13's ``x * (1 / scale)``, by default;
+``"exact"`` for IEEE ``x / scale``).
 """
 
-from quark.torch.quantization.formats.affine import dequantize, fake_quantize, quantize
+from quark.torch.quantization.formats.affine import (
+    INTEGER_DIVISIONS,
+    dequantize,
+    divide_by_scale,
+    fake_quantize,
+    get_integer_division,
+    integer_division,
+    quantize,
+    set_integer_division,
+)
 from quark.torch.quantization.formats.bfp import (
     BfpTensor,
     bfp_dequantize,
@@ -67,6 +78,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "FLOAT_ELEMENT_DTYPES",
     "FORMATS",
+    "INTEGER_DIVISIONS",
     "INTEGER_DTYPES",
     "MX_ELEMENT_DTYPES",
     "MX_SCALE_MODES",
@@ -79,11 +91,14 @@ __all__ = [
     "broadcast_param",
     "code_to_float",
     "dequantize",
+    "divide_by_scale",
     "e8m0_to_float",
     "fake_quantize",
     "float_to_code",
     "float_to_e8m0",
     "format_info",
+    "get_integer_division",
+    "integer_division",
     "mx_dequantize",
     "mx_fake_quantize",
     "mx_quantize",
@@ -96,6 +111,7 @@ __all__ = [
     "reduce_amax",
     "reduce_minmax",
     "round_to_float_grid",
+    "set_integer_division",
     "unpack_fp6",
     "unpack_int32",
     "unpack_uint8_nibbles",

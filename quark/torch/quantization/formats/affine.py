@@ -4,9 +4,15 @@ One ``quantize`` / ``dequantize`` / ``fake_quantize`` triple covers every dtype 
 quantization parameters come from an observer (``scale``, optional ``zero_point``):
 
 - integers (``int8``, ``uint8``, ``int4``, ``uint4``, ``int2``; two's complement / unsigned):
-  ``q = clamp(rnd(x / scale) + zp, qmin, qmax)``, dequantized as ``(q - zp) * scale``.
+  ``q = clamp(rnd(x * (1 / scale)) + zp, qmin, qmax)``, dequantized as ``(q - zp) * scale``.
   Codes are one per element: ``int8`` for signed dtypes, ``uint8`` for unsigned ones.
   ``zero_point`` is expected to hold integer values (an int tensor or integral floats).
+  ``x * (1 / scale)`` (the float32 reciprocal, then a multiply) is the arithmetic of amd-quark 0.13
+  and of ``torch.fake_quantize_per_*_affine``, so the same scales give the same codes and
+  checkpoints; it rounds differently from the correctly rounded ``x / scale`` where ``x / scale``
+  sits within an ulp of a tie (e.g. ``+-7.5`` for int4, about 0.5% of int4 weights).
+  :func:`set_integer_division` (or the :func:`integer_division` context manager) selects
+  ``"exact"`` (IEEE ``x / scale``) instead, for every integer path (fake, real, algorithms).
 - FP8 (OCP OFP8 rev 1.0): ``x / scale`` saturated to ``+-max`` then cast; codes are
   ``torch.float8_e4m3fn`` / ``torch.float8_e5m2`` tensors.
 - FP6 / FP4 (OCP MX v1.0 section 5.3): ``x / scale`` rounded to nearest even on the grid,
@@ -23,6 +29,9 @@ Block formats (``mx``, ``mx6``, ``mx9``, ``bfp16``) live in :mod:`.mx` and :mod:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
@@ -31,10 +40,56 @@ from quark.torch.quantization.formats.floats import _round_grid_f32, code_to_flo
 from quark.torch.quantization.formats.granularity import broadcast_param
 from quark.torch.quantization.formats.table import FORMATS, FormatInfo
 
-__all__ = ["dequantize", "fake_quantize", "fake_quantize_broadcast", "quantize"]
+__all__ = ["INTEGER_DIVISIONS", "dequantize", "divide_by_scale", "fake_quantize", "fake_quantize_broadcast",
+           "get_integer_division", "integer_division", "quantize", "set_integer_division"]
 
 _TINY = torch.finfo(torch.float32).tiny
 _F32_MAX = torch.finfo(torch.float32).max
+# How integer codes divide by their scale: "reciprocal" = x * (1 / s) (amd-quark 0.13, torch's
+# fake_quantize_per_*_affine), "exact" = x / s (IEEE division, correctly rounded).
+INTEGER_DIVISIONS = ("reciprocal", "exact")
+_INTEGER_DIVISION = ["reciprocal"]
+
+
+def _check_division(mode: object, owner: str) -> str:
+    if mode not in INTEGER_DIVISIONS:
+        raise ValueError(f"{owner}: integer division mode={mode!r} is not one of: {', '.join(INTEGER_DIVISIONS)}")
+    return mode  # type: ignore[return-value]
+
+
+def get_integer_division() -> str:
+    """The process-wide integer division mode (``"reciprocal"`` unless changed)."""
+    return _INTEGER_DIVISION[0]
+
+
+def set_integer_division(mode: str) -> str:
+    """Select how integer quantization divides by the scale; returns the previous mode.
+
+    ``"reciprocal"`` (default): ``x * (1 / scale)``, bit-identical to amd-quark 0.13.
+    ``"exact"``: ``x / scale``, correctly rounded. Applies to fake and real quantization and to
+    the algorithms' searches alike, so a model must be quantized and frozen under one mode.
+    """
+    previous = _INTEGER_DIVISION[0]
+    _INTEGER_DIVISION[0] = _check_division(mode, "formats.set_integer_division")
+    return previous
+
+
+@contextmanager
+def integer_division(mode: str) -> Iterator[None]:
+    """Run a block with another integer division mode (see :func:`set_integer_division`)."""
+    previous = set_integer_division(mode)
+    try:
+        yield
+    finally:
+        _INTEGER_DIVISION[0] = previous
+
+
+def divide_by_scale(x: torch.Tensor, scale: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+    """``x`` over a positive ``scale`` before integer rounding, in the selected division mode."""
+    mode = _check_division(mode or _INTEGER_DIVISION[0], "formats.divide_by_scale")
+    if mode == "exact":
+        return x / scale
+    return x * torch.reciprocal(scale)
 
 
 def _scaled_info(dtype: Dtype | str, owner: str) -> FormatInfo:
@@ -96,8 +151,8 @@ def _params(x_shape: torch.Size, scale: torch.Tensor | None, zero_point: torch.T
 
 def _int_levels(xf: torch.Tensor, s_div: torch.Tensor, zp: torch.Tensor | None, info: FormatInfo,
                 round_method: RoundType | str) -> torch.Tensor:
-    """Integer-valued float32 codes ``clamp(rnd(x / s) + zp, qmin, qmax)``."""
-    v = round_values(xf / s_div, round_method)
+    """Integer-valued float32 codes ``clamp(rnd(x * (1 / s)) + zp, qmin, qmax)`` (see :func:`divide_by_scale`)."""
+    v = round_values(divide_by_scale(xf, s_div), round_method)
     if zp is not None:
         v = v + zp
     # ``+ 0.0`` turns -0.0 into +0.0: integer codes have no signed zero, and the fake path must

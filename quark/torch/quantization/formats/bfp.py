@@ -5,25 +5,27 @@ References:
   ISCA 2023. A block of 16 elements shares an 8-bit exponent; each sub-block of 2 shares a 1-bit
   micro-exponent; each element is sign + m-bit magnitude (MX9: m = 7, MX6: m = 4), so
   ``(8 + 8 * 1 + 16 * (1 + m)) / 16`` = 9 or 6 bits per element.
-- BFP16: block floating point with an 8-bit shared exponent per block of 8 elements and
-  sign + 7-bit magnitude per element (no micro-exponents).
+- BFP16: block floating point with an 8-bit shared exponent per block of 8 elements and an
+  8-bit two's complement mantissa per element (no micro-exponents).
 
 Conversion (per block of ``block_size`` along ``axis``):
 
 - ``E = floor(log2(max |x|))`` over the block, clamped to ``[-127, 127]`` (stored biased by 127).
 - MX6/MX9: a pair's micro-exponent ``mu`` is 1 when both of its elements are below ``2^E``
   (``max |x_pair| < 2^E``), else 0.
-- Element mantissa ``M = clamp(round_half_even(x / 2^(E - mu - (m - 1))), -(2^m - 1), 2^m - 1)``,
-  value ``M * 2^(E - mu - (m - 1))``. The block's largest element thus uses the full m bits.
-- BFP16 only: if rounding pushes any magnitude past ``2^7 - 1``, the block's exponent goes up by
-  one and the block is re-rounded (as amd/Quark does); MX6/MX9 saturate instead (as amd/Quark does).
+- Element mantissa ``M = clamp(round_half_even(x / 2^(E - mu - (m - 1))), lo, 2^m - 1)``, value
+  ``M * 2^(E - mu - (m - 1))``, with ``lo = -(2^m - 1)`` for MX6/MX9 (sign + m-bit magnitude) and
+  ``lo = -2^7`` for BFP16 (an int8 mantissa). The block's largest element uses the full m bits.
+- BFP16 only: if rounding pushes a mantissa past ``+127`` (a positive value within half a step of
+  ``2^(E+1)``), the block's exponent goes up by one and the block is re-rounded; a negative one
+  rounding to ``-128`` stays (it fits the int8 mantissa). MX6/MX9 saturate instead.
 - A block of zeros stores ``E = -127`` (code 0); a block with NaN or +-Inf stores code 255 and
   decodes as all NaN.
 
-Deliberate differences from amd/Quark's emulation (``fake_quantize_mx6_mx9`` /
-``fake_quantize_bfp16``): mantissas are sign-magnitude in ``[-(2^m - 1), 2^m - 1]`` everywhere, so they
-fit the stated bit width (Quark lets a pair with ``mu = 1`` round up to ``2^m`` and BFP16 keep
-``-128``); non-finite values poison their block (Quark zeroes them for the exponent and saturates).
+These are the arithmetic of amd-quark 0.13 (``fake_quantize_mx6_mx9`` / ``fake_quantize_bfp16``),
+so finite inputs give bit-identical values. Deliberate differences: non-finite values poison their
+block (Quark zeroes them and saturates), and inputs below ``2^-127`` keep the clamped exponent
+(Quark flushes float32 subnormals in MX6/MX9).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from quark.torch.quantization.formats.granularity import (
     normalize_axis,
     param_shape,
     reduce_amax,
+    reduce_minmax,
 )
 from quark.torch.quantization.formats.table import FormatInfo
 
@@ -53,7 +56,8 @@ _PG = QSchemeType.per_group
 class BfpTensor:
     """Real storage of a BFP16 / MX6 / MX9 tensor.
 
-    ``mantissa``: int8, ``x``'s shape, sign-magnitude values in ``[-(2^m - 1), 2^m - 1]``.
+    ``mantissa``: int8, ``x``'s shape: values in ``[-(2^m - 1), 2^m - 1]`` (MX6/MX9) or
+    ``[-128, 127]`` (BFP16).
     ``shared_exp``: uint8 biased exponent (bias 127, 255 = NaN block), per_group shape along the
     axis with the block size. ``micro_exp``: uint8 0/1 per pair of elements (per_group shape with
     group 2), or ``None`` for BFP16.
@@ -108,14 +112,16 @@ def _quantize_core(x: torch.Tensor, info: FormatInfo, axis: int, block: int
 
     q_exp = element_exp(e)
     m = torch.round(xz / exp2_int(q_exp))
+    mmin = -mmax
     if sub is None:
-        # BFP16: a magnitude that rounds past the mantissa range moves the block up one exponent.
-        over = reduce_amax(m, _PG, axis, block) > mmax
+        # BFP16: a mantissa rounding past +127 moves the block up one exponent; -128 fits int8.
+        mmin = -mmax - 1
+        over = reduce_minmax(m, _PG, axis, block)[1] > mmax
         if bool(over.any()):
             e = torch.where(over, (e + 1).clamp(max=_BIAS), e)
             q_exp = element_exp(e)
             m = torch.round(xz / exp2_int(q_exp))
-    m = m.clamp(-mmax, mmax) + 0.0  # int8 mantissas have no -0
+    m = m.clamp(mmin, mmax) + 0.0  # int8 mantissas have no -0
     code = torch.where(finite, e + _BIAS, torch.full_like(e, _NAN_CODE))
     scale = exp2_int(q_exp)
     scale = torch.where(broadcast_param(finite, xf.shape, _PG, axis, block), scale,

@@ -32,6 +32,14 @@ def fp8_per_tensor() -> QuantizationSpec:
     ).to_quantization_spec()
 
 
+def fp8_output_per_tensor() -> QuantizationSpec:
+    """The KV-cache / attention output spec: static fp8 per tensor, ``scale_type`` left unset
+    (``null`` in checkpoints, as amd-quark 0.13 writes it; a float scale either way)."""
+    spec = FP8E4M3PerTensorSpec(observer_method="min_max", is_dynamic=False).to_quantization_spec()
+    spec.scale_type = None  # a recorded null (NULL_PRESERVING_KEYS): the observer reads it as float
+    return spec
+
+
 def _int4_wo(group_size: int) -> Callable[[], QuantizationConfig]:
     def build() -> QuantizationConfig:
         spec = Int4PerGroupSpec(
@@ -101,6 +109,7 @@ BUILTIN_SCHEMES: dict[str, Callable[[], QuantizationConfig]] = {
     "mxfp4": _block(OCP_MXFP4Spec, ch_axis=-1),
     "mxfp6_e2m3": _block(OCP_MXFP6E2M3Spec, ch_axis=-1),
     "mxfp6_e3m2": _block(OCP_MXFP6E3M2Spec, ch_axis=-1),
-    "mx6": _block(MX6Spec, ch_axis=-1, block_size=32),
+    # MX6: shared exponent per 16 elements (Rouhani et al.'s k1, amd-quark 0.13's MX6Scheme default)
+    "mx6": _block(MX6Spec, ch_axis=-1, block_size=16),
     "bfp16": _block(BFP16Spec, ch_axis=-1, block_size=8),
 }
