@@ -112,7 +112,7 @@ def _clip_calls(joint: bool, monkeypatch: pytest.MonkeyPatch, scaling_layers: li
     real = awq.clip_search
 
     def counting(w, cov, grid, oc_chunk=None):
-        calls.append(w.shape[1])
+        calls.extend([w.shape[-1]] * (w.shape[0] if w.dim() == 3 else 1))  # one per weight clipped
         return real(w, cov, grid, oc_chunk)
 
     monkeypatch.setattr(awq, "clip_search", counting)
