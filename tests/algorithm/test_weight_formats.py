@@ -31,6 +31,7 @@ from quark.torch.algorithm.utils.quant import (
 )
 from quark.torch.algorithm.utils.specs import set_weight_qparams
 from quark.torch.quantization.config.config import (
+    AutoSmoothQuantConfig,
     AWQConfig,
     Config,
     GPTQConfig,
@@ -188,10 +189,15 @@ def _logit_error(model: nn.Module, q: nn.Module) -> float:
         return sum(float(((q(b).logits - model(b).logits) ** 2).mean()) for b in HELD_OUT)
 
 
-@pytest.mark.parametrize("algo", ["awq", "gptq", "smoothquant"])
-@pytest.mark.parametrize("name", E2E_FORMATS)
+# AutoSmoothQuant simulates weights through the spec itself: its two-stage and block paths suffice
+E2E_CASES = [(n, a) for a in ("awq", "gptq", "smoothquant") for n in E2E_FORMATS] + [
+    (n, "autosmoothquant") for n in ("fp4_scale_fp8", "mxfp4", "mx6")]
+
+
+@pytest.mark.parametrize("name,algo", E2E_CASES)
 def test_algorithms_run_on_every_weight_format(name: str, algo: str) -> None:
-    configs = {"awq": [AWQConfig()], "gptq": [GPTQConfig()], "smoothquant": [SmoothQuantConfig(alpha=0.5)]}
+    configs = {"awq": [AWQConfig()], "gptq": [GPTQConfig()], "smoothquant": [SmoothQuantConfig(alpha=0.5)],
+               "autosmoothquant": [AutoSmoothQuantConfig()]}
     model, q = _quantize(FORMATS[name](), configs[algo])
     err = _logit_error(model, q)
     assert 0 < err < float("inf")

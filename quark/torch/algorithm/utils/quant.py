@@ -334,10 +334,17 @@ def simulate_quant(x: torch.Tensor, spec: Any) -> torch.Tensor:
 
     Integer dtypes are handled here (per-tensor, per-channel along ``ch_axis``, per-group along
     the last axis); every other dtype goes through the quantizer layer's
-    ``fake_quantize_with_spec``. ``None`` means not quantized.
+    ``fake_quantize_with_spec``, and a two-stage spec list through a ``FakeQuantize`` calibrated on
+    ``x``. ``None`` means not quantized.
     """
     if spec is None:
         return x
+    if isinstance(spec, (list, tuple)):  # two stages: the quantizer's own, its scales through the scale stage
+        from quark.torch.quantization.tensor_quantize import FakeQuantize
+
+        quantizer = FakeQuantize(spec)
+        quantizer.calibrate_from(x)
+        return quantizer(x)
     dtype = Dtype.from_any("QuantizationSpec", "dtype", spec.dtype)
     if dtype not in FORMATS or FORMATS[dtype].kind != "int":
         from quark.torch.quantization.tensor_quantize import fake_quantize_with_spec
