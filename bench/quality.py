@@ -63,13 +63,16 @@ SCHEMES: dict[str, tuple[str | None, int | None, list[str], str | None]] = {
     "int4_per_channel_rtn": ("w_int4_per_channel_sym", None, [], None),
     "int4_per_channel_gptq": ("w_int4_per_channel_sym", None, ["gptq"], None),
     "mxfp4": ("mxfp4", None, [], None),
+    "mxfp4_awq": ("mxfp4", None, ["awq"], None),
+    "mxfp4_gptq": ("mxfp4", None, ["gptq"], None),
     "fp8_quarot": ("w_fp8_a_fp8", None, ["quarot"], "fp8"),
     "fp8_quarot_no_kv": ("w_fp8_a_fp8", None, ["quarot"], None),
     "fp8_rotation_no_kv": ("w_fp8_a_fp8", None, ["rotation"], None),
 }
 DEFAULT_SCHEMES = ["float", "fp8", "fp8_no_kv", "fp8_gptq", "int8_smoothquant", "int8_smoothquant_mse", "int8_quarot",
                    "int8_quarot_gptq", "int4_g64_rtn", "int4_g64_awq", "int4_g64_awq_scale_then_clip", "int4_g64_gptq",
-                   "int4_g64_gptq_reference", "int4_per_channel_rtn", "int4_per_channel_gptq", "mxfp4"]
+                   "int4_g64_gptq_reference", "int4_per_channel_rtn", "int4_per_channel_gptq", "mxfp4",
+                   "mxfp4_awq", "mxfp4_gptq"]
 # The "reference" GPTQ row runs amd-quark's numerics: no massive-token cap in the Hessian
 # (quark/torch/algorithm/utils/tokens.py) and min-max group ranges (GPTQConfig.clip_search_steps=0).
 # The "scale_then_clip" AWQ row judges the scale candidates unclipped and clips once after (the reference order).

@@ -24,6 +24,7 @@ from quark.torch.quantization.config.config import (
     SmoothQuantConfig,
 )
 from quark.torch.quantization.config.custom_config import (
+    BFLOAT16_SPEC,
     INT4_PER_CHANNEL_SPEC,
     INT4_PER_GROUP_SYM_SPEC,
     INT8_PER_CHANNEL_SPEC,
@@ -137,9 +138,9 @@ def test_unsupported_specs_raise_before_weights_change():
     model = make_model("llama")
     before = copy.deepcopy(model.state_dict())
     for weight, algo, field in [
-        (INT8_PER_CHANNEL_SPEC, AWQConfig(), "dtype=int8"),
+        (BFLOAT16_SPEC, AWQConfig(), "dtype=bfloat16 is a plain cast"),
         (_g(INT4_PER_GROUP_SYM_SPEC, 48), GPTQConfig(), "group_size"),
-        (MXFP4_SPEC, GPTQConfig(), "dtype"),
+        (_g(MXFP4_SPEC, 48), GPTQConfig(), "group_size 48"),
     ]:
         with pytest.raises(ValueError, match=field):
             ModelQuantizer(_config(weight, algo)).quantize_model(model, CALIB)

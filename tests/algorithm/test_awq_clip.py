@@ -112,7 +112,7 @@ def _clip_calls(joint: bool, monkeypatch: pytest.MonkeyPatch, scaling_layers: li
     real = awq.clip_search
 
     def counting(w, cov, grid, oc_chunk=None):
-        calls.append(w.shape[1])
+        calls.extend([w.shape[-1]] * (w.shape[0] if w.dim() == 3 else 1))  # one per weight clipped
         return real(w, cov, grid, oc_chunk)
 
     monkeypatch.setattr(awq, "clip_search", counting)
@@ -146,3 +146,18 @@ def test_awq_config_clip_in_scale_search_field() -> None:
     assert algo_config_from_dict(off.to_dict()).clip_in_scale_search is False
     with pytest.raises(ValueError, match="clip_in_scale_search"):
         AWQConfig(clip_in_scale_search="yes")
+
+
+def test_clip_search_of_a_batch_is_each_candidates_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scale search judges small layers' candidates in one batch: each with its own covariance."""
+    monkeypatch.setattr(tokens, "MASSIVE_TOKEN_RATIO", None)
+    w, x = _problem(5)
+    cov = group_input_covariance(x, 16)
+    scales = torch.rand(3, 48, generator=torch.Generator().manual_seed(5)) * 2 + 0.2
+    ws = w[None] * scales[:, None, :]
+    covs = torch.stack([scaled_covariance(cov, s) for s in scales])
+    got = clip_search(ws, covs, GRID, oc_chunk=4)
+    for k in range(3):
+        torch.testing.assert_close(got[k], clip_search(ws[k], covs[k], GRID))
+    with pytest.raises(ValueError, match="as many covariances"):
+        clip_search(ws, covs[:2], GRID)

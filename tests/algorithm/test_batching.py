@@ -192,3 +192,17 @@ def test_out_of_memory_on_the_merged_call_keeps_the_batches(caplog: pytest.LogCa
     assert batching.same_outputs(run, merged[0], calls) is False
     assert "ran out of device memory" in caplog.text
     assert batching.same_outputs(lambda c: c[0][0] * 2, merged[0], calls) is True
+
+
+def test_scaling_searches_merge_small_cpu_calls_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search replays its calls per candidate: small CPU calls run merged, large ones as given."""
+    from quark.torch.algorithm.utils.scaling_step import SMALL_CALL_TOKENS
+
+    monkeypatch.setattr(batching, "MERGE_ON_CPU", False)
+    step = ScalingStep([], [])
+    module = nn.Linear(8, 4)
+    small = [((torch.randn(1, 32, 8),), {}) for _ in range(4)]
+    merged = step._batched("small", module, small)
+    assert len(merged) == 1 and merged[0][0][0].shape == (4, 32, 8)
+    large = [((torch.randn(1, SMALL_CALL_TOKENS + 1, 8),), {}) for _ in range(2)]
+    assert step._batched("large", module, large) is large

@@ -9,6 +9,13 @@ clips once after (``AWQConfig.clip_in_scale_search=False``). Every quantized lin
 q_proj and k_proj included (AutoAWQ leaves them out; here that measured worse, SmolLM2-135M int4 g64
 test 26.56 -> 27.10, validation 22.99 -> 23.64). Results are data
 (:class:`ScaleResult`, plus the clipped weights left in the module).
+
+Every weight format is searched with its own fake quantization (:mod:`quark.torch.algorithm.utils.quant`).
+Block formats (OCP MX, BFP16/MX6/MX9) judge the scale candidates unclipped and clip once after,
+as the reference does: there clipping only picks a block's power-of-two exponent (and saturates
+the values above the clip), a coarse choice that, made for every candidate, steers the scale
+search by exponent flips rather than by the scales (tiny Llama, MXFP4, logit MSE: RTN 0.0566,
+clipped candidates 0.0625, unclipped candidates then clipped 0.0481, never clipped 0.0485).
 """
 
 from __future__ import annotations
@@ -22,13 +29,20 @@ from torch import nn
 
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
-from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_weight, weight_grid_from_spec
+from quark.torch.algorithm.utils.quant import (
+    ALL_QSCHEMES,
+    ALL_WEIGHT_DTYPES,
+    WeightGrid,
+    fake_quant_weight,
+    stage_two_scale,
+    weight_grid_from_spec,
+)
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
 from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn, producer_slice
 from quark.torch.algorithm.utils.specs import weight_spec_for
 from quark.torch.algorithm.utils.tokens import capped_tokens
 from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
-from quark.torch.quantization.config.type import Dtype, QSchemeType
+from quark.torch.quantization.config.type import QSchemeType
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +51,8 @@ CLIP_STEPS = 10  # shrink ratios 1.0, 0.95, ..., 0.55
 
 
 class AwqStep(ScalingStep):
-    """Per-layer AWQ: scale search (each candidate clipped as it would be), scale application, clipping."""
+    """Per-layer AWQ: scale search (each candidate clipped as it would be, except for block formats),
+    scale application, clipping."""
 
     owner = "AWQConfig"
 
@@ -70,20 +85,22 @@ class AwqStep(ScalingStep):
             saved = {n: fc.weight.data.clone() for n, fc in fcs.items()}
             dtype = saved[quantized[0]].dtype
             best, best_loss = None, float("inf")
+            candidates = []
             for r in range(N_GRID):
                 s = x_mean.pow(r / N_GRID).clamp(min=1e-4)
-                s = s / (s.max() * s.min()).sqrt()
-                # the group's linears share their input (x) and so its scales
-                se = expand_scales(s, x.shape[-1], head_dim).to(dtype)
-                clip_covs = _scaled_covariances(covariances, se) if self.clip_in_scale_search else {}
-                for n, fc in fcs.items():
-                    scaled = saved[n] * se
-                    if clip_covs:
-                        scaled = clip_search(scaled, clip_covs[grids[n].group_size], grids[n])
-                    fc.weight.data.copy_(fake_quant_weight(scaled, grids[n]) / se)
-                loss = self._mse(self.run(module, calls), reference)
-                if loss < best_loss:
-                    best, best_loss = s.clone(), loss
+                candidates.append(s / (s.max() * s.min()).sqrt())
+            # the group's linears share their input (x) and so its scales
+            expanded = torch.stack([expand_scales(s, x.shape[-1], head_dim) for s in candidates]).to(dtype)
+            chunk = _candidate_chunk([saved[n] for n in quantized])
+            for r0 in range(0, N_GRID, chunk):
+                se = expanded[r0:r0 + chunk]
+                weights = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
+                for k in range(se.shape[0]):
+                    for n, fc in fcs.items():
+                        fc.weight.data.copy_(weights[n][k])
+                    loss = self._mse(self.run(module, calls), reference)
+                    if loss < best_loss:
+                        best, best_loss = candidates[r0 + k].clone(), loss
             for n, fc in fcs.items():
                 fc.weight.data.copy_(saved[n])
             if best is None:
@@ -93,6 +110,20 @@ class AwqStep(ScalingStep):
             for n in quantized:
                 self._clip_covariances[n] = final[grids[n].group_size]
         return results
+
+    def _candidate_weights(self, w: torch.Tensor, se: torch.Tensor, covariances: dict[int, torch.Tensor],
+                           grid: WeightGrid) -> torch.Tensor:
+        """``[candidates, out, in]``: ``Q(clip(w * s)) / s`` for each row ``s`` of ``se`` (one batch)."""
+        scaled = w[None] * se[:, None, :]
+        if self.clip_in_scale_search and not grid.is_block:
+            cov = covariances[grid.group_size]
+            s = se.to(device=cov.device, dtype=cov.dtype).reshape(se.shape[0], *cov.shape[:2])
+            scaled = clip_search(scaled, cov[None] / (s[..., :, None] * s[..., None, :]), grid)
+        if grid.qscheme == QSchemeType.per_tensor or grid.scale_dtype is not None:  # one scale per candidate
+            quantized = torch.stack([fake_quant_weight(c, grid) for c in scaled])
+        else:  # groups and channels are independent: every candidate's rows in one call
+            quantized = fake_quant_weight(scaled.reshape(-1, w.shape[1]), grid).reshape(scaled.shape)
+        return quantized / se[:, None, :]
 
     @torch.no_grad()
     def after_scaling(self, layer: nn.Module, index: int, results: list[ScaleResult]) -> None:
@@ -123,6 +154,17 @@ def scaled_covariance(cov: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return cov / (s[:, :, None] * s[:, None, :])
 
 
+#: Elements of the candidates' weights (times the clip ratios) judged in one batch: on a CPU whose
+#: cores are shared, every op's parallel region costs a time slice, so small layers judge all their
+#: candidates together; large ones go one candidate at a time.
+CANDIDATE_BATCH_ELEMENTS = 1 << 23
+
+
+def _candidate_chunk(weights: Sequence[torch.Tensor]) -> int:
+    per_candidate = sum(w.numel() for w in weights) * CLIP_STEPS
+    return max(1, min(N_GRID, CANDIDATE_BATCH_ELEMENTS // max(per_candidate, 1)))
+
+
 def _scaled_covariances(covariances: dict[int, torch.Tensor], scales: torch.Tensor) -> dict[int, torch.Tensor]:
     return {size: scaled_covariance(cov, scales) for size, cov in covariances.items()}
 
@@ -134,31 +176,57 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
     The error of a group ``e = Q(clip(w_g)) - w_g`` on the outputs is ``mean_t (x_g · e)²
     = e C_g eᵀ`` with ``C_g = cov[g]`` the group's input covariance
     (:func:`group_input_covariance`), so every calibration token counts
-    (AutoAWQ samples 512 of them) at no extra cost. Rows go ``oc_chunk`` at a time (default:
-    about 4M weights per chunk).
+    (AutoAWQ samples 512 of them) at no extra cost. ``w`` may be a batch ``[B, out, in]`` of
+    candidates with their covariances ``[B, G, gs, gs]``. All ``CLIP_STEPS`` ratios are judged in one
+    batch (a few large tensor ops instead of many small ones: on a CPU shared by several threads
+    each op's fixed cost dominates); the first ratio with the smallest error wins, as in a
+    sequential search. Rows go ``oc_chunk`` at a time (default: about 4M candidate weights per chunk).
+
+    ``Q`` is the grid's own fake quantization. For block formats (OCP MX, BFP16/MX6/MX9) the
+    clipped range only matters through the block's power-of-two exponent and the values it
+    saturates: the ratios (1 down to 0.55, less than one binade) choose between the block's
+    min-max exponent and the next lower one, saturating the largest values for twice the
+    resolution of the rest, which is a real choice, so these are searched too. A two-stage grid
+    keeps the scale stage's per-tensor scale of the unclipped weight while candidates are judged.
+    A per-tensor grid has one scale set by a single row: clipping rows is not its choice, so ``w``
+    comes back unchanged.
     """
-    out, cols = w.shape
+    if w.dim() == 3:  # a batch of candidates, each with its own covariance
+        if cov.dim() != 4 or cov.shape[0] != w.shape[0]:
+            raise ValueError(f"clip_search: {w.shape[0]} weights need as many covariances, got shape "
+                             f"{tuple(cov.shape)}")
+        if grid.scale_dtype is not None:  # each candidate's own scale stage
+            return torch.stack([clip_search(wb, cb, grid, oc_chunk) for wb, cb in zip(w, cov)])
+    else:
+        w, cov = w[None], cov[None]
+    batch, out, cols = w.shape
     gs = grid.group_size
-    if cov.shape != (cols // gs, gs, gs):
-        raise ValueError(f"clip_search: covariance of shape {tuple(cov.shape)} does not match {cols} inputs in "
+    if cov.shape[1:] != (cols // gs, gs, gs):
+        raise ValueError(f"clip_search: covariance of shape {tuple(cov.shape[1:])} does not match {cols} inputs in "
                          f"groups of {gs}")
-    oc_chunk = oc_chunk or max(1, (1 << 22) // cols)
+    if grid.qscheme == QSchemeType.per_tensor:
+        return w if batch > 1 else w[0]
+    scale2 = stage_two_scale(w[0], grid)
+    groups = cols // gs
+    ratios = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=torch.float32) / N_GRID
+    oc_chunk = oc_chunk or max(1, (1 << 22) // (batch * cols * CLIP_STEPS))
     clipped = []
     for o0 in range(0, out, oc_chunk):
-        wg = w[o0:o0 + oc_chunk].float().reshape(-1, cols // gs, gs)
+        wg = w[:, o0:o0 + oc_chunk].float().reshape(batch, -1, groups, gs)  # [batch, rows, G, gs]
+        rows = wg.shape[1]
         max0 = wg.abs().amax(-1, keepdim=True)
-        best_err = torch.full(max0.shape[:2], float("inf"), device=w.device)
-        best_max = max0.clone()
-        for i in range(CLIP_STEPS):
-            mx = max0 * (1 - i / N_GRID)
-            cur = torch.maximum(torch.minimum(wg, mx), -mx)
-            e = (fake_quant_weight(cur.reshape(-1, cols), grid).reshape(wg.shape) - wg).transpose(0, 1)
-            err = (torch.bmm(e, cov) * e).sum(-1).t()  # [rows, groups]: e C_g eᵀ
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better[..., None], mx, best_max)
-        clipped.append(torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(-1, cols))
-    return torch.cat(clipped, 0).to(w.dtype)
+        mx = max0[None] * ratios[:, None, None, None, None]  # [steps, batch, rows, G, 1]
+        cur = torch.maximum(torch.minimum(wg[None], mx), -mx)
+        q = fake_quant_weight(cur.reshape(-1, cols), grid, scale2=scale2).reshape(cur.shape)
+        # [batch * G, steps * rows, gs] against each candidate's group covariances [batch * G, gs, gs]
+        e = (q - wg[None]).permute(1, 3, 0, 2, 4).reshape(batch * groups, CLIP_STEPS * rows, gs)
+        err = (torch.bmm(e, cov.reshape(batch * groups, gs, gs)) * e).sum(-1)  # e C_g eᵀ
+        err = err.reshape(batch, groups, CLIP_STEPS, rows)
+        best = torch.nan_to_num(err, nan=float("inf")).argmin(2).transpose(1, 2)  # [batch, rows, G]: first minimum
+        best_max = max0 * ratios[best][..., None]
+        clipped.append(torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(batch, -1, cols))
+    result = torch.cat(clipped, 1).to(w.dtype)
+    return result if batch > 1 else result[0]
 
 
 def awq_grids(model: nn.Module, path: str, layers: nn.ModuleList, groups: Sequence[ScalingGroup],
@@ -175,7 +243,7 @@ def awq_grids(model: nn.Module, path: str, layers: nn.ModuleList, groups: Sequen
                 if spec is None:
                     continue
                 per[n] = weight_grid_from_spec(spec, f"{owner}: {path}.{i}.{n}", fc.in_features,
-                                            allowed=(QSchemeType.per_group,), dtypes=(Dtype.int4, Dtype.uint4))
+                                            allowed=ALL_QSCHEMES, dtypes=ALL_WEIGHT_DTYPES)
         grids.append(per)
     return grids
 
@@ -183,8 +251,10 @@ def awq_grids(model: nn.Module, path: str, layers: nn.ModuleList, groups: Sequen
 class AwqProcessor(AlgorithmProcessor):
     """AWQ over a whole model: ``AwqProcessor(model, algo_config, data, quant_config=...).apply()``.
 
-    Only int4/uint4 per-group weights are accepted (checked for every targeted linear before any
-    weight changes). ``results`` holds the per-layer scales after ``apply``. On failure the
+    Every weight format a quantizer supports is accepted (integers per group, channel or tensor,
+    scaled fp8/fp6/fp4 including two-stage scales, OCP MX, BFP16/MX6/MX9); candidates are judged
+    with the grid's own fake quantization. Specs are checked for every targeted linear before any
+    weight changes. ``results`` holds the per-layer scales after ``apply``. On failure the
     model's weights are restored.
     """
 

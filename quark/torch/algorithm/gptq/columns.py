@@ -4,7 +4,8 @@ The loop quantizes one column at a time and spreads its rounding error over the 
 columns: ~10 small kernels per column, so on a GPU it is bound by kernel launches, not by
 arithmetic. When every column's grid parameters are known before the block starts (static groups,
 per-channel, per-tensor), the whole block is captured once per shape as a CUDA graph and replayed:
-the same kernels on the same values, so the result is bit-identical to the eager loop.
+the same kernels on the same values, so the result is bit-identical to the eager loop. Integer
+and fp8 grids are captured; the others (fp6/fp4 elements, OCP MX, BFP) run eagerly.
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ def quantize_block(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.Tensor, 
                    grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole block's quantized columns and scaled errors ``(q1, err1)``, each ``[out, B]``.
 
-    On CUDA (and with :data:`USE_CUDA_GRAPHS`) the loop is a replayed CUDA graph; ``w1`` is not
+    On CUDA (and with :data:`USE_CUDA_GRAPHS`) the loop of an integer or fp8 grid is a replayed
+    CUDA graph; other grids (fp6/fp4 element rounding, block formats) run eagerly. ``w1`` is not
     modified either way.
     """
-    if USE_CUDA_GRAPHS and w1.is_cuda:
+    if USE_CUDA_GRAPHS and w1.is_cuda and grid.graph_safe:
         entry = _block_graph(w1, hinv1, grid)
         if entry is not None:
             entry.w1.copy_(w1)

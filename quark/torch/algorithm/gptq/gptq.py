@@ -18,7 +18,7 @@ from quark.torch.algorithm.gptq.math import (
 )
 from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
-from quark.torch.algorithm.utils.quant import FP8_DTYPES, INT_DTYPES, WeightGrid, weight_grid_from_spec
+from quark.torch.algorithm.utils.quant import ALL_QSCHEMES, ALL_WEIGHT_DTYPES, WeightGrid, weight_grid_from_spec
 from quark.torch.algorithm.utils.specs import set_weight_qparams, weight_spec_for
 from quark.torch.algorithm.utils.tokens import capped_tokens, token_weights
 from quark.torch.quantization.calibration.layerwise import (
@@ -28,11 +28,10 @@ from quark.torch.quantization.calibration.layerwise import (
     float_linears,
     run_layerwise,
 )
-from quark.torch.quantization.config.type import QSchemeType
 
 logger = logging.getLogger(__name__)
 
-GPTQ_QSCHEMES = (QSchemeType.per_group, QSchemeType.per_channel, QSchemeType.per_tensor)
+GPTQ_QSCHEMES = ALL_QSCHEMES
 
 
 def _linears(layer: nn.Module, names: Sequence[str] | None, owner: str) -> dict[str, nn.Linear]:
@@ -120,7 +119,8 @@ class GptqStep:
                             static_groups=bool(getattr(self.cfg, "static_groups", True)), name=full,
                             clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0))
         module.weight.data.copy_(res.weight)
-        set_weight_qparams(module, res.scale, res.zero_point)
+        if not self.grids[index][name].is_block:  # block formats derive their exponents from the weight itself
+            set_weight_qparams(module, res.scale, res.zero_point, res.scale2)
         logger.debug("GPTQ %s: loss %.4g (damp %g)", full, res.loss, res.damp)
 
     def _collect_paired(self, layer: nn.Module, group: Sequence[str], inputs: list[tuple[tuple, dict]]) -> None:
@@ -199,10 +199,10 @@ class GptqStep:
 class GptqProcessor(AlgorithmProcessor):
     """GPTQ over a whole model: ``GptqProcessor(model, algo_config, data, quant_config=...).apply()``.
 
-    ``quant_config`` (a ``Config``) decides each linear's weight spec through the resolver; only
-    int4/uint4/int8/uint8 (per-group, per-channel or per-tensor) and fp8 (per-tensor or
-    per-channel) weights are accepted, checked for every targeted linear before any weight
-    changes. On failure the model's weights are restored.
+    ``quant_config`` (a ``Config``) decides each linear's weight spec through the resolver: integer
+    and scaled-float (fp8/fp6/fp4, one or two stages) weights per group, channel or tensor, OCP MX
+    and BFP16/MX6/MX9 blocks, checked for every targeted linear before any weight changes. On
+    failure the model's weights are restored.
     """
 
     def build_step(self) -> GptqStep:
@@ -217,7 +217,7 @@ class GptqProcessor(AlgorithmProcessor):
                 if spec is None:
                     continue
                 per_layer[name] = weight_grid_from_spec(spec, f"GPTQConfig: {full}", module.in_features,
-                                                        allowed=GPTQ_QSCHEMES, dtypes=INT_DTYPES + FP8_DTYPES)
+                                                        allowed=GPTQ_QSCHEMES, dtypes=ALL_WEIGHT_DTYPES)
             grids.append(per_layer)
         if not any(grids):
             raise ValueError("GPTQConfig: no linear of the decoder layers has a quantized weight to optimise")
@@ -227,6 +227,10 @@ class GptqProcessor(AlgorithmProcessor):
                 if desc and not static and g.qscheme.name == "per_group":
                     raise ValueError("GPTQConfig.static_groups=False with desc_act=True is not supported for "
                                      "per_group weights (needs a group index); set static_groups=True")
+                if not static and g.qscheme.name == "per_group" and g.scale_dtype is not None:
+                    raise ValueError("GPTQConfig.static_groups=False is not supported for a two-stage weight spec "
+                                     "(its scale stage's per-tensor scale needs every group's scale before the "
+                                     "first column); set static_groups=True")
         return GptqStep(self.cfg, grids, path)
 
     def apply(self, backup: ModelBackup | None = None) -> None:

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from quark.torch.algorithm.gptq.columns import column_loop, quantize_block
-from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_with, minmax_qparams
+from quark.torch.algorithm.utils.quant import (
+    WeightGrid,
+    block_element_scales,
+    fake_quant_with,
+    minmax_qparams,
+    second_stage_scales,
+)
 from quark.torch.quantization.config.type import QSchemeType
 
 logger = logging.getLogger(__name__)
@@ -26,7 +32,10 @@ _MAX_DAMP_RETRIES = 4
 class GptqResult:
     """Quantized (dequantized-float) weight, its fixed qparams and the GPTQ loss estimate.
 
-    ``scale``/``zero_point``: ``[out]`` per channel or ``[out, in // group]`` per group.
+    ``scale``/``zero_point``: ``[out]`` per channel or ``[out, in // group]`` per group (a
+    two-stage grid's first-stage scales before its scale stage, whose per-tensor scale is
+    ``scale2``). Block formats store no parameters: ``scale`` is each element's power of two
+    ``[out, in]``, for information only.
     """
 
     weight: torch.Tensor
@@ -34,6 +43,7 @@ class GptqResult:
     zero_point: torch.Tensor
     loss: float
     damp: float
+    scale2: torch.Tensor | None = None
 
 
 def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -156,17 +166,30 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
     ``clip_steps`` > 0 searches a clipping ratio per group or channel of an integer grid (see
     :func:`group_params`); per-tensor and FP8 ranges stay min-max, where the search measured worse
     (SmolLM2-135M fp8 W8A8 22.39 -> 22.53, int8 QuaRot 24.66 -> 24.83).
+
+    Block formats (OCP MX, BFP16/MX6/MX9) fix each block's element scales (its shared exponent,
+    MX6/MX9 also its pairs' micro-exponents) from the block's weights, from the original weights
+    with ``static_groups``, else from the updated ones when the block's first column is reached,
+    and round column by column on them. Either way the result is a fixed point of the format's own
+    quantization (float and BFP grids are nested across exponents), which recomputes the
+    exponents from the weight it is given. A two-stage grid quantizes its scales with the scale
+    stage before the loop (so it needs ``static_groups`` for per-group weights).
     """
     out, cols = weight.shape
     per_group = grid.qscheme == QSchemeType.per_group
     per_tensor = grid.qscheme == QSchemeType.per_tensor
-    if per_tensor or grid.is_float:
+    if per_tensor or grid.is_float or grid.is_block:
         clip_steps = 0
     gs = grid.group_size if per_group else cols
     if per_group and desc_act and not static_groups:
         raise ValueError(
             f"GPTQ {name}: desc_act=True with static_groups=False needs a per-column group index, "
             "which quantized linears do not store; set GPTQConfig.static_groups=True or desc_act=False"
+        )
+    if per_group and not static_groups and grid.scale_dtype is not None:
+        raise ValueError(
+            f"GPTQ {name}: static_groups=False with a two-stage weight spec is not supported: the scale stage's "
+            "per-tensor scale needs every group's scale before the first column; set GPTQConfig.static_groups=True"
         )
     # float64 weights are processed in float64 (used by the exactness tests), all else in float32.
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -177,9 +200,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
     n_groups = cols // gs
     hdiag = torch.diag(h)
     fixed = static_groups or not per_group
-    if fixed:
+    scale2 = None
+    column_scales = None  # block formats: every column's scale, in the (permuted) column order
+    if grid.is_block:
+        scales = block_element_scales(w, grid).to(work) if fixed else torch.zeros_like(w)
+        zeros = torch.zeros_like(w)
+        column_scales = scales
+    elif fixed:
         scales, zeros = group_params(w.reshape(out, n_groups, gs), grid, hdiag.reshape(n_groups, gs),
                                      clip_steps, per_tensor)
+        raw_scales = scales
+        scales, scale2 = second_stage_scales(scales, grid)
         scales, zeros = scales.to(work), zeros.to(work)
     else:  # filled group by group as the columns are reached
         scales = torch.zeros(out, n_groups, device=w.device, dtype=work)
@@ -189,6 +220,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
     if desc_act:
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
+        if column_scales is not None:
+            column_scales = column_scales[:, perm]
     hinv, damp = _inverse_cholesky(h, damp_percent, name)
 
     block = max(block_size // gs, 1) * gs if per_group else block_size
@@ -200,7 +233,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         hinv1 = hinv[i1:i2, i1:i2]
-        if fixed:
+        if fixed and column_scales is not None:
+            q1, err1 = quantize_block(w[:, i1:i2], hinv1, column_scales[:, i1:i2], zeros[:, i1:i2], grid)
+        elif fixed:
             cols_g = group_of[i1:i2]
             q1, err1 = quantize_block(w[:, i1:i2], hinv1, scales.index_select(1, cols_g),
                                       zeros.index_select(1, cols_g), grid)
@@ -210,9 +245,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
             s1, z1 = torch.empty_like(w1), torch.empty_like(w1)
             for i in range(0, i2 - i1, gs):
                 g = (i1 + i) // gs
-                sg, zg = group_params(w1[:, None, i:i + gs], grid, hdiag[None, i1 + i:i1 + i + gs], clip_steps)
-                scales[:, g], zeros[:, g] = sg[:, 0], zg[:, 0]
-                s1[:, i:i + gs], z1[:, i:i + gs] = sg, zg
+                if grid.is_block:  # the block's exponents from its updated weights
+                    s1[:, i:i + gs] = block_element_scales(w1[:, i:i + gs], grid).to(work)
+                    z1[:, i:i + gs] = 0.0
+                    scales[:, i1 + i:i1 + i + gs] = s1[:, i:i + gs]
+                else:
+                    sg, zg = group_params(w1[:, None, i:i + gs], grid, hdiag[None, i1 + i:i1 + i + gs], clip_steps)
+                    scales[:, g], zeros[:, g] = sg[:, 0], zg[:, 0]
+                    s1[:, i:i + gs], z1[:, i:i + gs] = sg, zg
                 column_loop(w1, hinv1, s1, z1, grid, q1, err1, i, i + gs)
         q_all[:, i1:i2] = q1
         losses += err1.pow(2).sum(1) / 2  # (c - q)² / d² / 2 per column
@@ -221,8 +261,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
         q_all = q_all[:, torch.argsort(perm)]
     if not torch.isfinite(q_all).all():
         raise RuntimeError(f"GPTQ {name}: the quantized weight contains NaN or inf")
-    if per_group:
+    if grid.is_block:
         return GptqResult(q_all.to(weight.dtype), scales, zeros, float(losses.sum()), damp)
+    if scale2 is not None:
+        scales = raw_scales.to(work)
+    if per_group:
+        return GptqResult(q_all.to(weight.dtype), scales, zeros, float(losses.sum()), damp, scale2)
     if per_tensor:
         return GptqResult(q_all.to(weight.dtype), scales[0, 0], zeros[0, 0], float(losses.sum()), damp)
-    return GptqResult(q_all.to(weight.dtype), scales[:, 0], zeros[:, 0], float(losses.sum()), damp)
+    return GptqResult(q_all.to(weight.dtype), scales[:, 0], zeros[:, 0], float(losses.sum()), damp, scale2)

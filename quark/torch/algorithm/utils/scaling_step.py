@@ -51,6 +51,22 @@ def apply_scale_results(layer: nn.Module, results: Sequence[ScaleResult], owner:
                              "(1-D weight) or an nn.Linear can absorb scales")
 
 
+#: Calls of at most this many tokens are merged for the searches on a CPU too (where calibration
+#: calls are otherwise kept as given): a search replays them for every candidate, and a small
+#: forward costs mostly the fixed cost of its ops (on a CPU shared with other processes, every
+#: multi-threaded op waits for a time slice). Tiny Llama, AWQ, 4 x 32 tokens, 2 threads: see
+#: ``bench/bench_awq_cpu.py``. Larger calls stay as given (a merged SmolLM2 GPTQ forward of 512-token
+#: calls measured slower, ``calibration.batching.MERGE_ON_CPU``).
+SMALL_CALL_TOKENS = 256
+
+
+def call_tokens(call: tuple[tuple, dict]) -> int:
+    """Batch × sequence of a call's first tensor argument (0 when it has none of two dimensions)."""
+    args, kwargs = call
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    return int(first.shape[0] * first.shape[1]) if first is not None and first.dim() >= 2 else 0
+
+
 class ScalingStep:
     """Base of the scaling algorithms: hooks the groups' ``inp`` and ``module2inspect`` modules.
 
@@ -120,6 +136,9 @@ class ScalingStep:
         if self.keeps_calls_as_recorded:
             return calls
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if device.type == "cpu" and all(call_tokens(call) <= SMALL_CALL_TOKENS for call in calls):
+            # checked_merge's policy is per device type: small calls merge on a CPU as on an accelerator
+            device = torch.device("meta")
         runs, verdict = checked_merge(calls, lambda call: self.run(module, [call])[0], self._merge_ok.get(name),
                                       device, f"{self.owner}: {name}")
         if verdict is not None:

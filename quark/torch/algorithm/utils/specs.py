@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -15,12 +16,19 @@ def weight_spec_for(full_name: str, module: nn.Module, quant_config: Any) -> Any
     return None if resolved is None else getattr(resolved, "weight", None)
 
 
-def set_weight_qparams(module: nn.Module, scale: Any, zero_point: Any) -> bool:
-    """Fix the module's weight quantizer to ``(scale, zero_point)`` when it has one; True if done."""
+def set_weight_qparams(module: nn.Module, scale: Any, zero_point: Any, scale2: Any = None) -> bool:
+    """Fix the module's weight quantizer to ``(scale, zero_point)`` when it has one; True if done.
+
+    ``scale2``: the per-tensor scale of a two-stage quantizer's scale stage, fixed with it (the
+    first stage's ``scale`` is then the one before that stage, as the quantizer stores it).
+    """
     quantizer = getattr(module, "weight_quantizer", None)
     if quantizer is None or not hasattr(quantizer, "set_qparams"):
         return False
     quantizer.set_qparams(scale, zero_point)
+    second = getattr(quantizer, "scale_quantizer", None)
+    if scale2 is not None and second is not None:
+        second.set_qparams(scale2, torch.zeros_like(scale2))
     return True
 
 
