@@ -2,7 +2,8 @@
 
 Conventions (the Quark ones, see ``reference/quark-hf-format.md``): ``q = clamp(round(x * (1 / s)) + zp,
 qmin, qmax)`` (``formats.divide_by_scale``, the quantizers' own division mode) and
-``x_hat = (q - zp) * s``; ``qmin``/``qmax`` come from the format table. Float grids (fp8, and fp6/fp4 with a scale) are ``x_hat = fp(clamp(x / s, -max, max)) * s``, the
+``x_hat = (q - zp) * s``; ``qmin``/``qmax`` come from the format table. Float grids (fp8, and fp6/fp4
+with a scale) are ``x_hat = fp(clamp(x / s, -max, max)) * s``, the
 formats' own rounding.
 
 Block formats have no stored parameters: OCP MX (a shared E8M0 exponent per block) and BFP16 /
