@@ -21,7 +21,6 @@ from quark.torch.llm import schemes
 from quark.torch.quantization import formats
 from quark.torch.quantization.config.config import (
     AutoSmoothQuantConfig,
-    AWQConfig,
     BFP16Spec,
     Config,
     FP8E4M3PerTensorSpec,
@@ -200,25 +199,12 @@ def test_min_kv_scale_must_be_finite_everywhere(bad: object) -> None:
 # item 4: accepted, then crash -> refused when the config is built (or working)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("algorithm", ["gptq", "awq"])
-def test_two_stage_weight_with_gptq_or_awq_is_refused_when_the_config_is_built(algorithm: str) -> None:
-    # formerly: Config accepted, then AttributeError ('list' object has no attribute 'dtype') in build_step
+def test_two_stage_weight_with_gptq_or_awq_builds(algorithm: str) -> None:
+    # formerly: Config accepted, then AttributeError ('list' object has no attribute 'dtype') in build_step;
+    # GPTQ and AWQ now quantize two-stage weights (tests/algorithm/test_weight_formats.py)
     request = schemes.SchemeRequest("w_fp4_scale_fp8", algorithms=[algorithm])
-    with pytest.raises(ValueError, match=r"Config\.global_quant_config\.weight is a two-stage spec "
-                                         r"\(fp4 with fp8_e4m3 scales\), which (GPTQ|AWQ)Config cannot quantize"):
-        schemes.build_config(schemes.template_for("llama"), request)
-
-
-def test_two_stage_weight_refused_by_set_algo_config_which_leaves_the_config_as_it_was() -> None:
-    config = Config(global_quant_config=schemes.RECIPE_SCHEMES["w_fp4_scale_fp8"]("w_fp4_scale_fp8", None))
-    with pytest.raises(ValueError, match=r"Config\.global_quant_config\.weight is a two-stage spec"):
-        config.set_algo_config(GPTQConfig())
-    assert config.algo_config is None
-    two_stage = config.global_quant_config
-    with pytest.raises(ValueError, match=r"Config\.layer_quant_config\['\*down_proj'\]\.weight is a two-stage"):
-        Config(global_quant_config=QuantizationConfig(weight=Int8PerTensorSpec().to_quantization_spec()),
-               layer_quant_config={"*down_proj": two_stage}, algo_config=AWQConfig())
-    # pre-quantization optimizations keep working with two-stage weights
-    Config(global_quant_config=two_stage, pre_quant_opt_config=[SmoothQuantConfig()])
+    config = schemes.build_config(schemes.template_for("llama"), request)
+    assert isinstance(config.global_quant_config.weight, list)
 
 
 @pytest.mark.parametrize("spec", [

@@ -67,13 +67,7 @@ class PreQuantOptConfig(AlgoConfigBase):
 
 
 class AlgoConfig(AlgoConfigBase):
-    """Quantization algorithm: changes weights and their quantization parameters (AWQ, GPTQ).
-
-    ``accepts_two_stage_weights`` says whether the algorithm can quantize a weight given as a
-    two-stage spec (e.g. fp4 per group with fp8 scales); ``Config`` refuses the pair otherwise.
-    """
-
-    accepts_two_stage_weights: ClassVar[bool] = False
+    """Quantization algorithm: changes weights and their quantization parameters (AWQ, GPTQ)."""
 
 
 # ----------------------------------------------------------------------------- field checks

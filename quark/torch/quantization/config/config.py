@@ -271,7 +271,6 @@ class Config:
         if not isinstance(self.exclude, list) or not all(isinstance(p, str) for p in self.exclude):
             raise ValueError(f"{owner}.exclude={self.exclude!r} must be a list of fnmatch pattern strings")
         self.algo_config = self._normalise_algo(self.algo_config)
-        self._check_algo_weight_specs()
         self.pre_quant_opt_config = self._normalise_pre_quant(self.pre_quant_opt_config)
         self.quant_mode = QuantizationMode.from_any(owner, "quant_mode", self.quant_mode)  # type: ignore[assignment]
         if self.log_severity_level is not None and (
@@ -323,20 +322,6 @@ class Config:
         out += [(f"layer_quant_config[{k!r}]", v) for k, v in self.layer_quant_config.items()]
         return out
 
-    def _check_algo_weight_specs(self) -> None:
-        """Refuse, before any work, an algorithm paired with weight specs it cannot quantize."""
-        for algo in self.algo_config or []:
-            if not isinstance(algo, AlgoConfig) or algo.accepts_two_stage_weights:
-                continue
-            for path, layer_config in self._layer_configs():
-                weight = layer_config.weight
-                if isinstance(weight, list):
-                    algo_name = type(algo).__name__
-                    raise ValueError(
-                        f"Config.{path}.weight is a two-stage spec ({weight[0].dtype.name} with "
-                        f"{weight[1].dtype.name} scales), which {algo_name} cannot quantize; allowed with "
-                        f"{algo_name}: a single QuantizationSpec weight (or leave {algo_name} out)")
-
     @staticmethod
     def _normalise_pre_quant(value: object) -> list[PreQuantOptConfig]:
         if value is None:
@@ -351,13 +336,7 @@ class Config:
     # ------------------------------------------------------------------ mutators (documented API)
     def set_algo_config(self, algo_config: AlgoConfigBase | list[AlgoConfigBase] | None) -> None:
         """Replace the algorithm configuration (validated, stored as a list or ``None``)."""
-        normalised = self._normalise_algo(algo_config)
-        previous, self.algo_config = self.algo_config, normalised
-        try:
-            self._check_algo_weight_specs()
-        except ValueError:
-            self.algo_config = previous
-            raise
+        self.algo_config = self._normalise_algo(algo_config)
 
     def add_pre_optimization_config(self, pre_quant_opt_config: PreQuantOptConfig) -> None:
         """Append a pre-quantization optimization (SmoothQuant, rotation, ...)."""
