@@ -106,7 +106,7 @@ def test_missing_export_package_is_named_before_any_work(fmt: str, tmp_path: Pat
     monkeypatch.setattr("quark.torch.llm.pipeline.load_model", no_model)
     assert main([*small(tiny_llama_dir, calib_text), "--output_dir", str(tmp_path / "out"),
                  "--model_export", fmt]) == 2
-    one_error_line(capsys, f"'{fmt}' package", f"pip install {fmt}")
+    one_error_line(capsys, f"needs the Python package(s) {fmt}", f"pip install {fmt}")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -9,7 +9,7 @@ format that cannot hold the scheme fails before calibration, not after the first
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,11 @@ _PACKAGES: dict[str, list[tuple[str, str]]] = {
 
 
 def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _check_packages(output: str, flag: str) -> None:
