@@ -34,7 +34,6 @@ from quark.torch.quantization.config.algo import (
     load_pre_optimization_config_from_file,
     load_quant_algo_config_from_file,
 )
-from quark.torch.quantization.config.resolve import UNFIT_LAYER_MODES
 from quark.torch.quantization.config.spec import (
     SPEC_KEYS,
     QuantizationSpec,
@@ -80,7 +79,13 @@ from quark.torch.quantization.config.spec_helpers import (
     Uint8PerGroupSpec,
     Uint8PerTensorSpec,
 )
-from quark.torch.quantization.config.type import DeviceType, QSchemeType, QuantizationMode, ZeroPointType
+from quark.torch.quantization.config.type import (
+    UNFIT_LAYER_MODES,
+    DeviceType,
+    QSchemeType,
+    QuantizationMode,
+    ZeroPointType,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from quark.torch.quantization.config.spec import QuantizationSpec
-from quark.torch.quantization.config.type import QSchemeType
+from quark.torch.quantization.config.type import UNFIT_LAYER_MODES, QSchemeType
 from quark.torch.quantization.formats.table import format_info
 
 if TYPE_CHECKING:
     from quark.torch.quantization.config.config import Config, QuantizationConfig
 
 TENSOR_FIELDS = ("input_tensors", "output_tensors", "weight", "bias")
-UNFIT_LAYER_MODES = ("error", "keep", "fallback")
 COMMON_GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 # smaller groups cost more scale storage than they save; below this a layer falls back to per-channel or float
 MIN_FALLBACK_GROUP = 8

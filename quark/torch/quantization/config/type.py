@@ -103,3 +103,7 @@ class ZeroPointType(_NamedEnum):
 
     int32 = "int32"
     float32 = "float32"
+
+
+#: What ``Config.unfit_layers`` does with a layer whose shape its group or block size does not divide.
+UNFIT_LAYER_MODES = ("error", "keep", "fallback")
