@@ -24,8 +24,9 @@ Conversion (per block of ``block_size`` along ``axis``):
 
 These are the arithmetic of amd-quark 0.13 (``fake_quantize_mx6_mx9`` / ``fake_quantize_bfp16``),
 so finite inputs give bit-identical values. Deliberate differences: non-finite values poison their
-block (Quark zeroes them and saturates), and inputs below ``2^-127`` keep the clamped exponent
-(Quark flushes float32 subnormals in MX6/MX9).
+block (Quark zeroes them and saturates), inputs below ``2^-127`` keep the clamped exponent (Quark
+flushes float32 subnormals in MX6/MX9), and a BFP16 block at the top exponent (``|x| >= 2^127``)
+saturates at mantissa -127, where -128 would decode to -Inf.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ def _quantize_core(x: torch.Tensor, info: FormatInfo, axis: int, block: int
             q_exp = element_exp(e)
             m = torch.round(xz / exp2_int(q_exp))
     m = m.clamp(mmin, mmax) + 0.0  # int8 mantissas have no -0
+    if sub is None:
+        # At the top exponent -128 * 2^121 is -2^128, past float32: such a block saturates at -127.
+        top = broadcast_param(e == _BIAS, xf.shape, _PG, axis, block)
+        m = torch.where(top, m.clamp(min=-mmax), m)
     code = torch.where(finite, e + _BIAS, torch.full_like(e, _NAN_CODE))
     scale = exp2_int(q_exp)
     scale = torch.where(broadcast_param(finite, xf.shape, _PG, axis, block), scale,
