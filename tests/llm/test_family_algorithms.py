@@ -34,7 +34,6 @@ def _config(family: str, scheme: str, algorithm: str, group: int | None) -> Conf
                                 schemes.SchemeRequest(scheme, group_size=group, algorithms=[algorithm]))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SKIP])
 def test_scaling_algorithms_and_transformers_reload(family, tmp_path):
     smoothed = _model(family)
