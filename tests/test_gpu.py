@@ -9,6 +9,7 @@ import torch
 
 from quark.torch import LLMTemplate, ModelQuantizer
 from tests.helpers.tiny_models import tiny_model, token_batches
+from tests.quantization.calibration.test_placement import CASES
 
 pytestmark = pytest.mark.gpu
 
@@ -75,15 +76,7 @@ def test_calibration_merges_batches_on_cuda_with_the_per_batch_scales(monkeypatc
         torch.testing.assert_close(scales[1][name], scale, rtol=1e-5, atol=0, msg=name)
 
 
-PLACEMENT_CASES = {
-    "fp8_kv": dict(scheme="fp8", kv_cache_scheme="fp8"),
-    "fp8_attention": dict(scheme="fp8", kv_cache_scheme="fp8", attention_scheme="fp8"),
-    "int8_smoothquant": dict(scheme="int8", algorithm="smoothquant"),
-    "int4_awq": dict(scheme="int4_wo_32", algorithm="awq"),
-    "int4_gptq": dict(scheme="int4_wo_32", algorithm="gptq"),
-    "int8_rotation": dict(scheme="int8", algorithm="rotation"),
-    "fp8_lm_head": dict(scheme="fp8", exclude_layers=[]),
-}
+PLACEMENT_CASES = {**CASES, "fp8_lm_head": dict(scheme="fp8", exclude_layers=[])}
 
 
 @pytest.mark.parametrize("case", list(PLACEMENT_CASES))

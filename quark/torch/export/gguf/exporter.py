@@ -64,17 +64,6 @@ def _block_type(module: QuantLinear) -> str | None:
     if wq is None or wq.scale_quantizer is not None:
         return None
     return spec_block_type(wq.spec)
-    spec = wq.spec
-    if spec.qscheme != QSchemeType.per_group or spec.group_size != 32 or spec.ch_axis not in (1, -1) \
-            or wq.scale_quantizer is not None:
-        return None
-    if spec.dtype == Dtype.int4 and spec.symmetric is not False:
-        return "Q4_0"
-    if spec.dtype == Dtype.uint4 and spec.symmetric is False:
-        return "Q4_1"
-    if spec.dtype == Dtype.int8 and spec.symmetric is not False:
-        return "Q8_0"
-    return None
 
 
 def _codes(module: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
