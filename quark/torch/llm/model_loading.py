@@ -7,7 +7,9 @@
   token is set to the eos token, padding is on the left, and whether a BOS token starts each
   sequence is decided once (:class:`TokenizerInfo`) and applied explicitly by :func:`encode`;
 * :func:`load_model` loads with ``AutoModelForCausalLM`` (``dtype="auto"`` by default) onto one
-  device, or across the visible GPUs with an accelerate ``device_map`` (``multi_gpu``).
+  device, or across the visible GPUs with an accelerate ``device_map`` (``multi_gpu``);
+* :func:`load_model_on_disk` builds the model on the meta device and attaches its checkpoint's
+  shards as the weight source (the disk placement: each unit is read when a stage needs it).
 
 ``EMBEDDED_MODEL_DIR`` is the stories260K Llama shipped inside the package (the default model).
 """
@@ -25,6 +27,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from quark.torch.export.safetensors_io import CheckpointError, check_checkpoint
+from quark.torch.quantization.calibration.weight_source import DiskWeights
+from quark.torch.quantization.moe_experts import unfuse_experts
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +225,72 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", multi_gpu: bool = 
     return model
 
 
+def _checkpoint_dtype(model_dir: Path, config: Any) -> torch.dtype:
+    """``dtype="auto"``: the config's ``dtype``/``torch_dtype``, else the first floating tensor's in the shards."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, torch.dtype):
+        return stored
+    if isinstance(stored, str) and isinstance(DTYPES.get(stored), torch.dtype):
+        return DTYPES[stored]
+    from safetensors import safe_open
+
+    for path in check_checkpoint(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                dtype = f.get_slice(key).get_dtype()
+                if dtype in ("F32", "F16", "BF16"):
+                    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    return torch.float32
+
+
+def load_model_on_disk(model_dir: str | Path, offload_folder: str | Path, *, dtype: str = "auto",
+                       trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``model_dir`` built on the meta device, its weights read from the safetensors shards
+    one unit at a time when a stage needs them (changed units go to ``offload_folder``).
+
+    Refused before any weight is read (``ValueError`` naming the reason and ``--offload cpu``): a folder
+    without safetensors shards, a model class that cannot be built on the meta device, a checkpoint
+    whose tensor names do not match the model's.
+    """
+    from accelerate import init_empty_weights
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--model_dtype={dtype!r} is not one of: {', '.join(DTYPES)}")
+    folder = Path(model_dir)
+    try:
+        files = check_checkpoint(folder)
+    except CheckpointError as exc:
+        raise ValueError(f"--offload disk reads the layers from the model's safetensors shards: {exc}; use "
+                         "--offload cpu, or convert the checkpoint to safetensors") from None
+    config = load_config(folder, trust_remote_code)
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(folder, config)
+    cls = model_class(config.model_type)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a model's own code may raise anything while it is built
+        raise ValueError(f"--offload disk: {config.model_type} ({cls.__name__}) cannot be built on the meta "
+                         f"device ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); use --offload cpu"
+                         ) from None
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # init_empty_weights re-creates each Parameter, which unties shared ones
+    not_meta = [n for n, p in model.named_parameters() if p.device.type != "meta"]
+    if not_meta:
+        raise ValueError(f"--offload disk: {type(model).__name__} creates parameters outside the meta device "
+                         f"(e.g. {not_meta[:3]}); use --offload cpu")
+    unfuse_experts(model)  # the checkpoints hold per-expert Linears (transformers fuses them when loading)
+    DiskWeights(files, offload_folder).attach(model)
+    generation = folder / "generation_config.json"
+    if generation.is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model
+
+
 __all__ = [
     "BOS_MODES",
     "DTYPES",
@@ -232,6 +302,7 @@ __all__ = [
     "encode",
     "load_config",
     "load_model",
+    "load_model_on_disk",
     "load_tokenizer",
     "model_class",
     "resolve_device",

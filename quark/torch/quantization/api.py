@@ -20,6 +20,7 @@ from quark.torch.quantization.calibration.batches import materialize, model_devi
 from quark.torch.quantization.calibration.layer_forward import forward_layerwise
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.calibration.placement import modules_outside, normalize_device, on_device, onloaded
+from quark.torch.quantization.calibration.weight_source import disk_weights
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.model_transformation import (
     all_quantizers,
@@ -137,12 +138,14 @@ class ModelQuantizer:
             if pre:
                 algorithm_runner("pre_quant")(model, pre, self.config, batches, device)
                 plan, excluded = plan_quantization(model, self.config)
-            records = swap_linears(model, plan)
+            records = _swap_linears(model, plan, device, records)
             attention_patch = attach_attention_quantizers(model, self.config)
             if advanced:
                 algorithm_runner("advanced")(model, advanced, self.config, batches, device)
-                for _, module in quant_linears(model):
-                    module.recalibrate_weight()
+                for unit in _units_loaded(model, device, weights_change=False):
+                    for module in unit.modules():
+                        if isinstance(module, QuantLinear):
+                            module.recalibrate_weight()
             quantizers = all_quantizers(model)
             if any(q.observing or (q.scale_quantizer is not None and q.scale_quantizer.observing)
                    for q in quantizers):
@@ -198,15 +201,16 @@ class ModelQuantizer:
                              "ModelQuantizer.quantize_model first")
         device = device if device is not None else getattr(model, "quark_compute_device", None)
         device = normalize_device(device) if device is not None else None
+        if device is None and disk_weights(model) is not None:
+            device = torch.device("cpu")
         if device is None or on_device(model, device):
             for _, module in layers:
                 module.freeze(pack_method)
         else:
-            for unit in _placement_units(model):
-                with onloaded(unit, device):
-                    for module in unit.modules():
-                        if isinstance(module, QuantLinear):
-                            module.freeze(pack_method)
+            for unit in _units_loaded(model, device, weights_change=True):
+                for module in unit.modules():
+                    if isinstance(module, QuantLinear):
+                        module.freeze(pack_method)
         for quantizer in all_quantizers(model):
             quantizer.finalize()
         return model
@@ -239,6 +243,39 @@ def _placement_units(model: nn.Module) -> list[nn.Module]:
         return [m for _, m in quant_linears(model)]
     inside = {id(m) for m in layers.modules()}
     return [*layers, *(m for _, m in quant_linears(model) if id(m) not in inside)]
+
+
+def _units_loaded(model: nn.Module, device: torch.device, weights_change: bool) -> Iterator[nn.Module]:
+    """The model once when it is wholly on ``device``; else each placement unit in turn, loaded there
+    (``placement.onloaded``) while the caller works on it."""
+    if on_device(model, device):
+        yield model
+        return
+    for unit in _placement_units(model):
+        with onloaded(unit, device, weights_change=weights_change):
+            yield unit
+
+
+def _swap_linears(model: nn.Module, plan: list[Any], device: torch.device, records: list[Any]) -> list[Any]:
+    """``swap_linears``; for a model on disk one placement unit at a time, loaded on ``device`` (the weight
+    quantizers calibrate from the weights). ``records`` collects the swaps done, for undoing on error."""
+    if disk_weights(model) is None:
+        records.extend(swap_linears(model, plan))
+        return records
+    try:
+        path, layers = find_decoder_layers(model)
+        layer_names = {f"{path}.{i}" for i in range(len(layers))}
+    except ValueError:
+        layer_names = set()
+    groups: dict[str, list[Any]] = {}
+    for item in plan:
+        parts = item.name.split(".")
+        unit = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in layer_names), item.name)
+        groups.setdefault(unit, []).append(item)
+    for unit, items in groups.items():
+        with onloaded(model.get_submodule(unit), device, weights_change=False):
+            records.extend(swap_linears(model, items))
+    return records
 
 
 def _calibrate_layerwise(model: nn.Module, batches: list[Any], device: torch.device, quantizers: list[Any]) -> None:

@@ -56,7 +56,8 @@ from quark.torch.algorithm.rotation.structure import (
     norm_keeps_bias,
 )
 from quark.torch.algorithm.utils.scaling import find_head_dim
-from quark.torch.quantization.calibration.placement import tensors_moved
+from quark.torch.quantization.calibration.layerwise import find_decoder_layers
+from quark.torch.quantization.calibration.placement import onloaded, probing, tensors_moved
 from quark.torch.quantization.nn.modules.quantize_attention import QK_ROTATION
 
 logger = logging.getLogger(__name__)
@@ -347,13 +348,8 @@ def _apply(model: nn.Module, plan: _Plan, undo: list[Callable[[], None]],
         _fold_norm(st.final_norm, [st.head], q, work)
         work.flush()
     for i, layer in enumerate(st.layers):
-        home = next(layer.parameters()).device
-        if device is not None:
-            layer.to(device)
-        try:
+        with onloaded(layer, device) if device is not None else contextlib.nullcontext():
             _apply_layer(layer, i, plan, center, work, undo)
-        finally:
-            layer.to(home)
 
 
 def _apply_layer(layer: nn.Module, i: int, plan: _Plan, center: bool, work: _Work,
@@ -417,7 +413,8 @@ def rotate_model(model: nn.Module, cfg: Any, quarot: bool, device: torch.device 
     (``apply_pre_quant_optimization``) to restore from its backup.
     """
     with eval_mode(model):
-        plan = _plan(model, cfg, quarot)
+        with probing(model, find_decoder_layers(model, _decoder_path(model, cfg))[1]):
+            plan = _plan(model, cfg, quarot)
         undo: list[Callable[[], None]] = []
         try:
             _apply(model, plan, undo, device)

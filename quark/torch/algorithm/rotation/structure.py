@@ -36,6 +36,7 @@ from quark.torch.quantization.calibration.layerwise import (
     layer_output_tensor,
     move_to,
 )
+from quark.torch.quantization.calibration.placement import loaded_on_use
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,9 @@ class _Probe:
 @torch.no_grad()
 def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     device = model.get_input_embeddings().weight.device
-    with eval_mode(model):
+    if device.type == "meta":  # a model on disk: each part read when it runs
+        device = torch.device("cpu")
+    with eval_mode(model), loaded_on_use(model, device):
         out = model(ids.to(device), use_cache=False)
     return out.logits if hasattr(out, "logits") else out[0]
 

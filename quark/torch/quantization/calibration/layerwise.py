@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
 from quark.torch.quantization.calibration.batching import call_batch, checked_merge, split_like
-from quark.torch.quantization.calibration.placement import modules_outside, tensors_moved
+from quark.torch.quantization.calibration.placement import modules_outside, onloaded, tensors_moved
+from quark.torch.quantization.calibration.weight_source import has_meta_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -336,10 +337,26 @@ class ModelBackup:
             return
         self._flush()
         for module, files in reversed(self._saved):
-            for path in files:
-                module.load_state_dict(load_file(str(path)), strict=False)
+            self._load(module, files)
         logger.warning("restored the weights of %d module(s) after a failed run", len(self._saved))
         self.close()
+
+    @staticmethod
+    def _load(module: nn.Module, files: list[Path]) -> None:
+        # A module of a model on disk is read, overwritten and written back to the offload folder.
+        with onloaded(module, "cpu", weights_change=True) if has_meta_parameters(module) else contextlib.nullcontext():
+            for path in files:
+                module.load_state_dict(load_file(str(path)), strict=False)
+
+    @torch.no_grad()
+    def restore_module(self, module: nn.Module) -> bool:
+        """Load the saved state of ``module`` back (keeping the copy); False when none was saved."""
+        for saved, files in self._saved:
+            if saved is module:
+                self._flush()
+                self._load(module, files)
+                return True
+        return False
 
     def close(self) -> None:
         """Forget the copies and delete their folder (after a successful run, or after ``restore``)."""
@@ -385,7 +402,7 @@ def run_layerwise(
     path, layers = find_decoder_layers(model, decoder_path)
     # The embeddings and whatever else runs before layer 0 compute on ``device`` too, so the captured
     # inputs do not depend on where the model sits.
-    with tensors_moved(modules_outside(model, layers), device):
+    with tensors_moved(modules_outside(model, layers), device, weights_change=False):
         cache = capture_decoder_inputs(model, batches, layers, offload)
     own_backup = backup is None
     backup = backup if backup is not None else ModelBackup()
@@ -405,9 +422,7 @@ def run_layerwise(
             layer = layers[i]
             name = f"{path}.{i}"
             start = time.perf_counter()
-            home = model_device(layer)
-            layer.to(device)
-            try:
+            with onloaded(layer, device, weights_change=True):
                 kwargs_list = cache.kwargs_for(layer)
                 inputs = _layer_inputs(cache.args, kwargs_list, hidden, device)
                 reference, float_inputs = None, []
@@ -446,8 +461,6 @@ def run_layerwise(
                     for step in float_steps:
                         step.set_float_reference(None, [])
                 del inputs, runs, float_inputs, reference
-            finally:
-                layer.to(home)
             logger.debug("%s: layer %s done in %.2fs", desc, name, time.perf_counter() - start)
             if torch.cuda.is_available() and torch.device(device).type == "cuda":
                 bar.set_postfix(peak_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")

@@ -1,19 +1,26 @@
 """Where a model's tensors are, and moving parts of it to a compute device and back (layer 6).
 
-A model may sit on the compute device, in CPU memory, or spread over devices; the layer-by-layer
-paths move one decoder layer at a time to the compute device, and the modules outside the decoder
-layers (embeddings, final norm, ``lm_head``) only for the passes that need them.
+A model may sit on the compute device, in CPU memory, spread over devices, or on disk (built on the
+meta device with :class:`~quark.torch.quantization.calibration.weight_source.DiskWeights`); the
+layer-by-layer paths move one decoder layer at a time to the compute device, and the modules outside
+the decoder layers (embeddings, final norm, ``lm_head``) only for the passes that need them. For a
+model on disk, "moving" reads the parameters from the checkpoint or the offload folder, and moving
+back writes changed ones to the offload folder and leaves the meta device in their place.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["modules_outside", "normalize_device", "on_device", "onloaded", "tensors_moved"]
+from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
+
+__all__ = ["loaded_on_use", "modules_outside", "normalize_device", "on_device", "onloaded", "probing",
+           "tensors_moved"]
 
 
 def normalize_device(device: torch.device | str) -> torch.device:
@@ -36,13 +43,30 @@ def modules_outside(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
     return [m for m in model.modules() if id(m) not in inside]
 
 
+def _disk_source(modules: Sequence[nn.Module]) -> Any:
+    """The DiskWeights behind ``modules`` when one of them has parameters on the meta device."""
+    for module in modules:
+        if has_meta_parameters(module):
+            found = source_of(module)
+            if found is not None:
+                return found[0]
+    return None
+
+
 @contextlib.contextmanager
-def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str) -> Iterator[None]:
+def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
+                  weights_change: bool = True) -> Iterator[None]:
     """Move the direct parameters and buffers of ``modules`` to ``device``; put each back where it was.
 
     Parameters are moved through ``.data`` so that tied weights (one Parameter in two modules) move
-    once and stay tied.
+    once and stay tied. With ``weights_change=False`` (the block only reads them) a model on disk
+    does not write them back.
     """
+    source = _disk_source(modules)
+    if source is not None:
+        with source.loaded(modules, normalize_device(device), recurse=False, weights_change=weights_change):
+            yield
+        return
     params: dict[int, tuple[nn.Parameter, torch.device]] = {}
     buffers: list[tuple[nn.Module, str, torch.device]] = []
     try:
@@ -71,8 +95,14 @@ def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: b
 
     With ``weights_change=False`` (a pass that only reads the parameters, such as calibration) the
     parameters get their original tensors back instead of a copy from ``device``: no transfer back.
-    Buffers (observer statistics, scales) always travel back, changed or new.
+    Buffers (observer statistics, scales) always travel back, changed or new. A module of a model on
+    disk is read from its weight source and written back to the offload folder (``weights_change``).
     """
+    source = _disk_source([module])
+    if source is not None:
+        with source.loaded([module], normalize_device(device), recurse=True, weights_change=weights_change):
+            yield
+        return
     home = next((p.device for p in module.parameters()), torch.device("cpu"))
     if home == torch.device(device):
         yield
@@ -88,3 +118,56 @@ def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: b
             for p, data in originals.values():
                 p.data = data
             module.to(home)  # the buffers; parameters are home already
+
+
+@contextlib.contextmanager
+def loaded_on_use(model: nn.Module, device: torch.device | str, layers: nn.ModuleList | None = None
+                  ) -> Iterator[None]:
+    """A model on disk runs whole-model forwards: each decoder layer (``layers``, else found) and each
+    module outside them is read onto ``device`` when its forward starts and dropped when it ends. A
+    model not on disk is left as it is."""
+    if _disk_source([model]) is None:
+        yield
+        return
+    from quark.torch.quantization.calibration.layerwise import find_decoder_layers
+
+    if layers is None:
+        _, layers = find_decoder_layers(model)
+    units = [*layers, *(m for m in modules_outside(model, layers) if any(True for _ in m.parameters(recurse=False)))]
+    stacks: dict[int, contextlib.ExitStack] = {}
+
+    def enter(module: nn.Module, args: Any) -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(onloaded(module, device, weights_change=False))
+        stacks[id(module)] = stack
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        stack = stacks.pop(id(module), None)
+        if stack is not None:
+            stack.close()
+
+    handles = []
+    try:
+        for unit in units:
+            handles.append(unit.register_forward_pre_hook(enter))
+            handles.append(unit.register_forward_hook(leave, always_call=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in stacks.values():
+            stack.close()
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
+    """For probes that inspect a whole model (structure discovery): a model on disk gets its first decoder
+    layer and the modules outside the layers read into CPU memory for the block, and every other layer
+    when it runs. Other models are left as they are."""
+    if _disk_source([model]) is None:
+        yield
+        return
+    with onloaded(layers[0], "cpu", weights_change=False), \
+            tensors_moved(modules_outside(model, layers), "cpu", weights_change=False), \
+            loaded_on_use(model, "cpu", layers):
+        yield

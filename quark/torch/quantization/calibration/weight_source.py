@@ -1,0 +1,272 @@
+"""Weights of a model built on the meta device, read when a stage needs them (layer 6).
+
+The disk placement builds the model on the meta device (no memory for weights) and attaches a
+:class:`DiskWeights`: each parameter is read from the checkpoint's safetensors shards when the unit
+holding it (a decoder layer, an embedding, ``lm_head``) is moved to the compute device
+(``placement.onloaded`` / ``tensors_moved``), and goes back to the meta device afterwards. A unit a
+stage changed (algorithms change weights, ``freeze`` packs them) is written to the offload folder,
+one safetensors file per write, and later reads prefer that copy. Host memory therefore holds about
+one unit's weights, plus the buffers (quantizer scales, rotations), which stay in CPU memory.
+
+Parameters are swapped in and out with ``torch.utils.swap_tensors``, so a Parameter keeps its
+identity: weights tied between modules (embeddings and ``lm_head``) stay tied, and a ``QuantLinear``
+sharing its Parameters with the ``nn.Linear`` it replaced sees the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DiskWeights", "disk_weights", "has_meta_parameters", "source_of"]
+
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, DiskWeights] = weakref.WeakKeyDictionary()
+
+
+def has_meta_parameters(module: nn.Module) -> bool:
+    """Whether some parameter of ``module`` is on the meta device (not loaded)."""
+    return any(p.device.type == "meta" for p in module.parameters())
+
+
+def disk_weights(model: nn.Module) -> DiskWeights | None:
+    """The :class:`DiskWeights` attached to the root ``model``, if any."""
+    return _SOURCES.get(model)
+
+
+def source_of(module: nn.Module) -> tuple[DiskWeights, str] | None:
+    """``(weights, qualified name of module)`` when ``module`` belongs to a model with :class:`DiskWeights`."""
+    for root, source in list(_SOURCES.items()):
+        name = source.name_of(module, root)
+        if name is not None:
+            return source, name
+    return None
+
+
+class DiskWeights:
+    """Where the parameters of a meta-device model come from: the offload folder, else the checkpoint.
+
+    :param files: the checkpoint's safetensors files (checked by the caller).
+    :param offload_folder: where changed units are written (created if missing; the caller owns it).
+    """
+
+    def __init__(self, files: Sequence[str | Path], offload_folder: str | Path) -> None:
+        self.checkpoint: dict[str, Path] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    self.checkpoint.setdefault(key, Path(path))
+        self.folder = Path(offload_folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.offloaded: dict[str, tuple[Path, str]] = {}  # name -> (file, key in that file)
+        self.aliases: dict[str, list[str]] = {}
+        self._tied: set[int] = set()
+        self._names: dict[int, str] = {}
+        self._root: weakref.ref[nn.Module] | None = None
+        self._counter = itertools.count()
+        self._pins = 0
+        self._stale: set[Path] = set()
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # -- attaching -------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Attach to the root ``model``; ``ValueError`` naming the parameters the checkpoint lacks."""
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        missing = []
+        for names in groups.values():
+            for name in names:
+                self.aliases[name] = [n for n in names if n != name]
+            if len(names) > 1:
+                self._tied.update(id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in names)
+            if not any(self._checkpoint_key(n) is not None for n in names):
+                missing.append(names[0])
+        if missing:
+            raise ValueError(f"the checkpoint has no tensor for {len(missing)} parameter(s) of "
+                             f"{type(model).__name__} (e.g. {missing[:4]}): its keys do not follow the model's "
+                             "names, so the disk placement cannot read the layers from it; use --offload cpu "
+                             "(transformers loads and converts the checkpoint)")
+        self._root = weakref.ref(model)
+        _SOURCES[model] = self
+
+    def name_of(self, module: nn.Module, root: nn.Module) -> str | None:
+        name = self._names.get(id(module))
+        if name is not None and _get(root, name) is module:
+            return name
+        self._names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+        return self._names.get(id(module))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _checkpoint_key(self, name: str) -> str | None:
+        for key in (name, *self.aliases.get(name, ())):
+            if key in self.checkpoint:
+                return key
+        return None
+
+    def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The current value of parameter ``name``: its offloaded copy, else the checkpoint's tensor."""
+        if name in self.offloaded:
+            path, key = self.offloaded[name]
+        else:
+            found = self._checkpoint_key(name)
+            if found is None:
+                raise KeyError(f"{name}: neither offloaded nor in the checkpoint")
+            key, path = found, self.checkpoint[found]
+        target = torch.device(device)
+        load_on = str(target) if target.type == "cuda" else "cpu"
+        with safe_open(str(path), framework="pt", device=load_on) as f:
+            tensor = f.get_tensor(key)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write(self, tensors: dict[str, torch.Tensor], aliases: dict[str, list[str]] | None = None) -> None:
+        """Write ``tensors`` (qualified names) as one new offload file; later reads of these names (and of
+        their ``aliases``, other names of a tied tensor) prefer it."""
+        if not tensors:
+            return
+        path = self.folder / f"{next(self._counter):06d}.safetensors"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+        self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
+        names = {k: [k, *(aliases or {}).get(k, [])] for k in tensors}
+        self._stale |= {self.offloaded[n][0] for group in names.values() for n in group if n in self.offloaded}
+        for key, group in names.items():
+            for name in group:
+                self.offloaded[name] = (path, key)
+        self._collect()
+
+    def _collect(self) -> None:
+        if self._pins:
+            return
+        live = {path for path, _ in self.offloaded.values()}
+        for path in self._stale - live:
+            path.unlink(missing_ok=True)
+        self._stale &= live
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Within the block no offload file is deleted, so :meth:`snapshot` states can be restored."""
+        self._pins += 1
+        try:
+            yield
+        finally:
+            self._pins -= 1
+            self._collect()
+
+    def snapshot(self) -> dict[str, tuple[Path, str]]:
+        return dict(self.offloaded)
+
+    def restore(self, state: dict[str, tuple[Path, str]]) -> None:
+        self._stale |= {path for path, _ in self.offloaded.values()}
+        self.offloaded = dict(state)
+        self._collect()
+
+    # -- loading modules -------------------------------------------------------------------------
+    def _all_names(self, param: nn.Parameter) -> list[str]:
+        root = self._root() if self._root is not None else None
+        if root is None:
+            return []
+        return [n for n, p in root.named_parameters(remove_duplicate=False) if p is param]
+
+    @contextlib.contextmanager
+    def loaded(self, modules: Sequence[nn.Module], device: torch.device | str, *, recurse: bool,
+               weights_change: bool) -> Iterator[None]:
+        """Parameters of ``modules`` (their own, or with ``recurse`` all of them) read onto ``device``,
+        buffers moved there; afterwards the parameters go back to the meta device (written to the
+        offload folder first with ``weights_change``, or when they were not read here) and the
+        buffers back where they were (new buffers to the CPU).
+
+        Modules are identified by their names in the model: a module the block replaced (a Linear
+        swapped for a QuantLinear) is put back through its replacement.
+        """
+        device = torch.device(device)
+        root = self._root() if self._root is not None else None
+        if root is None:
+            raise RuntimeError("the model these weights belong to no longer exists")
+        prefixes = []
+        for module in modules:
+            prefix = self.name_of(module, root)
+            if prefix is None:
+                raise RuntimeError(f"{type(module).__name__} is not part of the model these weights belong to")
+            prefixes.append(prefix)
+        loaded: set[int] = set()
+        moved: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        homes: dict[tuple[int, str], torch.device] = {}
+        seen: set[int] = set()
+        try:
+            for module, prefix in zip(modules, prefixes):
+                for name, p in module.named_parameters(prefix=prefix, recurse=recurse):
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
+                    if p.device.type == "meta":
+                        tensor = self.read(name, device)
+                        if tuple(tensor.shape) != tuple(p.shape):
+                            raise ValueError(f"{name}: the checkpoint holds shape {tuple(tensor.shape)}, the "
+                                             f"model expects {tuple(p.shape)}")
+                        torch.utils.swap_tensors(p, nn.Parameter(tensor.to(device, p.dtype),
+                                                                 requires_grad=p.requires_grad))
+                        loaded.add(id(p))
+                    elif p.device != device:
+                        moved[id(p)] = (p, p.data)
+                        p.data = p.data.to(device)
+                for sub in (module.modules() if recurse else [module]):
+                    for bname, buf in sub._buffers.items():
+                        if buf is not None and buf.device != device:
+                            homes[(id(sub), bname)] = buf.device
+                            sub._buffers[bname] = buf.to(device)
+            yield
+        finally:
+            current = [_get(root, prefix) for prefix in prefixes]
+            self._put_back([(m, p) for m, p in zip(current, prefixes) if m is not None], loaded, moved, homes,
+                           recurse, weights_change)
+
+    def _put_back(self, units: list[tuple[nn.Module, str]], loaded: set[int],
+                  moved: dict[int, tuple[nn.Parameter, torch.Tensor]], homes: dict[tuple[int, str], torch.device],
+                  recurse: bool, weights_change: bool) -> None:
+        params: dict[int, tuple[str, nn.Parameter]] = {}
+        for module, prefix in units:
+            for name, p in module.named_parameters(prefix=prefix, recurse=recurse):
+                params.setdefault(id(p), (name, p))
+        write: dict[str, torch.Tensor] = {}
+        aliases: dict[str, list[str]] = {}
+        for pid, (name, p) in params.items():
+            if p.device.type == "meta" or pid in moved:
+                continue
+            if weights_change or pid not in loaded:
+                write[name] = p.detach()
+                if pid in self._tied:
+                    aliases[name] = [n for n in self._all_names(p) if n != name]
+        self.write(write, aliases)
+        for pid, (_, p) in params.items():
+            if pid not in moved and p.device.type != "meta":
+                torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device="meta"),
+                                                         requires_grad=p.requires_grad))
+        for p, data in moved.values():
+            p.data = data
+        for module, _ in units:
+            for sub in (module.modules() if recurse else [module]):
+                for bname, buf in sub._buffers.items():
+                    if buf is not None:
+                        home = homes.get((id(sub), bname), torch.device("cpu"))
+                        if buf.device != home:
+                            sub._buffers[bname] = buf.to(home)
+
+
+def _get(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name) if name else root
+    except AttributeError:
+        return None
