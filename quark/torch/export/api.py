@@ -124,10 +124,10 @@ class ModelExporter:
 
             tensors, qc = compressed_tensors_checkpoint(model, config, json_cfg)
         with AtomicFolder(self.export_dir, overwrite=overwrite) as folder:
-            write_sharded(folder.path, tensors, max_shard_size=max_shard_size)
+            files = write_sharded(folder.path, tensors, max_shard_size=max_shard_size)
             write_model_files(model, folder.path, qc, tokenizer)
-        logger.info("exported %s (%s layout, %d tensors) to %s", type(model).__name__, custom_mode,
-                    len(tensors), self.export_dir)
+        logger.info("exported %s (%s layout, %d file(s)) to %s", type(model).__name__, custom_mode,
+                    len(files), self.export_dir)
         return self.export_dir
 
     def export_quark_model(self, model: nn.Module, quant_config: Config | None = None,

@@ -4,8 +4,9 @@ with clear errors (never pickle).
 Writing: the exporter writes everything into the temporary folder of an
 :class:`~quark.torch.export.output_folder.AtomicFolder` (defined there, re-exported here), which
 is swapped with the destination at the end, so the destination always holds a complete output.
-:func:`write_sharded` plans shards from tensor sizes alone, then serialises one shard at a time:
-the extra memory is one shard's bytes, never a second copy of the model.
+:func:`write_sharded` consumes the tensors in order and serialises each shard once it is full:
+the extra memory is one shard's bytes, never a second copy of the model (the tensors may come
+from a generator that reads a model on disk part by part).
 
 Reading: :func:`read_checkpoint` checks the index and every file header before touching data and
 names the file and tensor in every error.
@@ -73,31 +74,49 @@ def write_sharded(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]],
                   metadata: dict[str, str] | None = None) -> list[Path]:
     """Write ``(name, tensor)`` pairs as ``model.safetensors`` or shards plus an index.
 
-    ``tensors`` must be re-iterable (a list of references into the model is fine: nothing is
-    copied until a shard is serialised). Returns the files written.
+    ``tensors`` is consumed once, in order (a generator that reads a model part by part is fine):
+    shards fill as :func:`plan_shards` would group the same sizes, each is written as soon as the
+    next tensor would overflow it, so host memory holds one shard. Shards get their final names
+    (``model-0000i-of-0000N``) once ``N`` is known. Returns the files written.
     """
-    items = list(tensors)
-    names = [n for n, _ in items]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"duplicate checkpoint tensor names: {dup}")
     max_bytes = parse_size(max_shard_size)
-    shards = plan_shards([(n, _nbytes(t)) for n, t in items], max_bytes)
-    lookup = dict(items)
     meta = {"format": "pt", **(metadata or {})}
-    files: list[Path] = []
-    weight_map: dict[str, str] = {}
-    total = sum(_nbytes(t) for t in lookup.values())
-    for i, shard in enumerate(shards):
-        fname = SAFE_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        part = {n: _standalone(lookup[n]) for n in shard}
-        save_file(part, str(folder / fname), metadata=meta)
-        del part
-        files.append(folder / fname)
-        weight_map.update({n: fname for n in shard})
-        logger.debug("wrote %s (%d tensors)", fname, len(shard))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    seen: set[str] = set()
+    parts: list[Path] = []
+    weight_map: dict[str, int] = {}
+    shard: dict[str, torch.Tensor] = {}
+    used = total = 0
+
+    def flush() -> None:
+        part = folder / f".shard-{len(parts):05d}.tmp"
+        save_file(shard, str(part), metadata=meta)
+        logger.debug("wrote shard %d (%d tensors)", len(parts) + 1, len(shard))
+        parts.append(part)
+        shard.clear()
+
+    for name, tensor in tensors:
+        if name in seen:
+            raise ValueError(f"duplicate checkpoint tensor names: [{name!r}]")
+        seen.add(name)
+        size = _nbytes(tensor)
+        if shard and used + size > max_bytes:
+            flush()
+            used = 0
+        shard[name] = _standalone(tensor)
+        weight_map[name] = len(parts)
+        used += size
+        total += size
+    if shard or not parts:
+        flush()
+    if len(parts) == 1:
+        files = [folder / SAFE_NAME]
+    else:
+        files = [folder / f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for part, final in zip(parts, files):
+        part.replace(final)
+    if len(parts) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {n: files[i].name for n, i in sorted(weight_map.items())}}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         files.append(folder / INDEX_NAME)
     return files

@@ -8,6 +8,7 @@ is Quark's ``"reorder"``); ``scales`` float16 [in/g, out]. Signed int4 codes are
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ def _unsigned_codes(packed: torch.Tensor, n: int, signed: bool, order: str) -> t
 
 
 def awq_checkpoint(model: nn.Module, config: Config, json_cfg: JsonExporterConfig
-                   ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, Any]]:
+                   ) -> tuple[Iterable[tuple[str, torch.Tensor]], dict[str, Any]]:
     modules = check_exportable(model)
     ignored = [n for n, m in model.named_modules() if is_quantizable(m) and n not in modules]
     qc = awq_quantization_config(config, ignored)

@@ -15,6 +15,7 @@ One quantization config must cover every quantized Linear (one ``config_group``)
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -74,7 +75,7 @@ def check_config_group(qconfig: Any) -> None:
 
 
 def compressed_tensors_checkpoint(model: nn.Module, config: Config, json_cfg: JsonExporterConfig
-                                  ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, Any]]:
+                                  ) -> tuple[Iterable[tuple[str, torch.Tensor]], dict[str, Any]]:
     modules = check_exportable(model)
     first = next(iter(modules.values())).quant_config
     for name, module in modules.items():

@@ -8,6 +8,7 @@ Names: vLLM reads ``weight_scale`` / ``input_scale`` and KV scales ``self_attn.k
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ def fp8_quantization_config(config: Config, ignored: list[str] | None = None) ->
 
 
 def fp8_checkpoint(model: nn.Module, config: Config, json_cfg: JsonExporterConfig,
-                   scale_names: str = "vllm") -> tuple[list[tuple[str, torch.Tensor]], dict[str, Any]]:
+                   scale_names: str = "vllm") -> tuple[Iterable[tuple[str, torch.Tensor]], dict[str, Any]]:
     if scale_names not in SCALE_NAMES:
         raise ValueError(f"fp8_scale_names={scale_names!r} is not one of: {', '.join(SCALE_NAMES)}")
     w_name, a_name = SCALE_NAMES[scale_names]

@@ -91,13 +91,14 @@ def merge_members(modules: dict[str, QuantLinear], groups: list[list[str]]) -> l
 
 @torch.no_grad()
 def merged_weight_state(modules: dict[str, QuantLinear], groups: list[list[str]],
-                        ) -> dict[str, dict[str, torch.Tensor]]:
+                        members: list[list[str]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Replacement module state per merged layer: ``{name: {"weight": ..., "weight_quantizer.scale": ...}}``.
 
     The values are in module (frozen storage) form; the writer converts them like any other state.
+    ``members`` (from :func:`merge_members`) limits the work to those layer lists.
     """
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for names in merge_members(modules, groups):
+    for names in (merge_members(modules, groups) if members is None else members):
         scale = torch.stack([modules[n].weight_quantizer.scale.float().reshape(()) for n in names]).amax()
         for name in names:
             module = modules[name]

@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ from torch import nn
 
 import quark
 from quark.torch.export.config.config import JsonExporterConfig
-from quark.torch.export.hf_format.merge import merged_weight_state
+from quark.torch.export.hf_format.merge import merge_members, merged_weight_state
 from quark.torch.export.keys import TENSOR_ROLES, checkpoint_suffix, split_role, to_checkpoint_tensor
+from quark.torch.quantization.calibration.placement import onloaded, placement_units, tensors_moved
+from quark.torch.quantization.calibration.weight_source import disk_weights
 from quark.torch.quantization.config.config import Config, QuantizationSpec
 from quark.torch.quantization.config.resolve import matches_any
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
@@ -92,23 +94,36 @@ def quantizer_state(suffix: str) -> tuple[str, str] | None:
 
 def quark_tensors(model: nn.Module, json_config: JsonExporterConfig,
                   transform: Callable[[str, QuantLinear, str, torch.Tensor], torch.Tensor | None] | None = None,
-                  ) -> list[tuple[str, torch.Tensor]]:
-    """``(checkpoint name, tensor)`` of the whole model in the Quark layout (no data copied)."""
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(checkpoint name, tensor)`` of the whole model in the Quark layout, in ``state_dict`` order.
+
+    Checks run at once; the tensors come lazily: references into the model (no data copied) or, for
+    a model on disk, each placement unit read when its first tensor is asked for and dropped after
+    its last (:func:`model_state`), so a writer consuming them holds one shard and one unit.
+    """
     modules = check_exportable(model)
-    out: list[tuple[str, torch.Tensor]] = []
-    seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
+    members = merge_members(modules, json_config.weight_merge_groups) if json_config.weight_merge_groups else []
+    return _quark_tensors(model, modules, members, json_config, transform)
+
+
+def _quark_tensors(model: nn.Module, modules: dict[str, QuantLinear], members: list[list[str]],
+                   json_config: JsonExporterConfig,
+                   transform: Callable[[str, QuantLinear, str, torch.Tensor], torch.Tensor | None] | None,
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
     kv_group = json_config.kv_cache_group
     merged: dict[str, dict[str, torch.Tensor]] = {}
-    if json_config.weight_merge_groups:
-        merged = merged_weight_state(modules, json_config.weight_merge_groups)
-    for key, tensor in model.state_dict().items():
-        if tensor.device.type == "meta":
-            raise ValueError(f"{key} is on the meta device (never loaded); cannot export it")
+    pending = {n for names in members for n in names}
+    previous = ""
+    for key, tensor in model_state(model):
         owner = owner_of(key, modules)
         name = key
         if owner is not None:
             mod_name, suffix = owner
             module = modules[mod_name]
+            if mod_name in pending:  # its merge group's weights are loaded now (one decoder layer)
+                group = [names for names in members if mod_name in names]
+                merged.update(merged_weight_state(modules, [], members=group))
+                pending.difference_update(*group)
             tensor = merged.get(mod_name, {}).get(suffix, tensor)
             ckpt = checkpoint_suffix(suffix)
             if ckpt is None:
@@ -130,15 +145,65 @@ def quark_tensors(model: nn.Module, json_config: JsonExporterConfig,
                 if transformed is None:
                     continue
                 tensor = transformed
-        if tensor.numel() > 0 and tensor.device.type == "cpu":
-            ident = (tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(),
-                     tuple(tensor.shape), tensor.dtype)
-            if ident in seen:
-                logger.info("%s shares its data with %s (tied weights): written once", name, seen[ident])
-                continue
-            seen[ident] = name
-        out.append((name, tensor))
-    return out
+        if owner is not None and owner[0] != previous:
+            merged.pop(previous, None)  # a module's state is consecutive: the previous one is written
+            previous = owner[0]
+        yield name, tensor
+
+
+def model_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.state_dict()`` items, a tensor sharing its data with one already given (tied weights)
+    left out; for a model on disk read one placement unit at a time (in CPU memory)."""
+    source = disk_weights(model)
+    if source is None:
+        seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
+        for key, tensor in model.state_dict().items():
+            if tensor.device.type == "meta":
+                raise ValueError(f"{key} is on the meta device (never loaded); cannot export it")
+            if tensor.numel() > 0 and tensor.device.type == "cpu":
+                ident = (tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(),
+                         tuple(tensor.shape), tensor.dtype)
+                if ident in seen:
+                    logger.info("%s shares its data with %s (tied weights): written once", key, seen[ident])
+                    continue
+                seen[ident] = key
+            yield key, tensor
+        return
+    units = {name: (module, whole) for name, module, whole in placement_units(model)}
+    first: dict[int, str] = {}
+    groups: list[tuple[str, list[str]]] = []
+    for key, value in model.state_dict(keep_vars=True).items():
+        if first.setdefault(id(value), key) != key:
+            logger.info("%s shares its data with %s (tied weights): written once", key, first[id(value)])
+            continue
+        unit = _unit_of(key, units)
+        if groups and groups[-1][0] == unit:
+            groups[-1][1].append(key)
+        else:
+            groups.append((unit, [key]))
+    for unit, keys in groups:
+        if unit not in units:  # buffers of modules without parameters: in memory
+            state = model.state_dict()
+            for key in keys:
+                yield key, state[key]
+            continue
+        module, whole = units[unit]
+        moved = onloaded(module, "cpu", weights_change=False) if whole else \
+            tensors_moved([module], "cpu", weights_change=False)
+        with moved:
+            state = module.state_dict(prefix=f"{unit}.")
+            for key in keys:
+                yield key, state[key]
+            del state
+
+
+def _unit_of(key: str, units: dict[str, Any]) -> str:
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in units:
+            return prefix
+    return ""
 
 
 def quark_quantization_config(config: Config, json_config: JsonExporterConfig) -> dict[str, Any]:
@@ -202,6 +267,17 @@ def write_model_files(model: nn.Module, folder: Path, quantization_config: dict[
                 shutil.copy2(source / fname, folder / fname)
 
 
-__all__ = ["FORMAT_VERSION", "check_exportable", "effective_json_config", "owner_of", "public_config_dict",
-           "public_model_id", "quant_modules", "quantizer_state", "quark_quantization_config", "quark_tensors",
-           "write_model_files"]
+__all__ = [
+    "FORMAT_VERSION",
+    "check_exportable",
+    "effective_json_config",
+    "model_state",
+    "owner_of",
+    "public_config_dict",
+    "public_model_id",
+    "quant_modules",
+    "quantizer_state",
+    "quark_quantization_config",
+    "quark_tensors",
+    "write_model_files",
+]

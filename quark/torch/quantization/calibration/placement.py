@@ -19,8 +19,8 @@ from torch import nn
 
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
 
-__all__ = ["loaded_on_use", "modules_outside", "normalize_device", "on_device", "onloaded", "probing",
-           "tensors_moved"]
+__all__ = ["loaded_on_use", "modules_outside", "normalize_device", "on_device", "onloaded", "placement_units",
+           "probing", "tensors_moved"]
 
 
 def normalize_device(device: torch.device | str) -> torch.device:
@@ -171,3 +171,19 @@ def probing(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
             tensors_moved(modules_outside(model, layers), "cpu", weights_change=False), \
             loaded_on_use(model, "cpu", layers):
         yield
+
+
+def placement_units(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """``(name, module, whole)`` of what moves as one piece: each decoder layer (``whole``: with its
+    sub-modules), then each module outside the layers that holds parameters of its own (alone)."""
+    from quark.torch.quantization.calibration.layerwise import find_decoder_layers
+
+    try:
+        path, layers = find_decoder_layers(model)
+    except ValueError:
+        return [(name, m, False) for name, m in model.named_modules() if any(True for _ in m.parameters(False))]
+    outside = {id(m) for m in modules_outside(model, layers)}
+    units: list[tuple[str, nn.Module, bool]] = [(f"{path}.{i}", layer, True) for i, layer in enumerate(layers)]
+    units += [(name, m, False) for name, m in model.named_modules()
+              if id(m) in outside and any(True for _ in m.parameters(recurse=False))]
+    return units
