@@ -11,11 +11,11 @@ from quark.torch.llm import placement
 from quark.torch.llm.model_loading import EMBEDDED_MODEL_DIR
 
 
-def test_unknown_and_unavailable_offload_are_refused():
+def test_unknown_offload_and_disk_with_multi_gpu_are_refused():
     with pytest.raises(ValueError, match="--offload='ram' is not one of: auto, none, cpu, disk"):
         placement.check_offload("ram")
-    with pytest.raises(ValueError, match=r"--offload disk .* not available"):
-        placement.check_offload("disk")
+    with pytest.raises(ValueError, match=r"--offload disk .* does not combine with --multi_gpu"):
+        placement.check_offload("disk", multi_gpu=True)
 
 
 def test_cpu_device_keeps_the_model_there():
@@ -38,9 +38,28 @@ def test_auto_offloads_when_the_weights_do_not_fit(monkeypatch, tmp_path):
     assert placement.choose_placement(tmp_path, gpu, "auto", dtype="float32", multi_gpu=True) == "device"
 
 
-def test_cli_refuses_offload_disk_before_any_work(tmp_path, capsys):
+def test_auto_picks_disk_when_host_memory_cannot_hold_the_model(monkeypatch, tmp_path, caplog):
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(placement, "HOST_HEADROOM_BYTES", 0)
+    monkeypatch.setattr(placement, "host_memory_available", lambda: 4096 + 409)
+    assert placement.choose_placement(tmp_path, torch.device("cpu"), "auto") == "device"
+    monkeypatch.setattr(placement, "host_memory_available", lambda: 4096)
+    with caplog.at_level("INFO", logger="quark.torch.llm.placement"):
+        assert placement.choose_placement(tmp_path, torch.device("cpu"), "auto") == "disk"
+    assert "the model on disk" in caplog.text and "do not fit" in caplog.text
+    assert placement.choose_placement(tmp_path, torch.device("cpu"), "cpu") == "device"
+    assert placement.choose_placement(tmp_path, torch.device("cpu"), "disk") == "disk"
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--offload", "disk", "--model_export", "onnx"], "--model_export onnx/gguf"),
+    (["--offload", "disk", "--offload_folder", "/nonexistent/folder"], "--offload_folder"),
+    (["--offload", "disk", "--multi_gpu"], "--multi_gpu"),
+])
+def test_cli_refuses_what_the_disk_placement_cannot_do_before_any_work(tmp_path, capsys, flags, named):
     from quark.torch.llm import cli
 
-    assert cli.main(["--offload", "disk", "--output_dir", str(tmp_path / "out")]) == 2
-    assert "--offload disk" in capsys.readouterr().err
+    assert cli.main([*flags, "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "--offload" in err
     assert not (tmp_path / "out").exists()

@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--offload", default="auto", choices=list(placement.OFFLOAD_CHOICES),
                        help="where the model waits while --device works on one decoder layer at a time: auto "
                             "(on the GPU when it fits, else CPU memory; logged), none (whole model on --device), "
-                            "cpu (CPU memory), disk (not available yet)")
+                            "cpu (CPU memory), disk (on the meta device, each layer read from the checkpoint's "
+                            "safetensors shards in turn; auto picks it when host memory cannot hold the model)")
+    model.add_argument("--offload_folder", default=None,
+                       help="--offload disk: where changed layers are written (a temporary folder inside it, "
+                            "removed at the end; default: the system's temporary folder)")
     model.add_argument("--model_dtype", default="auto", choices=list(model_loading.DTYPES),
                        help="dtype to load the model in")
     model.add_argument("--trust_remote_code", action="store_true",

@@ -280,11 +280,15 @@ def load_model_on_disk(model_dir: str | Path, offload_folder: str | Path, *, dty
                          f"(e.g. {not_meta[:3]}); use --offload cpu")
     unfuse_experts(model)  # the checkpoints hold per-expert Linears (transformers fuses them when loading)
     DiskWeights(files, offload_folder).attach(model)
-    generation = folder / "generation_config.json"
-    if generation.is_file() and getattr(model, "generation_config", None) is not None:
+    if getattr(model, "can_generate", lambda: False)():
+        # as from_pretrained reads it: the folder's generation_config.json, else the one config.json implies
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        else:
+            model.generation_config = GenerationConfig.from_pretrained(str(folder), config_file_name="config.json",
+                                                                       _from_model_config=True)
     model.eval()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False

@@ -17,8 +17,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from quark.torch.llm.model_loading import (
     context_length,
     load_config,
     load_model,
+    load_model_on_disk,
     load_tokenizer,
     resolve_device,
 )
@@ -145,7 +148,10 @@ def _validate(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{flag}={value} must be a positive integer")
     resolve_device(args.device)
-    check_offload(args.offload)
+    check_offload(args.offload, multi_gpu=args.multi_gpu)
+    folder = getattr(args, "offload_folder", None)
+    if folder is not None and not Path(folder).is_dir():
+        raise ValueError(f"--offload_folder={folder!r} is not an existing directory")
 
 
 def _check_local_model_dir(value: str) -> None:
@@ -305,10 +311,45 @@ def run(args: argparse.Namespace) -> RunSummary:
         summary.calibration_samples = sum(b.shape[0] for b in batches)
     compute = resolve_device(args.device)
     where = choose_placement(model_dir, compute, args.offload, args.model_dtype, args.multi_gpu)
-    summary.placement = "cpu memory, layers on " + str(compute) if where == "cpu" else str(compute)
+    if where == "disk":
+        _check_disk_placement(args, mode)
+    summary.placement = {"cpu": f"cpu memory, layers on {compute}", "disk": f"disk, layers on {compute}"}.get(
+        where, str(compute))
     args.compute_device = compute
-    model = load_model(model_dir, device="cpu" if where == "cpu" else args.device, multi_gpu=args.multi_gpu,
-                       dtype=args.model_dtype, trust_remote_code=args.trust_remote_code)
+    with contextlib.ExitStack() as stack:
+        if where == "disk":
+            offload = stack.enter_context(tempfile.TemporaryDirectory(prefix="quark-offload-",
+                                                                      dir=getattr(args, "offload_folder", None)))
+            model = load_model_on_disk(model_dir, offload, dtype=args.model_dtype,
+                                       trust_remote_code=args.trust_remote_code)
+        else:
+            model = load_model(model_dir, device="cpu" if where == "cpu" else args.device, multi_gpu=args.multi_gpu,
+                               dtype=args.model_dtype, trust_remote_code=args.trust_remote_code)
+        return _run_loaded(args, model, mode, config, request, info, evaluation, batches, summary, out, model_dir,
+                           model_type, hf_config, compute, start)
+
+
+def _check_disk_placement(args: argparse.Namespace, mode: str) -> None:
+    """What the disk placement cannot do, refused before the model is read."""
+    what = None
+    if mode == "reload":
+        what = "--model_reload (the import loads the whole quantized checkpoint)"
+    elif args.tasks and not args.skip_evaluation:
+        what = "--tasks (lm-eval runs whole-model forwards)"
+    elif args.moe_experts_second_step_config:
+        what = "--moe_experts_second_step_config (it rounds the expert weights of the whole model in place)"
+    elif set(args.model_export or []) - {"hf_format"}:
+        what = "--model_export onnx/gguf (these exporters trace or read the whole model in memory)"
+    if what is not None:
+        raise ValueError(f"the disk placement (--offload disk, or auto for a model larger than host memory) does "
+                         f"not support {what}; use --offload cpu")
+
+
+def _run_loaded(args: argparse.Namespace, model: nn.Module, mode: str, config: Any,
+                request: schemes.SchemeRequest | None, info: TokenizerInfo, evaluation: Evaluation,
+                batches: list[torch.Tensor], summary: RunSummary, out: Path | None, model_dir: Path,
+                model_type: str, hf_config: Any, compute: torch.device, start: float) -> RunSummary:
+    """Steps 4-6 of the module docstring, on the loaded ``model``."""
     if mode == "quantize":
         _check_layers(model, config, args, summary)
     if not args.skip_float_evaluation:

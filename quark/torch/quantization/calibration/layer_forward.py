@@ -118,7 +118,7 @@ def forward_layerwise(
     device = normalize_device(device)
     _, layers = find_decoder_layers(model, decoder_path)
     outside = modules_outside(model, layers)
-    with tensors_moved(outside, device):
+    with tensors_moved(outside, device, weights_change=False):
         cache = capture_decoder_inputs(model, batches, layers, offload=device)
     hidden = [a[0] if a else None for a in cache.args]
     verdict: bool | None = None if merge else False
@@ -150,7 +150,7 @@ def forward_layerwise(
     for layer in layers:
         layer.forward = replay  # type: ignore[method-assign]
     try:
-        with tensors_moved(outside, device):
+        with tensors_moved(outside, device, weights_change=False):
             extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
             for index, batch in enumerate(batches):
                 replay.hidden = hidden[index]
