@@ -90,6 +90,13 @@ class GptqStep:
             names = set(self.grids[index]) if first is None else set(first) & set(self.grids[index])
         return {n: layer.get_submodule(n) for n in names}
 
+    def forget_layer(self) -> None:
+        """Drop the current layer's statistics (the runner retries it after running out of memory)."""
+        self.hessians.clear()
+        self.cross.clear()
+        self._last = None
+        self._only = None
+
     def collect(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         x = args[0]
         before = self.hessians.get(name)

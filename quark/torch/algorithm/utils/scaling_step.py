@@ -113,6 +113,10 @@ class ScalingStep:
     def collect(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.inputs.setdefault(name, []).append((args, kwargs))
 
+    def forget_layer(self) -> None:
+        """Drop what was collected for the current layer (the runner retries it after running out of memory)."""
+        self.inputs.clear()
+
     def group_input(self, g: ScalingGroup) -> torch.Tensor:
         xs = [a[0] for a, _ in self.inputs[g.inp]]
         return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs], 0)

@@ -40,7 +40,9 @@ from quark.torch.quantization.calibration.layerwise import (
     capture_decoder_inputs,
     find_decoder_layers,
     layer_output_tensor,
+    move_to,
 )
+from quark.torch.quantization.calibration.oom import CallsOnDevice, free_device_memory
 from quark.torch.quantization.calibration.placement import modules_outside, normalize_device, onloaded, tensors_moved
 
 logger = logging.getLogger(__name__)
@@ -83,15 +85,17 @@ def _merged_runs(layer: nn.Module, inputs: list[Call], verdict: bool | None, dev
     return [head, *rest], verdict
 
 
-def _run_layer(layer: nn.Module, runs: list[Call], index: int) -> list[tuple[torch.Tensor, Any]]:
-    """``(hidden states, raw output)`` of ``layer`` for each call; NaN stops the run."""
+def _run_layer(layer: nn.Module, runs: Sequence[Call], index: int, to_cpu: bool = False
+               ) -> list[tuple[torch.Tensor, Any]]:
+    """``(hidden states, raw output)`` of ``layer`` for each call (states moved to the CPU with
+    ``to_cpu``); NaN stops the run."""
     results = []
     for args, kwargs in runs:
         raw = layer(*args, **kwargs)
         out = layer_output_tensor(raw)
         if torch.isnan(out).any():
             raise RuntimeError(f"NaN in the outputs of decoder layer {index}; the run was stopped")
-        results.append((out, raw if len(results) == 0 else None))
+        results.append((out.to("cpu") if to_cpu else out, raw if len(results) == 0 else None))
     return results
 
 
@@ -123,27 +127,38 @@ def forward_layerwise(
     hidden = [a[0] if a else None for a in cache.args]
     verdict: bool | None = None if merge else False
     template: Any = None
+    on_cpu = False  # after running out of device memory: activations in CPU memory, moved per call
     with tqdm(total=len(layers), desc=desc, unit="layer", leave=False) as bar:
         for i, layer in enumerate(layers):
             with onloaded(layer, device, weights_change=False):
-                inputs = _layer_inputs(cache.args, cache.kwargs_for(layer), hidden, device)
-                runs, verdict = _merged_runs(layer, inputs, verdict, device, desc)
-                try:
-                    outs = _run_layer(layer, runs, i)
-                except torch.OutOfMemoryError:
-                    if runs is inputs:
-                        raise
-                    torch.cuda.empty_cache()
-                    logger.warning("a merged calibration batch ran out of device memory in decoder layer %d; running "
-                                   "the batches one by one from here on", i)
-                    runs, verdict = inputs, False
-                    outs = _run_layer(layer, runs, i)
+                inputs = _layer_inputs(cache.args, cache.kwargs_for(layer), hidden, "cpu" if on_cpu else device)
+                runs, verdict = (inputs, verdict) if on_cpu else _merged_runs(layer, inputs, verdict, device, desc)
+                while True:
+                    try:
+                        outs = _run_layer(layer, CallsOnDevice(runs, device) if on_cpu else runs, i, on_cpu)
+                        break
+                    except torch.OutOfMemoryError:
+                        free_device_memory(device)
+                        if runs is not inputs:
+                            logger.warning("a merged calibration batch ran out of device memory in decoder layer "
+                                           "%d; running the batches one by one from here on", i)
+                            runs, verdict = inputs, False
+                        elif not on_cpu and merge:  # observers record a batch seen twice as once: retry it
+                            logger.warning("decoder layer %d ran out of device memory; keeping the calibration "
+                                           "activations in CPU memory from here on (each batch moved to the "
+                                           "device while it runs)", i)
+                            on_cpu = True
+                            inputs = runs = [move_to(c, "cpu") for c in inputs]
+                        else:
+                            raise
                 if i == len(layers) - 1:
                     template = outs[0][1]
                 outs = [out for out, _ in outs]
                 hidden = outs if runs is inputs else split_like(outs, runs, [call_batch(c) for c in inputs])
                 del inputs, runs, outs
             bar.update(1)
+    if on_cpu:
+        hidden = [h.to(device) if h is not None else None for h in hidden]
     if tail is None and not run_tail:
         return
     replay = _ReturnsComputed(template)

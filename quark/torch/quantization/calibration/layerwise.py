@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
 from quark.torch.quantization.calibration.batching import call_batch, checked_merge, split_like
+from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
 from quark.torch.quantization.calibration.placement import modules_outside, onloaded, tensors_moved
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters
 
@@ -67,7 +68,9 @@ class LayerStep(Protocol):
     receives the layer's inputs (``[(args, kwargs)]`` on the compute device) so search algorithms
     can re-run the layer or parts of it. The runner merges calibration batches along the batch
     dimension (``batching.py``) when the layer's outputs allow it; a step that needs each batch as
-    recorded (statistics taken per batch) sets ``keeps_calls_as_recorded = True``.
+    recorded (statistics taken per batch) sets ``keeps_calls_as_recorded = True``. A step with a
+    ``forget_layer()`` method (dropping what it collected for the current layer) lets the runner
+    retry a layer that ran out of device memory (:mod:`oom`).
     """
 
     def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]: ...
@@ -382,6 +385,61 @@ def _check_finite(t: torch.Tensor, where: str) -> None:
         raise RuntimeError(f"NaN in the outputs of decoder layer {where}; the run was stopped")
 
 
+def _layer_pass(layer: nn.Module, i: int, name: str, steps: Sequence[LayerStep], cache: CapturedInputs,
+                hidden: list, hidden_float: list, float_steps: list, device: torch.device | str,
+                offload: torch.device | str, merge_ok: bool | None, propagate: bool, backup: ModelBackup, desc: str,
+                retry: LayerRetry) -> tuple[list, list, bool | None]:
+    """One decoder layer (already on ``device``): collect, apply, propagate; returns the next layer's
+    hidden states (and float-model hidden states) and the merge verdict."""
+    kwargs_list = cache.kwargs_for(layer)
+    staged = "cpu" if retry.activations_on_cpu else device
+    inputs: list = _layer_inputs(cache.args, kwargs_list, hidden, staged)
+    reference, float_inputs = None, []
+    if float_steps:
+        reference = copy.deepcopy(layer)
+        float_inputs = _layer_inputs(cache.args, kwargs_list, hidden_float, staged)
+        if retry.activations_on_cpu:
+            float_inputs = CallsOnDevice(float_inputs, device)
+        for step in float_steps:
+            step.set_float_reference(reference, float_inputs)
+    with float_linears(layer):
+        if retry.activations_on_cpu:
+            runs, sizes = CallsOnDevice(inputs, device), None
+        else:
+            runs, merge_ok = checked_merge(inputs, functools.partial(_layer_call, layer), merge_ok, device,
+                                           f"{desc}: {type(layer).__name__}")
+            retry.merged = runs is not inputs
+            sizes = None
+            if runs is not inputs:
+                sizes = [call_batch(c) for c in inputs]
+                inputs = []  # the merged copies replace them on the device
+        for step in steps:
+            with collecting(layer, step, i):
+                for args, kwargs in runs:
+                    layer(*args, **kwargs)
+        backup.save(layer)
+        retry.applying = True
+        for step in steps:
+            step.apply(layer, i, runs)
+        retry.applying = False
+        for p in layer.parameters():
+            if torch.isnan(p).any():
+                raise RuntimeError(f"NaN in the weights of decoder layer {name} after the algorithm")
+        if propagate:
+            outs = []
+            for args, kwargs in runs:
+                out = layer_output_tensor(layer(*args, **kwargs))
+                _check_finite(out, name)
+                outs.append(out.to(offload))
+            hidden = outs if sizes is None else split_like(outs, runs, sizes)
+    if reference is not None:
+        with float_linears(reference):
+            hidden_float = [layer_output_tensor(reference(*a, **k)).to(offload) for a, k in float_inputs]
+        for step in float_steps:
+            step.set_float_reference(None, [])
+    return hidden, hidden_float, merge_ok
+
+
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module,
@@ -422,45 +480,18 @@ def run_layerwise(
             layer = layers[i]
             name = f"{path}.{i}"
             start = time.perf_counter()
-            with onloaded(layer, device, weights_change=True):
-                kwargs_list = cache.kwargs_for(layer)
-                inputs = _layer_inputs(cache.args, kwargs_list, hidden, device)
-                reference, float_inputs = None, []
-                if float_steps:
-                    reference = copy.deepcopy(layer)
-                    float_inputs = _layer_inputs(cache.args, kwargs_list, hidden_float, device)
-                    for step in float_steps:
-                        step.set_float_reference(reference, float_inputs)
-                with float_linears(layer):
-                    runs, merge_ok = checked_merge(inputs, functools.partial(_layer_call, layer), merge_ok, device,
-                                                   f"{desc}: {type(layer).__name__}")
-                    sizes = None
-                    if runs is not inputs:
-                        sizes = [call_batch(c) for c in inputs]
-                        inputs = []  # the merged copies replace them on the device
-                    for step in steps:
-                        with collecting(layer, step, i):
-                            for args, kwargs in runs:
-                                layer(*args, **kwargs)
-                    backup.save(layer)
-                    for step in steps:
-                        step.apply(layer, i, runs)
-                    for p in layer.parameters():
-                        if torch.isnan(p).any():
-                            raise RuntimeError(f"NaN in the weights of decoder layer {name} after the algorithm")
-                    if propagate:
-                        outs = []
-                        for args, kwargs in runs:
-                            out = layer_output_tensor(layer(*args, **kwargs))
-                            _check_finite(out, name)
-                            outs.append(out.to(offload))
-                        hidden = outs if sizes is None else split_like(outs, runs, sizes)
-                if reference is not None:
-                    with float_linears(reference):
-                        hidden_float = [layer_output_tensor(reference(*a, **k)).to(offload) for a, k in float_inputs]
-                    for step in float_steps:
-                        step.set_float_reference(None, [])
-                del inputs, runs, float_inputs, reference
+            retry = LayerRetry(name, steps, backup, desc)
+            while True:
+                try:
+                    with onloaded(layer, device, weights_change=True):
+                        hidden, hidden_float, merge_ok = _layer_pass(
+                            layer, i, name, steps, cache, hidden, hidden_float, float_steps, device, offload,
+                            merge_ok if not retry.unmerged else False, propagate, backup, desc, retry)
+                    break
+                except torch.OutOfMemoryError as error:
+                    retry.after(error, layer, device)  # raises when nothing is left to try
+            if retry.unmerged and merge_ok:
+                merge_ok = False  # the next layers run the calibration batches as given
             logger.debug("%s: layer %s done in %.2fs", desc, name, time.perf_counter() - start)
             if torch.cuda.is_available() and torch.device(device).type == "cuda":
                 bar.set_postfix(peak_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
