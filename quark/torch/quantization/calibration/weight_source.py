@@ -16,20 +16,30 @@ sharing its Parameters with the ``nn.Linear`` it replaced sees the same data.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import itertools
+import json
 import logging
+import struct
+import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DiskWeights", "disk_weights", "has_meta_parameters", "source_of"]
+__all__ = ["DiskWeights", "disk_weights", "has_meta_parameters", "release_host_memory", "source_of"]
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu}
 
 _SOURCES: weakref.WeakKeyDictionary[nn.Module, DiskWeights] = weakref.WeakKeyDictionary()
 
@@ -62,10 +72,10 @@ class DiskWeights:
 
     def __init__(self, files: Sequence[str | Path], offload_folder: str | Path) -> None:
         self.checkpoint: dict[str, Path] = {}
+        self._headers: dict[Path, tuple[int, dict[str, dict]]] = {}
         for path in files:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    self.checkpoint.setdefault(key, Path(path))
+            for key in self._header(Path(path))[1]:
+                self.checkpoint.setdefault(key, Path(path))
         self.folder = Path(offload_folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.offloaded: dict[str, tuple[Path, str]] = {}  # name -> (file, key in that file)
@@ -124,12 +134,40 @@ class DiskWeights:
             if found is None:
                 raise KeyError(f"{name}: neither offloaded nor in the checkpoint")
             key, path = found, self.checkpoint[found]
-        target = torch.device(device)
-        load_on = str(target) if target.type == "cuda" else "cpu"
-        with safe_open(str(path), framework="pt", device=load_on) as f:
-            tensor = f.get_tensor(key)
+        tensor = self._read_file(path, key)
         self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+        return tensor.to(device)
+
+    def _header(self, path: Path) -> tuple[int, dict[str, dict]]:
+        """``(offset of the data, {name: header entry})`` of a safetensors file (cached)."""
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            self._headers[path] = (8 + n, header)
+        return self._headers[path]
+
+    def _read_file(self, path: Path, key: str) -> torch.Tensor:
+        # Plain reads into a fresh buffer rather than safetensors' memory map: pages of a mapped file
+        # count in the process's resident memory, and whole files were seen mapped at once.
+        start, header = self._header(path)
+        entry = header[key]
+        begin, end = entry["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start + begin)
+            view, done = memoryview(buffer.numpy()), 0
+            while done < end - begin:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{path}: tensor {key} is truncated")
+                done += got
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {key} has dtype {entry['dtype']}, which the disk placement does not "
+                             f"read; known: {', '.join(_DTYPES)}")
+        return buffer.view(dtype).reshape(entry["shape"])
 
     # -- writing ---------------------------------------------------------------------------------
     def write(self, tensors: dict[str, torch.Tensor], aliases: dict[str, list[str]] | None = None) -> None:
@@ -139,6 +177,7 @@ class DiskWeights:
             return
         path = self.folder / f"{next(self._counter):06d}.safetensors"
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+        self._headers.pop(path, None)
         self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
         names = {k: [k, *(aliases or {}).get(k, [])] for k in tensors}
         self._stale |= {self.offloaded[n][0] for group in names.values() for n in group if n in self.offloaded}
@@ -256,6 +295,7 @@ class DiskWeights:
                                                          requires_grad=p.requires_grad))
         for p, data in moved.values():
             p.data = data
+        release_host_memory()
         for module, _ in units:
             for sub in (module.modules() if recurse else [module]):
                 for bname, buf in sub._buffers.items():
@@ -263,6 +303,25 @@ class DiskWeights:
                         home = homes.get((id(sub), bname), torch.device("cpu"))
                         if buf.device != home:
                             sub._buffers[bname] = buf.to(home)
+
+
+@functools.cache
+def _malloc_trim() -> object | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_host_memory() -> None:
+    """Give the memory of freed tensors back to the OS. glibc keeps freed blocks below its (adaptive,
+    up to 32 MiB) mmap threshold in the heap, so without this a process reading one layer after the
+    other grows by most of each layer (measured: 644 MiB before, 358 MiB after, for a 360 MiB model)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _get(root: nn.Module, name: str) -> nn.Module | None:

@@ -1,0 +1,243 @@
+"""The disk placement: a model built on the meta device, each unit read from its checkpoint when needed.
+
+Every test compares with the reference run on the same checkpoint loaded whole into memory
+(``from_pretrained``): frozen weights, scales and zero points bit for bit, and the exported files
+byte for byte. The meta-device model is never materialised whole, and host memory stays below
+the model's size (``test_disk_peak_rss_stays_below_the_model_size``, in a subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from quark.torch import LLMTemplate, ModelExporter, ModelQuantizer
+from quark.torch.export.config.config import ExporterConfig, JsonExporterConfig
+from quark.torch.export.hf_format.writer import model_state
+from quark.torch.llm.model_loading import load_model, load_model_on_disk
+from quark.torch.quantization.calibration import weight_source
+from quark.torch.quantization.calibration.layerwise import find_decoder_layers
+from quark.torch.quantization.calibration.placement import modules_outside
+from quark.torch.quantization.config.config import QuaRotConfig
+from quark.torch.quantization.moe_experts import unfuse_experts
+from tests.helpers.tiny_models import tiny_config, token_batches
+
+REPO = Path(__file__).resolve().parents[3]
+
+CASES = {
+    "fp8_kv": dict(scheme="fp8", kv_cache_scheme="fp8"),
+    "int8_smoothquant": dict(scheme="int8", algorithm="smoothquant"),
+    "int4_awq": dict(scheme="int4_wo_32", algorithm="awq"),
+    "int4_gptq": dict(scheme="int4_wo_32", algorithm="gptq"),
+    "int8_quarot": dict(scheme="int8"),
+}
+FAMILIES = ("llama", "opt", "qwen2_moe")
+
+
+def _config(family: str) -> transformers.PretrainedConfig:
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                           max_position_embeddings=128, moe_intermediate_size=64,
+                                           shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+    return tiny_config(family)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folders = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(family)
+        transformers.AutoModelForCausalLM.from_config(_config(family)).save_pretrained(folder)
+        folders[family] = folder
+    return folders
+
+
+def _quantize(family: str, case: str, folder: Path, offload: Path | None) -> torch.nn.Module:
+    if offload is None:
+        model = load_model(folder)
+        unfuse_experts(model)
+    else:
+        model = load_model_on_disk(folder, offload)
+    config = LLMTemplate.get(family).get_config(**CASES[case])
+    if case == "int8_quarot":
+        config.pre_quant_opt_config = [QuaRotConfig(kv_cache_quant=False)]
+    quantizer = ModelQuantizer(config, compute_device="cpu")
+    quantizer.quantize_model(model, token_batches(4))
+    quantizer.freeze(model)
+    model.quark_config = config
+    return model
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model_state(model)}
+
+
+def _assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        as_bits = (lambda t: t.view(torch.uint8)) if a[key].dtype.itemsize == 1 else (lambda t: t)
+        assert torch.equal(as_bits(a[key]), as_bits(b[key])), key
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disk_placement_equals_the_model_in_memory(family, case, checkpoints, tmp_path):
+    if family == "qwen2_moe" and case == "int8_quarot":
+        pytest.skip("rotation refuses mixture-of-experts blocks in every placement")
+    whole = _state(_quantize(family, case, checkpoints[family], None))
+    on_disk = _quantize(family, case, checkpoints[family], tmp_path / "offload")
+    assert all(p.device.type == "meta" for p in on_disk.parameters())  # every unit went back to disk
+    _assert_equal_states(whole, _state(on_disk))
+
+
+@pytest.mark.parametrize("custom_mode, merge", [("quark", True), ("fp8", False)])
+def test_export_of_a_model_on_disk_equals_the_export_from_memory(custom_mode, merge, checkpoints, tmp_path):
+    json_config = JsonExporterConfig(weight_merge_groups=[["*q_proj", "*k_proj", "*v_proj"]] if merge else [])
+    outputs = []
+    for offload in (None, tmp_path / "offload"):
+        model = _quantize("llama", "fp8_kv", checkpoints["llama"], offload)
+        out = tmp_path / f"export-{len(outputs)}"
+        ModelExporter(ExporterConfig(json_export_config=json_config), out).export_safetensors_model(
+            model, model.quark_config, custom_mode=custom_mode, max_shard_size=20_000)
+        outputs.append(out)
+    names = sorted(p.name for p in outputs[0].iterdir())
+    assert names == sorted(p.name for p in outputs[1].iterdir())
+    assert sum(n.endswith(".safetensors") for n in names) > 2  # several shards, streamed
+    for name in names:
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+
+
+def test_the_meta_model_is_never_materialised_whole(checkpoints, tmp_path, monkeypatch):
+    """At every read, at most two decoder layers (and the modules outside them) hold data."""
+    model = load_model_on_disk(checkpoints["llama"], tmp_path / "offload")
+    _, layers = find_decoder_layers(model)
+    layer_size = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    outside_size = sum(p.numel() for m in modules_outside(model, layers) for p in m.parameters(recurse=False))
+    worst = {"layers": 0, "total": 0, "reads": 0}
+    real_read = weight_source.DiskWeights.read
+
+    def read(self, name, device="cpu"):
+        live_layers = sum(any(p.device.type != "meta" for p in layer.parameters()) for layer in layers)
+        live = sum(p.numel() for p in model.parameters() if p.device.type != "meta")
+        worst.update(layers=max(worst["layers"], live_layers), total=max(worst["total"], live),
+                     reads=worst["reads"] + 1)
+        return real_read(self, name, device)
+
+    monkeypatch.setattr(weight_source.DiskWeights, "read", read)
+    config = LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm="gptq")
+    config.pre_quant_opt_config = [QuaRotConfig(kv_cache_quant=False)]
+    quantizer = ModelQuantizer(config, compute_device="cpu")
+    quantizer.quantize_model(model, token_batches(4))
+    quantizer.freeze(model)
+    _state(model)
+    assert worst["reads"] > 0
+    assert worst["layers"] <= 2
+    assert worst["total"] <= 2 * layer_size + outside_size
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_changed_layers_go_to_the_offload_folder_and_are_read_back_from_it(checkpoints, tmp_path):
+    offload = tmp_path / "offload"
+    model = _quantize("llama", "int4_gptq", checkpoints["llama"], offload)
+    source = weight_source.disk_weights(model)
+    assert source is not None
+    frozen = "model.layers.1.mlp.down_proj.weight"
+    assert frozen in source.offloaded and not source.read(frozen).is_floating_point()  # packed int4
+    assert "model.embed_tokens.weight" not in source.offloaded  # never changed: read from the checkpoint
+    files = sorted(offload.glob("*.safetensors"))
+    assert files and {p for p, _ in source.offloaded.values()} == set(files)  # replaced copies are deleted
+
+
+def test_checkpoints_the_disk_placement_cannot_read_are_refused_before_any_work(checkpoints, tmp_path):
+    empty = tmp_path / "pickles"
+    empty.mkdir()
+    (empty / "config.json").write_text((checkpoints["llama"] / "config.json").read_text())
+    with pytest.raises(ValueError, match="--offload disk reads the layers from the model's safetensors shards.*"
+                                         "--offload cpu"):
+        load_model_on_disk(empty, tmp_path / "offload")
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "config.json").write_text((checkpoints["llama"] / "config.json").read_text())
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(checkpoints["llama"] / "model.safetensors"))
+    save_file({k.replace("model.", "transformer."): v for k, v in tensors.items()}, str(renamed / "model.safetensors"))
+    with pytest.raises(ValueError, match="the checkpoint has no tensor for .* --offload cpu"):
+        load_model_on_disk(renamed, tmp_path / "offload")
+
+
+def test_a_model_that_cannot_be_built_on_the_meta_device_is_refused(checkpoints, tmp_path, monkeypatch):
+    from quark.torch.llm import model_loading
+
+    class Broken:
+        __name__ = "Broken"
+
+        @staticmethod
+        def from_config(*args, **kwargs):
+            raise NotImplementedError("Cannot copy out of meta tensor; no data!")
+
+    monkeypatch.setattr(model_loading, "model_class", lambda model_type: Broken)
+    with pytest.raises(ValueError, match="cannot be built on the meta device .*--offload cpu"):
+        load_model_on_disk(checkpoints["llama"], tmp_path / "offload")
+
+
+_RSS_SCRIPT = textwrap.dedent("""
+    import json, sys, tempfile
+    import psutil, torch
+    import transformers.models.llama.modeling_llama  # code, not weights: imported before the baseline
+    from quark.torch import LLMTemplate, ModelExporter, ModelQuantizer
+    from quark.torch.llm.model_loading import load_model, load_model_on_disk
+    folder, placement = sys.argv[1], sys.argv[2]
+    batches = [torch.randint(0, 2048, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    base = psutil.Process().memory_info().rss
+    with tempfile.TemporaryDirectory() as offload:
+        model = load_model_on_disk(folder, offload) if placement == "disk" else load_model(folder)
+        config = LLMTemplate.get("llama").get_config(scheme="fp8", kv_cache_scheme="fp8")
+        quantizer = ModelQuantizer(config, compute_device="cpu")
+        quantizer.quantize_model(model, batches)
+        quantizer.freeze(model)
+        ModelExporter(export_dir=offload + "/out").export_safetensors_model(model, config, max_shard_size="40MB")
+    # VmHWM, not ru_maxrss: a child forked from a large parent inherits the parent's ru_maxrss
+    status = open("/proc/self/status").read().split("VmHWM:")[1]
+    peak = int(status.split()[0]) * 1024
+    print(json.dumps({"base": base, "peak": peak}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc/self/status")
+def test_disk_peak_rss_stays_below_the_model_size(tmp_path):
+    """A 360 MiB Llama (8 layers of 45 MiB): quantize, freeze and export it from disk with less host memory
+    than its weights (the same run with the model in memory needs more than them, so the measurement
+    can tell). The peak RSS is counted from after the imports (torch, transformers, the model's code)."""
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                                      num_attention_heads=16, num_key_value_heads=4, vocab_size=2048,
+                                      max_position_embeddings=128)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "model")
+    del model
+    used = {}
+    for placement in ("disk", "memory"):
+        run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "model"), placement],
+                             capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+        assert run.returncode == 0, run.stderr[-2000:]
+        rss = json.loads(run.stdout.strip().splitlines()[-1])
+        used[placement] = rss["peak"] - rss["base"]
+    assert model_bytes > 250 * 2**20
+    assert used["memory"] > model_bytes, used
+    assert used["disk"] < model_bytes, used
+    print(f"model {model_bytes / 2**20:.0f} MiB; peak RSS above the start: disk {used['disk'] / 2**20:.0f} MiB, "
+          f"in memory {used['memory'] / 2**20:.0f} MiB")
