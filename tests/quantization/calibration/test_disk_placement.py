@@ -162,7 +162,7 @@ def test_checkpoints_the_disk_placement_cannot_read_are_refused_before_any_work(
     empty = tmp_path / "pickles"
     empty.mkdir()
     (empty / "config.json").write_text((checkpoints["llama"] / "config.json").read_text())
-    with pytest.raises(ValueError, match="--offload disk reads the layers from the model's safetensors shards.*"
+    with pytest.raises(ValueError, match=r"--offload disk reads the layers from the model's safetensors shards.*"
                                          "--offload cpu"):
         load_model_on_disk(empty, tmp_path / "offload")
     renamed = tmp_path / "renamed"
@@ -172,7 +172,7 @@ def test_checkpoints_the_disk_placement_cannot_read_are_refused_before_any_work(
 
     tensors = load_file(str(checkpoints["llama"] / "model.safetensors"))
     save_file({k.replace("model.", "transformer."): v for k, v in tensors.items()}, str(renamed / "model.safetensors"))
-    with pytest.raises(ValueError, match="the checkpoint has no tensor for .* --offload cpu"):
+    with pytest.raises(ValueError, match=r"the checkpoint has no tensor for .* --offload cpu"):
         load_model_on_disk(renamed, tmp_path / "offload")
 
 
@@ -187,7 +187,7 @@ def test_a_model_that_cannot_be_built_on_the_meta_device_is_refused(checkpoints,
             raise NotImplementedError("Cannot copy out of meta tensor; no data!")
 
     monkeypatch.setattr(model_loading, "model_class", lambda model_type: Broken)
-    with pytest.raises(ValueError, match="cannot be built on the meta device .*--offload cpu"):
+    with pytest.raises(ValueError, match=r"cannot be built on the meta device .*--offload cpu"):
         load_model_on_disk(checkpoints["llama"], tmp_path / "offload")
 
 
