@@ -5,7 +5,10 @@ Builds a Llama-shaped model with random weights (``--shape 8b`` is Llama-3-8B's,
 quantizes it with one scheme per process, so each process's peak memory is its own. Placements:
 
 - ``gpu``: the whole model on the compute device;
-- ``cpu``: the model in CPU memory, one decoder layer at a time on the compute device.
+- ``cpu``: the model in CPU memory, one decoder layer at a time on the compute device;
+- ``disk``: the model on disk (``--disk_dir``, written once with random weights, one shard per decoder
+  layer, without holding the model in memory; or ``--model``), built on the meta device, each layer
+  read onto the compute device in turn (changed layers go to an offload folder beside it).
 
 Prints one JSON object per run: scheme, placement, layers, quantize and freeze seconds, seconds per
 layer, peak GPU memory (GiB), peak host RSS (GiB), device name. With ``--reference PYTHON`` (an
@@ -14,16 +17,19 @@ same shape in the same job, and the JSON gains ``reference_seconds`` and ``speed
 
     python bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs fp8_kv:gpu,fp8_kv:cpu,gptq:cpu,awq:cpu
     python bench/bench_speed.py --shape tiny --device cpu --runs fp8_kv:cpu     # a check that runs anywhere
+    python bench/bench_speed.py --shape 70b --layers 24 --device cuda --runs gptq:disk --disk_dir /data/l70
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,11 +51,70 @@ SCHEMES = {
     "int4_rtn": dict(scheme="int4_wo_128"),
     "mxfp4": dict(scheme="mxfp4"),
 }
-PLACEMENTS = ("gpu", "cpu")
+PLACEMENTS = ("gpu", "cpu", "disk")
 
 
 def _peak_rss_gib() -> float:
+    """Peak resident memory of this process: VmHWM on Linux (``ru_maxrss`` of a forked child starts at
+    its parent's), ``ru_maxrss`` elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _shape_config(shape: str, layers: int | None):
+    import transformers
+
+    dims = dict(SHAPES[shape])
+    if layers:
+        dims["num_hidden_layers"] = layers
+    return transformers.LlamaConfig(max_position_embeddings=8192, tie_word_embeddings=False, dtype="bfloat16",
+                                    **dims)
+
+
+def write_random_checkpoint(shape: str, layers: int | None, folder: Path) -> Path:
+    """A random-weight Llama checkpoint of ``shape`` in ``folder`` (bf16, one shard per decoder layer plus
+    one for the rest, and the index), written tensor by tensor: host memory holds one layer. A folder
+    that already holds the index is reused."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        return folder
+    config = _shape_config(shape, layers)
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(config)
+    groups: dict[str, dict[str, tuple]] = {}
+    for name, param in skeleton.named_parameters():
+        parts = name.split(".")
+        group = f"layer{int(parts[2]):03d}" if parts[:2] == ["model", "layers"] else "rest"
+        groups.setdefault(group, {})[name] = tuple(param.shape)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, (_group, shapes) in enumerate(sorted(groups.items())):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, dims in shapes.items():
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(dims, dtype=torch.bfloat16)
+            else:
+                tensors[name] = torch.empty(dims, dtype=torch.float32).normal_(0, 0.02, generator=gen).to(
+                    torch.bfloat16)
+            weight_map[name] = fname
+            total += tensors[name].numel() * 2
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        del tensors
+    config.save_pretrained(folder)
+    index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return folder
 
 
 def build_model(shape: str, layers: int | None, placement: str, device: str):
@@ -96,7 +161,16 @@ def run_one(args: argparse.Namespace) -> dict:
     scheme, placement = args.run.split(":")
     cuda = torch.device(args.device).type == "cuda"
     start = time.perf_counter()
-    if args.model:
+    offload = None
+    if placement == "disk":
+        import tempfile
+
+        from quark.torch.llm.model_loading import load_model_on_disk
+
+        folder = Path(args.model or args.disk_dir)
+        offload = tempfile.TemporaryDirectory(prefix="quark-offload-", dir=folder.parent)
+        model = load_model_on_disk(folder, offload.name)
+    elif args.model:
         import transformers
 
         home = args.device if placement == "gpu" else "cpu"
@@ -124,6 +198,8 @@ def run_one(args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.synchronize()
     freeze_s = time.perf_counter() - start
+    if offload is not None:
+        offload.cleanup()
     return {
         "scheme": scheme, "placement": placement, "shape": args.model or args.shape, "layers": layers,
         "samples": args.samples, "seq_len": args.seq, "build_s": round(build_s, 2),
@@ -144,6 +220,8 @@ def _child(python: str, args: argparse.Namespace, run: str, reference: bool) -> 
         cmd += ["--layers", str(args.layers)]
     if args.model:
         cmd += ["--model", args.model]
+    if args.disk_dir:
+        cmd += ["--disk_dir", str(args.disk_dir)]
     if reference:
         cmd.append("--is-reference")
     env = dict(os.environ)
@@ -174,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=None, metavar="PYTHON",
                         help="an interpreter with amd-quark 0.13 (not this package) to run each scheme too")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--disk_dir", default=None,
+                        help="disk placement: the checkpoint folder (written with random weights when it holds "
+                             "none; default: a temporary folder, removed at the end)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--is-reference", action="store_true", help=argparse.SUPPRESS)
@@ -187,6 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_one(args)), flush=True)
         return 0
+    with contextlib.ExitStack() as stack:
+        if any(run.endswith(":disk") for run in runs) and not args.model:
+            if args.disk_dir is None:
+                args.disk_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="quark-bench-")) + "/model"
+            write_random_checkpoint(args.shape, args.layers, Path(args.disk_dir))
+        _run_all(args, runs)
+    return 0
+
+
+def _run_all(args: argparse.Namespace, runs: list[str]) -> None:
     for run in runs:
         ours = _child(sys.executable, args, run, reference=False)
         if args.reference:
@@ -196,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
             if ref.get("quantize_s") and ours.get("quantize_s"):
                 ours["speedup"] = round(ref["quantize_s"] / ours["quantize_s"], 2)
         print(json.dumps(ours), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

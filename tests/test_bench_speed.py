@@ -26,3 +26,15 @@ def test_bench_speed_refuses_an_unknown_run():
     done = subprocess.run([sys.executable, str(BENCH), "--runs", "fp9:gpu"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "SCHEME:PLACEMENT" in done.stderr
+
+
+def test_bench_speed_disk_placement_reads_a_checkpoint_written_first(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH), "--shape", "tiny", "--device", "cpu", "--runs", "fp8_kv:disk",
+                           "--samples", "2", "--seq", "16", "--disk_dir", str(tmp_path / "model")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert "error" not in row, row
+    assert row["placement"] == "disk" and row["layers"] == 2 and row["peak_host_gib"] > 0
+    index = json.loads((tmp_path / "model" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3  # one shard per decoder layer, one for the rest
