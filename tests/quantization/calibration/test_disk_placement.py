@@ -241,3 +241,23 @@ def test_disk_peak_rss_stays_below_the_model_size(tmp_path):
     assert used["disk"] < model_bytes, used
     print(f"model {model_bytes / 2**20:.0f} MiB; peak RSS above the start: disk {used['disk'] / 2**20:.0f} MiB, "
           f"in memory {used['memory'] / 2**20:.0f} MiB")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_disk_placement_on_gpu_equals_the_model_in_cpu_memory(case, checkpoints, tmp_path):
+    """Layers read from disk onto the GPU give the tensors of layers moved there from CPU memory, and
+    nothing of the model stays on the GPU."""
+    states = []
+    for offload in (None, tmp_path / "offload"):
+        model = load_model(checkpoints["llama"]) if offload is None else load_model_on_disk(checkpoints["llama"],
+                                                                                          offload)
+        config = LLMTemplate.get("llama").get_config(**CASES[case])
+        if case == "int8_quarot":
+            config.pre_quant_opt_config = [QuaRotConfig(kv_cache_quant=False)]
+        quantizer = ModelQuantizer(config, compute_device="cuda")
+        quantizer.quantize_model(model, token_batches(6, seq=32))
+        quantizer.freeze(model)
+        assert all(t.device.type in ("cpu", "meta") for t in (*model.parameters(), *model.buffers()))
+        states.append(_state(model))
+    _assert_equal_states(*states)
