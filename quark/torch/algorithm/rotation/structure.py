@@ -101,7 +101,7 @@ def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     device = model.get_input_embeddings().weight.device
     if device.type == "meta":  # a model on disk: each part read when it runs
         device = torch.device("cpu")
-    with eval_mode(model), loaded_on_use(model, device):
+    with eval_mode(model), loaded_on_use(model, device, find_decoder_layers(model)[1]):
         out = model(ids.to(device), use_cache=False)
     return out.logits if hasattr(out, "logits") else out[0]
 

@@ -21,6 +21,7 @@ import quark
 from quark.torch.export.config.config import JsonExporterConfig
 from quark.torch.export.hf_format.merge import merge_members, merged_weight_state
 from quark.torch.export.keys import TENSOR_ROLES, checkpoint_suffix, split_role, to_checkpoint_tensor
+from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.calibration.placement import onloaded, placement_units, tensors_moved
 from quark.torch.quantization.calibration.weight_source import disk_weights
 from quark.torch.quantization.config.config import Config, QuantizationSpec
@@ -169,7 +170,11 @@ def model_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 seen[ident] = key
             yield key, tensor
         return
-    units = {name: (module, whole) for name, module, whole in placement_units(model)}
+    try:
+        decoder: tuple[str, nn.ModuleList] | None = find_decoder_layers(model)
+    except ValueError:
+        decoder = None
+    units = {name: (module, whole) for name, module, whole in placement_units(model, decoder)}
     first: dict[int, str] = {}
     groups: list[tuple[str, list[str]]] = []
     for key, value in model.state_dict(keep_vars=True).items():

@@ -121,18 +121,13 @@ def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: b
 
 
 @contextlib.contextmanager
-def loaded_on_use(model: nn.Module, device: torch.device | str, layers: nn.ModuleList | None = None
-                  ) -> Iterator[None]:
-    """A model on disk runs whole-model forwards: each decoder layer (``layers``, else found) and each
-    module outside them is read onto ``device`` when its forward starts and dropped when it ends. A
-    model not on disk is left as it is."""
+def loaded_on_use(model: nn.Module, device: torch.device | str, layers: nn.ModuleList) -> Iterator[None]:
+    """A model on disk runs whole-model forwards: each decoder layer (of ``layers``) and each module
+    outside them is read onto ``device`` when its forward starts and dropped when it ends. A model
+    not on disk is left as it is."""
     if _disk_source([model]) is None:
         yield
         return
-    from quark.torch.quantization.calibration.layerwise import find_decoder_layers
-
-    if layers is None:
-        _, layers = find_decoder_layers(model)
     units = [*layers, *(m for m in modules_outside(model, layers) if any(True for _ in m.parameters(recurse=False)))]
     stacks: dict[int, contextlib.ExitStack] = {}
 
@@ -173,15 +168,13 @@ def probing(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
         yield
 
 
-def placement_units(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
-    """``(name, module, whole)`` of what moves as one piece: each decoder layer (``whole``: with its
-    sub-modules), then each module outside the layers that holds parameters of its own (alone)."""
-    from quark.torch.quantization.calibration.layerwise import find_decoder_layers
-
-    try:
-        path, layers = find_decoder_layers(model)
-    except ValueError:
+def placement_units(model: nn.Module, decoder: tuple[str, nn.ModuleList] | None) -> list[tuple[str, nn.Module, bool]]:
+    """``(name, module, whole)`` of what moves as one piece: each decoder layer of ``decoder`` (its path
+    and list; ``whole``: with its sub-modules), then each module outside the layers that holds
+    parameters of its own (alone). Without decoder layers, every module holding parameters."""
+    if decoder is None:
         return [(name, m, False) for name, m in model.named_modules() if any(True for _ in m.parameters(False))]
+    path, layers = decoder
     outside = {id(m) for m in modules_outside(model, layers)}
     units: list[tuple[str, nn.Module, bool]] = [(f"{path}.{i}", layer, True) for i, layer in enumerate(layers)]
     units += [(name, m, False) for name, m in model.named_modules()
