@@ -261,3 +261,24 @@ def test_disk_placement_on_gpu_equals_the_model_in_cpu_memory(case, checkpoints,
         assert all(t.device.type in ("cpu", "meta") for t in (*model.parameters(), *model.buffers()))
         states.append(_state(model))
     _assert_equal_states(*states)
+
+
+def test_a_failed_run_on_disk_leaves_the_weights_it_started_from(checkpoints, tmp_path, monkeypatch):
+    """Rotation changes the layers, then fails its check: the offload folder's index is restored, so
+    every weight reads as the checkpoint's again."""
+    from quark.torch.algorithm.rotation import rotation
+
+    def fail(model, plan):
+        raise RuntimeError("injected: rotated logits differ")
+
+    monkeypatch.setattr(rotation, "_verify", fail)
+    model = load_model_on_disk(checkpoints["llama"], tmp_path / "offload")
+    config = LLMTemplate.get("llama").get_config(scheme="int8", algorithm="rotation")
+    with pytest.raises(RuntimeError, match="injected"):
+        ModelQuantizer(config, compute_device="cpu").quantize_model(model, token_batches(2))
+    assert weight_source.disk_weights(model).offloaded == {}
+    assert not list((tmp_path / "offload").glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    original = load_file(str(checkpoints["llama"] / "model.safetensors"))
+    _assert_equal_states(original, {k: v for k, v in _state(model).items() if k in original})

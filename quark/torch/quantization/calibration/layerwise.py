@@ -39,7 +39,7 @@ from quark.torch.quantization.calibration.batches import model_device, model_inp
 from quark.torch.quantization.calibration.batching import call_batch, checked_merge, split_like
 from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
 from quark.torch.quantization.calibration.placement import modules_outside, onloaded, tensors_moved
-from quark.torch.quantization.calibration.weight_source import has_meta_parameters
+from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +291,9 @@ class ModelBackup:
         self._ids: set[int] = set()
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        # Models on disk: the offload folder's index when the first module was saved (its files kept).
+        self._disk: list[tuple[Any, dict]] = []
+        self._pins = contextlib.ExitStack()
 
     def _folder(self) -> Path:
         if self._dir is None:
@@ -307,6 +310,10 @@ class ModelBackup:
     def save(self, module: nn.Module) -> None:
         if not self.enabled or id(module) in self._ids:
             return
+        found = source_of(module) if has_meta_parameters(module) else None
+        if found is not None and all(found[0] is not source for source, _ in self._disk):
+            self._pins.enter_context(found[0].pinned())
+            self._disk.append((found[0], found[0].snapshot()))
         folder = self._folder()
         files: list[Path] = []
         piece: dict[str, torch.Tensor] = {}
@@ -335,10 +342,12 @@ class ModelBackup:
     @torch.no_grad()
     def restore(self) -> None:
         """Load every saved state back (once; a second call does nothing), then delete the copies."""
-        if not self._saved:
+        if not self._saved and not self._disk:
             self.close()
             return
         self._flush()
+        for source, snapshot in self._disk:
+            source.restore(snapshot)
         for module, files in reversed(self._saved):
             self._load(module, files)
         logger.warning("restored the weights of %d module(s) after a failed run", len(self._saved))
@@ -346,10 +355,15 @@ class ModelBackup:
 
     @staticmethod
     def _load(module: nn.Module, files: list[Path]) -> None:
-        # A module of a model on disk is read, overwritten and written back to the offload folder.
-        with onloaded(module, "cpu", weights_change=True) if has_meta_parameters(module) else contextlib.nullcontext():
-            for path in files:
-                module.load_state_dict(load_file(str(path)), strict=False)
+        on_disk = {name for name, p in module.named_parameters() if p.device.type == "meta"}
+        for path in files:  # one piece at a time: never a second copy of the model in memory
+            state = load_file(str(path))
+            if not on_disk & state.keys():
+                module.load_state_dict(state, strict=False)
+                continue
+            # Saved while it was read from disk: read it again, overwrite, write it back to the offload folder.
+            with onloaded(module, "cpu", weights_change=True):
+                module.load_state_dict(state, strict=False)
 
     @torch.no_grad()
     def restore_module(self, module: nn.Module) -> bool:
@@ -374,6 +388,8 @@ class ModelBackup:
                 self._dir = None
             self._saved.clear()
             self._ids.clear()
+            self._disk.clear()
+            self._pins.close()
 
 
 def _layer_call(layer: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
