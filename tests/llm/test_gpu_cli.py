@@ -14,7 +14,8 @@ from quark.torch.llm.summary import SUMMARY_FILE
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("placement", [["--device", "cuda"], ["--multi_gpu"]])
+@pytest.mark.parametrize("placement", [["--device", "cuda"], ["--multi_gpu"], ["--device", "cuda", "--offload", "disk"],
+                                       ["--device", "cuda", "--offload", "cpu"]])
 def test_embedded_model_on_cuda(tmp_path: Path, placement: list[str]) -> None:
     out = tmp_path / "out"
     code = main([*placement, "--output_dir", str(out), "--model_export", "hf_format"])

@@ -63,3 +63,20 @@ def test_cli_refuses_what_the_disk_placement_cannot_do_before_any_work(tmp_path,
     err = capsys.readouterr().err
     assert named in err and "--offload" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_disk_placement_gives_the_export_of_the_model_in_memory(tmp_path):
+    """The embedded model quantized from disk (on the CPU): the same files as with --offload none."""
+    from quark.torch.llm import cli
+
+    outputs = {}
+    for offload in ("none", "disk"):
+        out = tmp_path / offload
+        assert cli.main(["--offload", offload, "--device", "cpu", "--output_dir", str(out), "--model_export",
+                         "hf_format", "--skip_float_evaluation", "--offload_folder", str(tmp_path)]) == 0
+        outputs[offload] = out
+    summary = json.loads((outputs["disk"] / "quark_summary.json").read_text())
+    assert summary["placement"] == "disk, layers on cpu"
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        assert (outputs["none"] / name).read_bytes() == (outputs["disk"] / name).read_bytes(), name
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("quark-offload-")] == []  # removed

@@ -122,8 +122,8 @@ def forward_layerwise(
     device = normalize_device(device)
     _, layers = find_decoder_layers(model, decoder_path)
     outside = modules_outside(model, layers)
-    with tensors_moved(outside, device, weights_change=False):
-        cache = capture_decoder_inputs(model, batches, layers, offload=device)
+    with tensors_moved(outside, device, weights_change=False, on_use=True):
+        cache = capture_decoder_inputs(model, batches, layers, offload=device, device=device)
     hidden = [a[0] if a else None for a in cache.args]
     verdict: bool | None = None if merge else False
     template: Any = None
@@ -165,7 +165,7 @@ def forward_layerwise(
     for layer in layers:
         layer.forward = replay  # type: ignore[method-assign]
     try:
-        with tensors_moved(outside, device, weights_change=False):
+        with tensors_moved(outside, device, weights_change=False, on_use=True):
             extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
             for index, batch in enumerate(batches):
                 replay.hidden = hidden[index]

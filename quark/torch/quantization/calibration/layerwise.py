@@ -146,11 +146,13 @@ class CapturedInputs:
 
 @torch.no_grad()
 def capture_decoder_inputs(
-    model: nn.Module, batches: Sequence[Any], layers: nn.ModuleList, offload: str | torch.device = "cpu"
+    model: nn.Module, batches: Sequence[Any], layers: nn.ModuleList, offload: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> CapturedInputs:
     """Run ``model`` on each batch until the decoder layers' inputs are known, then stop.
 
-    Caches are turned off (``use_cache=False``). Captured tensors are stored on ``offload``.
+    Caches are turned off (``use_cache=False``). The batches go to ``device`` (default: where the
+    model's first parameter is); captured tensors are stored on ``offload``.
     """
     if len(batches) == 0:
         raise ValueError("calibration data is empty: at least one batch is needed")
@@ -179,7 +181,7 @@ def capture_decoder_inputs(
         return hook
 
     handles = [layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in hook_at]
-    device = model_device(model)
+    device = model_device(model) if device is None else device
     try:
         for index, batch in enumerate(batches):
             args, kwargs = model_inputs(batch, device, index)
@@ -476,8 +478,8 @@ def run_layerwise(
     path, layers = find_decoder_layers(model, decoder_path)
     # The embeddings and whatever else runs before layer 0 compute on ``device`` too, so the captured
     # inputs do not depend on where the model sits.
-    with tensors_moved(modules_outside(model, layers), device, weights_change=False):
-        cache = capture_decoder_inputs(model, batches, layers, offload)
+    with tensors_moved(modules_outside(model, layers), device, weights_change=False, on_use=True):
+        cache = capture_decoder_inputs(model, batches, layers, offload, device)
     own_backup = backup is None
     backup = backup if backup is not None else ModelBackup()
     hidden = [a[0] if a else None for a in cache.args]

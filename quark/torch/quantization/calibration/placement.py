@@ -11,7 +11,8 @@ back writes changed ones to the offload folder and leaves the meta device in the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -55,16 +56,26 @@ def _disk_source(modules: Sequence[nn.Module]) -> Any:
 
 @contextlib.contextmanager
 def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
-                  weights_change: bool = True) -> Iterator[None]:
+                  weights_change: bool = True, on_use: bool = False) -> Iterator[None]:
     """Move the direct parameters and buffers of ``modules`` to ``device``; put each back where it was.
 
     Parameters are moved through ``.data`` so that tied weights (one Parameter in two modules) move
     once and stay tied. With ``weights_change=False`` (the block only reads them) a model on disk
-    does not write them back.
+    does not write them back; with ``on_use`` (the block only runs forwards) it reads each module
+    when its forward starts and drops it when it ends, so a pass reads only the modules it runs.
     """
     source = _disk_source(modules)
     if source is not None:
-        with source.loaded(modules, normalize_device(device), recurse=False, weights_change=weights_change):
+        device = normalize_device(device)
+        if on_use and not weights_change:
+            own = [m for m in modules if any(True for _ in m.parameters(recurse=False))]
+            rest = [m for m in modules if m not in own]  # buffers only (rotary tables): moved now
+            with source.loaded(rest, device, recurse=False, weights_change=False), \
+                    _read_when_run([(m, functools.partial(source.loaded, [m], device, recurse=False,
+                                                          weights_change=False)) for m in own]):
+                yield
+            return
+        with source.loaded(modules, device, recurse=False, weights_change=weights_change):
             yield
         return
     params: dict[int, tuple[nn.Parameter, torch.device]] = {}
@@ -128,12 +139,23 @@ def loaded_on_use(model: nn.Module, device: torch.device | str, layers: nn.Modul
     if _disk_source([model]) is None:
         yield
         return
-    units = [*layers, *(m for m in modules_outside(model, layers) if any(True for _ in m.parameters(recurse=False)))]
+    outside = [m for m in modules_outside(model, layers) if any(True for _ in m.parameters(recurse=False))]
+    units = [(layer, functools.partial(onloaded, layer, device, weights_change=False)) for layer in layers]
+    units += [(m, functools.partial(tensors_moved, [m], device, weights_change=False)) for m in outside]
+    with _read_when_run(units):
+        yield
+
+
+@contextlib.contextmanager
+def _read_when_run(units: list[tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]]
+                   ) -> Iterator[None]:
+    """Each ``(module, context)``: the context entered when the module's forward starts, left when it ends."""
     stacks: dict[int, contextlib.ExitStack] = {}
+    contexts = {id(module): context for module, context in units}
 
     def enter(module: nn.Module, args: Any) -> None:
         stack = contextlib.ExitStack()
-        stack.enter_context(onloaded(module, device, weights_change=False))
+        stack.enter_context(contexts[id(module)]())
         stacks[id(module)] = stack
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
@@ -143,7 +165,7 @@ def loaded_on_use(model: nn.Module, device: torch.device | str, layers: nn.Modul
 
     handles = []
     try:
-        for unit in units:
+        for unit, _ in units:
             handles.append(unit.register_forward_pre_hook(enter))
             handles.append(unit.register_forward_hook(leave, always_call=True))
         yield
