@@ -21,6 +21,7 @@ from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import ALL_QSCHEMES, ALL_WEIGHT_DTYPES, WeightGrid, weight_grid_from_spec
 from quark.torch.algorithm.utils.specs import set_weight_qparams, weight_spec_for
 from quark.torch.algorithm.utils.tokens import capped_tokens, token_weights
+from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.layerwise import (
     ModelBackup,
     collecting,
@@ -103,6 +104,31 @@ class GptqStep:
         self.hessians[name] = after
         self._last = (x, before, after)
 
+    def reduce(self, layer: nn.Module, index: int) -> None:
+        """Data-parallel ranks: every Hessian (and cross term) becomes the mean over all the ranks' tokens.
+
+        ``H = sum_r H_r n_r / sum_r n_r``, summed in float64; a Hessian shared by several linears (q/k/v)
+        is reduced once. Nothing happens in one process. Called by the runner after its collecting pass
+        and here after each later collection.
+        """
+        if not distributed.active():
+            return
+        reduced: dict[int, tuple[torch.Tensor, int]] = {}
+        for name in sorted(self.hessians):
+            entry = self.hessians[name]
+            h, count = entry
+            if h is None:
+                continue
+            if id(entry) not in reduced:
+                total = torch.tensor([float(count)], dtype=torch.float64)
+                distributed.all_reduce_(total, "sum", f"GPTQ {self.prefix}.{index}.{name}: token count")
+                cross = self.cross.get(name)
+                if cross is not None:
+                    self.cross[name] = _rank_mean(cross, count, int(total), f"{self.prefix}.{index}.{name}")
+                reduced[id(entry)] = (_rank_mean(h, count, int(total), f"{self.prefix}.{index}.{name}"), int(total))
+            self.hessians[name] = reduced[id(entry)]
+        self._last = None
+
     def _quantize(self, layer: nn.Module, index: int, name: str) -> None:
         module = layer.get_submodule(name)
         h, _ = self.hessians.pop(name, (None, 0))
@@ -168,6 +194,7 @@ class GptqStep:
         if not bool(getattr(self.cfg, "true_sequential", True)):
             if paired:
                 self._collect_paired(layer, names, inputs)
+                self.reduce(layer, index)
             for n in names:
                 self._quantize(layer, index, n)
             self._last = None
@@ -181,6 +208,7 @@ class GptqStep:
         for k, group in enumerate(groups):
             if paired:
                 self._collect_paired(layer, group, inputs)
+                self.reduce(layer, index)
             elif k > 0 or any(n not in self.hessians for n in group):
                 for n in group:
                     self.hessians.pop(n, None)
@@ -191,9 +219,16 @@ class GptqStep:
                             layer(*args, **kwargs)
                 finally:
                     self._only = None
+                self.reduce(layer, index)
             for n in group:
                 self._quantize(layer, index, n)
         self._last = None
+
+
+def _rank_mean(mean: torch.Tensor, count: int, total: int, what: str) -> torch.Tensor:
+    """The mean over every rank's tokens from this rank's running ``mean`` of ``count`` tokens."""
+    summed = distributed.all_reduce_(mean.double() * count, "sum", f"GPTQ {what}: statistics")
+    return (summed / total).to(mean.dtype)
 
 
 class GptqProcessor(AlgorithmProcessor):

@@ -75,6 +75,9 @@ class LayerStep(Protocol):
 
     def apply(self, layer: nn.Module, index: int, inputs: list[tuple[tuple, dict]]) -> None: ...
 
+    # Optional: ``reduce(layer, index)``, called after the collecting pass and before ``apply``, combines
+    # the statistics of every rank of a data-parallel run (``calibration/distributed.py``).
+
 
 def move_to(obj: Any, device: torch.device | str) -> Any:
     """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged)."""
@@ -427,6 +430,8 @@ def run_layerwise(
                         with collecting(layer, step, i):
                             for args, kwargs in runs:
                                 layer(*args, **kwargs)
+                    for step in (s for s in steps if hasattr(s, "reduce")):  # data-parallel ranks: sum statistics
+                        step.reduce(layer, i)
                     backup.save(layer)
                     for step in steps:
                         step.apply(layer, i, runs)
