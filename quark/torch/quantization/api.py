@@ -183,13 +183,13 @@ class ModelQuantizer:
                                            "cannot reach it; quantize the KV cache at the k/v projection outputs "
                                            "instead: kv_cache_post_rope=False)") from error
                     raise
+            distributed.verify_identical(model)
         except BaseException:
             if attention_patch is not None:
                 attention_patch.undo()
             undo_swaps(records)
             model.train(was_training)
             raise
-        distributed.verify_identical(model)
         model.quark_compute_device = device
         self.summary = QuantizationSummary(
             quantized=[p.name for p in plan], excluded=excluded, calibration_batches=len(batches),

@@ -1,0 +1,170 @@
+"""What each spawned rank runs in the data-parallel tests (importable by ``spawn``d processes)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+#: Case name -> LLMTemplate("llama").get_config keyword arguments.
+CASES: dict[str, dict[str, Any]] = {
+    "fp8_kv": dict(scheme="fp8", kv_cache_scheme="fp8"),
+    "int8_smoothquant": dict(scheme="int8", algorithm="smoothquant"),
+    "int4_rtn": dict(scheme="int4_wo_32"),
+    "int4_awq": dict(scheme="int4_wo_32", algorithm="awq"),
+    "int4_gptq": dict(scheme="int4_wo_32", algorithm="gptq"),
+    "quarot_gptq": dict(scheme="int4_wo_32", algorithm="quarot,gptq"),
+}
+BATCHES = 6
+
+
+def case_config(case: str) -> Any:
+    """The Config of ``case`` (QuaRot through the CLI's scheme builder, as ``--quant_algo quarot,gptq``)."""
+    from quark.torch import LLMTemplate
+    from quark.torch.llm import schemes
+
+    kwargs = dict(CASES[case])
+    if "quarot" in kwargs.get("algorithm", ""):
+        request = schemes.SchemeRequest(scheme=kwargs["scheme"], algorithms=kwargs["algorithm"].split(","))
+        return schemes.build_config(schemes.template_for("llama"), request)
+    return LLMTemplate.get("llama").get_config(**kwargs)
+
+
+def quantized_state(case: str, batches: list[torch.Tensor] | None = None, **quantizer_kwargs: Any) -> dict:
+    """The frozen tiny Llama's state dict after ``case`` (on this process's ranks, if any)."""
+    from quark.torch import ModelQuantizer
+    from tests.helpers.tiny_models import tiny_model, token_batches
+
+    model = tiny_model("llama")
+    config = case_config(case)
+    quantizer = ModelQuantizer(config, **quantizer_kwargs)
+    quantizer.quantize_model(model, token_batches(BATCHES) if batches is None else batches)
+    quantizer.freeze(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_rank(rank: int, world: int, port: int, out: str, job: Callable[[int, Path, dict], None],
+             timeout_s: float) -> None:
+    """Initialise gloo, run ``job(rank, out, results)``; save ``results`` (and any error) to ``out/rank{rank}.pt``."""
+    torch.set_num_threads(1)
+    report: dict[str, Any] = {"value": {}, "start": time.perf_counter()}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        job(rank, Path(out), report["value"])
+    except BaseException as error:  # reported to the parent test
+        report.update(error=f"{type(error).__name__}: {error}", type=type(error).__name__,
+                      trace=traceback.format_exc())
+    save(report, Path(out), rank)
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def save(report: dict[str, Any], out: Path, rank: int) -> None:
+    report["seconds"] = time.perf_counter() - report["start"]
+    torch.save(report, out / f"rank{rank}.pt")
+
+
+# -- jobs ------------------------------------------------------------------------------------------------
+def every_case(rank: int, out: Path, results: dict[str, Any]) -> None:
+    """Every case, then two faults: mismatched jobs (refused), and rank 1 dying in the middle of GPTQ."""
+    for case in CASES:
+        start = time.perf_counter()
+        results[case] = quantized_state(case)
+        results[case + ":seconds"] = time.perf_counter() - start
+    # GPTQ given the same statistics: every rank passes all the batches as its own share
+    results["int4_gptq:duplicated"] = quantized_state("int4_gptq", data_already_split=True)
+    results["observers"] = observer_ranges(rank)
+    results["mismatched"] = _error_of(lambda: mismatched_job(rank))
+    start = time.perf_counter()
+    results["dead"] = _error_of(lambda: dead_rank(rank, out, results))
+    results["dead:seconds"] = time.perf_counter() - start
+
+
+def _error_of(run: Callable[[], Any]) -> dict[str, str] | None:
+    try:
+        run()
+    except Exception as error:
+        return {"type": type(error).__name__, "error": str(error)}
+    return None
+
+
+def mismatched_job(rank: int) -> None:
+    """Rank 1 passes another config and one batch more."""
+    from quark.torch import LLMTemplate, ModelQuantizer
+    from tests.helpers.tiny_models import tiny_model, token_batches
+
+    config = LLMTemplate.get("llama").get_config("fp8" if rank == 0 else "int8")
+    ModelQuantizer(config).quantize_model(tiny_model("llama"), token_batches(4 + rank))
+
+
+def dead_rank(rank: int, out: Path, results: dict[str, Any]) -> None:
+    """Rank 1 dies (after saving its results) in GPTQ's second decoder layer; rank 0 must fail, not hang."""
+    from quark.torch.algorithm.gptq import gptq
+
+    if rank == 1:
+        real = gptq.GptqStep.reduce
+
+        def dying(self: Any, layer: Any, index: int) -> None:
+            if index == 1:
+                save({"value": results, "start": time.perf_counter()}, out, rank)
+                os._exit(3)
+            real(self, layer, index)
+
+        gptq.GptqStep.reduce = dying  # type: ignore[method-assign]
+    quantized_state("int4_gptq")
+    (out / "written").write_text("quantized")  # never reached
+
+
+def observer_data(rank: int | None) -> list[torch.Tensor]:
+    """Four activation tensors of growing range (rank 0 sees the first two, rank 1 the last two)."""
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(8, 16, generator=gen) * (1 + i) for i in range(4)]
+    return xs if rank is None else xs[2 * rank:2 * rank + 2]
+
+
+def observer_ranges(rank: int | None) -> dict[str, Any]:
+    """qparams of observers fed ``observer_data(rank)``, reduced over the ranks; one that only rank 0 feeds."""
+    from quark.torch.quantization.calibration import distributed
+    from quark.torch.quantization.config.config import QuantizationSpec
+    from quark.torch.quantization.config.type import Dtype, QSchemeType
+    from quark.torch.quantization.observer.observer import (
+        PerChannelMinMaxObserver,
+        PerTensorMinMaxObserver,
+        PerTensorMSEObserver,
+        PerTensorPercentileObserver,
+    )
+
+    per_tensor = QuantizationSpec(dtype=Dtype.int8, qscheme=QSchemeType.per_tensor, symmetric=False)
+    per_channel = QuantizationSpec(dtype=Dtype.int8, qscheme=QSchemeType.per_channel, ch_axis=-1)
+    observers = {"minmax": PerTensorMinMaxObserver(per_tensor), "per_channel": PerChannelMinMaxObserver(per_channel),
+                 "percentile": PerTensorPercentileObserver(per_tensor), "mse": PerTensorMSEObserver(per_tensor),
+                 "only_rank0": PerTensorMinMaxObserver(per_tensor)}
+    for x in observer_data(rank):
+        for name, observer in observers.items():
+            if name != "only_rank0" or not rank:
+                observer(x)
+    distributed.reduce_observers(list(observers.values()))
+    return {name: observer.calculate_qparams() for name, observer in observers.items()}
+
+
+def minmax_qparams(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """qparams of the asymmetric int8 per-tensor min-max observer over ``xs`` in one process."""
+    from quark.torch.quantization.config.config import QuantizationSpec
+    from quark.torch.quantization.config.type import Dtype, QSchemeType
+    from quark.torch.quantization.observer.observer import PerTensorMinMaxObserver
+
+    observer = PerTensorMinMaxObserver(QuantizationSpec(dtype=Dtype.int8, qscheme=QSchemeType.per_tensor,
+                                                        symmetric=False))
+    for x in xs:
+        observer(x)
+    return observer.calculate_qparams()
