@@ -43,12 +43,24 @@ def _value(reports: list[dict], rank: int) -> dict:
     return reports[rank]["value"]
 
 
+#: A state-dict key each case must hold (the statistics it checks exist).
+MARKERS = {"fp8_attention": "self_attn.softmax_quantizer.scale", "fp8_kv_post_rope": "self_attn.key_quantizer.scale",
+           "fp8_kv": "k_proj.output_quantizer.scale"}
+
+
 @pytest.mark.parametrize("case", list(workers.CASES))
 def test_two_ranks_equal_one_process(two_ranks, case):
     one = workers.quantized_state(case)
+    assert case not in MARKERS or any(key.endswith(MARKERS[case]) for key in one)
     rank0, rank1 = _value(two_ranks, 0)[case], _value(two_ranks, 1)[case]
     assert_same_state(rank0, rank1, f"{case}: rank 0 against rank 1")
     assert_same_state(one, rank0, f"{case}: one process against 2 ranks")
+
+
+def test_layer_by_layer_placement_on_two_ranks_equals_one_process(two_ranks):
+    one = workers.quantized_state("fp8_kv")
+    for rank in (0, 1):
+        assert_same_state(one, _value(two_ranks, rank)["fp8_kv:layer_by_layer"], f"rank {rank}")
 
 
 def test_gptq_on_the_same_statistics_is_one_process_gptq(two_ranks):

@@ -17,6 +17,8 @@ import torch.distributed as dist
 #: Case name -> LLMTemplate("llama").get_config keyword arguments.
 CASES: dict[str, dict[str, Any]] = {
     "fp8_kv": dict(scheme="fp8", kv_cache_scheme="fp8"),
+    "fp8_attention": dict(scheme="fp8", kv_cache_scheme="fp8", attention_scheme="fp8"),
+    "fp8_kv_post_rope": dict(scheme="fp8", kv_cache_scheme="fp8"),
     "int8_smoothquant": dict(scheme="int8", algorithm="smoothquant"),
     "int4_rtn": dict(scheme="int4_wo_32"),
     "int4_awq": dict(scheme="int4_wo_32", algorithm="awq"),
@@ -35,7 +37,9 @@ def case_config(case: str) -> Any:
     if "quarot" in kwargs.get("algorithm", ""):
         request = schemes.SchemeRequest(scheme=kwargs["scheme"], algorithms=kwargs["algorithm"].split(","))
         return schemes.build_config(schemes.template_for("llama"), request)
-    return LLMTemplate.get("llama").get_config(**kwargs)
+    config = LLMTemplate.get("llama").get_config(**kwargs)
+    config.kv_cache_post_rope = case.endswith("post_rope")
+    return config
 
 
 def quantized_state(case: str, batches: list[torch.Tensor] | None = None, **quantizer_kwargs: Any) -> dict:
@@ -49,6 +53,19 @@ def quantized_state(case: str, batches: list[torch.Tensor] | None = None, **quan
     quantizer.quantize_model(model, token_batches(BATCHES) if batches is None else batches)
     quantizer.freeze(model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def layer_by_layer_state(case: str) -> dict:
+    """:func:`quantized_state` with every stage forced to run one decoder layer at a time (the placement
+    of a model not wholly on the compute device)."""
+    from quark.torch.quantization import api
+
+    real = api.on_device
+    api.on_device = lambda module, device: False  # type: ignore[assignment]
+    try:
+        return quantized_state(case)
+    finally:
+        api.on_device = real  # type: ignore[assignment]
 
 
 def run_rank(rank: int, world: int, port: int, out: str, job: Callable[[int, Path, dict], None],
@@ -84,6 +101,7 @@ def every_case(rank: int, out: Path, results: dict[str, Any]) -> None:
     # GPTQ given the same statistics: every rank passes all the batches as its own share
     results["int4_gptq:duplicated"] = quantized_state("int4_gptq", data_already_split=True)
     results["observers"] = observer_ranges(rank)
+    results["fp8_kv:layer_by_layer"] = layer_by_layer_state("fp8_kv")
     results["mismatched"] = _error_of(lambda: mismatched_job(rank))
     start = time.perf_counter()
     results["dead"] = _error_of(lambda: dead_rank(rank, out, results))

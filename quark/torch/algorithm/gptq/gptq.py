@@ -225,10 +225,18 @@ class GptqStep:
         self._last = None
 
 
+#: Rows of a Hessian reduced at a time over data-parallel ranks (bounds the float64 copy on the device).
+REDUCE_ROWS = 1024
+
+
 def _rank_mean(mean: torch.Tensor, count: int, total: int, what: str) -> torch.Tensor:
-    """The mean over every rank's tokens from this rank's running ``mean`` of ``count`` tokens."""
-    summed = distributed.all_reduce_(mean.double() * count, "sum", f"GPTQ {what}: statistics")
-    return (summed / total).to(mean.dtype)
+    """The mean over every rank's tokens from this rank's running ``mean`` of ``count`` tokens, in place:
+    ``sum_r mean_r count_r / total`` summed in float64, ``REDUCE_ROWS`` rows at a time."""
+    for r0 in range(0, mean.shape[0], REDUCE_ROWS):
+        rows = mean[r0:r0 + REDUCE_ROWS]
+        summed = distributed.all_reduce_(rows.double() * count, "sum", f"GPTQ {what}: statistics")
+        rows.copy_(summed / total)
+    return mean
 
 
 class GptqProcessor(AlgorithmProcessor):

@@ -227,22 +227,25 @@ def reduce_observers(observers: Sequence[Any], owner: str = "calibration") -> No
 
 
 def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
-    """Two float64 sums of ``tensor``'s values (any dtype, any device)."""
+    """Three float64 sums of ``tensor``'s values (all, every 7th, every 13th from the 4th): a changed value
+    changes them; no temporary copy of the tensor is made."""
     t = tensor.detach()
-    if t.dtype.is_floating_point and t.element_size() == 1:
+    if t.dtype.is_floating_point and t.element_size() == 1:  # fp8: sum the bit patterns
         t = t.view(torch.uint8)
-    t = t.reshape(-1).double()
-    weights = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64).remainder_(7919).add_(1)
-    return torch.stack([t.sum(), (t * weights).sum()]).cpu()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    flat = t.reshape(-1)
+    return torch.stack([flat.sum(dtype=torch.float64), flat[::7].sum(dtype=torch.float64),
+                        flat[3::13].sum(dtype=torch.float64)]).cpu()
 
 
 def verify_identical(model: torch.nn.Module, owner: str = "quantize_model") -> None:
     """Raise ``RuntimeError`` when any parameter or buffer of ``model`` differs between ranks.
 
-    Each rank computes two float64 sums per tensor (one position-weighted) and the sums are
-    all-gathered: a changed bit anywhere changes them. Decisions (AWQ scales, GPTQ columns, ranges)
-    are computed on every rank from identical reduced statistics; this checks that they came out
-    identical.
+    Each rank computes three float64 sums per tensor (over all values and over two strided subsets)
+    and they are all-gathered: a changed value anywhere changes them (but for a float64 rounding).
+    Decisions (AWQ scales, GPTQ columns, ranges) are computed on every rank from identical reduced
+    statistics; this checks that they came out identical.
     """
     if not active():
         return
@@ -252,7 +255,7 @@ def verify_identical(model: torch.nn.Module, owner: str = "quantize_model") -> N
             continue
         names.append(name)
         sums.append(_fingerprint(tensor))
-    mine = torch.stack(sums) if sums else torch.zeros(0, 2, dtype=torch.float64)
+    mine = torch.stack(sums) if sums else torch.zeros(0, 3, dtype=torch.float64)
     every = gather_objects(mine, f"{owner}: compare the results of every rank")
     for r, theirs in enumerate(every):
         if theirs.shape != mine.shape:
