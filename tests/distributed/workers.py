@@ -20,6 +20,7 @@ CASES: dict[str, dict[str, Any]] = {
     "fp8_attention": dict(scheme="fp8", kv_cache_scheme="fp8", attention_scheme="fp8"),
     "fp8_kv_post_rope": dict(scheme="fp8", kv_cache_scheme="fp8"),
     "int8_smoothquant": dict(scheme="int8", algorithm="smoothquant"),
+    "int8_autosmoothquant": dict(scheme="int8", algorithm="autosmoothquant"),
     "int4_rtn": dict(scheme="int4_wo_32"),
     "int4_awq": dict(scheme="int4_wo_32", algorithm="awq"),
     "int4_gptq": dict(scheme="int4_wo_32", algorithm="gptq"),
