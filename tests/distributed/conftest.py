@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 def spawn_ranks(job: Callable[[int, Path, dict], None], out: Path, world: int = 2, timeout_s: float = 20.0,
-                wait_s: float = 120.0) -> list[dict[str, Any]]:
+                wait_s: float = 120.0, backend: str = "gloo") -> list[dict[str, Any]]:
     """Run ``job`` on ``world`` gloo ranks; each rank's report (``value``: what the job recorded, ``error`` if it
     raised, ``exitcode``).
 
@@ -30,7 +30,8 @@ def spawn_ranks(job: Callable[[int, Path, dict], None], out: Path, world: int = 
     """
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=run_rank, args=(r, world, port, str(out), job, timeout_s)) for r in range(world)]
+    procs = [ctx.Process(target=run_rank, args=(r, world, port, str(out), job, timeout_s, backend))
+             for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + wait_s

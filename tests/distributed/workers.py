@@ -43,17 +43,39 @@ def case_config(case: str) -> Any:
     return config
 
 
-def quantized_state(case: str, batches: list[torch.Tensor] | None = None, **quantizer_kwargs: Any) -> dict:
-    """The frozen tiny Llama's state dict after ``case`` (on this process's ranks, if any)."""
+def quantized_state(case: str, batches: list[torch.Tensor] | None = None, device: str = "cpu",
+                    **quantizer_kwargs: Any) -> dict:
+    """The frozen tiny Llama's state dict (on the CPU) after ``case`` on ``device`` (on this process's ranks,
+    if any)."""
     from quark.torch import ModelQuantizer
     from tests.helpers.tiny_models import tiny_model, token_batches
 
-    model = tiny_model("llama")
+    model = tiny_model("llama").to(device)
     config = case_config(case)
     quantizer = ModelQuantizer(config, **quantizer_kwargs)
-    quantizer.quantize_model(model, token_batches(BATCHES) if batches is None else batches)
+    batches = token_batches(BATCHES) if batches is None else batches
+    quantizer.quantize_model(model, [b.to(device) for b in batches])
     quantizer.freeze(model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+GPU_CASES = ("fp8_kv", "int8_smoothquant", "int4_rtn", "int4_awq", "int4_gptq")
+
+
+def gpu_cases(rank: int, out: Path, results: dict[str, Any]) -> None:
+    """The GPU cases on ``cuda:<current>``, with calibration calls merged (the GPU default) and not."""
+    from quark.torch.quantization.calibration import batching
+
+    device = f"cuda:{torch.cuda.current_device()}"
+    for case in GPU_CASES:
+        results[case] = quantized_state(case, device=device)
+    merge = batching.MERGE_TOKENS
+    batching.MERGE_TOKENS = 0
+    try:
+        for case in GPU_CASES:
+            results[case + ":unmerged"] = quantized_state(case, device=device)
+    finally:
+        batching.MERGE_TOKENS = merge
 
 
 def layer_by_layer_state(case: str) -> dict:
@@ -70,12 +92,15 @@ def layer_by_layer_state(case: str) -> dict:
 
 
 def run_rank(rank: int, world: int, port: int, out: str, job: Callable[[int, Path, dict], None],
-             timeout_s: float) -> None:
-    """Initialise gloo, run ``job(rank, out, results)``; save ``results`` (and any error) to ``out/rank{rank}.pt``."""
+             timeout_s: float, backend: str = "gloo") -> None:
+    """Initialise ``backend``, run ``job(rank, out, results)``; save ``results`` (and any error) to
+    ``out/rank{rank}.pt``. With NCCL, rank r computes on ``cuda:r``."""
     torch.set_num_threads(1)
     report: dict[str, Any] = {"value": {}, "start": time.perf_counter()}
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
         job(rank, Path(out), report["value"])
     except BaseException as error:  # reported to the parent test
