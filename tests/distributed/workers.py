@@ -158,11 +158,11 @@ def dead_rank(rank: int, out: Path, results: dict[str, Any]) -> None:
     if rank == 1:
         real = gptq.GptqStep.reduce
 
-        def dying(self: Any, layer: Any, index: int) -> None:
+        def dying(self: Any, layer: Any, index: int, names: Any = None) -> None:
             if index == 1:
                 save({"value": results, "start": time.perf_counter()}, out, rank)
                 os._exit(3)
-            real(self, layer, index)
+            real(self, layer, index, names)
 
         gptq.GptqStep.reduce = dying  # type: ignore[method-assign]
     quantized_state("int4_gptq")
