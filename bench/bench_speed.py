@@ -18,6 +18,13 @@ same shape in the same job, and the JSON gains ``reference_seconds`` and ``speed
     python bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs fp8_kv:gpu,fp8_kv:cpu,gptq:cpu,awq:cpu
     python bench/bench_speed.py --shape tiny --device cpu --runs fp8_kv:cpu     # a check that runs anywhere
     python bench/bench_speed.py --shape 70b --layers 24 --device cuda --runs gptq:disk --disk_dir /data/l70
+
+``--nproc 1,2`` runs each scheme data-parallel over 1 and then 2 processes (``torchrun``: NCCL, one GPU
+per process, on ``--device cuda``; gloo on ``--device cpu``); each process builds the same model and
+takes its share of the calibration samples. Rank 0's row gains ``nproc`` and, past one process,
+``speedup_vs_1`` (the one-process time over this one).
+
+    python bench/bench_speed.py --shape 8b --layers 4 --device cuda --runs gptq:gpu,awq:gpu --nproc 1,2
 """
 
 from __future__ import annotations
@@ -152,13 +159,26 @@ def _batches(samples: int, seq: int, vocab: int, device: str):
     return [torch.randint(0, vocab, (1, seq), generator=gen).to(device) for _ in range(samples)]
 
 
+def _start_ranks(args: argparse.Namespace) -> int:
+    """Under torchrun: the process group (NCCL with one GPU per rank, or gloo); the number of ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1
+    from quark.torch.quantization.calibration import distributed
+
+    distributed.init_from_env(args.device)
+    if args.device == "cuda":
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return distributed.world_size()
+
+
 def run_one(args: argparse.Namespace) -> dict:
-    """Quantize and freeze once in this process; the measurements as a dict."""
+    """Quantize and freeze once in this process (one rank of ``--nproc``); the measurements as a dict."""
     import torch
 
     from quark.torch import LLMTemplate, ModelQuantizer
 
-    scheme, placement = args.run.split(":")
+    nproc = _start_ranks(args)
+    scheme, placement = args.one_run.split(":")
     cuda = torch.device(args.device).type == "cuda"
     start = time.perf_counter()
     offload = None
@@ -210,11 +230,22 @@ def run_one(args: argparse.Namespace) -> dict:
         "peak_host_gib": round(_peak_rss_gib(), 2),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "implementation": "amd-quark" if args.is_reference else "quark-torch",
+        "nproc": nproc,
     }
 
 
-def _child(python: str, args: argparse.Namespace, run: str, reference: bool) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--child", "--run", run, "--shape", args.shape,
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(python: str, args: argparse.Namespace, run: str, reference: bool, nproc: int = 1) -> dict:
+    launch = [python] if nproc == 1 else [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                                          "--master-port", str(_free_port())]
+    cmd = [*launch, str(Path(__file__).resolve()), "--child", "--one_run", run, "--shape", args.shape,
            "--device", args.device, "--samples", str(args.samples), "--seq", str(args.seq)]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
@@ -255,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk_dir", default=None,
                         help="disk placement: the checkpoint folder (written with random weights when it holds "
                              "none; default: a temporary folder, removed at the end)")
+    parser.add_argument("--nproc", default="1", help="processes per run (data-parallel, torchrun); a list such as "
+                                                      "1,2 runs each count in turn")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--one_run", default=None, help=argparse.SUPPRESS)  # not --run: torchrun would take it
     parser.add_argument("--is-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -265,21 +298,39 @@ def main(argv: list[str] | None = None) -> int:
         if scheme not in SCHEMES or placement not in PLACEMENTS:
             parser.error(f"--runs: {run!r} is not SCHEME:PLACEMENT with SCHEME in {', '.join(SCHEMES)} and "
                          f"PLACEMENT in {', '.join(PLACEMENTS)}")
+    try:
+        counts = [int(n) for n in str(args.nproc).split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        parser.error(f"--nproc={args.nproc!r} must be positive process counts, e.g. 2 or 1,2")
+    if args.reference and counts != [1]:
+        parser.error("--reference runs one process (amd-quark has no data-parallel calibration); leave --nproc out")
     if args.child:
-        print(json.dumps(run_one(args)), flush=True)
+        row = run_one(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row), flush=True)
         return 0
     with contextlib.ExitStack() as stack:
         if any(run.endswith(":disk") for run in runs) and not args.model:
             if args.disk_dir is None:
                 args.disk_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="quark-bench-")) + "/model"
             write_random_checkpoint(args.shape, args.layers, Path(args.disk_dir))
-        _run_all(args, runs)
+        _run_all(args, runs, counts)
     return 0
 
 
-def _run_all(args: argparse.Namespace, runs: list[str]) -> None:
+def _run_all(args: argparse.Namespace, runs: list[str], counts: list[int]) -> None:
     for run in runs:
-        ours = _child(sys.executable, args, run, reference=False)
+        single = None
+        for nproc in counts:
+            ours = _child(sys.executable, args, run, reference=False, nproc=nproc)
+            if nproc == 1:
+                single = ours.get("quantize_s")
+            elif single and ours.get("quantize_s"):
+                ours["speedup_vs_1"] = round(single / ours["quantize_s"], 2)
+            if nproc != counts[-1]:
+                print(json.dumps(ours), flush=True)
         if args.reference:
             ref = _child(args.reference, args, run, reference=True)
             ours["reference_seconds"] = ref.get("quantize_s")

@@ -38,3 +38,19 @@ def test_bench_speed_disk_placement_reads_a_checkpoint_written_first(tmp_path):
     assert row["placement"] == "disk" and row["layers"] == 2 and row["peak_host_gib"] > 0
     index = json.loads((tmp_path / "model" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3  # one shard per decoder layer, one for the rest
+
+
+def test_bench_speed_runs_data_parallel_ranks():
+    """--nproc 2: torchrun with two gloo ranks; rank 0 alone prints its row."""
+    done = subprocess.run([sys.executable, str(BENCH), "--shape", "tiny", "--device", "cpu", "--runs", "gptq:cpu",
+                           "--samples", "2", "--seq", "16", "--nproc", "2"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    assert rows[0]["nproc"] == 2 and rows[0]["quantize_s"] > 0
+
+
+def test_bench_speed_refuses_a_bad_process_count():
+    done = subprocess.run([sys.executable, str(BENCH), "--nproc", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--nproc" in done.stderr

@@ -232,13 +232,13 @@ def test_linears_fed_the_same_input_share_one_hessian(monkeypatch):
     from tests.helpers.tiny_models import tiny_model, token_batches
 
     calls = []
-    real = gptq_module.accumulate_hessian
+    real = gptq_module.accumulate_hessian_sum
 
     def counting(h, count, x):
         calls.append(x.shape[-1])
         return real(h, count, x)
 
-    monkeypatch.setattr(gptq_module, "accumulate_hessian", counting)
+    monkeypatch.setattr(gptq_module, "accumulate_hessian_sum", counting)
     model = tiny_model("llama")
     config = LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm="gptq")
     ModelQuantizer(config).quantize_model(model, token_batches(4, seq=32))

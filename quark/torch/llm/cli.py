@@ -5,6 +5,10 @@ an fp8 KV cache, calibrated on its in-domain text) and reports perplexity before
 Bad input ends with one error line and exit status 2, with nothing written. SIGINT (Ctrl-C) and
 SIGTERM end the run with one line and exit status 130 / 143, after removing the temporary folders;
 ``--output_dir`` keeps its previous content.
+
+Under ``torchrun --nproc-per-node N -m quark.torch.llm ...`` the N processes calibrate data-parallel
+(``quark.torch.quantization.calibration.distributed``): gloo on ``--device cpu``, NCCL on CUDA with
+each rank on ``cuda:LOCAL_RANK``; only rank 0 logs at INFO, prints the table and writes the output.
 """
 
 from __future__ import annotations
@@ -176,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--log_severity_level", type=int, default=1, choices=sorted(_LEVELS),
                         help="0 debug, 1 info, 2 warning, 3 error, 4 critical")
+    parser.add_argument("--dist_timeout", type=float, default=600.0,
+                        help="under torchrun: seconds a rank waits for the others in a collective before the run "
+                             "fails (a rank that died or hangs); default 600")
     return parser
 
 
@@ -203,8 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parse_args(argv)
         except SystemExit as exc:
             return int(exc.code or 0)
-        logging.basicConfig(level=_LEVELS[args.log_severity_level], format="%(levelname)s %(name)s: %(message)s")
-        logging.getLogger("quark").setLevel(_LEVELS[args.log_severity_level])
+        level = _LEVELS[args.log_severity_level]
+        rank = _rank_from_env()
+        if rank > 0:  # the other ranks of a torchrun job report warnings and errors only
+            level = max(level, logging.WARNING)
+        tag = "" if rank < 0 else f"[rank {rank}] "
+        logging.basicConfig(level=level, format=f"%(levelname)s {tag}%(name)s: %(message)s")
+        logging.getLogger("quark").setLevel(level)
         return _run(args)
     except KeyboardInterrupt as interrupt:
         name = "SIGTERM" if isinstance(interrupt, Terminated) else "SIGINT"
@@ -215,11 +227,47 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _rank_from_env() -> int:
+    """This process's rank under torchrun (-1 when not launched by it with several processes)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else -1
+
+
+def _start_ranks(args: argparse.Namespace) -> bool:
+    """Initialise the process group of a torchrun job (True when this call did); ``ValueError`` for a
+    device choice that cannot work with one process per GPU."""
+    import os
+
+    from quark.torch.quantization.calibration import distributed
+
+    if _rank_from_env() < 0:
+        return False
+    if args.device.startswith("cuda:"):
+        raise ValueError(f"--device={args.device!r} under torchrun: each rank computes on cuda:LOCAL_RANK; "
+                         "pass --device cuda")
+    if args.multi_gpu:
+        raise ValueError("--multi_gpu under torchrun: each rank already has its own GPU (data-parallel "
+                         "calibration); run --multi_gpu in one process, or leave it out")
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist_timeout={args.dist_timeout} must be a positive number of seconds")
+    started = distributed.init_from_env(args.device, args.dist_timeout)
+    if args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return started
+
+
 def _run(args: argparse.Namespace) -> int:
     from quark.torch.llm.pipeline import run
+    from quark.torch.quantization.calibration.distributed import RankFailure
 
+    started = False
     try:
+        started = _start_ranks(args)
         summary = run(args)
+    except RankFailure as exc:  # another rank died or timed out: nothing was written
+        _error_line(exc)
+        return 1
     except ValueError as exc:
         _error_line(exc)
         return 2
@@ -230,7 +278,13 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:  # disk full, permissions, ...: the output folder was left as it was
         _error_line(f"{exc}; the output folder was left as it was")
         return 1
-    sys.stdout.write(summary.table() + "\n")
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if _rank_from_env() <= 0:
+        sys.stdout.write(summary.table() + "\n")
     return 0
 
 

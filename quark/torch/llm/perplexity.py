@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from quark.torch.llm.datasets import read_hub, split_text
 from quark.torch.llm.model_loading import TokenizerInfo, encode
+from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.layer_forward import forward_layerwise
 from quark.torch.quantization.calibration.placement import on_device
 
@@ -72,7 +73,20 @@ LAYERWISE_SEQUENCES = 64
 def sequences_nll(model: nn.Module, rows: list[torch.Tensor], compute_device: torch.device | str | None = None,
                   desc: str = "Perplexity") -> list[tuple[float, int]]:
     """:func:`sequence_nll` of each ``[1, n]`` row; a model that is not wholly on ``compute_device`` runs
-    one decoder layer at a time there (``LAYERWISE_SEQUENCES`` rows per pass)."""
+    one decoder layer at a time there (``LAYERWISE_SEQUENCES`` rows per pass).
+
+    Under a process group of several ranks each rank scores its share of the rows
+    (``distributed.shard``) and every rank gets all the rows' results, in order: the sums the callers
+    take are then one process's.
+    """
+    if distributed.active():
+        mine = _sequences_nll(model, distributed.shard(rows), compute_device, desc)
+        return [score for part in distributed.gather_objects(mine, "perplexity sums") for score in part]
+    return _sequences_nll(model, rows, compute_device, desc)
+
+
+def _sequences_nll(model: nn.Module, rows: list[torch.Tensor], compute_device: torch.device | str | None,
+                   desc: str) -> list[tuple[float, int]]:
     if compute_device is None or on_device(model, compute_device):
         return [sequence_nll(model, ids) for ids in tqdm(rows, desc=desc, unit="window", leave=False)]
     results: list[tuple[float, int]] = []

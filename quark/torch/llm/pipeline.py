@@ -12,6 +12,11 @@
 6. freeze and export into a staging folder beside ``--output_dir``, write ``quark_summary.json``,
    and swap the folder into place only at the end (:class:`AtomicFolder`): a failed or interrupted
    run leaves the previous output, and the next run removes its temporary folders.
+
+Under torchrun (a process group of several ranks) every rank runs steps 1-5 on the same samples:
+``ModelQuantizer`` splits the calibration batches and reduces the statistics, perplexity splits its
+windows and gathers their sums; only rank 0 cleans, freezes, exports and writes (the other ranks
+have nothing left to contribute after the last evaluation and return).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from quark.torch.llm.summary import (
     peak_gpu_memory_bytes,
     peak_host_memory_bytes,
 )
+from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.config.template import LLMTemplate
 
 logger = logging.getLogger(__name__)
@@ -110,7 +116,8 @@ def _check_output_dir(args: argparse.Namespace) -> Path | None:
     dest = check_destination(out, "--output_dir", _inputs(args))
     if not dest.parent.exists():
         raise ValueError(f"--output_dir={args.output_dir!r}: parent folder {str(dest.parent)!r} does not exist")
-    clean_leftovers(dest)
+    if distributed.rank() == 0:  # the one rank that writes
+        clean_leftovers(dest)
     check_replaceable(dest, args.overwrite, "--output_dir", _previous_output, SUMMARY_FILE)
     return out
 
@@ -362,6 +369,11 @@ def _run_loaded(args: argparse.Namespace, model: nn.Module, mode: str, config: A
     elif request is not None:
         model = _quantize(model, config, request, batches, args, summary)
         _evaluate(model, info, evaluation, "quantized", summary, compute)
+    if distributed.rank() > 0:  # data-parallel: rank 0 alone runs lm-eval, exports and writes the summary
+        summary.total_seconds = time.perf_counter() - start
+        return summary
+    if distributed.active():
+        summary.notes.append(f"data-parallel calibration and evaluation over {distributed.world_size()} ranks")
     if args.tasks and not args.skip_evaluation:
         from quark.torch.llm.lm_eval_tasks import run_tasks
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from quark.torch.quantization.algorithm_registry import algorithm_runner
+from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.batches import materialize, model_device, run_batches
 from quark.torch.quantization.calibration.layer_forward import forward_layerwise
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
@@ -69,6 +70,13 @@ class ModelQuantizer:
     turns their weights into real low-bit storage. If ``quantize_model`` raises, the original
     modules are put back (weights are only changed by algorithms that say so).
 
+    Under an initialised ``torch.distributed`` process group of several ranks (``torchrun``), the
+    calibration is data-parallel: every rank passes the same model, config and calibration batches,
+    takes its share of the batches (``distributed.shard``), and every statistic is reduced over the
+    ranks, so each rank ends with the model a one-process run on all the batches gives. With
+    ``data_already_split=True`` each rank passes its own share instead. Mismatched configs, models
+    or batch lists are refused before any work (``ValueError`` naming what differs on which rank).
+
     ``compute_device`` (e.g. ``"cuda"``) is where the work runs. The model may sit anywhere: on that
     device, in CPU memory, or spread over devices (an accelerate device map); when it is not wholly
     on the compute device, every stage (algorithms, calibration, ``freeze``) moves one decoder layer
@@ -82,7 +90,8 @@ class ModelQuantizer:
     """
 
     def __init__(self, config: Config, multi_device: bool = False, *, calibrate_all_experts: bool = False,
-                 calibrate_on_quantized: bool = False, compute_device: torch.device | str | None = None) -> None:
+                 calibrate_on_quantized: bool = False, compute_device: torch.device | str | None = None,
+                 data_already_split: bool = False) -> None:
         if not isinstance(config, Config):
             raise ValueError(f"ModelQuantizer(config=...) needs a quark Config, got {type(config).__name__}")
         self.config = config
@@ -90,6 +99,7 @@ class ModelQuantizer:
         self.compute_device = _checked_device(compute_device)
         self.calibrate_all_experts = bool(calibrate_all_experts)
         self.calibrate_on_quantized = bool(calibrate_on_quantized)
+        self.data_already_split = bool(data_already_split)
         self.summary = QuantizationSummary()
         level = config.log_severity_level
         if level is not None:
@@ -126,6 +136,7 @@ class ModelQuantizer:
         ) or (self.config.softmax_quant_spec is not None
               and not spec_is_dynamic_or_free(self.config.softmax_quant_spec))
         batches = materialize(dataloader, required=needs_data)
+        batches = distributed.split_batches(batches, self._rank_facts(model), self.data_already_split)
         device = self.compute_device or normalize_device(model_device(model))
         layerwise = not on_device(model, device)
         if layerwise:
@@ -157,6 +168,8 @@ class ModelQuantizer:
                     else:
                         run_batches(model, batches, desc="Calibrating", merge=_merge_invariant(quantizers),
                                     forget=lambda: _forget_statistics(quantizers))
+            distributed.reduce_observers([part.observer for q in quantizers for part in (q, q.scale_quantizer)
+                                          if part is not None and part.observing and part.observer is not None])
             for quantizer in quantizers:
                 try:
                     quantizer.finalize()
@@ -173,6 +186,7 @@ class ModelQuantizer:
                                            "cannot reach it; quantize the KV cache at the k/v projection outputs "
                                            "instead: kv_cache_post_rope=False)") from error
                     raise
+            distributed.verify_identical(model)
         except BaseException:
             if attention_patch is not None:
                 attention_patch.undo()
@@ -187,6 +201,16 @@ class ModelQuantizer:
         logger.info("quantized %d linear layers (%d excluded) with %d calibration batches in %.1f s",
                     len(plan), len(excluded), len(batches), self.summary.seconds)
         return model
+
+    def _rank_facts(self, model: nn.Module) -> dict[str, str]:
+        """What every rank of a data-parallel run must agree on (digests; compared before any work)."""
+        if not distributed.active():
+            return {}
+        options = (self.calibrate_all_experts, self.calibrate_on_quantized, self.data_already_split)
+        return {"config": distributed.digest(self.config.to_dict()),
+                "ModelQuantizer options": distributed.digest(options),
+                "model structure": distributed.digest([(n, list(p.shape), str(p.dtype))
+                                                       for n, p in model.named_parameters()])}
 
     @staticmethod
     def freeze(model: nn.Module, pack_method: str = "reorder", device: torch.device | str | None = None) -> nn.Module:

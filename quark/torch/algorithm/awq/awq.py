@@ -40,7 +40,8 @@ from quark.torch.algorithm.utils.quant import (
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
 from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn, producer_slice
 from quark.torch.algorithm.utils.specs import weight_spec_for
-from quark.torch.algorithm.utils.tokens import capped_tokens
+from quark.torch.algorithm.utils.tokens import token_weights
+from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
 from quark.torch.quantization.config.type import QSchemeType
 
@@ -76,7 +77,7 @@ class AwqStep(ScalingStep):
                 continue
             start, n_prev = producer_slice(layer, g, inputs, self.owner)
             x = self.group_input(g)
-            x_mean = reduce_to_prev(x.abs().float().mean(0), n_prev, head_dim, how="mean")
+            x_mean = reduce_to_prev(self.group_abs_mean(g), n_prev, head_dim, how="mean")
             # the group input's covariance per group size, rescaled for each candidate
             covariances = {size: group_input_covariance(x, size) for size in {grids[n].group_size for n in quantized}}
             module, calls = self.inspect_calls(layer, g)
@@ -138,14 +139,25 @@ def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int = 
     """``[groups, gs, gs]``: each input group's second moment ``mean_t x_g x_gᵀ`` over all tokens.
 
     Massive tokens are capped as in GPTQ's Hessian (:mod:`quark.torch.algorithm.utils.tokens`).
+    Data-parallel ranks (``calibration/distributed.py``) each pass their tokens: the cap is taken
+    against the median peak of every rank's tokens (all-gathered) and the sums over all of them, so
+    the result is one process's. Sums are float64, divided once by the token count, then rounded to
+    float32, so how the tokens are split does not change the float32 result (but for a float64
+    rounding that lands on a float32 tie).
     """
-    x = capped_tokens(x)
-    cols = x.shape[-1]
-    cov = torch.zeros(cols // group_size, group_size, group_size, device=x.device, dtype=torch.float32)
-    for t0 in range(0, x.shape[0], token_chunk):
-        xs = x[t0:t0 + token_chunk].float().reshape(-1, cols // group_size, group_size)
+    flat = x.reshape(-1, x.shape[-1])
+    peaks = flat.detach().abs().amax(-1).float()
+    weights = token_weights(flat, all_peaks=distributed.all_gather_cat(peaks, "AWQ token peaks"))
+    flat = flat if weights is None else flat * weights
+    cols = flat.shape[-1]
+    cov = torch.zeros(cols // group_size, group_size, group_size, device=flat.device, dtype=torch.float64)
+    for t0 in range(0, flat.shape[0], token_chunk):
+        xs = flat[t0:t0 + token_chunk].double().reshape(-1, cols // group_size, group_size)
         cov += torch.einsum("ngk,ngl->gkl", xs, xs)
-    return cov / max(x.shape[0], 1)
+    distributed.all_reduce_(cov, "sum", "AWQ input covariance")
+    count = distributed.all_reduce_(torch.tensor([float(flat.shape[0])], dtype=torch.float64), "sum",
+                                    "AWQ token count")
+    return (cov / max(float(count), 1.0)).float()
 
 
 def scaled_covariance(cov: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ class SmoothQuantStep(ScalingStep):
         results = []
         for g in self.active[index]:
             start, n_prev = producer_slice(layer, g, inputs, self.owner)
-            act_max = self.group_input(g).abs().amax(0)
+            act_max = self.group_abs_max(g)
             weights = [submodule(layer, n, f"{self.owner}.layers").weight for n in g.layers]
             s = smooth_scales(act_max, weights, self.alpha, self.clamp_min, n_prev, head_dim)
             results.append(ScaleResult(index, g.prev_op, list(g.layers), s.cpu(), prev_start=start))
@@ -87,7 +87,7 @@ class AutoSmoothQuantStep(ScalingStep):
         results = []
         for g in self.active[index]:
             start, n_prev = producer_slice(layer, g, inputs, self.owner)
-            act_max = self.group_input(g).abs().amax(0)
+            act_max = self.group_abs_max(g)
             fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in g.layers}
             module, calls = self.inspect_calls(layer, g)
             reference = self.run(module, calls)

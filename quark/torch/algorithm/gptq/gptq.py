@@ -13,14 +13,17 @@ from quark.torch.algorithm.gptq.columns import clear_graph_cache
 from quark.torch.algorithm.gptq.math import (
     accumulate_cross,
     accumulate_hessian,
+    accumulate_hessian_sum,
     float_target_weight,
     gptq_quantize,
+    hessian_from_sum,
 )
 from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import ALL_QSCHEMES, ALL_WEIGHT_DTYPES, WeightGrid, weight_grid_from_spec
 from quark.torch.algorithm.utils.specs import set_weight_qparams, weight_spec_for
 from quark.torch.algorithm.utils.tokens import capped_tokens, token_weights
+from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.layerwise import (
     ModelBackup,
     collecting,
@@ -106,15 +109,49 @@ class GptqStep:
         h, count = before if before is not None else (None, 0)
         if h is not None and any(other is before for key, other in self.hessians.items() if key != name):
             h = h.clone()  # shared with a linear that has not seen this input yet
-        after = accumulate_hessian(h, count, capped_tokens(x))
+        # a float64 sum divided once at the end: the same Hessian however the tokens are split over calls or ranks
+        after = accumulate_hessian_sum(h, count, capped_tokens(x))
         self.hessians[name] = after
         self._last = (x, before, after)
 
+    def reduce(self, layer: nn.Module, index: int, names: Sequence[str] | None = None) -> None:
+        """Data-parallel ranks: every Hessian (and cross term) becomes the mean over all the ranks' tokens.
+
+        The float64 sums of ``x xᵀ`` are summed (exact but for float64 roundings); the float32 running
+        means of ``match_float_outputs`` become ``sum_r H_r n_r / sum_r n_r``, summed in float64. A
+        Hessian shared by several linears (q/k/v) is reduced once. Nothing happens in one process.
+        Called by the runner after its collecting pass and here after each later collection (``names``:
+        the linears just collected; default all).
+        """
+        if not distributed.active():
+            return
+        reduced: dict[int, tuple[torch.Tensor, int]] = {}
+        for name in sorted(self.hessians if names is None else set(names) & set(self.hessians)):
+            entry = self.hessians[name]
+            h, count = entry
+            if h is None:
+                continue
+            if id(entry) not in reduced:
+                what = f"{self.prefix}.{index}.{name}"
+                total = torch.tensor([float(count)], dtype=torch.float64)
+                distributed.all_reduce_(total, "sum", f"GPTQ {what}: token count")
+                if h.dtype == torch.float64:  # a sum (collect)
+                    reduced[id(entry)] = (_rank_sum(h, what), int(total))
+                else:  # running means (match_float_outputs), with their cross terms
+                    cross = self.cross.get(name)
+                    if cross is not None:
+                        self.cross[name] = _rank_mean(cross, count, int(total), what)
+                    reduced[id(entry)] = (_rank_mean(h, count, int(total), what), int(total))
+            self.hessians[name] = reduced[id(entry)]
+        self._last = None
+
     def _quantize(self, layer: nn.Module, index: int, name: str) -> None:
         module = layer.get_submodule(name)
-        h, _ = self.hessians.pop(name, (None, 0))
+        h, count = self.hessians.pop(name, (None, 0))
         if h is None:
             raise RuntimeError(f"GPTQ {self.prefix}.{index}.{name}: no inputs reached this linear")
+        if h.dtype == torch.float64:  # collect()'s sums; the paired statistics are float32 running means
+            h = hessian_from_sum(h, count)
         full = f"{self.prefix}.{index}.{name}"
         damp = float(getattr(self.cfg, "damp_percent", 0.01))
         weight = module.weight.data
@@ -175,6 +212,7 @@ class GptqStep:
         if not bool(getattr(self.cfg, "true_sequential", True)):
             if paired:
                 self._collect_paired(layer, names, inputs)
+                self.reduce(layer, index)
             for n in names:
                 self._quantize(layer, index, n)
             self._last = None
@@ -188,6 +226,7 @@ class GptqStep:
         for k, group in enumerate(groups):
             if paired:
                 self._collect_paired(layer, group, inputs)
+                self.reduce(layer, index, group)
             elif k > 0 or any(n not in self.hessians for n in group):
                 for n in group:
                     self.hessians.pop(n, None)
@@ -198,9 +237,31 @@ class GptqStep:
                             layer(*args, **kwargs)
                 finally:
                     self._only = None
+                self.reduce(layer, index, group)
             for n in group:
                 self._quantize(layer, index, n)
         self._last = None
+
+
+#: Rows of a Hessian reduced at a time over data-parallel ranks (bounds the float64 copy on the device).
+REDUCE_ROWS = 1024
+
+
+def _rank_sum(total: torch.Tensor, what: str) -> torch.Tensor:
+    """``total`` summed over every rank in place, ``REDUCE_ROWS`` rows at a time."""
+    for r0 in range(0, total.shape[0], REDUCE_ROWS):
+        distributed.all_reduce_(total[r0:r0 + REDUCE_ROWS], "sum", f"GPTQ {what}: statistics")
+    return total
+
+
+def _rank_mean(mean: torch.Tensor, count: int, total: int, what: str) -> torch.Tensor:
+    """The mean over every rank's tokens from this rank's running ``mean`` of ``count`` tokens, in place:
+    ``sum_r mean_r count_r / total`` summed in float64, ``REDUCE_ROWS`` rows at a time."""
+    for r0 in range(0, mean.shape[0], REDUCE_ROWS):
+        rows = mean[r0:r0 + REDUCE_ROWS]
+        summed = distributed.all_reduce_(rows.double() * count, "sum", f"GPTQ {what}: statistics")
+        rows.copy_(summed / total)
+    return mean
 
 
 class GptqProcessor(AlgorithmProcessor):

@@ -59,6 +59,30 @@ def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     return h, total
 
 
+def accumulate_hessian_sum(s: torch.Tensor | None, count: int, x: torch.Tensor,
+                           token_chunk: int = 4096) -> tuple[torch.Tensor, int]:
+    """Float64 sum of ``x xᵀ`` over the tokens of ``x [..., in]`` and their count: ``(S, count)``;
+    the Hessian is :func:`hessian_from_sum`.
+
+    Products of float32 values are exact in float64 and their sums nearly so, so however the tokens
+    are split (over calls, merged batches or data-parallel ranks) the float32 Hessian comes out the
+    same, but for a float64 rounding that lands on a float32 tie. Tokens are converted
+    ``token_chunk`` at a time.
+    """
+    x = x.reshape(-1, x.shape[-1])
+    if s is None:
+        s = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+    for t0 in range(0, x.shape[0], token_chunk):
+        xs = x[t0:t0 + token_chunk].double()
+        s.addmm_(xs.t(), xs)
+    return s, count + x.shape[0]
+
+
+def hessian_from_sum(s: torch.Tensor, count: int) -> torch.Tensor:
+    """The float32 Hessian ``2 S / count`` of :func:`accumulate_hessian_sum`'s sum (divided once)."""
+    return (s * 2.0 / max(count, 1)).float()
+
+
 def accumulate_cross(d: torch.Tensor | None, count: int, x_float: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Running mean of ``2 (x_float - x) xᵀ`` over ``count`` earlier and these tokens (``[in, in]``).
 

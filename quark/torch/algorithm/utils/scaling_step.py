@@ -18,6 +18,7 @@ from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, submodule
 from quark.torch.algorithm.utils.scaling import candidate_slices, find_head_dim, scale_fc_fc, scale_norm_fcs
 from quark.torch.algorithm.utils.specs import refresh_weight_qparams
+from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.batching import checked_merge
 from quark.torch.quantization.calibration.layerwise import float_linears, layer_output_tensor
 
@@ -120,6 +121,24 @@ class ScalingStep:
     def group_input(self, g: ScalingGroup) -> torch.Tensor:
         xs = [a[0] for a, _ in self.inputs[g.inp]]
         return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs], 0)
+
+    def group_abs_max(self, g: ScalingGroup) -> torch.Tensor:
+        """``max |x|`` per input channel of the group over the calibration tokens (of every data-parallel
+        rank: exact in any order)."""
+        return distributed.all_reduce_(self.group_input(g).abs().amax(0), "max", f"{self.owner}: {g.inp} input max")
+
+    def group_abs_mean(self, g: ScalingGroup) -> torch.Tensor:
+        """``mean |x|`` per input channel over the calibration tokens (of every data-parallel rank).
+
+        Summed in float64 and divided once by the token count, then rounded to float32, so a split of
+        the tokens over ranks gives one process's result (but for a float64 rounding that lands on a
+        float32 tie).
+        """
+        x = self.group_input(g)
+        what = f"{self.owner}: {g.inp} input mean"
+        total = distributed.all_reduce_(x.abs().double().sum(0), "sum", what)
+        count = distributed.all_reduce_(torch.tensor([float(x.shape[0])], dtype=torch.float64), "sum", what)
+        return (total / count.to(total.device)).float()
 
     def inspect_calls(self, layer: nn.Module, g: ScalingGroup) -> tuple[nn.Module, list[tuple[tuple, dict]]]:
         """The module whose output the search compares, and its recorded calls (merged into batches)."""
@@ -229,6 +248,10 @@ def loss_fn(name: str) -> Any:
             d = (x.float() - y.float())
             total += float((d.pow(2) if key == "MSE" else d.abs()).sum())
             count += d.numel()
+        if distributed.active():  # data-parallel ranks: the loss over every rank's calls
+            both = distributed.all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64), "sum",
+                                           f"{name} search loss")
+            total, count = float(both[0]), int(both[1])
         return total / max(count, 1)
 
     return f

@@ -22,14 +22,20 @@ import torch
 MASSIVE_TOKEN_RATIO: float | None = 10.0
 
 
-def token_weights(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor | None:
-    """Per-token factors ``[tokens, 1]`` that cap each token's peak (None when nothing is capped)."""
+def token_weights(x: torch.Tensor, ratio: float | None = None,
+                  all_peaks: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per-token factors ``[tokens, 1]`` that cap each token's peak (None when nothing is capped).
+
+    ``all_peaks``: the token peaks whose median sets the cap (default: those of ``x``; data-parallel
+    ranks pass every rank's, so the cap is the one a single process would use).
+    """
     ratio = MASSIVE_TOKEN_RATIO if ratio is None else ratio
     flat = x.reshape(-1, x.shape[-1])
-    if ratio is None or flat.shape[0] < 2:
+    every = flat if all_peaks is None else all_peaks.reshape(-1, 1)
+    if ratio is None or every.shape[0] < 2:
         return None
     peak = flat.detach().abs().amax(-1, keepdim=True).float()
-    limit = float(ratio) * peak.median()
+    limit = float(ratio) * (peak if all_peaks is None else every).median()
     if limit <= 0 or bool((peak <= limit).all()):
         return None
     return (limit / peak.clamp(min=limit)).to(flat.dtype)

@@ -435,6 +435,8 @@ def _layer_pass(layer: nn.Module, i: int, name: str, steps: Sequence[LayerStep],
             with collecting(layer, step, i):
                 for args, kwargs in runs:
                     layer(*args, **kwargs)
+        for step in (s for s in steps if hasattr(s, "reduce")):  # data-parallel ranks: sum statistics
+            step.reduce(layer, i)
         backup.save(layer)
         retry.applying = True
         for step in steps:

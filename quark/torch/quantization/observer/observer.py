@@ -18,6 +18,7 @@ Conventions (those of Quark and ``torch.ao``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -126,6 +127,20 @@ class ObserverBase(nn.Module):
         """
         return False
 
+    # -- data-parallel calibration (``calibration/distributed.py``) ----------------------------------
+    def statistics_shape(self) -> tuple | None:
+        """What :meth:`empty_statistics` needs to build statistics of no data (None: nothing recorded)."""
+        return None
+
+    def empty_statistics(self, shape: tuple) -> None:
+        """Statistics of no data (the identity of :meth:`reduce`), shaped as another rank's."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be calibrated over several ranks")
+
+    def reduce(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        """Combine this observer's statistics over every rank in place; ``all_reduce(tensor, op)`` with
+        ``op`` in ``sum``/``min``/``max`` reduces a tensor in place over the ranks."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be calibrated over several ranks")
+
     def _qparams_from_range(self, min_val: torch.Tensor, max_val: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.qspec
@@ -199,6 +214,19 @@ class _MinMaxObserver(ObserverBase):
     def reset_state(self) -> None:
         self.min_val = None
         self.max_val = None
+
+    def statistics_shape(self) -> tuple | None:
+        return None if self.min_val is None else ("minmax", tuple(self.min_val.shape))
+
+    def empty_statistics(self, shape: tuple) -> None:
+        self.min_val = torch.full(shape[1], float("inf"))
+        self.max_val = torch.full(shape[1], float("-inf"))
+
+    def reduce(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        # min and max are exact in any order: the result equals one process's on all the data
+        if self.min_val is not None and self.max_val is not None:
+            all_reduce(self.min_val, "min")
+            all_reduce(self.max_val, "max")
 
 
 class PerTensorMinMaxObserver(_MinMaxObserver):
@@ -337,6 +365,31 @@ class _HistogramObserver(ObserverBase):
     def reset_state(self) -> None:
         self.histogram = None
         self.lo = self.hi = 0.0
+
+    def statistics_shape(self) -> tuple | None:
+        return None if self.histogram is None else ("histogram", self.bins)
+
+    def empty_statistics(self, shape: tuple) -> None:
+        self.histogram = torch.zeros(self.bins, dtype=torch.float64)
+        self.lo, self.hi = float("inf"), float("-inf")
+
+    def reduce(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        """Every rank's histogram re-binned onto the union of their ranges, then summed.
+
+        Not bit-identical to one process: there the bins are re-binned as the range grows batch by
+        batch, here once per rank onto the common range (counts move with their bin centres either way).
+        """
+        if self.histogram is None:
+            return
+        bounds = torch.tensor([self.lo, -self.hi], dtype=torch.float64)
+        all_reduce(bounds, "min")
+        lo, hi = float(bounds[0]), -float(bounds[1])
+        if self.hi < self.lo:  # no data here: zeros on the common range
+            self.histogram = torch.zeros(self.bins, dtype=torch.float64, device=self.histogram.device)
+            self.lo, self.hi = lo, hi
+        elif lo < self.lo or hi > self.hi:
+            self._rebin(lo, hi)
+        all_reduce(self.histogram, "sum")
 
 
 class PerTensorPercentileObserver(_HistogramObserver):
