@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quark.torch.algorithm.awq.inputs import TOKEN_CHUNK, group_input_stats, output_error
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import (
@@ -38,9 +39,9 @@ from quark.torch.algorithm.utils.quant import (
     weight_grid_from_spec,
 )
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
-from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn, producer_slice
+from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, producer_slice
 from quark.torch.algorithm.utils.specs import weight_spec_for
-from quark.torch.algorithm.utils.tokens import capped_tokens
+from quark.torch.quantization.calibration.distributed import all_reduce_
 from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
 from quark.torch.quantization.config.type import QSchemeType
 
@@ -61,7 +62,6 @@ class AwqStep(ScalingStep):
         super().__init__(groups, layers)
         self.grids = grids
         self.clip_in_scale_search = clip_in_scale_search
-        self._mse = loss_fn("MSE")
         self._clip_covariances: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -70,46 +70,76 @@ class AwqStep(ScalingStep):
         grids = self.grids[index]
         results = []
         self._clip_covariances = {}
-        for g in self.active[index]:
+        groups = self.active[index]
+        for k, g in enumerate(groups):
+            later = {name for other in groups[k + 1:] for name in (other.inp, other.module2inspect) if name}
             quantized = [n for n in g.layers if n in grids]
-            if not quantized:
-                continue
-            start, n_prev = producer_slice(layer, g, inputs, self.owner)
-            x = self.group_input(g)
-            x_mean = reduce_to_prev(x.abs().float().mean(0), n_prev, head_dim, how="mean")
-            # the group input's covariance per group size, rescaled for each candidate
-            covariances = {size: group_input_covariance(x, size) for size in {grids[n].group_size for n in quantized}}
+            if quantized:
+                results.append(self._search_group(layer, index, g, quantized, inputs, head_dim, later))
+            for name in [n for n in self.inputs if n not in later]:  # no later group reads them
+                del self.inputs[name]
+        return results
+
+    def _search_group(self, layer: nn.Module, index: int, g: ScalingGroup, quantized: list[str], inputs: list,
+                      head_dim: int | None, later: set[str]) -> ScaleResult:
+        """The best of the ``N_GRID`` scale candidates of group ``g``; notes its clipping covariances."""
+        grids = self.grids[index]
+        start, n_prev = producer_slice(layer, g, inputs, self.owner)
+        # a group without module2inspect is judged on its first linear's output: a linear function of the
+        # input, whose error for a weight change E is tr(E C Eᵀ) with C the input's second moment
+        linear_only = not g.module2inspect
+        stats = group_input_stats([a[0] for a, _ in self.inputs[g.inp]], {grids[n].group_size for n in quantized},
+                                  full=linear_only and g.layers[0] in quantized).reduce()
+        if linear_only and g.inp not in later:
+            del self.inputs[g.inp]  # the statistics are all the search needs
+        cols = stats.abs_sum.numel()
+        x_mean = reduce_to_prev(stats.mean_abs(), n_prev, head_dim, how="mean")
+        # the group input's covariance per group size, rescaled for each candidate
+        covariances = {size: stats.covariance(size) for size in stats.block_cov}
+        fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in quantized}
+        saved = {n: fc.weight.data.clone() for n, fc in fcs.items()}
+        dtype = saved[quantized[0]].dtype
+        candidates = []
+        for r in range(N_GRID):
+            s = x_mean.pow(r / N_GRID).clamp(min=1e-4)
+            candidates.append(s / (s.max() * s.min()).sqrt())
+        # the group's linears share their input (x) and so its scales
+        expanded = torch.stack([expand_scales(s, cols, head_dim) for s in candidates]).to(dtype)
+        chunk = _candidate_chunk([saved[n] for n in quantized])
+        # per candidate: (sum of squared output errors, their count) over this process's tokens
+        losses = torch.zeros(N_GRID, 2, dtype=torch.float64)
+        if linear_only:
+            judged = g.layers[0]
+            per_token = fcs[judged].out_features if judged in fcs else 0
+        else:
             module, calls = self.inspect_calls(layer, g)
             reference = self.run(module, calls)
-            fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in quantized}
-            saved = {n: fc.weight.data.clone() for n, fc in fcs.items()}
-            dtype = saved[quantized[0]].dtype
-            best, best_loss = None, float("inf")
-            candidates = []
-            for r in range(N_GRID):
-                s = x_mean.pow(r / N_GRID).clamp(min=1e-4)
-                candidates.append(s / (s.max() * s.min()).sqrt())
-            # the group's linears share their input (x) and so its scales
-            expanded = torch.stack([expand_scales(s, x.shape[-1], head_dim) for s in candidates]).to(dtype)
-            chunk = _candidate_chunk([saved[n] for n in quantized])
-            for r0 in range(0, N_GRID, chunk):
-                se = expanded[r0:r0 + chunk]
-                weights = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
-                for k in range(se.shape[0]):
+        for r0 in range(0, N_GRID, chunk):
+            se = expanded[r0:r0 + chunk]
+            weights = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
+            for k in range(se.shape[0]):
+                if linear_only:
+                    error = 0.0
+                    if stats.full_cov is not None:
+                        delta = weights[judged][k].float() - saved[judged].float()
+                        error = float(output_error(delta, stats.full_cov, dtype))
+                    losses[r0 + k] = torch.tensor([error, stats.local_tokens * per_token], dtype=torch.float64)
+                else:
                     for n, fc in fcs.items():
                         fc.weight.data.copy_(weights[n][k])
-                    loss = self._mse(self.run(module, calls), reference)
-                    if loss < best_loss:
-                        best, best_loss = candidates[r0 + k].clone(), loss
-            for n, fc in fcs.items():
-                fc.weight.data.copy_(saved[n])
-            if best is None:
-                raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
-            results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start))
-            final = _scaled_covariances(covariances, expand_scales(best, x.shape[-1], head_dim))
-            for n in quantized:
-                self._clip_covariances[n] = final[grids[n].group_size]
-        return results
+                    losses[r0 + k] = torch.tensor(_squared_error(self.run, module, calls, reference),
+                                                  dtype=torch.float64)
+        for n, fc in fcs.items():
+            fc.weight.data.copy_(saved[n])
+        all_reduce_(losses)  # every rank's tokens count
+        mse = torch.nan_to_num(losses[:, 0] / losses[:, 1].clamp(min=1), nan=float("inf"))
+        if not bool(torch.isfinite(mse).any()):
+            raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
+        best = candidates[int(mse.argmin())].clone()  # the first of equal minima
+        final = _scaled_covariances(covariances, expand_scales(best, cols, head_dim))
+        for n in quantized:
+            self._clip_covariances[n] = final[grids[n].group_size]
+        return ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start)
 
     def _candidate_weights(self, w: torch.Tensor, se: torch.Tensor, covariances: dict[int, torch.Tensor],
                            grid: WeightGrid) -> torch.Tensor:
@@ -133,19 +163,12 @@ class AwqStep(ScalingStep):
         self._clip_covariances = {}
 
 
-@torch.no_grad()
-def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int = 8192) -> torch.Tensor:
+def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int = TOKEN_CHUNK) -> torch.Tensor:
     """``[groups, gs, gs]``: each input group's second moment ``mean_t x_g x_gᵀ`` over all tokens.
 
     Massive tokens are capped as in GPTQ's Hessian (:mod:`quark.torch.algorithm.utils.tokens`).
     """
-    x = capped_tokens(x)
-    cols = x.shape[-1]
-    cov = torch.zeros(cols // group_size, group_size, group_size, device=x.device, dtype=torch.float32)
-    for t0 in range(0, x.shape[0], token_chunk):
-        xs = x[t0:t0 + token_chunk].float().reshape(-1, cols // group_size, group_size)
-        cov += torch.einsum("ngk,ngl->gkl", xs, xs)
-    return cov / max(x.shape[0], 1)
+    return group_input_stats([x], [group_size], token_chunk=token_chunk).covariance(group_size)
 
 
 def scaled_covariance(cov: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -163,6 +186,17 @@ CANDIDATE_BATCH_ELEMENTS = 1 << 23
 def _candidate_chunk(weights: Sequence[torch.Tensor]) -> int:
     per_candidate = sum(w.numel() for w in weights) * CLIP_STEPS
     return max(1, min(N_GRID, CANDIDATE_BATCH_ELEMENTS // max(per_candidate, 1)))
+
+
+def _squared_error(run: Any, module: nn.Module, calls: list[tuple[tuple, dict]],
+                   reference: list[torch.Tensor]) -> tuple[float, int]:
+    """``(Σ (out - reference)², element count)`` of ``module`` over ``calls``, one call's output at a time."""
+    total, count = 0.0, 0
+    for call, ref in zip(calls, reference):
+        d = run(module, [call])[0].float() - ref.float()
+        total += float(d.pow(2).sum())
+        count += d.numel()
+    return total, count
 
 
 def _scaled_covariances(covariances: dict[int, torch.Tensor], scales: torch.Tensor) -> dict[int, torch.Tensor]:

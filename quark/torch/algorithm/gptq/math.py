@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from quark.torch.algorithm.gptq.columns import column_loop, quantize_block
+from quark.torch.algorithm.utils.gram import half_gemm
 from quark.torch.algorithm.utils.quant import (
     WeightGrid,
     block_element_scales,
@@ -54,7 +55,7 @@ def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     """Running mean of ``2 x xᵀ`` over tokens: ``x`` is ``[..., in]``; returns ``(H, count)``.
 
     On a GPU, half-precision tokens (bf16/fp16, the model's dtype) go into one half-precision GEMM
-    with float32 accumulation and output (:func:`half_gram_on_gpu`): a product of two bf16/fp16 values
+    with float32 accumulation and output (:mod:`quark.torch.algorithm.utils.gram`): a product of two bf16/fp16 values
     is exact in float32, so only the summation order differs from the float32 GEMM, which on an H100
     runs at about a tenth of the speed (Llama-3-8B's down_proj, 65,536 tokens: 27 TFLOP a layer).
     Elsewhere the tokens are scaled in float32 and summed in float32.
@@ -64,18 +65,13 @@ def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     if h is None:
         h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
     total = count + n
-    if half_gram_on_gpu(x):
+    if half_gemm(x):
         return torch.addmm(h, x.t(), x, beta=count / total, alpha=2.0 / total, out_dtype=torch.float32), total
     x = x.float()
     h.mul_(count / total)
     x = x * (2.0 / total) ** 0.5
     h.addmm_(x.t(), x)
     return h, total
-
-
-def half_gram_on_gpu(x: torch.Tensor) -> bool:
-    """Whether ``xᵀ x`` runs as a bf16/fp16 GEMM with float32 output (CUDA tensors of those dtypes)."""
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def accumulate_cross(d: torch.Tensor | None, count: int, x_float: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,22 @@ MASSIVE_TOKEN_RATIO: float | None = 10.0
 
 def token_weights(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor | None:
     """Per-token factors ``[tokens, 1]`` that cap each token's peak (None when nothing is capped)."""
-    ratio = MASSIVE_TOKEN_RATIO if ratio is None else ratio
     flat = x.reshape(-1, x.shape[-1])
-    if ratio is None or flat.shape[0] < 2:
+    factors = cap_factors(flat.detach().abs().amax(-1, keepdim=True).float(), ratio)
+    return None if factors is None else factors.to(flat.dtype)
+
+
+def cap_factors(peak: torch.Tensor, ratio: float | None = None) -> torch.Tensor | None:
+    """Float32 factors (``peak``'s shape) that cap each token's peak |activation| ``peak`` (float32, one
+    per token) at ``ratio`` × their median; None when nothing is capped. Statistics streamed over
+    several calls take the peaks of all their tokens first, so the median is the same."""
+    ratio = MASSIVE_TOKEN_RATIO if ratio is None else ratio
+    if ratio is None or peak.numel() < 2:
         return None
-    peak = flat.detach().abs().amax(-1, keepdim=True).float()
     limit = float(ratio) * peak.median()
     if limit <= 0 or bool((peak <= limit).all()):
         return None
-    return (limit / peak.clamp(min=limit)).to(flat.dtype)
+    return limit / peak.clamp(min=limit)
 
 
 def capped_tokens(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor:
