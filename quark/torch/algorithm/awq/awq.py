@@ -35,6 +35,9 @@ from quark.torch.algorithm.utils.quant import (
     ALL_WEIGHT_DTYPES,
     WeightGrid,
     fake_quant_weight,
+    fake_quant_with,
+    minmax_qparams,
+    second_stage_scales,
     stage_two_scale,
     weight_grid_from_spec,
 )
@@ -249,11 +252,8 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
         wg = w[:, o0:o0 + oc_chunk].float().reshape(batch, -1, groups, gs)  # [batch, rows, G, gs]
         rows = wg.shape[1]
         max0 = wg.abs().amax(-1, keepdim=True)
-        mx = max0[None] * ratios[:, None, None, None, None]  # [steps, batch, rows, G, 1]
-        cur = torch.maximum(torch.minimum(wg[None], mx), -mx)
-        q = fake_quant_weight(cur.reshape(-1, cols), grid, scale2=scale2).reshape(cur.shape)
         # [batch * G, steps * rows, gs] against each candidate's group covariances [batch * G, gs, gs]
-        e = (q - wg[None]).permute(1, 3, 0, 2, 4).reshape(batch * groups, CLIP_STEPS * rows, gs)
+        e = (_block_clip_errors if grid.is_block else _clip_errors)(wg, max0, ratios, grid, scale2)
         err = (torch.bmm(e, cov.reshape(batch * groups, gs, gs)) * e).sum(-1)  # e C_g eᵀ
         err = err.reshape(batch, groups, CLIP_STEPS, rows)
         best = torch.nan_to_num(err, nan=float("inf")).argmin(2).transpose(1, 2)  # [batch, rows, G]: first minimum
@@ -261,6 +261,38 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
         clipped.append(torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(batch, -1, cols))
     result = torch.cat(clipped, 1).to(w.dtype)
     return result if batch > 1 else result[0]
+
+
+def _clip_errors(wg: torch.Tensor, max0: torch.Tensor, ratios: torch.Tensor, grid: WeightGrid,
+                 scale2: torch.Tensor | None) -> torch.Tensor:
+    """``Q(clip(w)) - w`` for every ratio, ``[batch * G, steps * rows, gs]``, of ``wg [batch, rows, G, gs]``
+    on an integer or scaled-float grid.
+
+    Built in the layout the error product reads (no copy), with each clipped group's min-max range
+    taken from the unclipped one (clamping commutes with the minimum and maximum): the same values
+    as :func:`fake_quant_weight` of each clipped weight, in fewer passes over ``steps`` × the weights.
+    """
+    batch, _, groups, gs = wg.shape
+    wp = wg.permute(0, 2, 1, 3)  # [batch, G, rows, gs]
+    mx = max0.permute(0, 2, 1, 3)[:, :, None] * ratios[:, None, None]  # [batch, G, steps, rows, 1]
+    cur = torch.clamp(wp[:, :, None], -mx, mx)
+    bound = mx[..., 0]
+    lo = torch.clamp(wp.amin(-1)[:, :, None], -bound, bound)
+    hi = torch.clamp(wp.amax(-1)[:, :, None], -bound, bound)
+    scale, zp = minmax_qparams(lo, hi, grid)
+    scale, _ = second_stage_scales(scale, grid, scale2)
+    q = fake_quant_with(cur, scale[..., None], zp[..., None], grid)
+    return (q - wp[:, :, None]).reshape(batch * groups, -1, gs)
+
+
+def _block_clip_errors(wg: torch.Tensor, max0: torch.Tensor, ratios: torch.Tensor, grid: WeightGrid,
+                       scale2: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_clip_errors` for block formats, whose element scales come from each clipped block."""
+    batch, _, groups, gs = wg.shape
+    mx = max0[None] * ratios[:, None, None, None, None]  # [steps, batch, rows, G, 1]
+    cur = torch.maximum(torch.minimum(wg[None], mx), -mx)
+    q = fake_quant_weight(cur.reshape(-1, groups * gs), grid, scale2=scale2).reshape(cur.shape)
+    return (q - wg[None]).permute(1, 3, 0, 2, 4).reshape(batch * groups, -1, gs)
 
 
 def awq_grids(model: nn.Module, path: str, layers: nn.ModuleList, groups: Sequence[ScalingGroup],
