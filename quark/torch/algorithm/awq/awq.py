@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quark.torch.algorithm.awq.inputs import TOKEN_CHUNK, group_input_stats, output_error
+from quark.torch.algorithm.awq.inputs import TOKEN_CHUNK, GroupInputStats, group_input_stats, output_error
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import (
@@ -73,28 +73,39 @@ class AwqStep(ScalingStep):
         grids = self.grids[index]
         results = []
         self._clip_covariances = {}
-        groups = self.active[index]
-        for k, g in enumerate(groups):
-            later = {name for other in groups[k + 1:] for name in (other.inp, other.module2inspect) if name}
-            quantized = [n for n in g.layers if n in grids]
+        groups = [(g, [n for n in g.layers if n in grids]) for g in self.active[index]]
+        # Groups judged on a linear's output need only statistics of their inputs (every group's inputs
+        # were recorded before any scale changes), so those come first and their inputs go at once:
+        # down_proj's are the largest a layer records.
+        stats = {k: self._input_stats(g, quantized, grids) for k, (g, quantized) in enumerate(groups)
+                 if quantized and not g.module2inspect}
+        self._drop_inputs_except({name for k, (g, _) in enumerate(groups) if k not in stats
+                                  for name in (g.inp, g.module2inspect) if name})
+        for k, (g, quantized) in enumerate(groups):
             if quantized:
-                results.append(self._search_group(layer, index, g, quantized, inputs, head_dim, later))
-            for name in [n for n in self.inputs if n not in later]:  # no later group reads them
-                del self.inputs[name]
+                if k not in stats:
+                    stats[k] = self._input_stats(g, quantized, grids)
+                results.append(self._search_group(layer, index, g, quantized, inputs, head_dim, stats.pop(k)))
+            self._drop_inputs_except({name for other, _ in groups[k + 1:] for name in (other.inp, other.module2inspect)
+                                      if name})
         return results
 
+    def _input_stats(self, g: ScalingGroup, quantized: list[str], grids: dict[str, WeightGrid]) -> GroupInputStats:
+        # a group without module2inspect is judged on its first linear's output: a linear function of the
+        # input, whose error for a weight change E is tr(E C Eᵀ) with C the input's second moment
+        return group_input_stats([a[0] for a, _ in self.inputs[g.inp]], {grids[n].group_size for n in quantized},
+                                 full=not g.module2inspect and g.layers[0] in quantized).reduce()
+
+    def _drop_inputs_except(self, keep: set[str]) -> None:
+        for name in [n for n in self.inputs if n not in keep]:
+            del self.inputs[name]
+
     def _search_group(self, layer: nn.Module, index: int, g: ScalingGroup, quantized: list[str], inputs: list,
-                      head_dim: int | None, later: set[str]) -> ScaleResult:
+                      head_dim: int | None, stats: GroupInputStats) -> ScaleResult:
         """The best of the ``N_GRID`` scale candidates of group ``g``; notes its clipping covariances."""
         grids = self.grids[index]
         start, n_prev = producer_slice(layer, g, inputs, self.owner)
-        # a group without module2inspect is judged on its first linear's output: a linear function of the
-        # input, whose error for a weight change E is tr(E C Eᵀ) with C the input's second moment
         linear_only = not g.module2inspect
-        stats = group_input_stats([a[0] for a, _ in self.inputs[g.inp]], {grids[n].group_size for n in quantized},
-                                  full=linear_only and g.layers[0] in quantized).reduce()
-        if linear_only and g.inp not in later:
-            del self.inputs[g.inp]  # the statistics are all the search needs
         cols = stats.abs_sum.numel()
         x_mean = reduce_to_prev(stats.mean_abs(), n_prev, head_dim, how="mean")
         # the group input's covariance per group size, rescaled for each candidate
@@ -186,6 +197,13 @@ def scaled_covariance(cov: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 CANDIDATE_BATCH_ELEMENTS = 1 << 23
 
 
+#: Clipped candidate weights (rows × columns × clip ratios) judged per step of :func:`clip_search`.
+#: On a GPU the search is otherwise bound by launching its ~25 ops per step (Llama-3-8B's gate and up
+#: projections: 141 steps each per candidate at 4M); each float32 temporary of a step is 4 bytes an element.
+CLIP_CHUNK_ELEMENTS = 1 << 22
+CLIP_CHUNK_ELEMENTS_GPU = 1 << 25
+
+
 def _candidate_chunk(weights: Sequence[torch.Tensor]) -> int:
     per_candidate = sum(w.numel() for w in weights) * CLIP_STEPS
     return max(1, min(N_GRID, CANDIDATE_BATCH_ELEMENTS // max(per_candidate, 1)))
@@ -217,7 +235,8 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
     candidates with their covariances ``[B, G, gs, gs]``. All ``CLIP_STEPS`` ratios are judged in one
     batch (a few large tensor ops instead of many small ones: on a CPU shared by several threads
     each op's fixed cost dominates); the first ratio with the smallest error wins, as in a
-    sequential search. Rows go ``oc_chunk`` at a time (default: about 4M candidate weights per chunk).
+    sequential search. Rows go ``oc_chunk`` at a time (default: ``CLIP_CHUNK_ELEMENTS`` clipped weights
+    per chunk, ``CLIP_CHUNK_ELEMENTS_GPU`` on a GPU).
 
     ``Q`` is the grid's own fake quantization. For block formats (OCP MX, BFP16/MX6/MX9) the
     clipped range only matters through the block's power-of-two exponent and the values it
@@ -246,7 +265,8 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
     scale2 = stage_two_scale(w[0], grid)
     groups = cols // gs
     ratios = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=torch.float32) / N_GRID
-    oc_chunk = oc_chunk or max(1, (1 << 22) // (batch * cols * CLIP_STEPS))
+    elements = CLIP_CHUNK_ELEMENTS_GPU if w.is_cuda else CLIP_CHUNK_ELEMENTS
+    oc_chunk = oc_chunk or max(1, elements // (batch * cols * CLIP_STEPS))
     clipped = []
     for o0 in range(0, out, oc_chunk):
         wg = w[:, o0:o0 + oc_chunk].float().reshape(batch, -1, groups, gs)  # [batch, rows, G, gs]
