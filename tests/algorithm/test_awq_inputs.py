@@ -6,6 +6,7 @@ References are written here: token-by-token sums in float64 on the concatenated 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -121,7 +122,7 @@ def test_search_holds_only_the_inputs_later_groups_read_and_reduces_losses(monke
     assert reduced and set(reduced) == {(N_GRID, 2)} and len(reduced) == len(held)
 
 
-def test_linear_groups_choose_the_candidate_of_the_token_by_token_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_groups_losses_are_the_token_by_token_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each linear-only group's losses equal the mean squared output error measured on the tokens."""
     seen: list[tuple[torch.Tensor, torch.Tensor, float]] = []
     real = awq.output_error
@@ -139,6 +140,29 @@ def test_linear_groups_choose_the_candidate_of_the_token_by_token_error(monkeypa
     for delta, cov, got in seen[:N_GRID]:
         d = delta.double()
         assert got == pytest.approx(float(torch.einsum("oi,ij,oj->", d, cov.double(), d)), rel=1e-5)
+
+
+def test_streaming_in_small_chunks_is_as_good_as_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statistics summed over many token chunks (as on 65,536 tokens) are as good as one chunk's.
+
+    Not bit for bit: float sums in another order move a few roundings of the candidates, and AWQ's
+    choices with them (the noise band of its discrete search), so the output errors are compared.
+    """
+    spec = replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=32)
+    config = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["lm_head"], algo_config=AWQConfig())
+    rtn_config = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["lm_head"])
+    model, batches, held_out = make_model("qwen2"), make_batches(4, seq=32, seed=1), make_batches(4, seq=32, seed=2)
+
+    def error(config: Config) -> float:
+        q = ModelQuantizer(config).quantize_model(copy.deepcopy(model), batches)
+        with torch.no_grad():
+            return sum(float(((q(b).logits - model(b).logits) ** 2).mean()) for b in held_out)
+
+    whole, rtn = error(config), error(rtn_config)
+    monkeypatch.setattr(inputs, "TOKEN_CHUNK", 24)
+    chunked = error(config)
+    assert chunked < rtn and whole < rtn
+    assert chunked == pytest.approx(whole, rel=0.1), (chunked, whole, rtn)
 
 
 def test_gram_of_a_batch_is_each_matrix_s_own() -> None:

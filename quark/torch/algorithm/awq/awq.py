@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quark.torch.algorithm.awq.inputs import TOKEN_CHUNK, GroupInputStats, group_input_stats, output_error
+from quark.torch.algorithm.awq.inputs import GroupInputStats, group_input_stats, output_error
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import (
@@ -177,7 +177,7 @@ class AwqStep(ScalingStep):
         self._clip_covariances = {}
 
 
-def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int = TOKEN_CHUNK) -> torch.Tensor:
+def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int | None = None) -> torch.Tensor:
     """``[groups, gs, gs]``: each input group's second moment ``mean_t x_g x_gᵀ`` over all tokens.
 
     Massive tokens are capped as in GPTQ's Hessian (:mod:`quark.torch.algorithm.utils.tokens`).

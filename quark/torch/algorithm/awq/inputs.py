@@ -89,12 +89,14 @@ def _chunks(xs: Iterable[torch.Tensor], token_chunk: int) -> Iterator[torch.Tens
 
 @torch.no_grad()
 def group_input_stats(xs: Sequence[torch.Tensor], group_sizes: Iterable[int], full: bool = False,
-                      token_chunk: int = TOKEN_CHUNK) -> GroupInputStats:
+                      token_chunk: int | None = None) -> GroupInputStats:
     """The sums of :class:`GroupInputStats` over every token of the tensors ``xs`` (each ``[..., in]``).
 
     Massive tokens are capped as in GPTQ's Hessian (:mod:`quark.torch.algorithm.utils.tokens`),
-    against the median peak of all tokens of ``xs``.
+    against the median peak of all tokens of ``xs``. ``token_chunk`` defaults to ``TOKEN_CHUNK``, read
+    at each call.
     """
+    token_chunk = token_chunk or TOKEN_CHUNK
     if not xs:
         raise ValueError("group_input_stats: no recorded inputs")
     cols, device = xs[0].shape[-1], xs[0].device
