@@ -100,3 +100,20 @@ def test_half_precision_hessian_on_gpu_matches_float32() -> None:
     assert h_gpu.dtype == torch.float32
     err = (h_gpu.cpu().double() - h_cpu).abs().max() / h_cpu.abs().max()
     assert err < 1e-5, float(err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_half_precision_paths_on_a_bf16_model_on_gpu(algorithm: str) -> None:
+    """A bf16 model on a GPU takes the half-precision GEMMs (Hessians, AWQ covariances and output errors)."""
+    from quark.torch import LLMTemplate
+
+    batches = [b.cuda() for b in make_batches(4, seq=32, seed=1)]
+    model = make_model("llama").to(torch.bfloat16).cuda()
+    with torch.no_grad():
+        ref = torch.cat([model(b).logits.float() for b in batches])
+    config = LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm=algorithm)
+    ModelQuantizer(config).quantize_model(model, batches)
+    with torch.no_grad():
+        out = torch.cat([model(b).logits.float() for b in batches])
+    assert torch.isfinite(out).all() and float((out - ref).norm() / ref.norm()) < 0.5

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from quark.torch.algorithm.gptq.columns import column_loop, quantize_block
-from quark.torch.algorithm.utils.gram import half_gemm
+from quark.torch.algorithm.utils.gram import gram, half_gemm
 from quark.torch.algorithm.utils.quant import (
     WeightGrid,
     block_element_scales,
@@ -66,7 +66,8 @@ def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> t
         h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
     total = count + n
     if half_gemm(x):
-        return torch.addmm(h, x.t(), x, beta=count / total, alpha=2.0 / total, out_dtype=torch.float32), total
+        h.mul_(count / total).add_(gram(x), alpha=2.0 / total)
+        return h, total
     x = x.float()
     h.mul_(count / total)
     x = x * (2.0 / total) ** 0.5
