@@ -18,6 +18,7 @@ same shape in the same job, and the JSON gains ``reference_seconds`` and ``speed
     python bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs fp8_kv:gpu,fp8_kv:cpu,gptq:cpu,awq:cpu
     python bench/bench_speed.py --shape tiny --device cpu --runs fp8_kv:cpu     # a check that runs anywhere
     python bench/bench_speed.py --shape 70b --layers 24 --device cuda --runs gptq:disk --disk_dir /data/l70
+    python bench/bench_speed.py --shape mid --layers 2 --samples 8 --device cpu --runs gptq:cpu,awq:cpu
 
 ``--nproc 1,2`` runs each scheme data-parallel over 1 and then 2 processes (``torchrun``: NCCL, one GPU
 per process, on ``--device cuda``; gloo on ``--device cpu``); each process builds the same model and
@@ -43,6 +44,9 @@ from pathlib import Path
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=512, num_hidden_layers=2),
+    # Llama-3-8B's proportions at a quarter of its width: GPTQ/AWQ costs on a CPU in minutes
+    "mid": dict(hidden_size=1024, intermediate_size=3584, num_attention_heads=16, num_key_value_heads=4,
+                vocab_size=4096, num_hidden_layers=4),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256, num_hidden_layers=32),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,

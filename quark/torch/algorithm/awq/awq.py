@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quark.torch.algorithm.awq.inputs import GroupInputStats, group_input_stats, output_error
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import (
@@ -34,14 +35,16 @@ from quark.torch.algorithm.utils.quant import (
     ALL_WEIGHT_DTYPES,
     WeightGrid,
     fake_quant_weight,
+    fake_quant_with,
+    minmax_qparams,
+    second_stage_scales,
     stage_two_scale,
     weight_grid_from_spec,
 )
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
-from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, loss_fn, producer_slice
+from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, producer_slice
 from quark.torch.algorithm.utils.specs import weight_spec_for
-from quark.torch.algorithm.utils.tokens import token_weights
-from quark.torch.quantization.calibration import distributed
+from quark.torch.quantization.calibration.distributed import all_reduce_
 from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
 from quark.torch.quantization.config.type import QSchemeType
 
@@ -62,7 +65,6 @@ class AwqStep(ScalingStep):
         super().__init__(groups, layers)
         self.grids = grids
         self.clip_in_scale_search = clip_in_scale_search
-        self._mse = loss_fn("MSE")
         self._clip_covariances: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -71,46 +73,87 @@ class AwqStep(ScalingStep):
         grids = self.grids[index]
         results = []
         self._clip_covariances = {}
-        for g in self.active[index]:
-            quantized = [n for n in g.layers if n in grids]
-            if not quantized:
-                continue
-            start, n_prev = producer_slice(layer, g, inputs, self.owner)
-            x = self.group_input(g)
-            x_mean = reduce_to_prev(self.group_abs_mean(g), n_prev, head_dim, how="mean")
-            # the group input's covariance per group size, rescaled for each candidate
-            covariances = {size: group_input_covariance(x, size) for size in {grids[n].group_size for n in quantized}}
+        groups = [(g, [n for n in g.layers if n in grids]) for g in self.active[index]]
+        # Groups judged on a linear's output need only statistics of their inputs (every group's inputs
+        # were recorded before any scale changes), so those come first and their inputs go at once:
+        # down_proj's are the largest a layer records.
+        stats = {k: self._input_stats(g, quantized, grids) for k, (g, quantized) in enumerate(groups)
+                 if quantized and not g.module2inspect}
+        self._drop_inputs_except({name for k, (g, _) in enumerate(groups) if k not in stats
+                                  for name in (g.inp, g.module2inspect) if name})
+        for k, (g, quantized) in enumerate(groups):
+            if quantized:
+                if k not in stats:
+                    stats[k] = self._input_stats(g, quantized, grids)
+                results.append(self._search_group(layer, index, g, quantized, inputs, head_dim, stats.pop(k)))
+            self._drop_inputs_except({name for other, _ in groups[k + 1:] for name in (other.inp, other.module2inspect)
+                                      if name})
+        return results
+
+    def _input_stats(self, g: ScalingGroup, quantized: list[str], grids: dict[str, WeightGrid]) -> GroupInputStats:
+        # a group without module2inspect is judged on its first linear's output: a linear function of the
+        # input, whose error for a weight change E is tr(E C Eᵀ) with C the input's second moment
+        return group_input_stats([a[0] for a, _ in self.inputs[g.inp]], {grids[n].group_size for n in quantized},
+                                 full=not g.module2inspect and g.layers[0] in quantized).reduce()
+
+    def _drop_inputs_except(self, keep: set[str]) -> None:
+        for name in [n for n in self.inputs if n not in keep]:
+            del self.inputs[name]
+
+    def _search_group(self, layer: nn.Module, index: int, g: ScalingGroup, quantized: list[str], inputs: list,
+                      head_dim: int | None, stats: GroupInputStats) -> ScaleResult:
+        """The best of the ``N_GRID`` scale candidates of group ``g``; notes its clipping covariances."""
+        grids = self.grids[index]
+        start, n_prev = producer_slice(layer, g, inputs, self.owner)
+        linear_only = not g.module2inspect
+        cols = stats.abs_sum.numel()
+        x_mean = reduce_to_prev(stats.mean_abs(), n_prev, head_dim, how="mean")
+        # the group input's covariance per group size, rescaled for each candidate
+        covariances = {size: stats.covariance(size) for size in stats.block_cov}
+        fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in quantized}
+        saved = {n: fc.weight.data.clone() for n, fc in fcs.items()}
+        dtype = saved[quantized[0]].dtype
+        candidates = []
+        for r in range(N_GRID):
+            s = x_mean.pow(r / N_GRID).clamp(min=1e-4)
+            candidates.append(s / (s.max() * s.min()).sqrt())
+        # the group's linears share their input (x) and so its scales
+        expanded = torch.stack([expand_scales(s, cols, head_dim) for s in candidates]).to(dtype)
+        chunk = _candidate_chunk([saved[n] for n in quantized])
+        # per candidate: (sum of squared output errors, their count) over this process's tokens
+        losses = torch.zeros(N_GRID, 2, dtype=torch.float64)
+        if linear_only:
+            judged = g.layers[0]
+            per_token = fcs[judged].out_features if judged in fcs else 0
+        else:
             module, calls = self.inspect_calls(layer, g)
             reference = self.run(module, calls)
-            fcs = {n: submodule(layer, n, f"{self.owner}.layers") for n in quantized}
-            saved = {n: fc.weight.data.clone() for n, fc in fcs.items()}
-            dtype = saved[quantized[0]].dtype
-            best, best_loss = None, float("inf")
-            candidates = []
-            for r in range(N_GRID):
-                s = x_mean.pow(r / N_GRID).clamp(min=1e-4)
-                candidates.append(s / (s.max() * s.min()).sqrt())
-            # the group's linears share their input (x) and so its scales
-            expanded = torch.stack([expand_scales(s, x.shape[-1], head_dim) for s in candidates]).to(dtype)
-            chunk = _candidate_chunk([saved[n] for n in quantized])
-            for r0 in range(0, N_GRID, chunk):
-                se = expanded[r0:r0 + chunk]
-                weights = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
-                for k in range(se.shape[0]):
+        for r0 in range(0, N_GRID, chunk):
+            se = expanded[r0:r0 + chunk]
+            weights = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
+            for k in range(se.shape[0]):
+                if linear_only:
+                    error = 0.0
+                    if stats.full_cov is not None:
+                        delta = weights[judged][k].float() - saved[judged].float()
+                        error = float(output_error(delta, stats.full_cov, dtype))
+                    losses[r0 + k] = torch.tensor([error, stats.local_tokens * per_token], dtype=torch.float64)
+                else:
                     for n, fc in fcs.items():
                         fc.weight.data.copy_(weights[n][k])
-                    loss = self._mse(self.run(module, calls), reference)
-                    if loss < best_loss:
-                        best, best_loss = candidates[r0 + k].clone(), loss
-            for n, fc in fcs.items():
-                fc.weight.data.copy_(saved[n])
-            if best is None:
-                raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
-            results.append(ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start))
-            final = _scaled_covariances(covariances, expand_scales(best, x.shape[-1], head_dim))
-            for n in quantized:
-                self._clip_covariances[n] = final[grids[n].group_size]
-        return results
+                    losses[r0 + k] = torch.tensor(_squared_error(self.run, module, calls, reference),
+                                                  dtype=torch.float64)
+        for n, fc in fcs.items():
+            fc.weight.data.copy_(saved[n])
+        all_reduce_(losses)  # every rank's tokens count
+        mse = torch.nan_to_num(losses[:, 0] / losses[:, 1].clamp(min=1), nan=float("inf"))
+        if not bool(torch.isfinite(mse).any()):
+            raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
+        best = candidates[int(mse.argmin())].clone()  # the first of equal minima
+        final = _scaled_covariances(covariances, expand_scales(best, cols, head_dim))
+        for n in quantized:
+            self._clip_covariances[n] = final[grids[n].group_size]
+        return ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start)
 
     def _candidate_weights(self, w: torch.Tensor, se: torch.Tensor, covariances: dict[int, torch.Tensor],
                            grid: WeightGrid) -> torch.Tensor:
@@ -134,30 +177,12 @@ class AwqStep(ScalingStep):
         self._clip_covariances = {}
 
 
-@torch.no_grad()
-def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int = 8192) -> torch.Tensor:
+def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int | None = None) -> torch.Tensor:
     """``[groups, gs, gs]``: each input group's second moment ``mean_t x_g x_gᵀ`` over all tokens.
 
     Massive tokens are capped as in GPTQ's Hessian (:mod:`quark.torch.algorithm.utils.tokens`).
-    Data-parallel ranks (``calibration/distributed.py``) each pass their tokens: the cap is taken
-    against the median peak of every rank's tokens (all-gathered) and the sums over all of them, so
-    the result is one process's. Sums are float64, divided once by the token count, then rounded to
-    float32, so how the tokens are split does not change the float32 result (but for a float64
-    rounding that lands on a float32 tie).
     """
-    flat = x.reshape(-1, x.shape[-1])
-    peaks = flat.detach().abs().amax(-1).float()
-    weights = token_weights(flat, all_peaks=distributed.all_gather_cat(peaks, "AWQ token peaks"))
-    flat = flat if weights is None else flat * weights
-    cols = flat.shape[-1]
-    cov = torch.zeros(cols // group_size, group_size, group_size, device=flat.device, dtype=torch.float64)
-    for t0 in range(0, flat.shape[0], token_chunk):
-        xs = flat[t0:t0 + token_chunk].double().reshape(-1, cols // group_size, group_size)
-        cov += torch.einsum("ngk,ngl->gkl", xs, xs)
-    distributed.all_reduce_(cov, "sum", "AWQ input covariance")
-    count = distributed.all_reduce_(torch.tensor([float(flat.shape[0])], dtype=torch.float64), "sum",
-                                    "AWQ token count")
-    return (cov / max(float(count), 1.0)).float()
+    return group_input_stats([x], [group_size], token_chunk=token_chunk).reduce().covariance(group_size)
 
 
 def scaled_covariance(cov: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -172,9 +197,27 @@ def scaled_covariance(cov: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 CANDIDATE_BATCH_ELEMENTS = 1 << 23
 
 
+#: Clipped candidate weights (rows × columns × clip ratios) judged per step of :func:`clip_search`.
+#: On a GPU the search is otherwise bound by launching its ~25 ops per step (Llama-3-8B's gate and up
+#: projections: 141 steps each per candidate at 4M); each float32 temporary of a step is 4 bytes an element.
+CLIP_CHUNK_ELEMENTS = 1 << 22
+CLIP_CHUNK_ELEMENTS_GPU = 1 << 25
+
+
 def _candidate_chunk(weights: Sequence[torch.Tensor]) -> int:
     per_candidate = sum(w.numel() for w in weights) * CLIP_STEPS
     return max(1, min(N_GRID, CANDIDATE_BATCH_ELEMENTS // max(per_candidate, 1)))
+
+
+def _squared_error(run: Any, module: nn.Module, calls: list[tuple[tuple, dict]],
+                   reference: list[torch.Tensor]) -> tuple[float, int]:
+    """``(Σ (out - reference)², element count)`` of ``module`` over ``calls``, one call's output at a time."""
+    total, count = 0.0, 0
+    for call, ref in zip(calls, reference):
+        d = run(module, [call])[0].float() - ref.float()
+        total += float(d.pow(2).sum())
+        count += d.numel()
+    return total, count
 
 
 def _scaled_covariances(covariances: dict[int, torch.Tensor], scales: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -192,7 +235,8 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
     candidates with their covariances ``[B, G, gs, gs]``. All ``CLIP_STEPS`` ratios are judged in one
     batch (a few large tensor ops instead of many small ones: on a CPU shared by several threads
     each op's fixed cost dominates); the first ratio with the smallest error wins, as in a
-    sequential search. Rows go ``oc_chunk`` at a time (default: about 4M candidate weights per chunk).
+    sequential search. Rows go ``oc_chunk`` at a time (default: ``CLIP_CHUNK_ELEMENTS`` clipped weights
+    per chunk, ``CLIP_CHUNK_ELEMENTS_GPU`` on a GPU).
 
     ``Q`` is the grid's own fake quantization. For block formats (OCP MX, BFP16/MX6/MX9) the
     clipped range only matters through the block's power-of-two exponent and the values it
@@ -221,17 +265,15 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
     scale2 = stage_two_scale(w[0], grid)
     groups = cols // gs
     ratios = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=torch.float32) / N_GRID
-    oc_chunk = oc_chunk or max(1, (1 << 22) // (batch * cols * CLIP_STEPS))
+    elements = CLIP_CHUNK_ELEMENTS_GPU if w.is_cuda else CLIP_CHUNK_ELEMENTS
+    oc_chunk = oc_chunk or max(1, elements // (batch * cols * CLIP_STEPS))
     clipped = []
     for o0 in range(0, out, oc_chunk):
         wg = w[:, o0:o0 + oc_chunk].float().reshape(batch, -1, groups, gs)  # [batch, rows, G, gs]
         rows = wg.shape[1]
         max0 = wg.abs().amax(-1, keepdim=True)
-        mx = max0[None] * ratios[:, None, None, None, None]  # [steps, batch, rows, G, 1]
-        cur = torch.maximum(torch.minimum(wg[None], mx), -mx)
-        q = fake_quant_weight(cur.reshape(-1, cols), grid, scale2=scale2).reshape(cur.shape)
         # [batch * G, steps * rows, gs] against each candidate's group covariances [batch * G, gs, gs]
-        e = (q - wg[None]).permute(1, 3, 0, 2, 4).reshape(batch * groups, CLIP_STEPS * rows, gs)
+        e = (_block_clip_errors if grid.is_block else _clip_errors)(wg, max0, ratios, grid, scale2)
         err = (torch.bmm(e, cov.reshape(batch * groups, gs, gs)) * e).sum(-1)  # e C_g eᵀ
         err = err.reshape(batch, groups, CLIP_STEPS, rows)
         best = torch.nan_to_num(err, nan=float("inf")).argmin(2).transpose(1, 2)  # [batch, rows, G]: first minimum
@@ -239,6 +281,38 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
         clipped.append(torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(batch, -1, cols))
     result = torch.cat(clipped, 1).to(w.dtype)
     return result if batch > 1 else result[0]
+
+
+def _clip_errors(wg: torch.Tensor, max0: torch.Tensor, ratios: torch.Tensor, grid: WeightGrid,
+                 scale2: torch.Tensor | None) -> torch.Tensor:
+    """``Q(clip(w)) - w`` for every ratio, ``[batch * G, steps * rows, gs]``, of ``wg [batch, rows, G, gs]``
+    on an integer or scaled-float grid.
+
+    Built in the layout the error product reads (no copy), with each clipped group's min-max range
+    taken from the unclipped one (clamping commutes with the minimum and maximum): the same values
+    as :func:`fake_quant_weight` of each clipped weight, in fewer passes over ``steps`` × the weights.
+    """
+    batch, _, groups, gs = wg.shape
+    wp = wg.permute(0, 2, 1, 3)  # [batch, G, rows, gs]
+    mx = max0.permute(0, 2, 1, 3)[:, :, None] * ratios[:, None, None]  # [batch, G, steps, rows, 1]
+    cur = torch.clamp(wp[:, :, None], -mx, mx)
+    bound = mx[..., 0]
+    lo = torch.clamp(wp.amin(-1)[:, :, None], -bound, bound)
+    hi = torch.clamp(wp.amax(-1)[:, :, None], -bound, bound)
+    scale, zp = minmax_qparams(lo, hi, grid)
+    scale, _ = second_stage_scales(scale, grid, scale2)
+    q = fake_quant_with(cur, scale[..., None], zp[..., None], grid)
+    return (q - wp[:, :, None]).reshape(batch * groups, -1, gs)
+
+
+def _block_clip_errors(wg: torch.Tensor, max0: torch.Tensor, ratios: torch.Tensor, grid: WeightGrid,
+                       scale2: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_clip_errors` for block formats, whose element scales come from each clipped block."""
+    batch, _, groups, gs = wg.shape
+    mx = max0[None] * ratios[:, None, None, None, None]  # [steps, batch, rows, G, 1]
+    cur = torch.maximum(torch.minimum(wg[None], mx), -mx)
+    q = fake_quant_weight(cur.reshape(-1, groups * gs), grid, scale2=scale2).reshape(cur.shape)
+    return (q - wg[None]).permute(1, 3, 0, 2, 4).reshape(batch * groups, -1, gs)
 
 
 def awq_grids(model: nn.Module, path: str, layers: nn.ModuleList, groups: Sequence[ScalingGroup],

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_with
+from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_with, round_to_grid
+from quark.torch.quantization.formats.affine import get_integer_division
 
 logger = logging.getLogger(__name__)
 
 USE_CUDA_GRAPHS = True  # read at call time; False runs every block eagerly
 MAX_CACHED_GRAPHS = 16
 
-_GraphKey = tuple[torch.device, int, int, torch.dtype, WeightGrid]
+_GraphKey = tuple[torch.device, int, int, torch.dtype, WeightGrid, str]
 
 
 def column_loop(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid: WeightGrid,
@@ -34,14 +35,36 @@ def column_loop(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.Tensor, zer
     ``hinv1 [B, B]`` is the block of the inverse Hessian's upper Cholesky factor. Writes the
     quantized columns into ``q1`` and the scaled errors ``(w - q) / d`` into ``err1``; the later
     columns of ``w1`` receive each error's update.
+
+    Integer grids run the quantizer's arithmetic (:func:`fake_quant_with`) op for op, with the
+    block's reciprocal scales taken once and results written in place: 7 kernels a column instead
+    of 10 for a signed symmetric grid (on a GPU the loop is bound by kernel launches).
     """
+    if grid.is_block or grid.is_float:
+        for i in range(start, stop):
+            c = w1[:, i]
+            q = fake_quant_with(c, scales[:, i], zeros[:, i], grid)
+            q1[:, i] = q
+            e = (c - q) / hinv1[i, i]
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
+            err1[:, i] = e
+        return
+    exact = get_integer_division() == "exact"
+    inverse = None if exact else torch.reciprocal(scales[:, start:stop])
+    zero_free = grid.symmetric and grid.qmin < 0  # signed symmetric grids have zero point 0
     for i in range(start, stop):
         c = w1[:, i]
-        q = fake_quant_with(c, scales[:, i], zeros[:, i], grid)
-        q1[:, i] = q
-        e = (c - q) / hinv1[i, i]
+        v = c / scales[:, i] if inverse is None else c * inverse[:, i - start]
+        v = round_to_grid(v, grid.round_method)
+        if zero_free:
+            v.clamp_(grid.qmin, grid.qmax)
+        else:
+            v = (v + zeros[:, i]).clamp_(grid.qmin, grid.qmax) - zeros[:, i]
+        torch.mul(v, scales[:, i], out=q1[:, i])
+        e = err1[:, i]
+        torch.sub(c, q1[:, i], out=e)
+        e.div_(hinv1[i, i])
         w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
-        err1[:, i] = e
 
 
 @dataclass
@@ -82,7 +105,7 @@ def _capture(w1: torch.Tensor, hinv1: torch.Tensor, grid: WeightGrid) -> _BlockG
 
 
 def _block_graph(w1: torch.Tensor, hinv1: torch.Tensor, grid: WeightGrid) -> _BlockGraph | None:
-    key = (w1.device, w1.shape[0], w1.shape[1], w1.dtype, grid)
+    key = (w1.device, w1.shape[0], w1.shape[1], w1.dtype, grid, get_integer_division())
     if key in _graphs:
         _graphs.move_to_end(key)
         return _graphs[key]

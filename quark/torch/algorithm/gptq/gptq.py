@@ -16,7 +16,9 @@ from quark.torch.algorithm.gptq.math import (
     accumulate_hessian_sum,
     float_target_weight,
     gptq_quantize,
+    gptq_quantize_stacked,
     hessian_from_sum,
+    stackable,
 )
 from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
@@ -145,27 +147,47 @@ class GptqStep:
             self.hessians[name] = reduced[id(entry)]
         self._last = None
 
-    def _quantize(self, layer: nn.Module, index: int, name: str) -> None:
-        module = layer.get_submodule(name)
-        h, count = self.hessians.pop(name, (None, 0))
+    def _quantize_group(self, layer: nn.Module, index: int, names: Sequence[str]) -> None:
+        """Quantize ``names``; linears that share one Hessian and one row-wise grid go in one call."""
+        batches: dict[tuple, list[str]] = {}
+        for n in names:
+            entry, grid = self.hessians.get(n), self.grids[index][n]
+            if entry is None or n in self.cross or not stackable(grid):
+                batches[(n,)] = [n]
+            else:
+                batches.setdefault((id(entry), grid), []).append(n)
+        for batch in batches.values():
+            self._quantize(layer, index, batch)
+
+    def _quantize(self, layer: nn.Module, index: int, names: list[str]) -> None:
+        """GPTQ on the linears ``names`` (one, or several sharing a Hessian entry and a stackable grid)."""
+        modules = [layer.get_submodule(n) for n in names]
+        entries = [self.hessians.pop(n, (None, 0)) for n in names]
+        h = entries[0][0]
+        full = [f"{self.prefix}.{index}.{n}" for n in names]
         if h is None:
-            raise RuntimeError(f"GPTQ {self.prefix}.{index}.{name}: no inputs reached this linear")
+            raise RuntimeError(f"GPTQ {full[0]}: no inputs reached this linear")
         if h.dtype == torch.float64:  # collect()'s sums; the paired statistics are float32 running means
-            h = hessian_from_sum(h, count)
-        full = f"{self.prefix}.{index}.{name}"
+            h = hessian_from_sum(h, entries[0][1])
         damp = float(getattr(self.cfg, "damp_percent", 0.01))
-        weight = module.weight.data
-        cross = self.cross.pop(name, None)
-        if cross is not None:
-            weight = float_target_weight(weight, h, cross, damp)
-        res = gptq_quantize(weight, h, self.grids[index][name], damp_percent=damp,
-                            desc_act=bool(getattr(self.cfg, "desc_act", True)),
-                            static_groups=bool(getattr(self.cfg, "static_groups", True)), name=full,
-                            clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0))
-        module.weight.data.copy_(res.weight)
-        if not self.grids[index][name].is_block:  # block formats derive their exponents from the weight itself
-            set_weight_qparams(module, res.scale, res.zero_point, res.scale2)
-        logger.debug("GPTQ %s: loss %.4g (damp %g)", full, res.loss, res.damp)
+        grid = self.grids[index][names[0]]
+        options = dict(damp_percent=damp, desc_act=bool(getattr(self.cfg, "desc_act", True)),
+                       static_groups=bool(getattr(self.cfg, "static_groups", True)), name=" + ".join(full),
+                       clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0))
+        if len(names) > 1:
+            results = gptq_quantize_stacked([m.weight.data for m in modules], h, grid, **options)
+        else:
+            weight = modules[0].weight.data
+            cross = self.cross.pop(names[0], None)
+            if cross is not None:
+                weight = float_target_weight(weight, h, cross, damp)
+            results = [gptq_quantize(weight, h, grid, **options)]
+        del entries, h
+        for module, res, name in zip(modules, results, full):
+            module.weight.data.copy_(res.weight)
+            if not grid.is_block:  # block formats derive their exponents from the weight itself
+                set_weight_qparams(module, res.scale, res.zero_point, res.scale2)
+            logger.debug("GPTQ %s: loss %.4g (damp %g)", name, res.loss, res.damp)
 
     def _collect_paired(self, layer: nn.Module, group: Sequence[str], inputs: list[tuple[tuple, dict]]) -> None:
         """Hessians and float-input cross terms of ``group``, batch by batch from both streams."""
@@ -213,8 +235,7 @@ class GptqStep:
             if paired:
                 self._collect_paired(layer, names, inputs)
                 self.reduce(layer, index)
-            for n in names:
-                self._quantize(layer, index, n)
+            self._quantize_group(layer, index, names)
             self._last = None
             return
         groups = sequential_groups(layer, *inputs[0], names=names)
@@ -238,8 +259,7 @@ class GptqStep:
                 finally:
                     self._only = None
                 self.reduce(layer, index, group)
-            for n in group:
-                self._quantize(layer, index, n)
+            self._quantize_group(layer, index, group)
         self._last = None
 
 

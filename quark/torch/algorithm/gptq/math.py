@@ -8,12 +8,16 @@ straddles two blocks, which keeps the result identical to the unblocked algorith
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from quark.torch.algorithm.gptq.columns import column_loop, quantize_block
+from quark.torch.algorithm.utils.gram import gram, half_gemm
 from quark.torch.algorithm.utils.quant import (
     WeightGrid,
     block_element_scales,
@@ -44,15 +48,27 @@ class GptqResult:
     loss: float
     damp: float
     scale2: torch.Tensor | None = None
+    row_losses: torch.Tensor | None = None  # ``[out]``: each row's share of ``loss``
 
 
 def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Running mean of ``2 x xᵀ`` over tokens: ``x`` is ``[..., in]``; returns ``(H, count)``."""
-    x = x.reshape(-1, x.shape[-1]).float()
+    """Running mean of ``2 x xᵀ`` over tokens: ``x`` is ``[..., in]``; returns ``(H, count)``.
+
+    On a GPU, half-precision tokens (bf16/fp16, the model's dtype) go into one half-precision GEMM
+    with float32 accumulation and output (:mod:`quark.torch.algorithm.utils.gram`): a product of two bf16/fp16 values
+    is exact in float32, so only the summation order differs from the float32 GEMM, which on an H100
+    runs at about a tenth of the speed (Llama-3-8B's down_proj, 65,536 tokens: 27 TFLOP a layer).
+    Elsewhere the tokens are scaled in float32 and summed in float32.
+    """
+    x = x.reshape(-1, x.shape[-1])
     n = x.shape[0]
     if h is None:
         h = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
     total = count + n
+    if half_gemm(x):
+        h.mul_(count / total).add_(gram(x), alpha=2.0 / total)
+        return h, total
+    x = x.float()
     h.mul_(count / total)
     x = x * (2.0 / total) ** 0.5
     h.addmm_(x.t(), x)
@@ -67,11 +83,18 @@ def accumulate_hessian_sum(s: torch.Tensor | None, count: int, x: torch.Tensor,
     Products of float32 values are exact in float64 and their sums nearly so, so however the tokens
     are split (over calls, merged batches or data-parallel ranks) the float32 Hessian comes out the
     same, but for a float64 rounding that lands on a float32 tie. Tokens are converted
-    ``token_chunk`` at a time.
+    ``token_chunk`` at a time. On a GPU, bf16/fp16 tokens are multiplied in float32 chunk by chunk
+    (``4 * token_chunk`` tokens a GEMM), so there the split changes the float32 partial sums.
     """
     x = x.reshape(-1, x.shape[-1])
     if s is None:
         s = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+    if half_gemm(x):
+        # on a GPU, half-precision tokens: each chunk's products in one tensor-core GEMM with float32
+        # accumulation (exact products; a float64 GEMM runs at a fraction of the rate), summed in float64
+        for t0 in range(0, x.shape[0], 4 * token_chunk):
+            s.add_(gram(x[t0:t0 + 4 * token_chunk]))
+        return s, count + x.shape[0]
     for t0 in range(0, x.shape[0], token_chunk):
         xs = x[t0:t0 + token_chunk].double()
         s.addmm_(xs.t(), xs)
@@ -130,12 +153,16 @@ def _inverse_cholesky(h: torch.Tensor, damp_percent: float, name: str) -> tuple[
     mean_diag = torch.mean(torch.diag(h)).item()
     damp = damp_percent
     for attempt in range(_MAX_DAMP_RETRIES + 1):
+        # intermediates are dropped as soon as used: each is [in, in] float32 (822 MB for in = 14336)
         hd = h.clone()
         hd.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if info.item() == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if info.item() == 0:
                 return upper, damp
         if attempt < _MAX_DAMP_RETRIES:
@@ -182,10 +209,52 @@ def group_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, clip_st
 
 
 @torch.no_grad()
+def stackable(grid: WeightGrid) -> bool:
+    """Whether weights on ``grid`` may be stacked along their rows into one :func:`gptq_quantize` call.
+
+    GPTQ treats rows independently given the Hessian; only grids whose parameters span rows (one
+    per-tensor scale, a two-stage grid's per-tensor scale stage) tie the rows of one weight together.
+    """
+    return grid.qscheme != QSchemeType.per_tensor and grid.scale_dtype is None
+
+
+def gptq_quantize_stacked(weights: Sequence[torch.Tensor], hessian: torch.Tensor, grid: WeightGrid,
+                          **kwargs: Any) -> list[GptqResult]:
+    """:func:`gptq_quantize` of several weights fed the same input (q/k/v, gate/up), in one call.
+
+    The weights share the Hessian, so one factorisation and one column loop over the stacked rows
+    serve them all; each block's update of the later columns is one product per weight, of the
+    shapes the separate calls use, so each result is bit-identical to its own call.
+    ``grid`` must be :func:`stackable`.
+    """
+    if not stackable(grid):
+        raise ValueError(f"gptq_quantize_stacked: a {grid.qscheme.name} grid with scale stage {grid.scale_dtype} "
+                         "ties the rows of each weight together; quantize the weights one by one")
+    rows = [w.shape[0] for w in weights]
+    res = gptq_quantize(torch.cat(list(weights), 0), hessian, grid, rows=rows, **kwargs)
+    assert res.row_losses is not None
+    parts = []
+    for r0, r1 in itertools.pairwise(_offsets(rows)):
+        zp = res.zero_point[r0:r1]
+        parts.append(GptqResult(res.weight[r0:r1], res.scale[r0:r1], zp, float(res.row_losses[r0:r1].sum()),
+                                res.damp, res.scale2, res.row_losses[r0:r1]))
+    return parts
+
+
+def _offsets(rows: Sequence[int]) -> list[int]:
+    out = [0]
+    for r in rows:
+        out.append(out[-1] + r)
+    return out
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid, damp_percent: float = 0.01,
                   desc_act: bool = False, static_groups: bool = False, block_size: int = 128,
-                  name: str = "layer", clip_steps: int = 0) -> GptqResult:
+                  name: str = "layer", clip_steps: int = 0, rows: Sequence[int] | None = None) -> GptqResult:
     """Quantize ``weight [out, in]`` given the input Hessian ``[in, in]``.
+
+    ``rows``: the row counts of weights stacked in ``weight`` (see :func:`gptq_quantize_stacked`);
+    each block's update of the later columns then runs per stacked weight.
 
     ``clip_steps`` > 0 searches a clipping ratio per group or channel of an integer grid (see
     :func:`group_params`); per-tensor and FP8 ranges stay min-max, where the search measured worse
@@ -247,6 +316,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
         if column_scales is not None:
             column_scales = column_scales[:, perm]
     hinv, damp = _inverse_cholesky(h, damp_percent, name)
+    del h
+    splits = _offsets(rows) if rows is not None else [0, out]
+    if splits[-1] != out:
+        raise ValueError(f"GPTQ {name}: rows={list(rows or [])} do not add up to the weight's {out} rows")
 
     block = max(block_size // gs, 1) * gs if per_group else block_size
     # column -> its group (in the permuted order), for gathering each block's per-column parameters
@@ -280,17 +353,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
                 column_loop(w1, hinv1, s1, z1, grid, q1, err1, i, i + gs)
         q_all[:, i1:i2] = q1
         losses += err1.pow(2).sum(1) / 2  # (c - q)² / d² / 2 per column
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        for r0, r1 in itertools.pairwise(splits):  # per stacked weight: the shapes of its own call
+            if r1 - r0 == out:
+                w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            else:
+                w[r0:r1, i2:] -= err1[r0:r1] @ hinv[i1:i2, i2:]
     if perm is not None:
         q_all = q_all[:, torch.argsort(perm)]
     if not torch.isfinite(q_all).all():
         raise RuntimeError(f"GPTQ {name}: the quantized weight contains NaN or inf")
+    q_all, loss = q_all.to(weight.dtype), float(losses.sum())
     if grid.is_block:
-        return GptqResult(q_all.to(weight.dtype), scales, zeros, float(losses.sum()), damp)
+        return GptqResult(q_all, scales, zeros, loss, damp, row_losses=losses)
     if scale2 is not None:
         scales = raw_scales.to(work)
     if per_group:
-        return GptqResult(q_all.to(weight.dtype), scales, zeros, float(losses.sum()), damp, scale2)
+        return GptqResult(q_all, scales, zeros, loss, damp, scale2, losses)
     if per_tensor:
-        return GptqResult(q_all.to(weight.dtype), scales[0, 0], zeros[0, 0], float(losses.sum()), damp)
-    return GptqResult(q_all.to(weight.dtype), scales[:, 0], zeros[:, 0], float(losses.sum()), damp, scale2)
+        return GptqResult(q_all, scales[0, 0], zeros[0, 0], loss, damp, row_losses=losses)
+    return GptqResult(q_all, scales[:, 0], zeros[:, 0], loss, damp, scale2, losses)

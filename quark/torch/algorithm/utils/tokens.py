@@ -29,16 +29,25 @@ def token_weights(x: torch.Tensor, ratio: float | None = None,
     ``all_peaks``: the token peaks whose median sets the cap (default: those of ``x``; data-parallel
     ranks pass every rank's, so the cap is the one a single process would use).
     """
-    ratio = MASSIVE_TOKEN_RATIO if ratio is None else ratio
     flat = x.reshape(-1, x.shape[-1])
-    every = flat if all_peaks is None else all_peaks.reshape(-1, 1)
-    if ratio is None or every.shape[0] < 2:
+    factors = cap_factors(flat.detach().abs().amax(-1, keepdim=True).float(), ratio, median_of=all_peaks)
+    return None if factors is None else factors.to(flat.dtype)
+
+
+def cap_factors(peak: torch.Tensor, ratio: float | None = None,
+                median_of: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Float32 factors (``peak``'s shape) that cap each token's peak |activation| ``peak`` (float32, one
+    per token) at ``ratio`` × the median of ``median_of`` (default: of ``peak``); None when nothing is
+    capped. Statistics streamed over several calls take the peaks of all their tokens first, and
+    data-parallel ranks those of every rank (all-gathered), so the median is one process's."""
+    ratio = MASSIVE_TOKEN_RATIO if ratio is None else ratio
+    every = peak if median_of is None else median_of
+    if ratio is None or every.numel() < 2:
         return None
-    peak = flat.detach().abs().amax(-1, keepdim=True).float()
-    limit = float(ratio) * (peak if all_peaks is None else every).median()
+    limit = float(ratio) * every.median()
     if limit <= 0 or bool((peak <= limit).all()):
         return None
-    return (limit / peak.clamp(min=limit)).to(flat.dtype)
+    return limit / peak.clamp(min=limit)
 
 
 def capped_tokens(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor:
