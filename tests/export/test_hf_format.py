@@ -186,3 +186,19 @@ def test_transformers_quark_config_uses_our_classes():
     parsed = QuarkConfig(**qc)
     assert parsed.quant_config == config
     assert parsed.json_export_config.pack_method == "order"
+
+
+def test_only_rank_zero_of_a_data_parallel_run_writes(tmp_path, monkeypatch):
+    """Every rank may call the exporters; a rank other than 0 returns the path and writes nothing."""
+    from quark.torch.quantization.calibration import distributed
+
+    model, config = frozen_model("fp8", True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    exporter = ModelExporter(ExporterConfig(), tmp_path / "out")
+    assert exporter.export_safetensors_model(model, config) == tmp_path / "out"
+    onnx_path = exporter.export_onnx_model(model, torch.ones(1, 4, dtype=torch.long))
+    assert onnx_path == tmp_path / "out" / "quark_model.onnx"
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    exporter.export_safetensors_model(model, config)
+    assert (tmp_path / "out" / "model.safetensors").is_file()

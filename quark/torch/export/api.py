@@ -38,6 +38,7 @@ from quark.torch.export.safetensors_io import (
     shown,
     write_sharded,
 )
+from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.moe_experts import UnfusedExperts
 
@@ -63,6 +64,10 @@ class ModelExporter:
         A non-empty ``export_dir`` is replaced only with ``overwrite=True`` and only when it holds a
         previous export: ``config.json`` with a ``quantization_config``, ``quark_model.onnx`` or a
         ``*.gguf`` file. It must not be or contain the current directory or a filesystem root.
+
+    Under a ``torch.distributed`` process group of several ranks (data-parallel calibration), every
+    rank may call the export: rank 0 writes, the other ranks return the same path at once without
+    touching the disk (the folder is complete when rank 0's call returns).
     """
 
     def __init__(self, config: ExporterConfig | None = None, export_dir: str | Path | None = None) -> None:
@@ -93,6 +98,8 @@ class ModelExporter:
         if custom_mode not in CUSTOM_MODES:
             raise ValueError(f"export_safetensors_model(custom_mode={custom_mode!r}) is not one of: "
                              f"{', '.join(CUSTOM_MODES)}")
+        if _other_rank("export_safetensors_model"):
+            return self.export_dir
         config = _model_config(model, quant_config)
         json_cfg = effective_json_config(config, self.config.json_export_config)
         if json_cfg.weight_format != "real_quantized":
@@ -146,6 +153,8 @@ class ModelExporter:
         from quark.torch.export.onnx.exporter import export_onnx
 
         del uint4_int4_flag  # int4/uint4 are native Q/DQ types at the opset used; kept for API compatibility
+        if _other_rank("export_onnx_model"):
+            return self.export_dir / "quark_model.onnx"
         onnx_cfg = self.config.onnx_export_config
         with AtomicFolder(self.export_dir, overwrite=overwrite) as folder:
             export_onnx(model, input_args, folder.path / "quark_model.onnx",
@@ -164,10 +173,20 @@ class ModelExporter:
         """
         from quark.torch.export.gguf.exporter import export_gguf
 
+        if _other_rank("export_gguf_model"):
+            return self.export_dir / f"{model_type}.gguf"
         with AtomicFolder(self.export_dir, overwrite=overwrite) as folder:
             export_gguf(model, Path(tokenizer_path), model_type, folder.path / f"{model_type}.gguf",
                         gguf_type=gguf_type)
         return self.export_dir / f"{model_type}.gguf"
+
+
+def _other_rank(what: str) -> bool:
+    """True on a data-parallel rank other than 0, which leaves writing to rank 0."""
+    if distributed.rank() == 0:
+        return False
+    logger.info("%s: rank %d of a data-parallel run leaves the export to rank 0", what, distributed.rank())
+    return True
 
 
 class ModelImporter:
