@@ -101,18 +101,23 @@ def test_run_layerwise_then_keeps_the_activations_in_cpu_memory(monkeypatch, cap
 
 def test_out_of_memory_while_a_layer_changes_restores_it_before_the_retry(monkeypatch):
     reference, _ = _run(GPTQ, merge=False, monkeypatch=monkeypatch)
-    real = gptq_module.gptq_quantize
     calls = {"n": 0}
 
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:  # layer 1, after some of its linears were already written
-            raise torch.OutOfMemoryError("injected: CUDA out of memory")
-        return real(*args, **kwargs)
+    def failing(real):
+        def solve(*args, **kwargs):
+            calls["n"] += 1
+            # per layer: q/k/v stacked, o_proj, gate/up stacked, down_proj; the 6th is layer 1's o_proj,
+            # after its q/k/v weights were already written
+            if calls["n"] == 6:
+                raise torch.OutOfMemoryError("injected: CUDA out of memory")
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(gptq_module, "gptq_quantize", failing)
+        return solve
+
+    monkeypatch.setattr(gptq_module, "gptq_quantize", failing(gptq_module.gptq_quantize))
+    monkeypatch.setattr(gptq_module, "gptq_quantize_stacked", failing(gptq_module.gptq_quantize_stacked))
     state, _ = _run(GPTQ, merge=False, monkeypatch=monkeypatch)
-    assert calls["n"] > 9
+    assert calls["n"] > 6
     _assert_same(reference, state)
 
 
