@@ -176,12 +176,14 @@ def test_gram_of_a_batch_is_each_matrix_s_own() -> None:
 
 @pytest.mark.gpu
 def test_half_precision_statistics_and_errors_on_gpu() -> None:
-    """bf16 tokens on a GPU: sums within float32 rounding, output errors within bf16 rounding of float64."""
+    """bf16 tokens on a GPU: sums within the tensor cores' float32 accumulation, output errors within bf16 rounding."""
     x = _tokens(n=4096, cols=256).bfloat16()
     stats = group_input_stats([x.cuda()], [64], full=True, token_chunk=1000)
     xd = x.double()
     full = xd.T @ xd
-    assert float((stats.full_cov.cpu().double() - full).abs().max() / full.abs().max()) < 1e-5
+    # the tensor cores' float32 accumulation: 1.1e-5 of the largest entry measured on an H200 (2026-12-07),
+    # far inside bf16's own rounding of the tokens (4e-3)
+    assert float((stats.full_cov.cpu().double() - full).abs().max() / full.abs().max()) < 1e-4
     gen = torch.Generator().manual_seed(4)
     delta = torch.randn(128, 256, generator=gen) * 1e-2
     reference = float(((xd @ delta.double().T) ** 2).sum())

@@ -1,10 +1,12 @@
 """Data-parallel calibration on GPUs (skipped without CUDA; the lead runs these on the device machine).
 
 NCCL with one GPU per rank when there are two GPUs; two gloo ranks sharing one GPU otherwise (every
-collective then travels through host memory). Bit-identical to one process on ``cuda:0`` for the
-min-max observers, SmoothQuant and RTN with the GPU's merged calibration calls; GPTQ and AWQ run
-their calls merged per rank (3 batches merged instead of 6), which changes float32 sums in the last
-bits, so with merging they are measured (printed) and bounded, and with merging off they are exact.
+collective then travels through host memory). On a GPU each rank runs its calibration calls merged
+(3 batches in one call instead of 6), and a GEMM over another number of rows rounds differently in
+the last bits: the activation ranges of fp8 + KV and SmoothQuant moved in 6 and 4 of their scales on
+an H200 (2026-12-07), and GPTQ/AWQ decisions move with them. With merging the differing fraction is
+measured (printed) and bounded; with merging off every case must be exact. RTN has no activation
+statistics and is exact either way.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from tests.distributed.test_data_parallel import assert_same_state
 
 pytestmark = pytest.mark.gpu
 
-EXACT_WITH_MERGING = ("fp8_kv", "int8_smoothquant", "int4_rtn")
+EXACT_WITH_MERGING = ("int4_rtn",)
 
 
 def _differing(expected: dict, actual: dict) -> float:

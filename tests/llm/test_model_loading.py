@@ -51,3 +51,19 @@ def test_load_model_eval_no_cache_and_device_errors() -> None:
             ml.resolve_device("cuda")
         with pytest.raises(ValueError, match="--multi_gpu needs CUDA"):
             ml.load_model(ml.EMBEDDED_MODEL_DIR, multi_gpu=True)
+
+
+def test_load_model_never_fetches_hub_kernels(monkeypatch) -> None:
+    """transformers' hub kernels (code from the network) stay off, whatever is installed."""
+    import transformers
+
+    seen: dict = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    ml.load_model(ml.EMBEDDED_MODEL_DIR, dtype="float32")
+    assert seen.get("use_kernels") is False

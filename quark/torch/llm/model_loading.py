@@ -205,8 +205,11 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", multi_gpu: bool = 
     """
     if dtype not in DTYPES:
         raise ValueError(f"--model_dtype={dtype!r} is not one of: {', '.join(DTYPES)}")
+    # use_kernels=False: transformers (with the `kernels` package installed) otherwise fetches compute
+    # kernels from the Hugging Face hub on CUDA, code from the network that this tool never runs (and an
+    # offline machine fails on: "could not verify publisher trust status", seen with --multi_gpu)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code,
-                              "use_safetensors": True}
+                              "use_safetensors": True, "use_kernels": False}
     if multi_gpu:
         if not torch.cuda.is_available():
             raise ValueError("--multi_gpu needs CUDA devices; none is available here")

@@ -62,7 +62,8 @@ def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
     Parameters are moved through ``.data`` so that tied weights (one Parameter in two modules) move
     once and stay tied. With ``weights_change=False`` (the block only reads them) a model on disk
     does not write them back; with ``on_use`` (the block only runs forwards) it reads each module
-    when its forward starts and drops it when it ends, so a pass reads only the modules it runs.
+    when its forward first starts and drops it at the end of the block, so a pass reads only the
+    modules it runs, each once.
     """
     source = _disk_source(modules)
     if source is not None:
@@ -72,7 +73,7 @@ def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
             rest = [m for m in modules if m not in own]  # buffers only (rotary tables): moved now
             with source.loaded(rest, device, recurse=False, weights_change=False), \
                     _read_when_run([(m, functools.partial(source.loaded, [m], device, recurse=False,
-                                                          weights_change=False)) for m in own]):
+                                                          weights_change=False)) for m in own], keep=True):
                 yield
             return
         with source.loaded(modules, device, recurse=False, weights_change=weights_change):
@@ -147,18 +148,24 @@ def loaded_on_use(model: nn.Module, device: torch.device | str, layers: nn.Modul
 
 
 @contextlib.contextmanager
-def _read_when_run(units: list[tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]]
-                   ) -> Iterator[None]:
-    """Each ``(module, context)``: the context entered when the module's forward starts, left when it ends."""
+def _read_when_run(units: list[tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]],
+                   keep: bool = False) -> Iterator[None]:
+    """Each ``(module, context)``: the context entered when the module's forward starts, left when it ends
+    (with ``keep``: left at the end of the block, so a module run once per calibration batch, such as the
+    embeddings, is read once)."""
     stacks: dict[int, contextlib.ExitStack] = {}
     contexts = {id(module): context for module, context in units}
 
     def enter(module: nn.Module, args: Any) -> None:
+        if id(module) in stacks:  # kept from an earlier forward
+            return
         stack = contextlib.ExitStack()
         stack.enter_context(contexts[id(module)]())
         stacks[id(module)] = stack
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if keep:
+            return
         stack = stacks.pop(id(module), None)
         if stack is not None:
             stack.close()
