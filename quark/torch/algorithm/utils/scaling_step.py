@@ -127,19 +127,6 @@ class ScalingStep:
         rank: exact in any order)."""
         return distributed.all_reduce_(self.group_input(g).abs().amax(0), "max", f"{self.owner}: {g.inp} input max")
 
-    def group_abs_mean(self, g: ScalingGroup) -> torch.Tensor:
-        """``mean |x|`` per input channel over the calibration tokens (of every data-parallel rank).
-
-        Summed in float64 and divided once by the token count, then rounded to float32, so a split of
-        the tokens over ranks gives one process's result (but for a float64 rounding that lands on a
-        float32 tie).
-        """
-        x = self.group_input(g)
-        what = f"{self.owner}: {g.inp} input mean"
-        total = distributed.all_reduce_(x.abs().double().sum(0), "sum", what)
-        count = distributed.all_reduce_(torch.tensor([float(x.shape[0])], dtype=torch.float64), "sum", what)
-        return (total / count.to(total.device)).float()
-
     def inspect_calls(self, layer: nn.Module, g: ScalingGroup) -> tuple[nn.Module, list[tuple[tuple, dict]]]:
         """The module whose output the search compares, and its recorded calls (merged into batches)."""
         if g.module2inspect:

@@ -22,15 +22,10 @@ import torch
 MASSIVE_TOKEN_RATIO: float | None = 10.0
 
 
-def token_weights(x: torch.Tensor, ratio: float | None = None,
-                  all_peaks: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Per-token factors ``[tokens, 1]`` that cap each token's peak (None when nothing is capped).
-
-    ``all_peaks``: the token peaks whose median sets the cap (default: those of ``x``; data-parallel
-    ranks pass every rank's, so the cap is the one a single process would use).
-    """
+def token_weights(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor | None:
+    """Per-token factors ``[tokens, 1]`` that cap each token's peak (None when nothing is capped)."""
     flat = x.reshape(-1, x.shape[-1])
-    factors = cap_factors(flat.detach().abs().amax(-1, keepdim=True).float(), ratio, median_of=all_peaks)
+    factors = cap_factors(flat.detach().abs().amax(-1, keepdim=True).float(), ratio)
     return None if factors is None else factors.to(flat.dtype)
 
 
