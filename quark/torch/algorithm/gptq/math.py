@@ -208,7 +208,6 @@ def group_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, clip_st
     return scale, zp
 
 
-@torch.no_grad()
 def stackable(grid: WeightGrid) -> bool:
     """Whether weights on ``grid`` may be stacked along their rows into one :func:`gptq_quantize` call.
 
@@ -234,20 +233,14 @@ def gptq_quantize_stacked(weights: Sequence[torch.Tensor], hessian: torch.Tensor
     res = gptq_quantize(torch.cat(list(weights), 0), hessian, grid, rows=rows, **kwargs)
     assert res.row_losses is not None
     parts = []
-    for r0, r1 in itertools.pairwise(_offsets(rows)):
+    for r0, r1 in itertools.pairwise(itertools.accumulate(rows, initial=0)):
         zp = res.zero_point[r0:r1]
         parts.append(GptqResult(res.weight[r0:r1], res.scale[r0:r1], zp, float(res.row_losses[r0:r1].sum()),
                                 res.damp, res.scale2, res.row_losses[r0:r1]))
     return parts
 
 
-def _offsets(rows: Sequence[int]) -> list[int]:
-    out = [0]
-    for r in rows:
-        out.append(out[-1] + r)
-    return out
-
-
+@torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid, damp_percent: float = 0.01,
                   desc_act: bool = False, static_groups: bool = False, block_size: int = 128,
                   name: str = "layer", clip_steps: int = 0, rows: Sequence[int] | None = None) -> GptqResult:
@@ -317,7 +310,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
             column_scales = column_scales[:, perm]
     hinv, damp = _inverse_cholesky(h, damp_percent, name)
     del h
-    splits = _offsets(rows) if rows is not None else [0, out]
+    splits = list(itertools.accumulate(rows, initial=0)) if rows is not None else [0, out]
     if splits[-1] != out:
         raise ValueError(f"GPTQ {name}: rows={list(rows or [])} do not add up to the weight's {out} rows")
 
