@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
 from quark.torch.quantization.calibration.batching import call_batch, checked_merge, split_like
 from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
-from quark.torch.quantization.calibration.placement import modules_outside, onloaded, tensors_moved
+from quark.torch.quantization.calibration.placement import modules_outside, move_to, onloaded, tensors_moved
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
 
 logger = logging.getLogger(__name__)
@@ -78,19 +78,6 @@ class LayerStep(Protocol):
     def collect(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None: ...
 
     def apply(self, layer: nn.Module, index: int, inputs: list[tuple[tuple, dict]]) -> None: ...
-
-
-def move_to(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(move_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [move_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: move_to(v, device) for k, v in obj.items()}
-    return obj
 
 
 def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:

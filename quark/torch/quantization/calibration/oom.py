@@ -16,21 +16,13 @@ from typing import Any
 
 import torch
 
+from quark.torch.quantization.calibration.placement import move_to
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CallsOnDevice", "LayerRetry", "free_device_memory"]
 
 Call = tuple[tuple, dict]
-
-
-def _moved(obj: Any, device: torch.device | str) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_moved(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _moved(v, device) for k, v in obj.items()}
-    return obj
 
 
 class CallsOnDevice(Sequence[Call]):
@@ -45,12 +37,12 @@ class CallsOnDevice(Sequence[Call]):
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
-            return [_moved(c, self.device) for c in self.calls[index]]
-        return _moved(self.calls[index], self.device)
+            return [move_to(c, self.device) for c in self.calls[index]]
+        return move_to(self.calls[index], self.device)
 
     def __iter__(self) -> Iterator[Call]:
         for call in self.calls:
-            yield _moved(call, self.device)
+            yield move_to(call, self.device)
 
 
 def free_device_memory(device: torch.device | str) -> None:

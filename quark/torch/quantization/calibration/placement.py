@@ -20,8 +20,20 @@ from torch import nn
 
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
 
-__all__ = ["loaded_on_use", "modules_outside", "normalize_device", "on_device", "onloaded", "placement_units",
-           "probing", "tensors_moved"]
+__all__ = ["loaded_on_use", "modules_outside", "move_to", "normalize_device", "on_device", "onloaded",
+           "placement_units", "probing", "tensors_moved"]
+
+def move_to(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [move_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    return obj
 
 
 def normalize_device(device: torch.device | str) -> torch.device:
