@@ -56,16 +56,29 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class _ShardFill:
+    """The one grouping rule of :func:`plan_shards` and :func:`write_sharded`: tensors in order, shards of
+    at most ``max_bytes`` (a larger tensor gets its own)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used: int | None = None  # bytes in the current shard; None before the first tensor
+
+    def starts_new(self, size: int) -> bool:
+        """Whether the next tensor, of ``size`` bytes, starts a new shard (it is counted in either)."""
+        starts = self.used is not None and self.used + size > self.max_bytes
+        self.used = size if starts or self.used is None else self.used + size
+        return starts
+
+
 def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
     """Group names (in order) into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
     shards: list[list[str]] = [[]]
-    used = 0
+    fill = _ShardFill(max_bytes)
     for name, size in sizes:
-        if shards[-1] and used + size > max_bytes:
+        if fill.starts_new(size):
             shards.append([])
-            used = 0
         shards[-1].append(name)
-        used += size
     return shards
 
 
@@ -85,7 +98,8 @@ def write_sharded(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]],
     parts: list[Path] = []
     weight_map: dict[str, int] = {}
     shard: dict[str, torch.Tensor] = {}
-    used = total = 0
+    fill = _ShardFill(max_bytes)
+    total = 0
 
     def flush() -> None:
         part = folder / f".shard-{len(parts):05d}.tmp"
@@ -99,12 +113,10 @@ def write_sharded(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]],
             raise ValueError(f"duplicate checkpoint tensor names: [{name!r}]")
         seen.add(name)
         size = _nbytes(tensor)
-        if shard and used + size > max_bytes:
+        if fill.starts_new(size):
             flush()
-            used = 0
         shard[name] = _standalone(tensor)
         weight_map[name] = len(parts)
-        used += size
         total += size
     if shard or not parts:
         flush()
