@@ -30,8 +30,6 @@ __all__ = [
     "active",
     "all_gather_cat",
     "all_reduce_",
-    "barrier",
-    "broadcast_",
     "check_same",
     "digest",
     "gather_objects",
@@ -127,20 +125,6 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum", what: str = "all_reduce")
     if not active():
         return tensor
     return _collective(tensor, lambda t: dist.all_reduce(t, op=_OPS[op]), what)
-
-
-def broadcast_(tensor: torch.Tensor, src: int = 0, what: str = "broadcast") -> torch.Tensor:
-    """Overwrite ``tensor`` in place on every rank with rank ``src``'s value; returns it."""
-    if not active():
-        return tensor
-    return _collective(tensor, lambda t: dist.broadcast(t, src=src), what)
-
-
-def barrier(what: str = "barrier") -> None:
-    """Wait until every rank arrives (nothing without a process group)."""
-    if active():
-        flag = torch.zeros(1)
-        all_reduce_(flag, "sum", what)
 
 
 def gather_objects(obj: Any, what: str = "gather") -> list[Any]:
