@@ -111,9 +111,9 @@ def _clip_calls(joint: bool, monkeypatch: pytest.MonkeyPatch, scaling_layers: li
     calls: list[int] = []
     real = awq.clip_search
 
-    def counting(w, cov, grid, oc_chunk=None):
+    def counting(w, cov, grid, oc_chunk=None, input_scales=None):
         calls.extend([w.shape[-1]] * (w.shape[0] if w.dim() == 3 else 1))  # one per weight clipped
-        return real(w, cov, grid, oc_chunk)
+        return real(w, cov, grid, oc_chunk, input_scales)
 
     monkeypatch.setattr(awq, "clip_search", counting)
     spec = replace(INT4_PER_GROUP_SYM_SPEC, group_size=32)

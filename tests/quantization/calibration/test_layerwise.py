@@ -11,6 +11,7 @@ from quark.torch.quantization.calibration.batches import model_inputs
 from quark.torch.quantization.calibration.layerwise import (
     ModelBackup,
     find_decoder_layers,
+    forward_until_seen,
     run_layerwise,
 )
 
@@ -122,3 +123,43 @@ def test_backup_close_deletes_its_folder(tmp_path):
     backup.close()
     assert not any(tmp_path.iterdir())
     backup.restore()  # nothing saved any more: a no-op
+
+
+class _TargetsOnly(_Recorder):
+    """Records q/k/v only and lets the runner stop each call after them."""
+
+    collects_targets_only = True
+
+    def targets(self, layer, index):
+        return {n: layer.get_submodule(f"self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj")}
+
+
+def test_a_targets_only_pass_stops_after_its_targets():
+    model = make_model("llama")
+    ran: list[str] = []
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.down_proj.register_forward_hook(lambda *a, _i=i: ran.append(f"down{_i}"))
+        layer.self_attn.o_proj.register_forward_hook(lambda *a, _i=i: ran.append(f"o{_i}"))
+    step = _TargetsOnly()
+    run_layerwise(model, make_batches(2), [step], "cpu")
+    assert step.calls == 3 * 2 * len(model.model.layers)  # q, k, v of every batch in every layer
+    # o_proj and down_proj ran only in the propagating pass (apply's and the outputs'), not in the collecting pass
+    with_full = _Recorder()
+    ran_full_before = len(ran)
+    run_layerwise(model, make_batches(2), [with_full], "cpu")
+    assert len(ran) - ran_full_before > ran_full_before
+
+
+def test_forward_until_seen_lets_a_call_finish_when_a_target_does_not_run():
+    model = make_model("llama")
+    layer = model.model.layers[0]
+    outside = nn.Linear(4, 4)  # never called by the layer
+    ran: list[int] = []
+    layer.mlp.down_proj.register_forward_hook(lambda *a: ran.append(1))
+    hidden = torch.randn(1, 5, model.config.hidden_size)
+    position = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    call = ((hidden,), {"position_embeddings": position})
+    forward_until_seen(layer, [call], [layer.self_attn.q_proj])
+    assert ran == []
+    forward_until_seen(layer, [call], [layer.self_attn.q_proj, outside])
+    assert ran == [1]

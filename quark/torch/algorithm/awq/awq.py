@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from quark.torch.algorithm.awq.inputs import GroupInputStats, group_input_stats, output_error
+from quark.torch.algorithm.kernels import kernel_group_size, kernels_apply
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import (
@@ -160,9 +161,7 @@ class AwqStep(ScalingStep):
         """``[candidates, out, in]``: ``Q(clip(w * s)) / s`` for each row ``s`` of ``se`` (one batch)."""
         scaled = w[None] * se[:, None, :]
         if self.clip_in_scale_search and not grid.is_block:
-            cov = covariances[grid.group_size]
-            s = se.to(device=cov.device, dtype=cov.dtype).reshape(se.shape[0], *cov.shape[:2])
-            scaled = clip_search(scaled, cov[None] / (s[..., :, None] * s[..., None, :]), grid)
+            scaled = clip_search(scaled, covariances[grid.group_size], grid, input_scales=se)
         if grid.qscheme == QSchemeType.per_tensor or grid.scale_dtype is not None:  # one scale per candidate
             quantized = torch.stack([fake_quant_weight(c, grid) for c in scaled])
         else:  # groups and channels are independent: every candidate's rows in one call
@@ -225,18 +224,23 @@ def _scaled_covariances(covariances: dict[int, torch.Tensor], scales: torch.Tens
 
 
 @torch.no_grad()
-def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: int | None = None) -> torch.Tensor:
+def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: int | None = None,
+                input_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Clip each (row, group) of ``w`` to the shrink ratio that minimises the group's output error.
 
     The error of a group ``e = Q(clip(w_g)) - w_g`` on the outputs is ``mean_t (x_g · e)²
     = e C_g eᵀ`` with ``C_g = cov[g]`` the group's input covariance
     (:func:`group_input_covariance`), so every calibration token counts
     (AutoAWQ samples 512 of them) at no extra cost. ``w`` may be a batch ``[B, out, in]`` of
-    candidates with their covariances ``[B, G, gs, gs]``. All ``CLIP_STEPS`` ratios are judged in one
+    candidates with their covariances ``[B, G, gs, gs]``, or with one covariance ``[G, gs, gs]`` of
+    the unscaled input and each candidate's input scales ``input_scales [B, in]`` (the candidate's
+    inputs are ``x / s``: its covariance is ``C / (s sᵀ)``). All ``CLIP_STEPS`` ratios are judged in one
     batch (a few large tensor ops instead of many small ones: on a CPU shared by several threads
     each op's fixed cost dominates); the first ratio with the smallest error wins, as in a
     sequential search. Rows go ``oc_chunk`` at a time (default: ``CLIP_CHUNK_ELEMENTS`` clipped weights
-    per chunk, ``CLIP_CHUNK_ELEMENTS_GPU`` on a GPU).
+    per chunk, ``CLIP_CHUNK_ELEMENTS_GPU`` on a GPU). On a GPU, integer grids in groups of 16 to 256
+    are judged by one Triton kernel (:mod:`quark.torch.algorithm.kernels.clip`: the same errors up to
+    float summation order).
 
     ``Q`` is the grid's own fake quantization. For block formats (OCP MX, BFP16/MX6/MX9) the
     clipped range only matters through the block's power-of-two exponent and the values it
@@ -247,40 +251,76 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
     A per-tensor grid has one scale set by a single row: clipping rows is not its choice, so ``w``
     comes back unchanged.
     """
-    if w.dim() == 3:  # a batch of candidates, each with its own covariance
+    gs = grid.group_size
+    if input_scales is not None:
+        if w.dim() != 3 or cov.dim() != 3 or input_scales.shape != (w.shape[0], w.shape[2]):
+            raise ValueError(f"clip_search: input_scales {tuple(input_scales.shape)} need a batch of weights "
+                             f"{tuple(w.shape)} and one covariance [G, gs, gs], got {tuple(cov.shape)}")
+        if grid.scale_dtype is not None or not _clip_kernel_applies(w, grid):  # each candidate's covariance
+            s = input_scales.to(device=cov.device, dtype=cov.dtype).reshape(w.shape[0], *cov.shape[:2])
+            cov, input_scales = cov[None] / (s[..., :, None] * s[..., None, :]), None
+    if input_scales is None and w.dim() == 3:  # a batch of candidates, each with its own covariance
         if cov.dim() != 4 or cov.shape[0] != w.shape[0]:
             raise ValueError(f"clip_search: {w.shape[0]} weights need as many covariances, got shape "
                              f"{tuple(cov.shape)}")
         if grid.scale_dtype is not None:  # each candidate's own scale stage
             return torch.stack([clip_search(wb, cb, grid, oc_chunk) for wb, cb in zip(w, cov)])
-    else:
-        w, cov = w[None], cov[None]
-    batch, out, cols = w.shape
-    gs = grid.group_size
-    if cov.shape[1:] != (cols // gs, gs, gs):
-        raise ValueError(f"clip_search: covariance of shape {tuple(cov.shape[1:])} does not match {cols} inputs in "
+    w3 = w if w.dim() == 3 else w[None]
+    batch, out, cols = w3.shape
+    cov_groups = cov.shape[-3:]
+    if cov_groups != (cols // gs, gs, gs):
+        raise ValueError(f"clip_search: covariance of shape {tuple(cov_groups)} does not match {cols} inputs in "
                          f"groups of {gs}")
     if grid.qscheme == QSchemeType.per_tensor:
-        return w if batch > 1 else w[0]
-    scale2 = stage_two_scale(w[0], grid)
+        return w
+    scale2 = stage_two_scale(w3[0], grid)
     groups = cols // gs
     ratios = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=torch.float32) / N_GRID
+    if (cov.dim() == 3 or batch == 1) and _clip_kernel_applies(w3, grid):
+        clipped3 = _kernel_clip(w3.float().reshape(batch, out, groups, gs), ratios, cov.reshape(cov_groups), grid,
+                                scale2, input_scales)
+        result = clipped3.reshape(batch, out, cols).to(w.dtype)
+        return result if w.dim() == 3 else result[0]
+    cov4 = cov if cov.dim() == 4 else cov[None]
     elements = CLIP_CHUNK_ELEMENTS_GPU if w.is_cuda else CLIP_CHUNK_ELEMENTS
     oc_chunk = oc_chunk or max(1, elements // (batch * cols * CLIP_STEPS))
     clipped = []
     for o0 in range(0, out, oc_chunk):
-        wg = w[:, o0:o0 + oc_chunk].float().reshape(batch, -1, groups, gs)  # [batch, rows, G, gs]
+        wg = w3[:, o0:o0 + oc_chunk].float().reshape(batch, -1, groups, gs)  # [batch, rows, G, gs]
         rows = wg.shape[1]
         max0 = wg.abs().amax(-1, keepdim=True)
         # [batch * G, steps * rows, gs] against each candidate's group covariances [batch * G, gs, gs]
         e = (_block_clip_errors if grid.is_block else _clip_errors)(wg, max0, ratios, grid, scale2)
-        err = (torch.bmm(e, cov.reshape(batch * groups, gs, gs)) * e).sum(-1)  # e C_g eᵀ
+        err = (torch.bmm(e, cov4.reshape(batch * groups, gs, gs)) * e).sum(-1)  # e C_g eᵀ
         err = err.reshape(batch, groups, CLIP_STEPS, rows)
         best = torch.nan_to_num(err, nan=float("inf")).argmin(2).transpose(1, 2)  # [batch, rows, G]: first minimum
         best_max = max0 * ratios[best][..., None]
         clipped.append(torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(batch, -1, cols))
     result = torch.cat(clipped, 1).to(w.dtype)
-    return result if batch > 1 else result[0]
+    return result if w.dim() == 3 else result[0]
+
+
+def _clip_kernel_applies(w: torch.Tensor, grid: WeightGrid) -> bool:
+    return kernels_apply(w, grid) and kernel_group_size(grid.group_size)
+
+
+def _kernel_clip(wg: torch.Tensor, ratios: torch.Tensor, cov: torch.Tensor, grid: WeightGrid,
+                 scale2: torch.Tensor | None, input_scales: torch.Tensor | None) -> torch.Tensor:
+    """:func:`clip_search`'s clipped ``wg [batch, rows, G, gs]`` with the errors judged by the Triton kernel;
+    each ratio's grid parameters come from the same formulas as :func:`_clip_errors`'."""
+    from quark.torch.algorithm.kernels.clip import best_clip_steps
+
+    max0 = wg.abs().amax(-1)  # [batch, rows, G]
+    bound = max0[:, None] * ratios[None, :, None, None]  # [batch, steps, rows, G]
+    lo = torch.clamp(wg.amin(-1)[:, None], -bound, bound)
+    hi = torch.clamp(wg.amax(-1)[:, None], -bound, bound)
+    del bound
+    scale, zp = minmax_qparams(lo, hi, grid)
+    del lo, hi
+    scale, _ = second_stage_scales(scale, grid, scale2)
+    best = best_clip_steps(wg, max0, scale, zp, ratios, cov, grid, input_scales)
+    best_max = (max0 * ratios[best])[..., None]
+    return torch.maximum(torch.minimum(wg, best_max), -best_max)
 
 
 def _clip_errors(wg: torch.Tensor, max0: torch.Tensor, ratios: torch.Tensor, grid: WeightGrid,

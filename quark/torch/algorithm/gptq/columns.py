@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quark.torch.algorithm.kernels import kernels_apply
 from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_with, round_to_grid
 from quark.torch.quantization.formats.affine import get_integer_division
 
@@ -124,10 +125,16 @@ def quantize_block(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.Tensor, 
                    grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole block's quantized columns and scaled errors ``(q1, err1)``, each ``[out, B]``.
 
-    On CUDA (and with :data:`USE_CUDA_GRAPHS`) the loop of an integer or fp8 grid is a replayed
-    CUDA graph; other grids (fp6/fp4 element rounding, block formats) run eagerly. ``w1`` is not
-    modified either way.
+    On CUDA an integer grid's loop is one Triton kernel (:mod:`quark.torch.algorithm.kernels.columns`,
+    the same arithmetic per element; the error update may be fused into one multiply-add), else
+    (and with :data:`USE_CUDA_GRAPHS`) the loop of an integer or fp8 grid is a replayed CUDA graph;
+    other grids (fp6/fp4 element rounding, block formats) run eagerly. ``w1`` is not modified
+    either way.
     """
+    if w1.dtype == torch.float32 and kernels_apply(w1, grid):
+        from quark.torch.algorithm.kernels.columns import quantize_block_kernel
+
+        return quantize_block_kernel(w1, hinv1, scales, zeros, grid)
     if USE_CUDA_GRAPHS and w1.is_cuda and grid.graph_safe:
         entry = _block_graph(w1, hinv1, grid)
         if entry is not None:

@@ -31,6 +31,7 @@ from quark.torch.quantization.calibration.layerwise import (
     collecting,
     find_decoder_layers,
     float_linears,
+    forward_until_seen,
     run_layerwise,
 )
 
@@ -78,6 +79,9 @@ class GptqStep:
         self._last: tuple[torch.Tensor, tuple | None, tuple] | None = None
         # Linears of the first true-sequential group, per decoder layer class (known after its first layer).
         self._first_group: dict[type, list[str]] = {}
+        # the runner's pass may stop each call once the targets ran (not for the paired statistics,
+        # which run the layer and its float copy themselves)
+        self.collects_targets_only = not self.uses_float_inputs
 
     def set_float_reference(self, reference: nn.Module | None, inputs: list[tuple[tuple, dict]]) -> None:
         """The runner's float copy of the current layer and its float-model inputs (or None)."""
@@ -156,6 +160,7 @@ class GptqStep:
                 batches[(n,)] = [n]
             else:
                 batches.setdefault((id(entry), grid), []).append(n)
+        entry = None  # no reference to a Hessian sum outlives its solve
         for batch in batches.values():
             self._quantize(layer, index, batch)
 
@@ -163,12 +168,14 @@ class GptqStep:
         """GPTQ on the linears ``names`` (one, or several sharing a Hessian entry and a stackable grid)."""
         modules = [layer.get_submodule(n) for n in names]
         entries = [self.hessians.pop(n, (None, 0)) for n in names]
-        h = entries[0][0]
+        h, count = entries[0]
         full = [f"{self.prefix}.{index}.{n}" for n in names]
         if h is None:
             raise RuntimeError(f"GPTQ {full[0]}: no inputs reached this linear")
+        self._last = None  # it may hold this sum and the last input
+        del entries  # the float64 sum goes once the Hessian is taken (unless a linear left to solve shares it)
         if h.dtype == torch.float64:  # collect()'s sums; the paired statistics are float32 running means
-            h = hessian_from_sum(h, entries[0][1])
+            h = hessian_from_sum(h, count)
         damp = float(getattr(self.cfg, "damp_percent", 0.01))
         grid = self.grids[index][names[0]]
         options = dict(damp_percent=damp, desc_act=bool(getattr(self.cfg, "desc_act", True)),
@@ -182,7 +189,7 @@ class GptqStep:
             if cross is not None:
                 weight = float_target_weight(weight, h, cross, damp)
             results = [gptq_quantize(weight, h, grid, **options)]
-        del entries, h
+        del h
         for module, res, name in zip(modules, results, full):
             module.weight.data.copy_(res.weight)
             if not grid.is_block:  # block formats derive their exponents from the weight itself
@@ -254,8 +261,7 @@ class GptqStep:
                 self._only = set(group)
                 try:
                     with collecting(layer, self, index), torch.no_grad():
-                        for args, kwargs in inputs:
-                            layer(*args, **kwargs)
+                        forward_until_seen(layer, inputs, [layer.get_submodule(n) for n in group])
                 finally:
                     self._only = None
                 self.reduce(layer, index, group)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from quark.torch.algorithm.gptq.columns import column_loop, quantize_block
+from quark.torch.algorithm.kernels import kernel_group_size, kernels_apply
 from quark.torch.algorithm.utils.gram import gram, half_gemm
 from quark.torch.algorithm.utils.quant import (
     WeightGrid,
@@ -194,6 +195,8 @@ def group_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, clip_st
     scale, zp = minmax_qparams(lo, hi, grid)
     if clip_steps <= 0:
         return scale, zp
+    if not per_tensor and w.dtype == torch.float32 and kernels_apply(w, grid) and kernel_group_size(w.shape[-1]):
+        return _kernel_group_params(w, grid, hdiag, clip_steps, lo, hi)
     best = torch.full_like(scale, float("inf"))
     for k in range(clip_steps + 1):
         ratio = 1.0 - (1.0 - CLIP_MIN_RATIO) * k / clip_steps
@@ -206,6 +209,31 @@ def group_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, clip_st
         scale = torch.where(better, s, scale)
         zp = torch.where(better, z, zp)
     return scale, zp
+
+
+#: Grid parameters (steps × rows × groups) computed per piece of rows for the range-search kernel.
+RANGE_SEARCH_PARAMS = 1 << 24
+
+
+def _kernel_group_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, clip_steps: int,
+                         lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_params`' search with the errors judged by a Triton kernel: each step's parameters
+    from the same formula, the kernel picks each (row, group)'s first least-error step."""
+    from quark.torch.algorithm.kernels.clip import best_range_steps
+
+    out, groups, _ = w.shape
+    ratios = [1.0 - (1.0 - CLIP_MIN_RATIO) * k / clip_steps for k in range(clip_steps + 1)]
+    piece = max(1, RANGE_SEARCH_PARAMS // (len(ratios) * groups))
+    scales, zps = [], []
+    for r0 in range(0, out, piece):
+        params = [minmax_qparams(lo[r0:r0 + piece] * ratio, hi[r0:r0 + piece] * ratio, grid) for ratio in ratios]
+        s = torch.stack([p[0] for p in params])
+        z = torch.stack([p[1] for p in params])
+        del params
+        best = best_range_steps(w[r0:r0 + piece], hdiag, s, z, grid)[None]
+        scales.append(s.gather(0, best)[0])
+        zps.append(z.gather(0, best)[0])
+    return torch.cat(scales), torch.cat(zps)
 
 
 def stackable(grid: WeightGrid) -> bool:

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from quark.torch.quantization.calibration.batches import model_device, model_inp
 from quark.torch.quantization.calibration.batching import call_batch, checked_merge, split_like
 from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
 from quark.torch.quantization.calibration.placement import modules_outside, move_to, onloaded, tensors_moved
+from quark.torch.quantization.calibration.transfer import transfer
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ __all__ = [
     "collecting",
     "find_decoder_layers",
     "float_linears",
+    "forward_until_seen",
     "move_to",
     "run_layerwise",
 ]
@@ -70,7 +72,9 @@ class LayerStep(Protocol):
     dimension (``batching.py``) when the layer's outputs allow it; a step that needs each batch as
     recorded (statistics taken per batch) sets ``keeps_calls_as_recorded = True``. A step with a
     ``forget_layer()`` method (dropping what it collected for the current layer) lets the runner
-    retry a layer that ran out of device memory (:mod:`oom`).
+    retry a layer that ran out of device memory (:mod:`oom`). A step whose ``collect`` needs nothing
+    but its targets' calls sets ``collects_targets_only = True``: each call then stops once every
+    target has run.
     """
 
     def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]: ...
@@ -157,10 +161,10 @@ def capture_decoder_inputs(
     def make_hook(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if index == 0:
-                args_list.append(move_to(args, offload))
-                kwargs_list.append(move_to(kwargs, offload))
+                args_list.append(move_to(args, offload, keep_pinned=True))
+                kwargs_list.append(move_to(kwargs, offload, keep_pinned=True))
             else:
-                by_type[hook_at[index]].append(move_to(kwargs, offload))
+                by_type[hook_at[index]].append(move_to(kwargs, offload, keep_pinned=True))
             if index == last:
                 raise _StopForward
             return None
@@ -199,6 +203,36 @@ def collecting(layer: nn.Module, step: LayerStep, index: int) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+class _TargetsSeen(Exception):
+    """Private signal that stops a layer call once every module a pass watches has run."""
+
+
+def forward_until_seen(layer: nn.Module, calls: Iterable[tuple[tuple, dict]], modules: Iterable[nn.Module]) -> None:
+    """Run ``layer`` on each call, stopping each call once every module of ``modules`` has run in it.
+
+    For passes that only record those modules' inputs or outputs (hooks registered before this):
+    what comes after them in the layer is not computed. A module that does not run in a call lets
+    the call finish.
+    """
+    watched = {id(m) for m in modules}
+    seen: set[int] = set()
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        seen.add(id(module))
+        if seen >= watched:
+            raise _TargetsSeen
+
+    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in modules}.values()]
+    try:
+        for args, kwargs in calls:
+            seen.clear()
+            with contextlib.suppress(_TargetsSeen):
+                layer(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _float_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -420,8 +454,11 @@ def _layer_pass(layer: nn.Module, i: int, name: str, steps: Sequence[LayerStep],
                 inputs = []  # the merged copies replace them on the device
         for step in steps:
             with collecting(layer, step, i):
-                for args, kwargs in runs:
-                    layer(*args, **kwargs)
+                if getattr(step, "collects_targets_only", False):  # nothing after its targets matters
+                    forward_until_seen(layer, runs, step.targets(layer, i).values())
+                else:
+                    for args, kwargs in runs:
+                        layer(*args, **kwargs)
         for step in (s for s in steps if hasattr(s, "reduce")):  # data-parallel ranks: sum statistics
             step.reduce(layer, i)
         backup.save(layer)
@@ -437,14 +474,52 @@ def _layer_pass(layer: nn.Module, i: int, name: str, steps: Sequence[LayerStep],
             for args, kwargs in runs:
                 out = layer_output_tensor(layer(*args, **kwargs))
                 _check_finite(out, name)
-                outs.append(out.to(offload))
+                outs.append(transfer(out, offload, keep_pinned=True))
             hidden = outs if sizes is None else split_like(outs, runs, sizes)
     if reference is not None:
         with float_linears(reference):
-            hidden_float = [layer_output_tensor(reference(*a, **k)).to(offload) for a, k in float_inputs]
+            hidden_float = [transfer(layer_output_tensor(reference(*a, **k)), offload, keep_pinned=True)
+                            for a, k in float_inputs]
         for step in float_steps:
             step.set_float_reference(None, [])
     return hidden, hidden_float, merge_ok
+
+
+#: Bytes of activations a GPU compute device keeps between decoder layers (the layers' inputs, outputs
+#: and merged copies: three streams of the captured size, six with a float-model stream); more wait in
+#: CPU memory and cross the bus twice per layer and pass.
+ACTIVATIONS_ON_DEVICE_BYTES = 3 * 2**30
+
+
+def _tensor_bytes(obj: Any, seen: set[int]) -> int:
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(o, seen) for o in obj.values())
+    return 0
+
+
+def _activation_home(cache: CapturedInputs, device: torch.device | str, streams: int) -> torch.device | str:
+    """``device`` when it is a GPU and ``streams`` copies of the captured inputs fit the budget (at most a
+    quarter of its memory), else ``"cpu"``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    seen: set[int] = set()
+    stream = _tensor_bytes(cache.args, seen)
+    fixed = _tensor_bytes([cache.kwargs, cache.kwargs_by_type], seen)
+    budget = min(ACTIVATIONS_ON_DEVICE_BYTES, torch.cuda.get_device_properties(device).total_memory // 4)
+    return device if streams * stream + fixed <= budget else "cpu"
+
+
+def _cache_on(cache: CapturedInputs, where: torch.device | str) -> CapturedInputs:
+    return CapturedInputs(move_to(cache.args, where, True), move_to(cache.kwargs, where, True),
+                          {kind: move_to(kw, where, True) for kind, kw in cache.kwargs_by_type.items()})
 
 
 @torch.no_grad()
@@ -454,13 +529,15 @@ def run_layerwise(
     steps: Sequence[LayerStep],
     device: torch.device | str,
     decoder_path: str | None = None,
-    offload: torch.device | str = "cpu",
+    offload: torch.device | str | None = None,
     propagate: bool = True,
     backup: ModelBackup | None = None,
     desc: str = "layerwise",
 ) -> None:
     """Drive ``steps`` over the decoder layers of ``model`` one layer at a time.
 
+    The activations between layers wait on ``offload``; by default on a GPU ``device`` when they fit
+    :data:`ACTIVATIONS_ON_DEVICE_BYTES`, else in (page-locked) CPU memory.
     If a step raises (or NaN appears), every layer already changed in this run is restored from
     its CPU copy (kept by ``backup``) before the error propagates.
     """
@@ -468,13 +545,17 @@ def run_layerwise(
     # The embeddings and whatever else runs before layer 0 compute on ``device`` too, so the captured
     # inputs do not depend on where the model sits.
     with tensors_moved(modules_outside(model, layers), device, weights_change=False, on_use=True):
-        cache = capture_decoder_inputs(model, batches, layers, offload, device)
-    own_backup = backup is None
-    backup = backup if backup is not None else ModelBackup()
-    hidden = [a[0] if a else None for a in cache.args]
+        cache = capture_decoder_inputs(model, batches, layers, "cpu" if offload is None else offload, device)
     # Steps that match the float model's outputs also get, per layer, an untouched float copy of
     # the layer and its inputs from the float model (a second stream of hidden states).
     float_steps = [s for s in steps if getattr(s, "uses_float_inputs", False)] if propagate else []
+    if offload is None:
+        offload = _activation_home(cache, device, streams=6 if float_steps else 3)
+        if offload != "cpu":
+            cache = _cache_on(cache, offload)
+    own_backup = backup is None
+    backup = backup if backup is not None else ModelBackup()
+    hidden = [a[0] if a else None for a in cache.args]
     hidden_float = list(hidden) if float_steps else []
     # Calibration batches run merged (batching.py) unless a step needs them as recorded; the first
     # layer checks that a merged call reproduces the batches it replaces.
@@ -497,6 +578,9 @@ def run_layerwise(
                     break
                 except torch.OutOfMemoryError as error:
                     retry.after(error, layer, device)  # raises when nothing is left to try
+                    if retry.activations_on_cpu and torch.device(offload).type != "cpu":
+                        cache, offload = _cache_on(cache, "cpu"), "cpu"
+                        hidden, hidden_float = move_to(hidden, "cpu", True), move_to(hidden_float, "cpu", True)
             if retry.unmerged and merge_ok:
                 merge_ok = False  # the next layers run the calibration batches as given
             logger.debug("%s: layer %s done in %.2fs", desc, name, time.perf_counter() - start)

@@ -18,22 +18,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from quark.torch.quantization.calibration.transfer import transfer
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
 
 __all__ = ["loaded_on_use", "modules_outside", "move_to", "normalize_device", "on_device", "onloaded",
            "placement_units", "probing", "tensors_moved"]
 
-def move_to(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged)."""
+def move_to(obj: Any, device: torch.device | str, keep_pinned: bool = False) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged), between the
+    CPU and a GPU through page-locked memory (:func:`transfer`; ``keep_pinned``: copies to the CPU stay in it)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return transfer(obj, device, keep_pinned=keep_pinned)
     if isinstance(obj, tuple):
-        return tuple(move_to(o, device) for o in obj)
+        return tuple(move_to(o, device, keep_pinned) for o in obj)
     if isinstance(obj, list):
-        return [move_to(o, device) for o in obj]
+        return [move_to(o, device, keep_pinned) for o in obj]
     if isinstance(obj, dict):
-        return {k: move_to(v, device) for k, v in obj.items()}
+        return {k: move_to(v, device, keep_pinned) for k, v in obj.items()}
     return obj
+
+
+def _module_to(module: nn.Module, device: torch.device | str, params: bool = True) -> None:
+    """``module.to(device)`` (parameters through ``.data``, so tied ones stay tied), each tensor moved with
+    :func:`transfer`; ``params=False`` moves the buffers only."""
+    device = torch.device(device)
+    seen: set[int] = set()
+    for sub in module.modules():
+        if params:
+            for p in sub.parameters(recurse=False):
+                if id(p) not in seen and p.device != device:
+                    seen.add(id(p))
+                    p.data = transfer(p.data, device)
+        for name, b in sub._buffers.items():
+            if b is not None and b.device != device:
+                sub._buffers[name] = transfer(b, device)
 
 
 def normalize_device(device: torch.device | str) -> torch.device:
@@ -98,19 +116,19 @@ def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
             for p in module.parameters(recurse=False):
                 if id(p) not in params and p.device != torch.device(device):
                     params[id(p)] = (p, p.device)
-                    p.data = p.data.to(device)
+                    p.data = transfer(p.data, device)
             for name, b in module.named_buffers(recurse=False):
                 if b is not None and b.device != torch.device(device):
                     buffers.append((module, name, b.device))
-                    module._buffers[name] = b.to(device)
+                    module._buffers[name] = transfer(b, device)
         yield
     finally:
         for p, home in params.values():
-            p.data = p.data.to(home)
+            p.data = transfer(p.data, home)
         for module, name, home in buffers:
             buf = module._buffers.get(name)
             if buf is not None:
-                module._buffers[name] = buf.to(home)
+                module._buffers[name] = transfer(buf, home)
 
 
 @contextlib.contextmanager
@@ -132,16 +150,16 @@ def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: b
         yield
         return
     originals = None if weights_change else {id(p): (p, p.data) for p in module.parameters()}
-    module.to(device)
+    _module_to(module, device)
     try:
         yield
     finally:
         if originals is None:
-            module.to(home)
+            _module_to(module, home)
         else:
             for p, data in originals.values():
                 p.data = data
-            module.to(home)  # the buffers; parameters are home already
+            _module_to(module, home, params=False)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from quark.torch.quantization.calibration.transfer import transfer
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DiskWeights", "disk_weights", "has_meta_parameters", "release_host_memory", "source_of"]
@@ -136,7 +138,7 @@ class DiskWeights:
             key, path = found, self.checkpoint[found]
         tensor = self._read_file(path, key)
         self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor.to(device)
+        return transfer(tensor, device)
 
     def _header(self, path: Path) -> tuple[int, dict[str, dict]]:
         """``(offset of the data, {name: header entry})`` of a safetensors file (cached)."""
@@ -176,7 +178,8 @@ class DiskWeights:
         if not tensors:
             return
         path = self.folder / f"{next(self._counter):06d}.safetensors"
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+        save_file({k: transfer(v.detach(), "cpu", keep_pinned=True).contiguous() for k, v in tensors.items()},
+                  str(path))
         self._headers.pop(path, None)
         self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
         names = {k: [k, *(aliases or {}).get(k, [])] for k in tensors}
@@ -255,17 +258,17 @@ class DiskWeights:
                         if tuple(tensor.shape) != tuple(p.shape):
                             raise ValueError(f"{name}: the checkpoint holds shape {tuple(tensor.shape)}, the "
                                              f"model expects {tuple(p.shape)}")
-                        torch.utils.swap_tensors(p, nn.Parameter(tensor.to(device, p.dtype),
+                        torch.utils.swap_tensors(p, nn.Parameter(tensor.to(p.dtype),
                                                                  requires_grad=p.requires_grad))
                         loaded.add(id(p))
                     elif p.device != device:
                         moved[id(p)] = (p, p.data)
-                        p.data = p.data.to(device)
+                        p.data = transfer(p.data, device)
                 for sub in (module.modules() if recurse else [module]):
                     for bname, buf in sub._buffers.items():
                         if buf is not None and buf.device != device:
                             homes[(id(sub), bname)] = buf.device
-                            sub._buffers[bname] = buf.to(device)
+                            sub._buffers[bname] = transfer(buf, device)
             yield
         finally:
             current = [_get(root, prefix) for prefix in prefixes]
@@ -302,7 +305,7 @@ class DiskWeights:
                     if buf is not None:
                         home = homes.get((id(sub), bname), torch.device("cpu"))
                         if buf.device != home:
-                            sub._buffers[bname] = buf.to(home)
+                            sub._buffers[bname] = transfer(buf, home)
 
 
 @functools.cache

@@ -1,0 +1,47 @@
+"""Triton kernels for the weight algorithms' hot loops, each with a plain-PyTorch twin.
+
+- :mod:`.clip`: AWQ's clipping search (every shrink ratio of every (row, group) judged through the
+  group's input covariance) in one pass over the weight instead of ~25 tensor passes per ratio.
+- :mod:`.columns`: GPTQ's sequential column loop over one block, one program per tile of rows
+  (rows are independent given the inverse Hessian) instead of ~7 kernel launches per column.
+
+They run only on CUDA tensors of integer grids, when Triton imports and :data:`USE_TRITON` is on;
+everything else takes the PyTorch path, which stays the reference the kernels are tested against
+(``tests/algorithm/test_kernels.py``: equal up to float summation order). ``QUARK_TRITON=0`` turns
+them off; ``QUARK_TRITON=interpret`` runs them on any device through Triton's interpreter (with
+``TRITON_INTERPRET=1`` set before Triton is imported), for testing without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from quark.torch.algorithm.utils.quant import WeightGrid
+from quark.torch.quantization.config.type import RoundType
+
+try:  # Triton comes with CUDA builds of PyTorch; CPU builds run the PyTorch paths
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the install
+    HAVE_TRITON = False
+else:
+    HAVE_TRITON = True
+
+USE_TRITON = os.environ.get("QUARK_TRITON", "1") != "0"  # read at call time
+
+#: RoundType -> the kernels' rounding code (see :func:`.grid.round_to_grid`)
+ROUND_CODES = {RoundType.half_even: 0, RoundType.round: 1, RoundType.floor: 2}
+
+
+def kernels_apply(t: torch.Tensor, grid: WeightGrid) -> bool:
+    """Whether the Triton kernels take ``t`` on ``grid``: an integer grid (not a block or float format),
+    Triton installed and enabled, and ``t`` on CUDA (any device under ``QUARK_TRITON=interpret``)."""
+    if not (HAVE_TRITON and USE_TRITON) or grid.is_block or grid.is_float or grid.round_method not in ROUND_CODES:
+        return False
+    return t.is_cuda or os.environ.get("QUARK_TRITON") == "interpret"
+
+
+def kernel_group_size(gs: int) -> bool:
+    """Group sizes the kernels tile (a power of two from 16 to 256; per-channel rows are too long)."""
+    return 16 <= gs <= 256 and gs & (gs - 1) == 0

@@ -1,0 +1,129 @@
+"""AWQ's clipping search in one Triton kernel (the PyTorch twin is ``awq.clip_search``'s own loop).
+
+For every (candidate, row, group) and every shrink ratio ``r``, the error of the clipped and quantized
+group ``e = Q(clip(w, ±r·max|w|)) - w`` is judged on the outputs as ``e C eᵀ`` with the group's input
+covariance ``C``; the kernel keeps the first ratio of least error. A candidate's input scales ``s``
+(AWQ's ``x / s``) enter as ``(e / s) C (e / s)ᵀ``, so one covariance serves every candidate. The
+grid parameters of each ratio (a few per group) are computed by the callers with the PyTorch
+formulas, so the kernel only rounds: the weight is read once per candidate instead of once per op
+and ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quark.torch.algorithm.kernels import ROUND_CODES
+from quark.torch.algorithm.kernels.grid import fake_quant_int
+from quark.torch.algorithm.utils.quant import WeightGrid
+from quark.torch.quantization.formats.affine import get_integer_division
+
+
+@triton.jit
+def _clip_search_kernel(w_ptr, s_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_ptr, ratio_ptr, best_ptr,
+                        rows, cols, groups, qmin, qmax,
+                        GS: tl.constexpr, BR: tl.constexpr, STEPS: tl.constexpr, HAS_S: tl.constexpr,
+                        METHOD: tl.constexpr, ZERO_FREE: tl.constexpr, EXACT: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // groups
+    g = pid % groups
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    in_rows = r < rows
+    c = tl.arange(0, GS)
+    w = tl.load(w_ptr + b * rows * cols + r[:, None] * cols + g * GS + c[None, :], mask=in_rows[:, None], other=0.0)
+    cov = tl.load(cov_ptr + g * GS * GS + c[:, None] * GS + c[None, :])
+    if HAS_S:
+        s = tl.load(s_ptr + b * cols + g * GS + c)
+    row_group = (b * rows + r) * groups + g
+    max0 = tl.load(max_ptr + row_group, mask=in_rows, other=0.0)
+    best_err = tl.full([BR], float("inf"), tl.float32)
+    best_k = tl.zeros([BR], tl.int32)
+    for k in range(STEPS):
+        bound = max0 * tl.load(ratio_ptr + k)
+        cur = tl.minimum(tl.maximum(w, -bound[:, None]), bound[:, None])
+        p = ((b * STEPS + k) * rows + r) * groups + g
+        scale = tl.load(scale_ptr + p, mask=in_rows, other=1.0)
+        inv = tl.load(inv_ptr + p, mask=in_rows, other=1.0)
+        zp = tl.load(zp_ptr + p, mask=in_rows, other=0.0)
+        q = fake_quant_int(cur, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT)
+        e = q - w
+        if HAS_S:
+            e = tl.math.div_rn(e, s[None, :])
+        err = tl.sum(tl.dot(e, cov, input_precision="ieee") * e, 1)
+        err = tl.where(err != err, float("inf"), err)  # NaN never wins
+        better = err < best_err
+        best_err = tl.where(better, err, best_err)
+        best_k = tl.where(better, k, best_k)
+    tl.store(best_ptr + row_group, best_k, mask=in_rows)
+
+
+def best_clip_steps(wg: torch.Tensor, max0: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, ratios: torch.Tensor,
+                    cov: torch.Tensor, grid: WeightGrid, input_scales: torch.Tensor | None) -> torch.Tensor:
+    """Index of the best ratio ``[batch, rows, G]`` (int64) for weights ``wg [batch, rows, G, gs]`` (float32).
+
+    ``max0 [batch, rows, G]``: each group's ``max|w|``; ``scale``/``zp [batch, steps, rows, G]``: the grid
+    parameters of each ratio's clipped group; ``cov [G, gs, gs]``: the input covariances; ``input_scales
+    [batch, G * gs]`` or None.
+    """
+    batch, rows, groups, gs = wg.shape
+    steps = ratios.numel()
+    wg = wg.contiguous()
+    scale = scale.float().contiguous()
+    inv = torch.reciprocal(scale)
+    best = torch.empty(batch, rows, groups, dtype=torch.int32, device=wg.device)
+    s = input_scales.float().contiguous() if input_scales is not None else wg
+    block_rows = 64 if gs <= 64 else 32
+    grid_shape = (batch * groups, triton.cdiv(rows, block_rows))
+    _clip_search_kernel[grid_shape](
+        wg, s, cov.float().contiguous(), scale, inv, zp.float().contiguous(), max0.float().contiguous(),
+        ratios.float().contiguous(), best, rows, groups * gs, groups, float(grid.qmin), float(grid.qmax),
+        GS=gs, BR=block_rows, STEPS=steps, HAS_S=input_scales is not None, METHOD=ROUND_CODES[grid.round_method],
+        ZERO_FREE=bool(grid.symmetric and grid.qmin < 0), EXACT=get_integer_division() == "exact",
+        num_warps=8 if gs >= 128 else 4)
+    return best.long()
+
+
+@triton.jit
+def _range_search_kernel(w_ptr, hd_ptr, scale_ptr, inv_ptr, zp_ptr, best_ptr, rows, cols, groups, qmin, qmax,
+                         GS: tl.constexpr, BR: tl.constexpr, STEPS: tl.constexpr, METHOD: tl.constexpr,
+                         ZERO_FREE: tl.constexpr, EXACT: tl.constexpr):
+    g = tl.program_id(0)
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    in_rows = r < rows
+    c = tl.arange(0, GS)
+    w = tl.load(w_ptr + r[:, None] * cols + g * GS + c[None, :], mask=in_rows[:, None], other=0.0)
+    hd = tl.load(hd_ptr + g * GS + c)
+    best_err = tl.full([BR], float("inf"), tl.float32)
+    best_k = tl.zeros([BR], tl.int32)
+    for k in range(STEPS):
+        p = (k * rows + r) * groups + g
+        scale = tl.load(scale_ptr + p, mask=in_rows, other=1.0)
+        inv = tl.load(inv_ptr + p, mask=in_rows, other=1.0)
+        zp = tl.load(zp_ptr + p, mask=in_rows, other=0.0)
+        d = w - fake_quant_int(w, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT)
+        err = tl.sum(d * d * hd[None, :], 1)
+        better = err < best_err  # NaN never wins; the first of equal minima stays
+        best_err = tl.where(better, err, best_err)
+        best_k = tl.where(better, k, best_k)
+    tl.store(best_ptr + r * groups + g, best_k, mask=in_rows)
+
+
+def best_range_steps(w: torch.Tensor, hdiag: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+                     grid: WeightGrid) -> torch.Tensor:
+    """GPTQ's range search: for ``w [rows, G, gs]`` (float32) and each step's parameters ``scale``/``zp
+    [steps, rows, G]``, the index ``[rows, G]`` (int64) of the step whose rounding error weighted by the
+    Hessian diagonal ``hdiag [G, gs]`` is least (the first of equal minima)."""
+    rows, groups, gs = w.shape
+    steps = scale.shape[0]
+    scale = scale.float().contiguous()
+    inv = torch.reciprocal(scale)
+    best = torch.empty(rows, groups, dtype=torch.int32, device=w.device)
+    block_rows = 64 if gs <= 64 else 32
+    _range_search_kernel[(groups, triton.cdiv(rows, block_rows))](
+        w.contiguous(), hdiag.float().contiguous(), scale, inv, zp.float().contiguous(), best, rows, groups * gs,
+        groups, float(grid.qmin), float(grid.qmax), GS=gs, BR=block_rows, STEPS=steps,
+        METHOD=ROUND_CODES[grid.round_method], ZERO_FREE=bool(grid.symmetric and grid.qmin < 0),
+        EXACT=get_integer_division() == "exact", num_warps=4)
+    return best.long()

@@ -1,0 +1,126 @@
+"""The Triton kernels (AWQ clip search, GPTQ column block) against their PyTorch twins.
+
+On a GPU (marked ``gpu``) the kernels run compiled; without one, where Triton is installed, they run
+through Triton's interpreter in a child process (the interpreter must be chosen before Triton is
+imported), where the arithmetic is numpy's and the results are bit-identical to the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from quark.torch.algorithm import kernels
+from quark.torch.algorithm.awq.awq import clip_search, group_input_covariance
+from quark.torch.algorithm.gptq.math import accumulate_hessian, gptq_quantize
+from quark.torch.algorithm.utils.quant import WeightGrid
+from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
+
+GRIDS = [
+    WeightGrid(Dtype.int4, QSchemeType.per_group, 32, True, RoundType.half_even),
+    WeightGrid(Dtype.uint4, QSchemeType.per_group, 16, False, RoundType.round),
+    WeightGrid(Dtype.int8, QSchemeType.per_group, 64, True, RoundType.floor),
+]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _clip_problem(grid: WeightGrid, device: str, out: int = 40, cols: int = 128, batch: int = 3):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(batch, out, cols, generator=gen)
+    x = torch.randn(500, cols, generator=gen) * (torch.rand(cols, generator=gen) * 3)
+    scales = torch.rand(batch, cols, generator=gen) + 0.5
+    return w.to(device), group_input_covariance(x, grid.group_size).to(device), scales.to(device)
+
+
+def _gptq_problem(device: str, out: int = 70, cols: int = 256):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(out, cols, generator=gen)
+    x = torch.randn(600, cols, generator=gen) * (torch.rand(cols, generator=gen) * 3 + 0.1)
+    return w.to(device), accumulate_hessian(None, 0, x)[0].to(device)
+
+
+def _both(monkeypatch: pytest.MonkeyPatch, fn):
+    monkeypatch.setattr(kernels, "USE_TRITON", False)
+    reference = fn()
+    monkeypatch.setattr(kernels, "USE_TRITON", True)
+    return reference, fn()
+
+
+def test_kernels_stay_off_on_the_cpu_and_for_other_grids() -> None:
+    if os.environ.get("QUARK_TRITON") == "interpret":
+        pytest.skip("the interpreter runs the kernels on any device")
+    grid = GRIDS[0]
+    assert not kernels.kernels_apply(torch.zeros(2), grid)
+    fp8 = WeightGrid(Dtype.fp8_e4m3, QSchemeType.per_channel, 64, True, RoundType.half_even)
+    mx = WeightGrid(Dtype.mx, QSchemeType.per_group, 32, True, RoundType.half_even, kind="mx", element=Dtype.fp4)
+    for other in (fp8, mx):
+        assert not kernels.kernels_apply(torch.zeros(2), other)
+
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from quark.torch.algorithm import kernels
+    from tests.algorithm import test_kernels as t
+
+    class Patch:
+        def setattr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    for grid in t.GRIDS:
+        w, cov, s = t._clip_problem(grid, "cpu")
+        ref, got = t._both(Patch(), lambda: t.clip_search(w, cov, grid, input_scales=s))
+        assert torch.equal(ref, got), grid
+        ref, got = t._both(Patch(), lambda: t.clip_search(w[0], cov, grid))
+        assert torch.equal(ref, got), grid
+        w, h = t._gptq_problem("cpu")
+        for desc in (False, True):
+            run = lambda: t.gptq_quantize(w, h, grid, desc_act=desc, static_groups=True, block_size=64,
+                                          clip_steps=10)
+            ref, got = t._both(Patch(), run)
+            assert torch.equal(ref.weight, got.weight) and ref.loss == got.loss, (grid, desc)
+    print("interpreted kernels equal")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_interpreted_kernels_equal_the_pytorch_paths() -> None:
+    env = {**os.environ, "QUARK_TRITON": "interpret", "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interpreted kernels equal" in done.stdout
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.dtype.name)
+def test_clip_kernel_matches_on_the_gpu(grid: WeightGrid, monkeypatch: pytest.MonkeyPatch) -> None:
+    w, cov, s = _clip_problem(grid, "cuda", out=300, cols=512)
+    ref, got = _both(monkeypatch, lambda: clip_search(w, cov, grid, input_scales=s))
+    # the same errors summed in another order: a near-tie between two ratios may go the other way
+    assert (ref != got).float().mean().item() < 1e-3
+    ref, got = _both(monkeypatch, lambda: clip_search(w[0], cov, grid))
+    assert (ref != got).float().mean().item() < 1e-3
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.dtype.name)
+def test_column_kernel_matches_on_the_gpu(grid: WeightGrid, monkeypatch: pytest.MonkeyPatch) -> None:
+    w, h = _gptq_problem("cuda", out=500, cols=512)
+    run = lambda: gptq_quantize(w, h, grid, desc_act=True, static_groups=True, clip_steps=10)  # noqa: E731
+    ref, got = _both(monkeypatch, run)
+    # a fused multiply-add in the error update may round a column's value across a grid midpoint
+    assert (ref.weight != got.weight).float().mean().item() < 1e-2
+    assert abs(ref.loss - got.loss) <= 1e-3 * ref.loss
