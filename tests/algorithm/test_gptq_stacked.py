@@ -117,3 +117,12 @@ def test_half_precision_paths_on_a_bf16_model_on_gpu(algorithm: str) -> None:
     with torch.no_grad():
         out = torch.cat([model(b).logits.float() for b in batches])
     assert torch.isfinite(out).all() and float((out - ref).norm() / ref.norm()) < 0.5
+
+
+def test_owners_by_rows_balances_the_rows_over_the_ranks() -> None:
+    from quark.torch.algorithm.gptq.gptq import owners_by_rows
+
+    assert owners_by_rows([4096, 1024, 1024], 2) == [0, 1, 1]  # q alone, k and v together
+    assert owners_by_rows([14336, 14336], 2) == [0, 1]  # gate, up
+    assert owners_by_rows([64, 64, 64], 4) == [0, 1, 2]  # a rank may solve nothing
+    assert owners_by_rows([10, 30, 20], 1) == [0, 0, 0]

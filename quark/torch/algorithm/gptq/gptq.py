@@ -11,6 +11,7 @@ from torch import nn
 
 from quark.torch.algorithm.gptq.columns import clear_graph_cache
 from quark.torch.algorithm.gptq.math import (
+    GptqResult,
     accumulate_cross,
     accumulate_hessian,
     accumulate_hessian_sum,
@@ -34,6 +35,7 @@ from quark.torch.quantization.calibration.layerwise import (
     forward_until_seen,
     run_layerwise,
 )
+from quark.torch.quantization.config.type import QSchemeType
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +154,12 @@ class GptqStep:
         self._last = None
 
     def _quantize_group(self, layer: nn.Module, index: int, names: Sequence[str]) -> None:
-        """Quantize ``names``; linears that share one Hessian and one row-wise grid go in one call."""
+        """Quantize ``names``; linears that share one Hessian and one row-wise grid go in one call.
+
+        Data-parallel ranks split such a call by linear (:func:`owners_by_rows`): each rank solves its
+        linears (GPTQ treats rows independently, so each result is the one the whole call gives) and
+        broadcasts them to the others.
+        """
         batches: dict[tuple, list[str]] = {}
         for n in names:
             entry, grid = self.hessians.get(n), self.grids[index][n]
@@ -162,40 +169,77 @@ class GptqStep:
                 batches.setdefault((id(entry), grid), []).append(n)
         entry = None  # no reference to a Hessian sum outlives its solve
         for batch in batches.values():
-            self._quantize(layer, index, batch)
+            modules = [layer.get_submodule(n) for n in batch]
+            if len(batch) > 1 and distributed.active():
+                owners = owners_by_rows([m.out_features for m in modules], distributed.world_size())
+                mine = [n for n, owner in zip(batch, owners) if owner == distributed.rank()]
+                results = self._solve(layer, index, batch, mine)
+                results = self._share(index, batch, modules, owners, results)
+            else:
+                results = self._solve(layer, index, batch, batch)
+            grid = self.grids[index][batch[0]]
+            for module, n in zip(modules, batch):
+                res = results[n]
+                module.weight.data.copy_(res.weight)
+                if not grid.is_block:  # block formats derive their exponents from the weight itself
+                    set_weight_qparams(module, res.scale, res.zero_point, res.scale2)
 
-    def _quantize(self, layer: nn.Module, index: int, names: list[str]) -> None:
-        """GPTQ on the linears ``names`` (one, or several sharing a Hessian entry and a stackable grid)."""
-        modules = [layer.get_submodule(n) for n in names]
+    def _solve(self, layer: nn.Module, index: int, names: list[str], solve: list[str]) -> dict[str, GptqResult]:
+        """GPTQ results of the linears ``solve`` among ``names`` (one, or several sharing a Hessian entry and a
+        stackable grid); the Hessian entries of all ``names`` are consumed."""
         entries = [self.hessians.pop(n, (None, 0)) for n in names]
         h, count = entries[0]
-        full = [f"{self.prefix}.{index}.{n}" for n in names]
+        full = {n: f"{self.prefix}.{index}.{n}" for n in names}
         if h is None:
-            raise RuntimeError(f"GPTQ {full[0]}: no inputs reached this linear")
+            raise RuntimeError(f"GPTQ {full[names[0]]}: no inputs reached this linear")
         self._last = None  # it may hold this sum and the last input
         del entries  # the float64 sum goes once the Hessian is taken (unless a linear left to solve shares it)
+        if not solve:
+            return {}
         if h.dtype == torch.float64:  # collect()'s sums; the paired statistics are float32 running means
             h = hessian_from_sum(h, count)
         damp = float(getattr(self.cfg, "damp_percent", 0.01))
         grid = self.grids[index][names[0]]
         options = dict(damp_percent=damp, desc_act=bool(getattr(self.cfg, "desc_act", True)),
-                       static_groups=bool(getattr(self.cfg, "static_groups", True)), name=" + ".join(full),
+                       static_groups=bool(getattr(self.cfg, "static_groups", True)),
+                       name=" + ".join(full[n] for n in solve),
                        clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0))
-        if len(names) > 1:
+        modules = [layer.get_submodule(n) for n in solve]
+        if len(solve) > 1:
             results = gptq_quantize_stacked([m.weight.data for m in modules], h, grid, **options)
         else:
             weight = modules[0].weight.data
-            cross = self.cross.pop(names[0], None)
+            cross = self.cross.pop(solve[0], None)
             if cross is not None:
                 weight = float_target_weight(weight, h, cross, damp)
             results = [gptq_quantize(weight, h, grid, **options)]
         del h
-        for module, res, name in zip(modules, results, full):
-            module.weight.data.copy_(res.weight)
-            if not grid.is_block:  # block formats derive their exponents from the weight itself
-                set_weight_qparams(module, res.scale, res.zero_point, res.scale2)
-            logger.debug("GPTQ %s: loss %.4g (damp %g)", name, res.loss, res.damp)
+        for res, n in zip(results, solve):
+            logger.debug("GPTQ %s: loss %.4g (damp %g)", full[n], res.loss, res.damp)
+        return dict(zip(solve, results))
 
+    def _share(self, index: int, names: list[str], modules: list[nn.Module], owners: list[int],
+               results: dict[str, GptqResult]) -> dict[str, GptqResult]:
+        """Every linear's result on every rank, broadcast from the rank that solved it (stackable grids: one
+        weight and, but for block formats, the per-row or per-group scales and zero points)."""
+        grid = self.grids[index][names[0]]
+        shared: dict[str, GptqResult] = {}
+        for n, module, owner in zip(names, modules, owners):
+            weight = module.weight.data
+            what = f"GPTQ {self.prefix}.{index}.{n}: result"
+            res = results.get(n)
+            if res is None:
+                work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                shape = (weight.shape[0],) if grid.qscheme == QSchemeType.per_channel else (
+                    weight.shape[0], weight.shape[1] // grid.group_size)
+                empty = torch.zeros(shape if not grid.is_block else (0,), dtype=work, device=weight.device)
+                res = GptqResult(torch.empty_like(weight), empty, empty.clone(), 0.0, 0.0)
+            distributed.broadcast_(res.weight, owner, what)
+            if not grid.is_block:
+                distributed.broadcast_(res.scale, owner, what)
+                distributed.broadcast_(res.zero_point, owner, what)
+            shared[n] = res
+        return shared
     def _collect_paired(self, layer: nn.Module, group: Sequence[str], inputs: list[tuple[tuple, dict]]) -> None:
         """Hessians and float-input cross terms of ``group``, batch by batch from both streams."""
         if self._reference is None:
@@ -267,6 +311,18 @@ class GptqStep:
                 self.reduce(layer, index, group)
             self._quantize_group(layer, index, group)
         self._last = None
+
+
+def owners_by_rows(rows: Sequence[int], ranks: int) -> list[int]:
+    """The rank that solves each of several linears sharing a Hessian: the largest first, each to the rank
+    with the fewest rows so far (the lowest such rank), so the column loops' rows are balanced."""
+    load = [0] * ranks
+    owners = [0] * len(rows)
+    for i in sorted(range(len(rows)), key=lambda i: -rows[i]):
+        owner = min(range(ranks), key=lambda r: load[r])
+        owners[i] = owner
+        load[owner] += rows[i]
+    return owners
 
 
 #: Rows of a Hessian reduced at a time over data-parallel ranks (bounds the float64 copy on the device).

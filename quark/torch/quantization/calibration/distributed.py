@@ -30,6 +30,7 @@ __all__ = [
     "active",
     "all_gather_cat",
     "all_reduce_",
+    "broadcast_",
     "check_same",
     "digest",
     "gather_objects",
@@ -125,6 +126,13 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum", what: str = "all_reduce")
     if not active():
         return tensor
     return _collective(tensor, lambda t: dist.all_reduce(t, op=_OPS[op]), what)
+
+
+def broadcast_(tensor: torch.Tensor, src: int, what: str = "broadcast") -> torch.Tensor:
+    """``tensor`` overwritten in place with rank ``src``'s (every rank passes one of the same shape and dtype)."""
+    if not active():
+        return tensor
+    return _collective(tensor, lambda t: dist.broadcast(t, src), what)
 
 
 def gather_objects(obj: Any, what: str = "gather") -> list[Any]:
