@@ -1,0 +1,51 @@
+"""Page-locked transfers between the CPU and a GPU, and where the runner keeps activations."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from quark.torch.quantization.calibration import layerwise, transfer
+from quark.torch.quantization.calibration.layerwise import CapturedInputs
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)")
+
+
+def test_transfer_is_tensor_to_without_a_gpu() -> None:
+    t = torch.randn(1 << 19)  # 2 MiB
+    assert transfer.transfer(t, "cpu") is t
+    moved = transfer.transfer(t, "meta")
+    assert moved.device.type == "meta" and moved.shape == t.shape
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_copies_equal_plain_copies(dtype: torch.dtype) -> None:
+    host = torch.randn(3, 1 << 19).to(dtype)
+    device = transfer.transfer(host, "cuda")
+    assert device.is_cuda and torch.equal(device.cpu(), host)
+    back = transfer.transfer(device, "cpu")
+    assert not back.is_pinned() and torch.equal(back, host)
+    pinned = transfer.transfer(device, "cpu", keep_pinned=True)
+    assert pinned.is_pinned() and torch.equal(pinned, host)
+    strided = host.t()  # not contiguous: a plain copy keeps its strides
+    assert torch.equal(transfer.transfer(strided, "cuda").cpu(), strided)
+
+
+def _cache(hidden_bytes: int) -> CapturedInputs:
+    hidden = torch.zeros(hidden_bytes // 4)
+    return CapturedInputs([(hidden,)], [{"mask": None}], {})
+
+
+def test_activations_stay_on_a_gpu_only_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = types.SimpleNamespace(total_memory=64 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: memory)
+    monkeypatch.setattr(layerwise, "ACTIVATIONS_ON_DEVICE_BYTES", 3 * 2**20)
+    assert layerwise._activation_home(_cache(2**20), "cpu", streams=3) == "cpu"
+    assert layerwise._activation_home(_cache(2**20), "cuda:0", streams=3) == torch.device("cuda:0")
+    assert layerwise._activation_home(_cache(2**20), "cuda:0", streams=6) == "cpu"  # with a float-model stream
+    memory.total_memory = 8 * 2**20  # a quarter of a small device: 2 MiB
+    assert layerwise._activation_home(_cache(2**20), "cuda:0", streams=3) == "cpu"
