@@ -124,3 +124,28 @@ def test_column_kernel_matches_on_the_gpu(grid: WeightGrid, monkeypatch: pytest.
     # a fused multiply-add in the error update may round a column's value across a grid midpoint
     assert (ref.weight != got.weight).float().mean().item() < 1e-2
     assert abs(ref.loss - got.loss) <= 1e-3 * ref.loss
+
+
+def test_a_kernel_that_cannot_run_falls_back_to_its_twin_once(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(kernels, "_FAILED", {})
+    calls: list[str] = []
+
+    def broken() -> int:
+        calls.append("kernel")
+        raise RuntimeError("PassManager::run failed")
+
+    def twin() -> int:
+        calls.append("twin")
+        return 7
+
+    assert kernels.kernel_or_twin("k", broken, twin) == 7
+    assert kernels.kernel_or_twin("k", broken, twin) == 7
+    assert calls == ["kernel", "twin", "twin"]  # not tried again
+    assert "PyTorch twin" in caplog.text
+
+    def out_of_memory() -> int:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # the runner's retry handles this one
+        kernels.kernel_or_twin("other", out_of_memory, twin)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from quark.torch.algorithm.awq.inputs import GroupInputStats, group_input_stats, output_error
-from quark.torch.algorithm.kernels import kernel_group_size, kernels_apply
+from quark.torch.algorithm.kernels import kernel_group_size, kernel_or_twin, kernels_apply
 from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import (
@@ -277,10 +277,29 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
     groups = cols // gs
     ratios = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=torch.float32) / N_GRID
     if (cov.dim() == 3 or batch == 1) and _clip_kernel_applies(w3, grid):
-        clipped3 = _kernel_clip(w3.float().reshape(batch, out, groups, gs), ratios, cov.reshape(cov_groups), grid,
-                                scale2, input_scales)
-        result = clipped3.reshape(batch, out, cols).to(w.dtype)
-        return result if w.dim() == 3 else result[0]
+        def kernel() -> torch.Tensor:
+            clipped3 = _kernel_clip(w3.float().reshape(batch, out, groups, gs), ratios, cov.reshape(cov_groups), grid,
+                                    scale2, input_scales)
+            result = clipped3.reshape(batch, out, cols).to(w.dtype)
+            return result if w.dim() == 3 else result[0]
+
+        def twin() -> torch.Tensor:
+            if input_scales is None:
+                return _clip_search_torch(w, w3, cov, grid, oc_chunk, scale2, ratios)
+            s = input_scales.to(device=cov.device, dtype=cov.dtype).reshape(batch, *cov.shape[:2])
+            return _clip_search_torch(w, w3, cov[None] / (s[..., :, None] * s[..., None, :]), grid, oc_chunk, scale2,
+                                      ratios)
+
+        return kernel_or_twin("awq_clip_search", kernel, twin)
+    return _clip_search_torch(w, w3, cov, grid, oc_chunk, scale2, ratios)
+
+
+def _clip_search_torch(w: torch.Tensor, w3: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: int | None,
+                       scale2: torch.Tensor | None, ratios: torch.Tensor) -> torch.Tensor:
+    """:func:`clip_search` in PyTorch: ``w3`` is ``w`` as a batch, ``cov`` its covariances (one, or one each)."""
+    batch, out, cols = w3.shape
+    gs = grid.group_size
+    groups = cols // gs
     cov4 = cov if cov.dim() == 4 else cov[None]
     elements = CLIP_CHUNK_ELEMENTS_GPU if w.is_cuda else CLIP_CHUNK_ELEMENTS
     oc_chunk = oc_chunk or max(1, elements // (batch * cols * CLIP_STEPS))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quark.torch.algorithm.kernels import kernels_apply
+from quark.torch.algorithm.kernels import kernel_or_twin, kernels_apply
 from quark.torch.algorithm.utils.quant import WeightGrid, fake_quant_with, round_to_grid
 from quark.torch.quantization.formats.affine import get_integer_division
 
@@ -134,7 +134,13 @@ def quantize_block(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.Tensor, 
     if w1.dtype == torch.float32 and kernels_apply(w1, grid):
         from quark.torch.algorithm.kernels.columns import quantize_block_kernel
 
-        return quantize_block_kernel(w1, hinv1, scales, zeros, grid)
+        return kernel_or_twin("gptq_block", lambda: quantize_block_kernel(w1, hinv1, scales, zeros, grid),
+                              lambda: _quantize_block_torch(w1, hinv1, scales, zeros, grid))
+    return _quantize_block_torch(w1, hinv1, scales, zeros, grid)
+
+
+def _quantize_block_torch(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          grid: WeightGrid) -> tuple[torch.Tensor, torch.Tensor]:
     if USE_CUDA_GRAPHS and w1.is_cuda and grid.graph_safe:
         entry = _block_graph(w1, hinv1, grid)
         if entry is not None:

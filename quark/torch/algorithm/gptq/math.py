@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from quark.torch.algorithm.gptq.columns import column_loop, quantize_block
-from quark.torch.algorithm.kernels import kernel_group_size, kernels_apply
+from quark.torch.algorithm.kernels import kernel_group_size, kernel_or_twin, kernels_apply
 from quark.torch.algorithm.utils.gram import gram, half_gemm
 from quark.torch.algorithm.utils.quant import (
     WeightGrid,
@@ -196,7 +196,15 @@ def group_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, clip_st
     if clip_steps <= 0:
         return scale, zp
     if not per_tensor and w.dtype == torch.float32 and kernels_apply(w, grid) and kernel_group_size(w.shape[-1]):
-        return _kernel_group_params(w, grid, hdiag, clip_steps, lo, hi)
+        return kernel_or_twin("gptq_range_search", lambda: _kernel_group_params(w, grid, hdiag, clip_steps, lo, hi),
+                              lambda: _searched_params(w, grid, hdiag, clip_steps, lo, hi, scale, zp, per_tensor))
+    return _searched_params(w, grid, hdiag, clip_steps, lo, hi, scale, zp, per_tensor)
+
+
+def _searched_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, clip_steps: int, lo: torch.Tensor,
+                     hi: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, per_tensor: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_params`' search in PyTorch, from the min-max ``scale``/``zp``."""
     best = torch.full_like(scale, float("inf"))
     for k in range(clip_steps + 1):
         ratio = 1.0 - (1.0 - CLIP_MIN_RATIO) * k / clip_steps

@@ -14,7 +14,10 @@ them off; ``QUARK_TRITON=interpret`` runs them on any device through Triton's in
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -29,6 +32,10 @@ else:
     HAVE_TRITON = True
 
 USE_TRITON = os.environ.get("QUARK_TRITON", "1") != "0"  # read at call time
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_FAILED: dict[str, str] = {}  # kernel name -> why it is no longer tried in this process
 
 #: RoundType -> the kernels' rounding code (see :func:`.grid.round_to_grid`)
 ROUND_CODES = {RoundType.half_even: 0, RoundType.round: 1, RoundType.floor: 2}
@@ -45,3 +52,19 @@ def kernels_apply(t: torch.Tensor, grid: WeightGrid) -> bool:
 def kernel_group_size(gs: int) -> bool:
     """Group sizes the kernels tile (a power of two from 16 to 256; per-channel rows are too long)."""
     return 16 <= gs <= 256 and gs & (gs - 1) == 0
+
+
+def kernel_or_twin(name: str, kernel: Callable[[], T], twin: Callable[[], T]) -> T:
+    """``kernel()``, or its PyTorch ``twin()`` when the kernel cannot run here (Triton cannot compile it for
+    this device or version): logged once, and the twin serves the rest of the process. Running out of
+    device memory is not such a failure and propagates (the runner retries the layer with less)."""
+    if name in _FAILED:
+        return twin()
+    try:
+        return kernel()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:
+        _FAILED[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        logger.warning("Triton kernel %s failed (%s); using its PyTorch twin from here on", name, _FAILED[name])
+        return twin()
