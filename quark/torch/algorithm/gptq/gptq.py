@@ -295,6 +295,9 @@ class GptqStep:
             groups.append(sorted(missing))
         if not paired and self._first_group.get(type(layer)) is None and set(names) == set(self.grids[index]):
             self._first_group[type(layer)] = list(groups[0])
+            for n in set(self.hessians) - set(groups[0]):  # collected before the groups were known: redone later
+                del self.hessians[n]
+            self._last = None
         for k, group in enumerate(groups):
             if paired:
                 self._collect_paired(layer, group, inputs)
