@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quark.torch.export.output_folder import AtomicFolder
+from quark.torch.quantization.calibration.safetensors_header import CheckpointError, check_header, shown
 
 logger = logging.getLogger(__name__)
 
@@ -147,23 +147,7 @@ def _standalone(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupted or does not match the model."""
-
-
-_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
-               "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
-               "I64": 8, "U64": 8, "F64": 8, "C64": 8}
-_SUB_BYTE_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")  # packed below one byte: no per-element size check
-_MAX_HEADER_BYTES = 100 * 1024**2  # the safetensors library's own limit
-_MAX_NAME_CHARS = 200  # names from files are echoed in errors at most this long
 _MAX_PATH_CHARS = 1024
-
-
-def shown(value: object) -> str:
-    """``repr`` of a name read from a file, shortened for an error message."""
-    text = repr(value)
-    return text if len(text) <= _MAX_NAME_CHARS else text[:_MAX_NAME_CHARS] + "...'"
 
 
 def file_inside(folder: str | Path, relative: object, what: str) -> Path:
@@ -188,68 +172,6 @@ def file_inside(folder: str | Path, relative: object, what: str) -> Path:
         raise CheckpointError(f"{what}: {shown(relative)} is a link to a file outside the model folder {root}; "
                               "refused (copy the files into the folder instead of linking them)")
     return path
-
-
-def _header_entry(path: Path, name: object, info: object, data_len: int) -> None:
-    """Check one tensor entry of a safetensors header: dtype, shape and offsets agree with the file."""
-    if not isinstance(name, str):
-        raise CheckpointError(f"{path}: corrupted safetensors header (a tensor name is not a string)")
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{path}: tensor {shown(name)}: header entry is not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or (dtype not in _ITEM_BYTES and dtype not in _SUB_BYTE_DTYPES):
-        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'dtype'={shown(dtype)} is not one of: "
-                              f"{', '.join([*_ITEM_BYTES, *_SUB_BYTE_DTYPES])}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'shape' must be a list of "
-                              "non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'data_offsets' must be two integers")
-    begin, end = offsets
-    if begin < 0 or begin > end:
-        raise CheckpointError(f"{path}: tensor {shown(name)}: header field 'data_offsets' [{begin}, {end}] "
-                              "is not a byte range")
-    if end > data_len:
-        raise CheckpointError(f"{path}: tensor {shown(name)} lies beyond the end of the file "
-                              f"(bytes {begin}..{end}, data is {data_len} bytes): the file is truncated")
-    numel = 1
-    for d in shape:
-        numel *= d  # Python ints: a 400-digit dimension cannot overflow here
-    item = _ITEM_BYTES.get(dtype)
-    if item is not None and numel * item != end - begin:
-        raise CheckpointError(f"{path}: tensor {shown(name)}: shape {shape if numel < 2**64 else '(huge)'} of "
-                              f"{dtype} needs {numel * item if numel < 2**64 else 'more than 2**64'} bytes, "
-                              f"the header gives {end - begin}")
-
-
-def _check_header(path: Path) -> dict[str, dict]:
-    """Parse and validate a safetensors header without reading tensor data."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or 8 + n > size or n > _MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: corrupted safetensors header (header length {n}, file {size} bytes)")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the safetensors header ({type(e).__name__})") from None
-    except json.JSONDecodeError as e:  # its message gives a position, never the file's content
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e.msg} at byte {e.pos})") from None
-    except (ValueError, RecursionError) as e:  # bad UTF-8, integers too long for Python, nesting too deep
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CheckpointError(f"{path}: header field '__metadata__' must map names to strings")
-    data_len = size - 8 - n
-    for name, info in header.items():
-        if name != "__metadata__":
-            _header_entry(path, name, info, data_len)
-    return header
 
 
 def _is_file(path: Path) -> bool:
@@ -309,7 +231,7 @@ def check_checkpoint(folder: str | Path) -> list[Path]:
     file); no tensor data is read."""
     files = checkpoint_files(folder)
     for path in files:
-        _check_header(path)
+        check_header(path)
     return files
 
 

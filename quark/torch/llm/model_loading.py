@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from quark.torch.export.safetensors_io import CheckpointError, check_checkpoint
+from quark.torch.quantization.calibration.safetensors_header import TORCH_DTYPES, check_header
 from quark.torch.quantization.calibration.weight_source import DiskWeights
 from quark.torch.quantization.moe_experts import unfuse_experts
 
@@ -235,14 +236,10 @@ def _checkpoint_dtype(model_dir: Path, config: Any) -> torch.dtype:
         return stored
     if isinstance(stored, str) and isinstance(DTYPES.get(stored), torch.dtype):
         return DTYPES[stored]
-    from safetensors import safe_open
-
     for path in check_checkpoint(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                dtype = f.get_slice(key).get_dtype()
-                if dtype in ("F32", "F16", "BF16"):
-                    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+        for key, entry in check_header(path).items():
+            if key != "__metadata__" and entry["dtype"] in ("F32", "F16", "BF16"):
+                return TORCH_DTYPES[entry["dtype"]]
     return torch.float32
 
 

@@ -194,6 +194,20 @@ def test_checkpoints_the_disk_placement_cannot_read_are_refused_before_any_work(
         load_model_on_disk(renamed, tmp_path / "offload")
 
 
+def test_an_offload_file_damaged_after_it_was_written_is_refused_by_name(checkpoints, tmp_path):
+    """The disk placement reads headers with the exporter's checked parser: a truncated file is named."""
+    from quark.torch.quantization.calibration.safetensors_header import CheckpointError
+
+    model = _quantize("llama", "int4_gptq", checkpoints["llama"], tmp_path / "offload")
+    source = weight_source.disk_weights(model)
+    name = "model.layers.1.mlp.down_proj.weight"
+    path, _ = source.offloaded[name]
+    path.write_bytes(path.read_bytes()[:-16])
+    source._headers.clear()
+    with pytest.raises(CheckpointError, match="truncated"):
+        source.read(name)
+
+
 def test_a_model_that_cannot_be_built_on_the_meta_device_is_refused(checkpoints, tmp_path, monkeypatch):
     from quark.torch.llm import model_loading
 

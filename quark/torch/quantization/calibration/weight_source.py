@@ -20,9 +20,7 @@ import ctypes
 import ctypes.util
 import functools
 import itertools
-import json
 import logging
-import struct
 import sys
 import weakref
 from collections.abc import Iterator, Sequence
@@ -32,16 +30,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from quark.torch.quantization.calibration.safetensors_header import TORCH_DTYPES, read_header
 from quark.torch.quantization.calibration.transfer import transfer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DiskWeights", "disk_weights", "has_meta_parameters", "release_host_memory", "source_of"]
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu}
 
 _SOURCES: weakref.WeakKeyDictionary[nn.Module, DiskWeights] = weakref.WeakKeyDictionary()
 
@@ -141,13 +135,11 @@ class DiskWeights:
         return transfer(tensor, device)
 
     def _header(self, path: Path) -> tuple[int, dict[str, dict]]:
-        """``(offset of the data, {name: header entry})`` of a safetensors file (cached)."""
+        """``(offset of the data, {name: header entry})`` of a safetensors file, checked (cached)."""
         if path not in self._headers:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+            start, header = read_header(path)
             header.pop("__metadata__", None)
-            self._headers[path] = (8 + n, header)
+            self._headers[path] = (start, header)
         return self._headers[path]
 
     def _read_file(self, path: Path, key: str) -> torch.Tensor:
@@ -165,10 +157,10 @@ class DiskWeights:
                 if not got:
                     raise ValueError(f"{path}: tensor {key} is truncated")
                 done += got
-        dtype = _DTYPES.get(entry["dtype"])
+        dtype = TORCH_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ValueError(f"{path}: tensor {key} has dtype {entry['dtype']}, which the disk placement does not "
-                             f"read; known: {', '.join(_DTYPES)}")
+                             f"read; known: {', '.join(TORCH_DTYPES)}")
         return buffer.view(dtype).reshape(entry["shape"])
 
     # -- writing ---------------------------------------------------------------------------------
