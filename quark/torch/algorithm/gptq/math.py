@@ -151,26 +151,30 @@ def float_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
 
 
 def _inverse_cholesky(h: torch.Tensor, damp_percent: float, name: str) -> tuple[torch.Tensor, float]:
-    mean_diag = torch.mean(torch.diag(h)).item()
+    """The upper Cholesky factor of the damped ``h``'s inverse, and the damping used. ``h`` is damped in
+    place (its diagonal restored before returning): no copy of it is made."""
+    diagonal = torch.diag(h)  # a copy
+    mean_diag = torch.mean(diagonal).item()
     damp = damp_percent
-    for attempt in range(_MAX_DAMP_RETRIES + 1):
-        # intermediates are dropped as soon as used: each is [in, in] float32 (822 MB for in = 14336)
-        hd = h.clone()
-        hd.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(hd)
-        del hd
-        if info.item() == 0:
-            hinv = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
+    try:
+        for attempt in range(_MAX_DAMP_RETRIES + 1):
+            # intermediates are dropped as soon as used: each is [in, in] float32 (822 MB for in = 14336)
+            h.diagonal().copy_(diagonal + damp * mean_diag)
+            lower, info = torch.linalg.cholesky_ex(h)
             if info.item() == 0:
-                return upper, damp
-        if attempt < _MAX_DAMP_RETRIES:
-            new = max(damp * 10, 0.01)
-            logger.warning("GPTQ %s: Hessian not positive definite with damp_percent=%g; retrying with %g",
-                           name, damp, new)
-            damp = new
+                hinv = torch.cholesky_inverse(lower)
+                del lower
+                upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+                del hinv
+                if info.item() == 0:
+                    return upper, damp
+            if attempt < _MAX_DAMP_RETRIES:
+                new = max(damp * 10, 0.01)
+                logger.warning("GPTQ %s: Hessian not positive definite with damp_percent=%g; retrying with %g",
+                               name, damp, new)
+                damp = new
+    finally:
+        h.diagonal().copy_(diagonal)
     raise RuntimeError(
         f"GPTQ {name}: the Hessian is not positive definite even with damp_percent={damp:g}; "
         "raise GPTQConfig.damp_percent or use more calibration data"
