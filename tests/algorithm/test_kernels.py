@@ -102,16 +102,35 @@ def test_interpreted_kernels_equal_the_pytorch_paths() -> None:
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _clip_objective(clipped: torch.Tensor, w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid,
+                    scales: torch.Tensor | None) -> float:
+    """Σ over candidates and groups of ``e C eᵀ`` with ``e = Q(clipped) - w`` (in the candidates' scaled inputs):
+    what the clip search minimises, computed in float64."""
+    from quark.torch.algorithm.utils.quant import fake_quant_weight
+
+    total = 0.0
+    for b in range(w.shape[0]):
+        e = (fake_quant_weight(clipped[b], grid) - w[b]).double()
+        if scales is not None:
+            e = e / scales[b].double()
+        eg = e.reshape(e.shape[0], -1, grid.group_size).transpose(0, 1)  # [G, rows, gs]
+        total += float((torch.bmm(eg, cov.double()) * eg).sum())
+    return total
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.dtype.name)
 def test_clip_kernel_matches_on_the_gpu(grid: WeightGrid, monkeypatch: pytest.MonkeyPatch) -> None:
     w, cov, s = _clip_problem(grid, "cuda", out=300, cols=512)
+    # the same errors summed in another order: near-ties between two ratios may go either way (measured on an
+    # H100: 0.7% of int4 elements), so the searches are compared by what they minimise
     ref, got = _both(monkeypatch, lambda: clip_search(w, cov, grid, input_scales=s))
-    # the same errors summed in another order: a near-tie between two ratios may go the other way
-    assert (ref != got).float().mean().item() < 1e-3
+    assert (ref != got).float().mean().item() < 0.05
+    assert abs(_clip_objective(got, w, cov, grid, s) / _clip_objective(ref, w, cov, grid, s) - 1) < 1e-4
     ref, got = _both(monkeypatch, lambda: clip_search(w[0], cov, grid))
-    assert (ref != got).float().mean().item() < 1e-3
+    assert abs(_clip_objective(got[None], w[:1], cov, grid, None) / _clip_objective(ref[None], w[:1], cov, grid, None)
+               - 1) < 1e-4
 
 
 @pytest.mark.gpu

@@ -346,7 +346,10 @@ class ModelBackup:
             if id(value) in seen or value.device.type == "meta":  # tied: restored through the first key
                 continue
             seen.add(id(value))
-            piece[key] = value.detach().to("cpu", copy=True).contiguous()
+            # a CPU tensor is copied (the algorithm may change it in place); a GPU one crosses through
+            # page-locked memory, kept until the writer thread has saved it
+            piece[key] = (transfer(value.detach(), "cpu", keep_pinned=True) if value.is_cuda
+                          else value.detach().to("cpu", copy=True)).contiguous()
             size += value.numel() * value.element_size()
             if size >= BACKUP_PIECE_BYTES:
                 files.append(folder / f"{len(self._ids)}-{len(files)}.safetensors")
