@@ -257,8 +257,7 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
             raise ValueError(f"clip_search: input_scales {tuple(input_scales.shape)} need a batch of weights "
                              f"{tuple(w.shape)} and one covariance [G, gs, gs], got {tuple(cov.shape)}")
         if grid.scale_dtype is not None or not _clip_kernel_applies(w, grid):  # each candidate's covariance
-            s = input_scales.to(device=cov.device, dtype=cov.dtype).reshape(w.shape[0], *cov.shape[:2])
-            cov, input_scales = cov[None] / (s[..., :, None] * s[..., None, :]), None
+            cov, input_scales = _candidate_covariances(cov, input_scales), None
     if input_scales is None and w.dim() == 3:  # a batch of candidates, each with its own covariance
         if cov.dim() != 4 or cov.shape[0] != w.shape[0]:
             raise ValueError(f"clip_search: {w.shape[0]} weights need as many covariances, got shape "
@@ -284,11 +283,8 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
             return result if w.dim() == 3 else result[0]
 
         def twin() -> torch.Tensor:
-            if input_scales is None:
-                return _clip_search_torch(w, w3, cov, grid, oc_chunk, scale2, ratios)
-            s = input_scales.to(device=cov.device, dtype=cov.dtype).reshape(batch, *cov.shape[:2])
-            return _clip_search_torch(w, w3, cov[None] / (s[..., :, None] * s[..., None, :]), grid, oc_chunk, scale2,
-                                      ratios)
+            covs = cov if input_scales is None else _candidate_covariances(cov, input_scales)
+            return _clip_search_torch(w, w3, covs, grid, oc_chunk, scale2, ratios)
 
         return kernel_or_twin("awq_clip_search", kernel, twin)
     return _clip_search_torch(w, w3, cov, grid, oc_chunk, scale2, ratios)
@@ -319,6 +315,21 @@ def _clip_search_torch(w: torch.Tensor, w3: torch.Tensor, cov: torch.Tensor, gri
     return result if w.dim() == 3 else result[0]
 
 
+def _candidate_covariances(cov: torch.Tensor, input_scales: torch.Tensor) -> torch.Tensor:
+    """``[B, G, gs, gs]``: the covariance ``cov [G, gs, gs]`` of each candidate's inputs ``x / s``."""
+    return torch.stack([scaled_covariance(cov, s) for s in input_scales])
+
+
+def _clipped_qparams(wmin: torch.Tensor, wmax: torch.Tensor, bound: torch.Tensor, grid: WeightGrid,
+                     scale2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max grid parameters of groups clipped to ``±bound``, from the unclipped groups' minima and maxima
+    (clamping commutes with the minimum and maximum); a two-stage grid's scales on its stage ``scale2``."""
+    lo = torch.clamp(wmin, -bound, bound)
+    hi = torch.clamp(wmax, -bound, bound)
+    scale, zp = minmax_qparams(lo, hi, grid)
+    return second_stage_scales(scale, grid, scale2)[0], zp
+
+
 def _clip_kernel_applies(w: torch.Tensor, grid: WeightGrid) -> bool:
     return kernels_apply(w, grid) and kernel_group_size(grid.group_size)
 
@@ -331,12 +342,8 @@ def _kernel_clip(wg: torch.Tensor, ratios: torch.Tensor, cov: torch.Tensor, grid
 
     max0 = wg.abs().amax(-1)  # [batch, rows, G]
     bound = max0[:, None] * ratios[None, :, None, None]  # [batch, steps, rows, G]
-    lo = torch.clamp(wg.amin(-1)[:, None], -bound, bound)
-    hi = torch.clamp(wg.amax(-1)[:, None], -bound, bound)
+    scale, zp = _clipped_qparams(wg.amin(-1)[:, None], wg.amax(-1)[:, None], bound, grid, scale2)
     del bound
-    scale, zp = minmax_qparams(lo, hi, grid)
-    del lo, hi
-    scale, _ = second_stage_scales(scale, grid, scale2)
     best = best_clip_steps(wg, max0, scale, zp, ratios, cov, grid, input_scales)
     best_max = (max0 * ratios[best])[..., None]
     return torch.maximum(torch.minimum(wg, best_max), -best_max)
@@ -348,18 +355,14 @@ def _clip_errors(wg: torch.Tensor, max0: torch.Tensor, ratios: torch.Tensor, gri
     on an integer or scaled-float grid.
 
     Built in the layout the error product reads (no copy), with each clipped group's min-max range
-    taken from the unclipped one (clamping commutes with the minimum and maximum): the same values
-    as :func:`fake_quant_weight` of each clipped weight, in fewer passes over ``steps`` × the weights.
+    taken from the unclipped one (:func:`_clipped_qparams`): the same values as :func:`fake_quant_weight`
+    of each clipped weight, in fewer passes over ``steps`` × the weights.
     """
     batch, _, groups, gs = wg.shape
     wp = wg.permute(0, 2, 1, 3)  # [batch, G, rows, gs]
     mx = max0.permute(0, 2, 1, 3)[:, :, None] * ratios[:, None, None]  # [batch, G, steps, rows, 1]
     cur = torch.clamp(wp[:, :, None], -mx, mx)
-    bound = mx[..., 0]
-    lo = torch.clamp(wp.amin(-1)[:, :, None], -bound, bound)
-    hi = torch.clamp(wp.amax(-1)[:, :, None], -bound, bound)
-    scale, zp = minmax_qparams(lo, hi, grid)
-    scale, _ = second_stage_scales(scale, grid, scale2)
+    scale, zp = _clipped_qparams(wp.amin(-1)[:, :, None], wp.amax(-1)[:, :, None], mx[..., 0], grid, scale2)
     q = fake_quant_with(cur, scale[..., None], zp[..., None], grid)
     return (q - wp[:, :, None]).reshape(batch * groups, -1, gs)
 

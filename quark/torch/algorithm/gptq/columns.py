@@ -52,12 +52,11 @@ def column_loop(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.Tensor, zer
         return
     exact = get_integer_division() == "exact"
     inverse = None if exact else torch.reciprocal(scales[:, start:stop])
-    zero_free = grid.symmetric and grid.qmin < 0  # signed symmetric grids have zero point 0
     for i in range(start, stop):
         c = w1[:, i]
         v = c / scales[:, i] if inverse is None else c * inverse[:, i - start]
         v = round_to_grid(v, grid.round_method)
-        if zero_free:
+        if grid.zero_point_free:
             v.clamp_(grid.qmin, grid.qmax)
         else:
             v = (v + zeros[:, i]).clamp_(grid.qmin, grid.qmax) - zeros[:, i]

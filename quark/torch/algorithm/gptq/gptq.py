@@ -81,9 +81,12 @@ class GptqStep:
         self._last: tuple[torch.Tensor, tuple | None, tuple] | None = None
         # Linears of the first true-sequential group, per decoder layer class (known after its first layer).
         self._first_group: dict[type, list[str]] = {}
-        # the runner's pass may stop each call once the targets ran (not for the paired statistics,
-        # which run the layer and its float copy themselves)
-        self.collects_targets_only = not self.uses_float_inputs
+
+    @property
+    def collects_targets_only(self) -> bool:
+        """The runner's pass may stop each call once the targets ran (not for the paired statistics, which
+        run the layer and its float copy themselves)."""
+        return not self.uses_float_inputs
 
     def set_float_reference(self, reference: nn.Module | None, inputs: list[tuple[tuple, dict]]) -> None:
         """The runner's float copy of the current layer and its float-model inputs (or None)."""

@@ -210,8 +210,7 @@ def _searched_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, cli
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`group_params`' search in PyTorch, from the min-max ``scale``/``zp``."""
     best = torch.full_like(scale, float("inf"))
-    for k in range(clip_steps + 1):
-        ratio = 1.0 - (1.0 - CLIP_MIN_RATIO) * k / clip_steps
+    for ratio in _range_ratios(clip_steps):
         s, z = minmax_qparams(lo * ratio, hi * ratio, grid)
         err = ((w - fake_quant_with(w, s[..., None], z[..., None], grid)) ** 2 * hdiag).sum(dim=-1)
         if per_tensor:
@@ -221,6 +220,11 @@ def _searched_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor, cli
         scale = torch.where(better, s, scale)
         zp = torch.where(better, z, zp)
     return scale, zp
+
+
+def _range_ratios(clip_steps: int) -> list[float]:
+    """The range search's shrink ratios: 1 down to ``CLIP_MIN_RATIO`` in ``clip_steps`` steps."""
+    return [1.0 - (1.0 - CLIP_MIN_RATIO) * k / clip_steps for k in range(clip_steps + 1)]
 
 
 #: Grid parameters (steps × rows × groups) computed per piece of rows for the range-search kernel.
@@ -234,7 +238,7 @@ def _kernel_group_params(w: torch.Tensor, grid: WeightGrid, hdiag: torch.Tensor,
     from quark.torch.algorithm.kernels.clip import best_range_steps
 
     out, groups, _ = w.shape
-    ratios = [1.0 - (1.0 - CLIP_MIN_RATIO) * k / clip_steps for k in range(clip_steps + 1)]
+    ratios = _range_ratios(clip_steps)
     piece = max(1, RANGE_SEARCH_PARAMS // (len(ratios) * groups))
     scales, zps = [], []
     for r0 in range(0, out, piece):

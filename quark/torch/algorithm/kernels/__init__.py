@@ -23,6 +23,7 @@ import torch
 
 from quark.torch.algorithm.utils.quant import WeightGrid
 from quark.torch.quantization.config.type import RoundType
+from quark.torch.quantization.formats.affine import get_integer_division
 
 try:  # Triton comes with CUDA builds of PyTorch; CPU builds run the PyTorch paths
     import triton  # noqa: F401
@@ -47,6 +48,13 @@ def kernels_apply(t: torch.Tensor, grid: WeightGrid) -> bool:
     if not (HAVE_TRITON and USE_TRITON) or grid.is_block or grid.is_float or grid.round_method not in ROUND_CODES:
         return False
     return t.is_cuda or os.environ.get("QUARK_TRITON") == "interpret"
+
+
+def grid_arguments(grid: WeightGrid) -> dict[str, object]:
+    """The integer grid's arguments of every kernel that rounds (:func:`.grid.fake_quant_int`): its range,
+    rounding, whether it has a zero point, and the process's integer division mode."""
+    return dict(qmin=float(grid.qmin), qmax=float(grid.qmax), METHOD=ROUND_CODES[grid.round_method],
+                ZERO_FREE=grid.zero_point_free, EXACT=get_integer_division() == "exact")
 
 
 def kernel_group_size(gs: int) -> bool:

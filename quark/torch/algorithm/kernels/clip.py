@@ -15,10 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from quark.torch.algorithm.kernels import ROUND_CODES
+from quark.torch.algorithm.kernels import grid_arguments
 from quark.torch.algorithm.kernels.grid import fake_quant_int
 from quark.torch.algorithm.utils.quant import WeightGrid
-from quark.torch.quantization.formats.affine import get_integer_division
 
 #: Precision of the kernel's ``e C`` products: ``"tf32x3"`` runs them on tensor cores with float32's
 #: accuracy (three TF32 products); ``"ieee"`` (plain float32 FMAs) took 1.06 s of GPU time per
@@ -84,10 +83,9 @@ def best_clip_steps(wg: torch.Tensor, max0: torch.Tensor, scale: torch.Tensor, z
     grid_shape = (batch * groups, triton.cdiv(rows, block_rows))
     _clip_search_kernel[grid_shape](
         wg, s, cov.float().contiguous(), scale, inv, zp.float().contiguous(), max0.float().contiguous(),
-        ratios.float().contiguous(), best, rows, groups * gs, groups, float(grid.qmin), float(grid.qmax),
-        GS=gs, BR=block_rows, STEPS=steps, HAS_S=input_scales is not None, METHOD=ROUND_CODES[grid.round_method],
-        ZERO_FREE=bool(grid.symmetric and grid.qmin < 0), EXACT=get_integer_division() == "exact",
-        DOT_PRECISION=CLIP_DOT_PRECISION, num_warps=8 if gs >= 128 else 4)
+        ratios.float().contiguous(), best, rows, groups * gs, groups, GS=gs, BR=block_rows, STEPS=steps,
+        HAS_S=input_scales is not None, DOT_PRECISION=CLIP_DOT_PRECISION, num_warps=8 if gs >= 128 else 4,
+        **grid_arguments(grid))
     return best.long()
 
 
@@ -129,7 +127,5 @@ def best_range_steps(w: torch.Tensor, hdiag: torch.Tensor, scale: torch.Tensor, 
     block_rows = 64 if gs <= 64 else 32
     _range_search_kernel[(groups, triton.cdiv(rows, block_rows))](
         w.contiguous(), hdiag.float().contiguous(), scale, inv, zp.float().contiguous(), best, rows, groups * gs,
-        groups, float(grid.qmin), float(grid.qmax), GS=gs, BR=block_rows, STEPS=steps,
-        METHOD=ROUND_CODES[grid.round_method], ZERO_FREE=bool(grid.symmetric and grid.qmin < 0),
-        EXACT=get_integer_division() == "exact", num_warps=4)
+        groups, GS=gs, BR=block_rows, STEPS=steps, num_warps=4, **grid_arguments(grid))
     return best.long()

@@ -13,10 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from quark.torch.algorithm.kernels import ROUND_CODES
+from quark.torch.algorithm.kernels import grid_arguments
 from quark.torch.algorithm.kernels.grid import fake_quant_int
 from quark.torch.algorithm.utils.quant import WeightGrid
-from quark.torch.quantization.formats.affine import get_integer_division
 
 
 @triton.jit
@@ -54,8 +53,6 @@ def quantize_block_kernel(w1: torch.Tensor, hinv1: torch.Tensor, scales: torch.T
     width = triton.next_power_of_2(ncols)
     block_rows = 32 if width >= 128 else 64
     _block_kernel[(triton.cdiv(rows, block_rows),)](
-        w1, hinv1.contiguous(), scales, inv, zeros.contiguous(), q1, err1, rows, ncols,
-        float(grid.qmin), float(grid.qmax), BR=block_rows, B=width, METHOD=ROUND_CODES[grid.round_method],
-        ZERO_FREE=bool(grid.symmetric and grid.qmin < 0), EXACT=get_integer_division() == "exact",
-        num_warps=4)
+        w1, hinv1.contiguous(), scales, inv, zeros.contiguous(), q1, err1, rows, ncols, BR=block_rows, B=width,
+        num_warps=4, **grid_arguments(grid))
     return q1, err1

@@ -99,6 +99,11 @@ class WeightGrid:
         return float(value) if self.is_float else int(value)
 
     @property
+    def zero_point_free(self) -> bool:
+        """Signed symmetric grids (block formats included) have zero point 0: no zero point to add."""
+        return self.symmetric and self.qmin < 0
+
+    @property
     def graph_safe(self) -> bool:
         """Grids whose column loop GPTQ captures as a CUDA graph (the others run eagerly)."""
         return not self.is_block and (self.format_kind == "int" or self.dtype in FP8_DTYPES)
@@ -304,7 +309,7 @@ def fake_quant_with(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid
     if element is not None:  # the formats' own float arithmetic (float32, native cast for fp8)
         return fake_quantize_broadcast(x, scale, None, element)
     xf = x if x.dtype == torch.float64 else x.float()
-    if grid.is_block or (grid.symmetric and grid.qmin < 0):  # signed symmetric grids have zero point 0
+    if grid.is_block or grid.zero_point_free:
         return (round_to_grid(divide_by_scale(xf, scale), grid.round_method).clamp(grid.qmin, grid.qmax)
                 * scale).to(x.dtype)
     q = (round_to_grid(divide_by_scale(xf, scale), grid.round_method) + zp).clamp(grid.qmin, grid.qmax)

@@ -25,8 +25,8 @@ __all__ = ["loaded_on_use", "modules_outside", "move_to", "normalize_device", "o
            "placement_units", "probing", "tensors_moved"]
 
 def move_to(obj: Any, device: torch.device | str, keep_pinned: bool = False) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged), between the
-    CPU and a GPU through page-locked memory (:func:`transfer`; ``keep_pinned``: copies to the CPU stay in it)."""
+    """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged) with
+    :func:`transfer` (``keep_pinned``: copies from a GPU to the CPU stay in page-locked memory)."""
     if isinstance(obj, torch.Tensor):
         return transfer(obj, device, keep_pinned=keep_pinned)
     if isinstance(obj, tuple):

@@ -1,4 +1,4 @@
-"""Copies between CPU memory and a GPU through page-locked staging memory (layer 6, the lowest).
+"""Copies from a GPU to CPU memory through page-locked staging memory (layer 6, the lowest).
 
 A copy from a GPU into ordinary (pageable) host memory runs at a fraction of the bus's speed (H100,
 436 MiB: 1.3 GB/s; `bench/bench_transfer.py`); the layer-by-layer runner moves a decoder layer, its
@@ -35,24 +35,22 @@ def _pinned_in_use() -> int:
 
 
 def transfer(t: torch.Tensor, device: torch.device | str, *, keep_pinned: bool = False) -> torch.Tensor:
-    """``t.to(device)``, staged through page-locked memory between the CPU and a CUDA device.
+    """``t.to(device)``; a copy from a CUDA device to the CPU goes through page-locked memory.
 
-    A copy to the CPU returns ordinary memory, unless ``keep_pinned`` (for short-lived tensors such
-    as activations between layers: the staging memory is the result, no second copy).
+    That copy returns ordinary memory, unless ``keep_pinned`` (for short-lived tensors such as
+    activations between layers: the staging memory is the result, no second copy).
     """
     device = torch.device(device)
-    if (not (USE_PINNED and torch.cuda.is_available()) or t.numel() * t.element_size() < PINNED_MIN_BYTES
-            or not t.is_contiguous()):
-        return t.to(device)
     if t.device.type == "cpu" and device.type == "cuda":
-        # staging pageable memory first measured slower than the driver's own path (H100, 436 MiB: 5.1 GB/s
+        # the driver's own path: staging pageable memory first measured slower (H100, 436 MiB: 5.1 GB/s
         # against 7.0); a pinned tensor (activations kept pinned) goes without waiting
         return t.to(device, non_blocking=t.is_pinned())
-    if t.device.type == "cuda" and device.type == "cpu":
-        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        staged.copy_(t, non_blocking=True)
-        torch.cuda.current_stream(t.device).synchronize()
-        if keep_pinned and _pinned_in_use() <= KEEP_PINNED_MAX_BYTES:
-            return staged
-        return staged.clone()
-    return t.to(device)
+    if (t.device.type != "cuda" or device.type != "cpu" or not USE_PINNED
+            or t.numel() * t.element_size() < PINNED_MIN_BYTES or not t.is_contiguous()):
+        return t.to(device)
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    if keep_pinned and _pinned_in_use() <= KEEP_PINNED_MAX_BYTES:
+        return staged
+    return staged.clone()
