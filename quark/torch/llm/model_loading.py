@@ -229,14 +229,15 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", multi_gpu: bool = 
     return model
 
 
-def _checkpoint_dtype(model_dir: Path, config: Any) -> torch.dtype:
-    """``dtype="auto"``: the config's ``dtype``/``torch_dtype``, else the first floating tensor's in the shards."""
+def _checkpoint_dtype(files: list[Path], config: Any) -> torch.dtype:
+    """``dtype="auto"``: the config's ``dtype``/``torch_dtype``, else the first floating tensor's in the shards
+    ``files`` (checked already)."""
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(stored, torch.dtype):
         return stored
     if isinstance(stored, str) and isinstance(DTYPES.get(stored), torch.dtype):
         return DTYPES[stored]
-    for path in check_checkpoint(model_dir):
+    for path in files:
         for key, entry in check_header(path).items():
             if key != "__metadata__" and entry["dtype"] in ("F32", "F16", "BF16"):
                 return TORCH_DTYPES[entry["dtype"]]
@@ -263,7 +264,7 @@ def load_model_on_disk(model_dir: str | Path, offload_folder: str | Path, *, dty
         raise ValueError(f"--offload disk reads the layers from the model's safetensors shards: {exc}; use "
                          "--offload cpu, or convert the checkpoint to safetensors") from None
     config = load_config(folder, trust_remote_code)
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(folder, config)
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else _checkpoint_dtype(files, config)
     cls = model_class(config.model_type)
     try:
         with init_empty_weights(include_buffers=False):
