@@ -257,6 +257,19 @@ def _start_ranks(args: argparse.Namespace) -> bool:
     return started
 
 
+def _exit_without_teardown(status: int) -> NoReturn:
+    """End a rank of a failed torchrun job at once. Its process group cannot be torn down reliably
+    once a peer has died or is leaving too (gloo's threads may call ``std::terminate`` during
+    ``destroy_process_group`` or the interpreter's shutdown, turning the exit status into a SIGABRT),
+    so neither runs; the run's temporary files were removed while the error propagated."""
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _run(args: argparse.Namespace) -> int:
     from quark.torch.llm.pipeline import run
     from quark.torch.quantization.calibration.distributed import RankFailure
@@ -265,27 +278,44 @@ def _run(args: argparse.Namespace) -> int:
     try:
         started = _start_ranks(args)
         summary = run(args)
-    except RankFailure as exc:  # another rank died or timed out: nothing was written
-        _error_line(exc)
-        return 1
-    except ValueError as exc:
-        _error_line(exc)
-        return 2
-    except ImportError as exc:  # an optional package a step needs (the pre-checks name most of them)
-        package = (exc.name or str(exc)).split(".")[0]
-        _error_line(f"a package this run needs is not installed: {package!r} (pip install {package}): {exc}")
-        return 2
-    except OSError as exc:  # disk full, permissions, ...: the output folder was left as it was
-        _error_line(f"{exc}; the output folder was left as it was")
-        return 1
-    finally:
+    except (RankFailure, ValueError, ImportError, OSError) as exc:
+        status = _report_error(exc)
         if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            _exit_without_teardown(status)
+        return status
+    except BaseException:
+        if started:
+            _end_ranks()
+        raise
+    if started:
+        _end_ranks()
     if _rank_from_env() <= 0:
         sys.stdout.write(summary.table() + "\n")
     return 0
+
+
+def _end_ranks() -> None:
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def _report_error(exc: Exception) -> int:
+    """Write the one error line for a run that stopped; the exit status."""
+    from quark.torch.quantization.calibration.distributed import RankFailure
+
+    if isinstance(exc, RankFailure):  # another rank died or timed out: nothing was written
+        _error_line(exc)
+        return 1
+    if isinstance(exc, ValueError):
+        _error_line(exc)
+        return 2
+    if isinstance(exc, ImportError):  # an optional package a step needs (the pre-checks name most)
+        package = (exc.name or str(exc)).split(".")[0]
+        _error_line(f"a package this run needs is not installed: {package!r} (pip install {package}): {exc}")
+        return 2
+    _error_line(f"{exc}; the output folder was left as it was")  # OSError: disk full, permissions, ...
+    return 1
 
 
 if __name__ == "__main__":
