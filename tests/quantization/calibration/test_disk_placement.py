@@ -164,6 +164,49 @@ def test_a_pass_reads_the_embeddings_once_not_once_per_batch(checkpoints, tmp_pa
     assert 1 <= len(embeddings) <= 2, embeddings  # the calibration pass's capture (and the tail's, if any)
 
 
+def test_the_next_decoder_layer_is_read_in_the_background(checkpoints, tmp_path, monkeypatch):
+    """Loading layer N starts reading layer N + 1 in a background thread: the same reads as without it (none
+    wasted, none repeated), each layer after the first read ahead in every pass, and the same result."""
+    import collections
+    import threading
+
+    real_read = weight_source.DiskWeights._read_file
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("QUARK_DISK_READ_AHEAD", flag)
+        reads: collections.Counter = collections.Counter()
+
+        def read_file(self, path, key, _reads=reads):
+            _reads[(threading.current_thread().name.startswith("quark-read-ahead"), key)] += 1
+            return real_read(self, path, key)
+
+        monkeypatch.setattr(weight_source.DiskWeights, "_read_file", read_file)
+        model = load_model_on_disk(checkpoints["llama"], tmp_path / f"offload-{flag}")
+        config = LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm="gptq")
+        quantizer = ModelQuantizer(config, compute_device="cpu")
+        quantizer.quantize_model(model, token_batches(4))
+        quantizer.freeze(model)
+        runs[flag] = (reads, _state(model))
+    ahead, plain = runs["1"][0], runs["0"][0]
+    assert sum(ahead.values()) == sum(plain.values())
+    background = {key: n for (in_background, key), n in ahead.items() if in_background}
+    layer_1 = {key: n for (_, key), n in plain.items() if key.startswith("model.layers.1.")}
+    assert background == layer_1  # layer 0 follows no layer; layer 1 is read ahead in every pass
+    _assert_equal_states(runs["1"][1], runs["0"][1])
+
+
+def test_a_layer_written_after_it_was_read_ahead_is_read_from_its_new_copy(checkpoints, tmp_path):
+    model = load_model_on_disk(checkpoints["llama"], tmp_path / "offload")
+    source = weight_source.disk_weights(model)
+    name = "model.layers.1.mlp.down_proj.weight"
+    old = source.read(name)
+    source.read_ahead("model.layers.1")
+    source.write({name: old + 1})
+    assert torch.equal(source.read(name), old + 1)
+    source.forget_read_ahead()
+    assert torch.equal(source.read(name), old + 1)
+
+
 def test_changed_layers_go_to_the_offload_folder_and_are_read_back_from_it(checkpoints, tmp_path):
     offload = tmp_path / "offload"
     model = _quantize("llama", "int4_gptq", checkpoints["llama"], offload)

@@ -8,6 +8,10 @@ stage changed (algorithms change weights, ``freeze`` packs them) is written to t
 one safetensors file per write, and later reads prefer that copy. Host memory therefore holds about
 one unit's weights, plus the buffers (quantizer scales, rotations), which stay in CPU memory.
 
+Reading is overlapped with the work: when decoder layer ``N`` is loaded, layer ``N + 1`` is read in a
+background thread (one unit ahead, so host memory holds at most one more layer); its tensors are used
+when it is loaded, unless its source changed meanwhile. ``QUARK_DISK_READ_AHEAD=0`` turns this off.
+
 Parameters are swapped in and out with ``torch.utils.swap_tensors``, so a Parameter keeps its
 identity: weights tied between modules (embeddings and ``lm_head``) stay tied, and a ``QuantLinear``
 sharing its Parameters with the ``nn.Linear`` it replaced sees the same data.
@@ -21,9 +25,12 @@ import ctypes.util
 import functools
 import itertools
 import logging
+import os
+import re
 import sys
 import weakref
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,6 +45,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["DiskWeights", "disk_weights", "has_meta_parameters", "release_host_memory", "source_of"]
 
 _SOURCES: weakref.WeakKeyDictionary[nn.Module, DiskWeights] = weakref.WeakKeyDictionary()
+_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def read_ahead_enabled() -> bool:
+    """Whether the next decoder layer is read in the background (``QUARK_DISK_READ_AHEAD``, default on)."""
+    return os.environ.get("QUARK_DISK_READ_AHEAD", "1") != "0"
 
 
 def has_meta_parameters(module: nn.Module) -> bool:
@@ -84,6 +97,10 @@ class DiskWeights:
         self._stale: set[Path] = set()
         self.bytes_read = 0
         self.bytes_written = 0
+        # Read ahead: the unit being read in the background, and each parameter's source and pending read.
+        self._ahead_unit: str | None = None
+        self._ahead: dict[str, tuple[tuple[Path, str], Future[torch.Tensor]]] = {}
+        self._reader: ThreadPoolExecutor | None = None
 
     # -- attaching -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -121,18 +138,61 @@ class DiskWeights:
                 return key
         return None
 
+    def _source(self, name: str) -> tuple[Path, str]:
+        """``(file, key)`` holding the current value of parameter ``name``."""
+        if name in self.offloaded:
+            return self.offloaded[name]
+        found = self._checkpoint_key(name)
+        if found is None:
+            raise KeyError(f"{name}: neither offloaded nor in the checkpoint")
+        return self.checkpoint[found], found
+
     def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """The current value of parameter ``name``: its offloaded copy, else the checkpoint's tensor."""
-        if name in self.offloaded:
-            path, key = self.offloaded[name]
-        else:
-            found = self._checkpoint_key(name)
-            if found is None:
-                raise KeyError(f"{name}: neither offloaded nor in the checkpoint")
-            key, path = found, self.checkpoint[found]
-        tensor = self._read_file(path, key)
+        source = self._source(name)
+        read_from, pending = self._ahead.pop(name, (None, None))
+        if pending is not None and read_from == source:
+            tensor = pending.result()
+        else:  # not read ahead, or written again since
+            if pending is not None:
+                _settle(pending)
+            tensor = self._read_file(*source)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return transfer(tensor, device)
+
+    def read_ahead(self, prefix: str) -> None:
+        """Start reading the not-loaded parameters of the module named ``prefix`` in the background (the
+        unit read ahead before is forgotten unless it is this one)."""
+        if prefix == self._ahead_unit:
+            return
+        self.forget_read_ahead()
+        root = self._root() if self._root is not None else None
+        module = _get(root, prefix) if root is not None else None
+        if module is None:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quark-read-ahead")
+        self._ahead_unit = prefix
+        for name, p in module.named_parameters(prefix=prefix):
+            if p.device.type == "meta":
+                with contextlib.suppress(KeyError):  # the read when it is loaded names what is missing
+                    source = self._source(name)
+                    self._ahead[name] = (source, self._reader.submit(self._read_file, *source))
+
+    def forget_read_ahead(self) -> None:
+        """Drop what was read ahead and not used (waiting for reads already running)."""
+        pending, self._ahead, self._ahead_unit = self._ahead, {}, None
+        for _, future in pending.values():
+            _settle(future)
+
+    def _next_unit(self, prefix: str) -> str | None:
+        """The name of the module after ``prefix`` in its numbered list (``layers.4`` -> ``layers.5``)."""
+        match = _NUMBERED.match(prefix)
+        root = self._root() if self._root is not None else None
+        if match is None or root is None:
+            return None
+        following = f"{match.group(1)}.{int(match.group(2)) + 1}"
+        return following if _get(root, following) is not None else None
 
     def _header(self, path: Path) -> tuple[int, dict[str, dict]]:
         """``(offset of the data, {name: header entry})`` of a safetensors file, checked (cached)."""
@@ -261,6 +321,12 @@ class DiskWeights:
                         if buf is not None and buf.device != device:
                             homes[(id(sub), bname)] = buf.device
                             sub._buffers[bname] = transfer(buf, device)
+            if self._ahead_unit in prefixes:  # used up (what it did not need is dropped)
+                self.forget_read_ahead()
+            if recurse and read_ahead_enabled():
+                following = self._next_unit(prefixes[-1])
+                if following is not None:
+                    self.read_ahead(following)
             yield
         finally:
             current = [_get(root, prefix) for prefix in prefixes]
@@ -298,6 +364,14 @@ class DiskWeights:
                         home = homes.get((id(sub), bname), torch.device("cpu"))
                         if buf.device != home:
                             sub._buffers[bname] = transfer(buf, home)
+
+
+def _settle(future: Future) -> None:
+    """Cancel a background read, or wait for it when it already runs (its error, if any, is dropped: the
+    tensor is read again when needed, and that read reports it)."""
+    if not future.cancel():
+        with contextlib.suppress(Exception):
+            future.result()
 
 
 @functools.cache
