@@ -314,6 +314,17 @@ class SecondStageQuantize(FakeQuantize):
         self._set("zero_point_2", value)
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no NaN/Inf, in one reduction: ``aminmax`` propagates NaN and an infinity is an
+    extreme (``isfinite(x).all()`` makes three passes and a boolean copy of ``x``)."""
+    if x.numel() == 0:
+        return True
+    if x.element_size() == 1:  # float8: no aminmax kernel
+        return bool(torch.isfinite(x).all())
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def check_finite(x: torch.Tensor | None, name: str, what: str = "calibration tensor") -> None:
     """Raise :class:`NonFiniteTensorError` naming ``name`` when ``x`` holds NaN or Inf.
 
@@ -321,7 +332,7 @@ def check_finite(x: torch.Tensor | None, name: str, what: str = "calibration ten
     not finite is refused here, at the quantizer that would use it, instead of turning into NaN
     codes or NaN outputs.
     """
-    if x is None or not x.is_floating_point() or bool(torch.isfinite(x).all()):
+    if x is None or not x.is_floating_point() or _all_finite(x):
         return
     n_nan = int(torch.isnan(x).sum())
     n_inf = int(torch.isinf(x).sum())

@@ -91,12 +91,13 @@ def reduce_minmax(x: torch.Tensor, qscheme: QSchemeType | str, ch_axis: int | No
                   group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-parameter ``(min, max)`` of ``x`` in the canonical parameter shape (NaN propagates)."""
     qs = as_qscheme(qscheme)
+    one_pass = x.element_size() > 1  # aminmax reads x once; float8 has no aminmax kernel
     if qs == QSchemeType.per_tensor:
-        return x.amin(), x.amax()
+        return tuple(torch.aminmax(x)) if one_pass and x.numel() else (x.amin(), x.amax())  # type: ignore[return-value]
     axis = normalize_axis(ch_axis, x.ndim)
     if qs == QSchemeType.per_channel:
         flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
-        return flat.amin(dim=1), flat.amax(dim=1)
+        return tuple(flat.aminmax(dim=1)) if one_pass and flat.numel() else (flat.amin(dim=1), flat.amax(dim=1))  # type: ignore[return-value]
     g = _check_group_size(group_size)
     # Pad with +inf for the min and -inf for the max so padding never wins a reduction.
     mins = to_blocks(x, axis, g, pad_value=math.inf).amin(dim=-1).movedim(-1, axis)
