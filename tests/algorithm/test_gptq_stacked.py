@@ -120,7 +120,7 @@ def test_half_precision_paths_on_a_bf16_model_on_gpu(algorithm: str) -> None:
 
 
 def test_owners_by_rows_balances_the_rows_over_the_ranks() -> None:
-    from quark.torch.algorithm.gptq.gptq import owners_by_rows
+    from quark.torch.quantization.calibration.distributed import owners_by_rows
 
     assert owners_by_rows([4096, 1024, 1024], 2) == [0, 1, 1]  # q alone, k and v together
     assert owners_by_rows([14336, 14336], 2) == [0, 1]  # gate, up

@@ -57,6 +57,15 @@ def test_two_ranks_equal_one_process(two_ranks, case):
     assert_same_state(one, rank0, f"{case}: one process against 2 ranks")
 
 
+def test_awq_ranks_take_the_scale_candidates_in_turns(two_ranks):
+    """One candidate per batch: each rank computes half of them, and the result is one process's."""
+    one = workers.awq_split_state()
+    for rank in (0, 1):
+        got = _value(two_ranks, rank)["int4_awq:split"]
+        assert got["computed"] * 2 == one["computed"], (got["computed"], one["computed"])
+        assert_same_state(one["state"], got["state"], f"rank {rank}")
+
+
 def test_layer_by_layer_placement_on_two_ranks_equals_one_process(two_ranks):
     one = workers.quantized_state("fp8_kv")
     for rank in (0, 1):

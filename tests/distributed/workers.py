@@ -78,6 +78,27 @@ def gpu_cases(rank: int, out: Path, results: dict[str, Any]) -> None:
         batching.MERGE_TOKENS = merge
 
 
+def awq_split_state() -> dict:
+    """AWQ with one scale candidate per batch (as for 8B-sized groups), so data-parallel ranks take the
+    candidates in turns; ``"computed"`` counts the candidate batches this process computed."""
+    from quark.torch.algorithm.awq import awq
+
+    size, real = awq.CANDIDATE_BATCH_ELEMENTS, awq.AwqStep._candidate_weights
+    computed = [0]
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        computed[0] += 1
+        return real(self, *args, **kwargs)
+
+    awq.CANDIDATE_BATCH_ELEMENTS = 1
+    awq.AwqStep._candidate_weights = counted  # type: ignore[method-assign]
+    try:
+        return {"state": quantized_state("int4_awq"), "computed": computed[0]}
+    finally:
+        awq.CANDIDATE_BATCH_ELEMENTS = size
+        awq.AwqStep._candidate_weights = real  # type: ignore[method-assign]
+
+
 def layer_by_layer_state(case: str) -> dict:
     """:func:`quantized_state` with every stage forced to run one decoder layer at a time (the placement
     of a model not wholly on the compute device)."""
@@ -124,6 +145,7 @@ def every_case(rank: int, out: Path, results: dict[str, Any]) -> None:
         start = time.perf_counter()
         results[case] = quantized_state(case)
         results[case + ":seconds"] = time.perf_counter() - start
+    results["int4_awq:split"] = awq_split_state()
     # GPTQ given the same statistics: every rank passes all the batches as its own share
     results["int4_gptq:duplicated"] = quantized_state("int4_gptq", data_already_split=True)
     results["observers"] = observer_ranges(rank)

@@ -21,7 +21,7 @@ clipped candidates 0.0625, unclipped candidates then clipped 0.0481, never clipp
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ from quark.torch.algorithm.utils.quant import (
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
 from quark.torch.algorithm.utils.scaling_step import ScaleResult, ScalingStep, producer_slice
 from quark.torch.algorithm.utils.specs import weight_spec_for
+from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.distributed import all_reduce_
 from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
 from quark.torch.quantization.config.type import QSchemeType
@@ -129,10 +130,8 @@ class AwqStep(ScalingStep):
         else:
             module, calls = self.inspect_calls(layer, g)
             reference = self.run(module, calls)
-        for r0 in range(0, N_GRID, chunk):
-            se = expanded[r0:r0 + chunk]
-            weights = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
-            for k in range(se.shape[0]):
+        for r0, weights in self._candidate_batches(saved, quantized, expanded, chunk, covariances, grids):
+            for k in range(next(iter(weights.values())).shape[0]):
                 if linear_only:
                     error = 0.0
                     if stats.full_cov is not None:
@@ -156,6 +155,39 @@ class AwqStep(ScalingStep):
             self._clip_covariances[n] = final[grids[n].group_size]
         return ScaleResult(index, g.prev_op, list(g.layers), best.cpu(), prev_start=start)
 
+    def _candidate_batches(self, saved: dict[str, torch.Tensor], quantized: list[str], expanded: torch.Tensor,
+                           chunk: int, covariances: dict[int, torch.Tensor], grids: dict[str, WeightGrid],
+                           ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(first candidate, {linear: [k, out, in] candidate weights})`` per batch of ``chunk`` candidates.
+
+        Data-parallel ranks take the batches in turns: in each round every rank computes one batch (the
+        batches are those of one process, so each is computed as one process would) and broadcasts it;
+        every rank then judges all of them on its own tokens.
+        """
+        starts = list(range(0, N_GRID, chunk))
+        ranks = distributed.world_size() if distributed.active() else 1
+        me = distributed.rank() if ranks > 1 else 0
+        for first in range(0, len(starts), ranks):
+            owned = starts[first:first + ranks]
+            mine: dict[str, torch.Tensor] = {}
+            if me < len(owned):
+                se = expanded[owned[me]:owned[me] + chunk]
+                mine = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
+            for owner, r0 in enumerate(owned):
+                if ranks == 1:
+                    yield r0, mine
+                    continue
+                k = min(chunk, N_GRID - r0)
+                batch = mine if owner == me else {
+                    n: torch.empty((k, *saved[n].shape), dtype=saved[n].dtype, device=saved[n].device)
+                    for n in quantized}
+                for n in quantized:
+                    if batch[n].dtype != saved[n].dtype:  # the receivers allocated the weight's dtype
+                        raise RuntimeError(f"AWQ: candidate weights of {n} are {batch[n].dtype}, the weight "
+                                           f"{saved[n].dtype}")
+                    distributed.broadcast_(batch[n], owner, "AWQ: candidate weights")
+                yield r0, batch
+
     def _candidate_weights(self, w: torch.Tensor, se: torch.Tensor, covariances: dict[int, torch.Tensor],
                            grid: WeightGrid) -> torch.Tensor:
         """``[candidates, out, in]``: ``Q(clip(w * s)) / s`` for each row ``s`` of ``se`` (one batch)."""
@@ -170,9 +202,18 @@ class AwqStep(ScalingStep):
 
     @torch.no_grad()
     def after_scaling(self, layer: nn.Module, index: int, results: list[ScaleResult]) -> None:
-        for name, cov in self._clip_covariances.items():
-            fc = submodule(layer, name, f"{self.owner}.layers")
-            fc.weight.data.copy_(clip_search(fc.weight.data, cov, self.grids[index][name]))
+        """Clip every quantized linear of the layer (data-parallel ranks split the linears and broadcast)."""
+        names = list(self._clip_covariances)
+        fcs = [submodule(layer, name, f"{self.owner}.layers") for name in names]
+        ranks = distributed.world_size() if distributed.active() else 1
+        owners = distributed.owners_by_rows([fc.out_features for fc in fcs], ranks)
+        me = distributed.rank() if ranks > 1 else 0
+        for name, fc, owner in zip(names, fcs, owners):
+            if owner == me:
+                fc.weight.data.copy_(clip_search(fc.weight.data, self._clip_covariances[name],
+                                                 self.grids[index][name]))
+            if ranks > 1:
+                distributed.broadcast_(fc.weight.data, owner, f"AWQ {name} of decoder layer {index}: clipped weight")
         self._clip_covariances = {}
 
 

@@ -159,7 +159,7 @@ class GptqStep:
     def _quantize_group(self, layer: nn.Module, index: int, names: Sequence[str]) -> None:
         """Quantize ``names``; linears that share one Hessian and one row-wise grid go in one call.
 
-        Data-parallel ranks split such a call by linear (:func:`owners_by_rows`): each rank solves its
+        Data-parallel ranks split such a call by linear (``distributed.owners_by_rows``): each rank solves its
         linears (GPTQ treats rows independently, so each result is the one the whole call gives) and
         broadcasts them to the others.
         """
@@ -174,7 +174,7 @@ class GptqStep:
         for batch in batches.values():
             modules = [layer.get_submodule(n) for n in batch]
             if len(batch) > 1 and distributed.active():
-                owners = owners_by_rows([m.out_features for m in modules], distributed.world_size())
+                owners = distributed.owners_by_rows([m.out_features for m in modules], distributed.world_size())
                 mine = [n for n, owner in zip(batch, owners) if owner == distributed.rank()]
                 results = self._solve(layer, index, batch, mine)
                 results = self._share(index, batch, modules, owners, results)
@@ -317,18 +317,6 @@ class GptqStep:
                 self.reduce(layer, index, group)
             self._quantize_group(layer, index, group)
         self._last = None
-
-
-def owners_by_rows(rows: Sequence[int], ranks: int) -> list[int]:
-    """The rank that solves each of several linears sharing a Hessian: the largest first, each to the rank
-    with the fewest rows so far (the lowest such rank), so the column loops' rows are balanced."""
-    load = [0] * ranks
-    owners = [0] * len(rows)
-    for i in sorted(range(len(rows)), key=lambda i: -rows[i]):
-        owner = min(range(ranks), key=lambda r: load[r])
-        owners[i] = owner
-        load[owner] += rows[i]
-    return owners
 
 
 #: Rows of a Hessian reduced at a time over data-parallel ranks (bounds the float64 copy on the device).

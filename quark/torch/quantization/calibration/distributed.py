@@ -35,6 +35,7 @@ __all__ = [
     "digest",
     "gather_objects",
     "init_from_env",
+    "owners_by_rows",
     "rank",
     "reduce_observers",
     "shard",
@@ -155,6 +156,19 @@ def all_gather_cat(tensor: torch.Tensor, what: str = "all_gather") -> torch.Tens
     parts = [torch.empty_like(padded) for _ in sizes]
     _guarded(what, lambda: dist.all_gather(parts, padded))
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(tensor.device)
+
+
+def owners_by_rows(rows: Sequence[int], ranks: int) -> list[int]:
+    """The rank that computes each of several row-independent pieces of work (linears of ``rows`` rows each):
+    the largest first, each to the rank with the fewest rows so far (the lowest such rank), so the ranks'
+    rows are balanced."""
+    load = [0] * ranks
+    owners = [0] * len(rows)
+    for i in sorted(range(len(rows)), key=lambda i: -rows[i]):
+        owner = min(range(ranks), key=lambda r: load[r])
+        owners[i] = owner
+        load[owner] += rows[i]
+    return owners
 
 
 def shard(items: Sequence[T]) -> list[T]:
