@@ -7,6 +7,7 @@
 #   bash .gpuq/scripts/call_tests.sh    carry .gpuq/whl312 .gpuq/scripts          GPU tests + 8B-shape speed
 #   bash .gpuq/scripts/call_part1.sh    carry .gpuq/scripts .gpuq/p1 .gpuq/ref     keeps part 1; old paths, amd-quark
 #   bash .gpuq/scripts/call_quality.sh  carry .gpuq/scripts .gpuq/p2 .gpuq/assets  joins the GGUF; quality rows
+#   bash .gpuq/scripts/call_disk.sh     carry .gpuq/whl312 .gpuq/scripts          disk placement, read-ahead on/off
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gpuq/' .git/info/exclude 2>/dev/null || echo '/.gpuq/' >> .git/info/exclude
@@ -56,5 +57,12 @@ source .gpuq/scripts/setup.sh
 mkdir -p ~/.cache/quark-torch && cat /tmp/q/gguf.partaa .gpuq/p2/gguf.partab > ~/.cache/quark-torch/SmolLM2-135M-Instruct.Q4_1.gguf
 timeout 560 python3 bench/quality.py --device cuda --assets .gpuq/assets \
   --schemes "${ROWS:-float,int4_g64_awq,int4_g64_gptq,mxfp4_awq,mxfp4_gptq}"
+EOS
+cat > .gpuq/scripts/call_disk.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+for ahead in 1 0; do
+  QUARK_DISK_READ_AHEAD=$ahead timeout 280 python3 bench/bench_speed.py --shape 8b --layers 4 --device cuda \
+    --runs fp8_kv:disk,gptq:disk --disk_dir /tmp/l8b
+done
 EOS
 du -sh .gpuq/*
