@@ -121,3 +121,19 @@ def test_desc_act_without_static_groups_is_refused():
     grid = WeightGrid(Dtype.int4, QSchemeType.per_group, 32, True, RoundType.half_even)
     with pytest.raises(ValueError, match="static_groups"):
         gptq_quantize(w, h, grid, desc_act=True, static_groups=False)
+
+
+def test_a_hessian_not_positive_definite_is_damped_harder_and_left_as_it_was(caplog) -> None:
+    from quark.torch.algorithm.gptq.math import _inverse_cholesky
+
+    h = torch.diag(torch.tensor([1.0, -0.05], dtype=torch.float64))  # mean diagonal 0.475
+    before = h.clone()
+    with caplog.at_level("WARNING"):
+        upper, damp = _inverse_cholesky(h, 0.01, "layer.q_proj")
+    assert damp == 1.0  # 0.01 and 0.1 leave the diagonal negative; 1.0 adds 0.475
+    assert torch.equal(h, before)  # damped in place for the factorisation only
+    damped = before + torch.eye(2, dtype=torch.float64) * 0.475
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped))
+    assert sum("not positive definite" in r.message for r in caplog.records) == 2
+    with pytest.raises(RuntimeError, match=r"GPTQ layer.down_proj: .*not positive definite even with damp_percent"):
+        _inverse_cholesky(torch.diag(torch.tensor([1.0, -1e6], dtype=torch.float64)), 0.01, "layer.down_proj")

@@ -168,6 +168,9 @@ def _inverse_cholesky(h: torch.Tensor, damp_percent: float, name: str) -> tuple[
                 del hinv
                 if info.item() == 0:
                     return upper, damp
+                del upper
+            else:
+                del lower  # a failed factor is not held while the next one is computed
             if attempt < _MAX_DAMP_RETRIES:
                 new = max(damp * 10, 0.01)
                 logger.warning("GPTQ %s: Hessian not positive definite with damp_percent=%g; retrying with %g",
