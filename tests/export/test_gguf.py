@@ -148,6 +148,23 @@ def test_float_types(tmp_path, gguf_type):
     assert torch.equal(got, ours.to(dtype).float())
 
 
+@pytest.mark.parametrize("gguf_type", ["BF16", "F32"])
+def test_float_types_of_a_per_group_int4_weight(tmp_path, gguf_type):
+    """int4 per-group weights dequantize to a transposed view: written as its values, not refused."""
+    model, _ = frozen_model("int4_wo_32")
+    from tests.conftest import PACKAGE_ASSETS
+
+    path = ModelExporter(ExporterConfig(), tmp_path / "o").export_gguf_model(
+        model, PACKAGE_ASSETS / "stories260K", "llama", gguf_type=gguf_type)
+    reader = gguf.GGUFReader(str(path))
+    for gname, module in (("blk.0.attn_v.weight", model.model.layers[0].self_attn.v_proj),
+                          ("blk.1.ffn_down.weight", model.model.layers[1].mlp.down_proj)):
+        t = _tensor(reader, gname)
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        ours = module.quantized_weight(torch.float32)
+        assert torch.equal(got, ours.to(torch.bfloat16).float() if gguf_type == "BF16" else ours), gname
+
+
 def test_unsupported_quantization_is_refused(tmp_path):
     model, _ = frozen_model("mx6")
     from tests.conftest import PACKAGE_ASSETS

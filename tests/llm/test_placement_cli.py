@@ -52,7 +52,7 @@ def test_auto_picks_disk_when_host_memory_cannot_hold_the_model(monkeypatch, tmp
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--offload", "disk", "--model_export", "onnx"], "--model_export onnx/gguf"),
+    (["--offload", "disk", "--model_export", "onnx"], "--model_export onnx (the ONNX exporter"),
     (["--offload", "disk", "--offload_folder", "/nonexistent/folder"], "--offload_folder"),
     (["--offload", "disk", "--multi_gpu"], "--multi_gpu"),
 ])
@@ -80,3 +80,18 @@ def test_cli_disk_placement_gives_the_export_of_the_model_in_memory(tmp_path):
     for name in ("model.safetensors", "config.json", "generation_config.json"):
         assert (outputs["none"] / name).read_bytes() == (outputs["disk"] / name).read_bytes(), name
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("quark-offload-")] == []  # removed
+
+
+def test_cli_disk_placement_writes_the_gguf_of_the_model_in_memory(tmp_path):
+    """The seeds' recipe 5 (uint4 g32 AWQ, GGUF export) from disk: the file written from memory, byte for byte."""
+    from quark.torch.llm import cli
+
+    outputs = {}
+    for offload in ("none", "disk"):
+        out = tmp_path / offload
+        assert cli.main(["--offload", offload, "--device", "cpu", "--output_dir", str(out), "--quant_scheme",
+                         "w_uint4_per_group_asym", "--group_size", "32", "--quant_algo", "awq", "--unfit_layers",
+                         "keep", "--model_export", "gguf", "--skip_float_evaluation", "--skip_evaluation",
+                         "--offload_folder", str(tmp_path)]) == 0
+        outputs[offload] = out / "gguf" / "llama.gguf"
+    assert outputs["none"].read_bytes() == outputs["disk"].read_bytes()

@@ -345,8 +345,8 @@ def _check_disk_placement(args: argparse.Namespace, mode: str) -> None:
         what = "--tasks (lm-eval runs whole-model forwards)"
     elif args.moe_experts_second_step_config:
         what = "--moe_experts_second_step_config (it rounds the expert weights of the whole model in place)"
-    elif set(args.model_export or []) - {"hf_format"}:
-        what = "--model_export onnx/gguf (these exporters trace or read the whole model in memory)"
+    elif "onnx" in (args.model_export or []):
+        what = "--model_export onnx (the ONNX exporter traces the whole model in memory)"
     if what is not None:
         raise ValueError(f"the disk placement (--offload disk, or auto for a model larger than host memory) does "
                          f"not support {what}; use --offload cpu")

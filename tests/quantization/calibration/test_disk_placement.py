@@ -117,6 +117,35 @@ def test_export_of_a_model_on_disk_equals_the_export_from_memory(custom_mode, me
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
 
 
+def test_gguf_export_streams_a_model_on_disk_one_layer_at_a_time(checkpoints, tmp_path, monkeypatch):
+    """Q4_0 (int4 g32 AWQ): the file written from memory, byte for byte; while it is written at most one decoder
+    layer holds data, and afterwards none."""
+    import gguf
+
+    from tests.conftest import PACKAGE_ASSETS
+
+    files = []
+    live_layers = [0]
+    real_write = gguf.GGUFWriter.write_tensor_data
+    for offload in (None, tmp_path / "offload"):
+        model = _quantize("llama", "int4_awq", checkpoints["llama"], offload)
+        _, layers = find_decoder_layers(model)
+
+        def write(self, tensor, *args, _layers=layers, **kwargs):
+            live = sum(any(p.device.type != "meta" for p in layer.parameters()) for layer in _layers)
+            live_layers[0] = max(live_layers[0], live)
+            return real_write(self, tensor, *args, **kwargs)
+
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write)
+        live_layers[0] = 0
+        out = tmp_path / f"gguf-{len(files)}"
+        files.append(ModelExporter(ExporterConfig(), out).export_gguf_model(
+            model, PACKAGE_ASSETS / "stories260K", "llama"))
+    assert live_layers[0] == 1  # the model on disk
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
 def test_the_meta_model_is_never_materialised_whole(checkpoints, tmp_path, monkeypatch):
     """At every read, at most two decoder layers (and the modules outside them) hold data."""
     model = load_model_on_disk(checkpoints["llama"], tmp_path / "offload")

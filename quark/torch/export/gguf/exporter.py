@@ -18,7 +18,11 @@ Attention q/k rows are permuted to GGML's rotary layout as llama.cpp's converter
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ import torch
 from torch import nn
 
 from quark.torch.export.hf_format.writer import public_model_id
+from quark.torch.quantization.calibration.placement import onloaded, tensors_moved
+from quark.torch.quantization.calibration.weight_source import disk_weights
 from quark.torch.quantization.config.type import Dtype, QSchemeType
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 
@@ -70,8 +76,10 @@ def _codes(module: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     """Integer codes [out, in], scales [out, in/32] and zero points of a per-group weight."""
     from quark.torch.export.onnx.exporter import _canonical_weight_qparams
 
-    w = module.quantized_weight(torch.float32)
+    w = module.quantized_weight(torch.float32).cpu()
     scale, zero_point = _canonical_weight_qparams(module)
+    scale = scale.cpu()
+    zero_point = None if zero_point is None else zero_point.cpu()
     s = scale.float().repeat_interleave(32, dim=1)
     zp = None if zero_point is None else zero_point.float().repeat_interleave(32, dim=1)
     codes = torch.round(w / s) + (0 if zp is None else zp)
@@ -166,8 +174,7 @@ def export_gguf(model: nn.Module, tokenizer_path: Path, model_type: str, path: P
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     float_type = gguf_type if gguf_type in ("F16", "BF16", "F32") else "F16"
-    plans: list[tuple[str, Any, str]] = []  # (gguf name, module or tensor, type)
-    state = model.state_dict()
+    plans: list[tuple[str, str, str]] = []  # (gguf name, module name, type)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name == "lm_head":
             continue
@@ -183,7 +190,8 @@ def export_gguf(model: nn.Module, tokenizer_path: Path, model_type: str, path: P
             what = module.weight_quantizer.extra_repr() if module.weight_quantizer else "none"
             raise ValueError(f"{name}: quantization {what} has no GGML block type; pass "
                              f"gguf_type='F16'/'BF16'/'F32' to write it dequantized. GGUF export supports {SUPPORTED}")
-        plans.append((gname, module, kind if gguf_type not in ("F16", "BF16", "F32") and kind else float_type))
+        plans.append((gname, name, kind if gguf_type not in ("F16", "BF16", "F32") and kind else float_type))
+    entries = _entries(model, cfg, plans, float_type, n_head, n_kv)
     writer = gguf.GGUFWriter(str(path), "llama")
     # general.name: the hub id, never a local folder (an export must not carry local paths)
     writer.add_name(public_model_id(getattr(cfg, "_name_or_path", None)) or model_type)
@@ -199,47 +207,128 @@ def export_gguf(model: nn.Module, tokenizer_path: Path, model_type: str, path: P
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(_file_type(plans))
     _add_tokenizer(writer, Path(tokenizer_path), cfg, cfg.vocab_size)
-
-    def add_float(gname: str, tensor: torch.Tensor, type_name: str) -> None:
-        if type_name == "BF16":
-            data = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(tensor.shape[0], -1)
-            writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:
-            writer.add_tensor(gname, tensor.float().numpy().astype(FLOAT_TYPES[type_name]))
-
-    add_float("token_embd.weight", state["model.embed_tokens.weight"], float_type)
-    for gname, module, type_name in plans:
-        if type_name in ("Q4_0", "Q4_1", "Q8_0"):
-            data = _pack_blocks(module, type_name)
-            raw = getattr(gguf.GGMLQuantizationType, type_name)
-        else:
-            weight = module.quantized_weight(torch.float32) if isinstance(module, QuantLinear) else module.weight
-            data, raw = weight.detach().float(), None
-        if gname.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = n_head if "attn_q" in gname else n_kv
-            data = _permute_rows(data if isinstance(data, np.ndarray) else data.numpy(), heads)
-            data = data if raw is not None else torch.from_numpy(np.ascontiguousarray(data))
-        if raw is not None:
-            writer.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=raw)
-        else:
-            add_float(gname, data, type_name)
-    for i in range(cfg.num_hidden_layers):
-        for hf, g in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")):
-            writer.add_tensor(f"blk.{i}.{g}.weight", state[f"model.layers.{i}.{hf}.weight"].float().numpy())
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"].float().numpy())
-    if not getattr(cfg, "tie_word_embeddings", False):
-        head = model.lm_head
-        weight = head.quantized_weight(torch.float32) if isinstance(head, QuantLinear) else head.weight
-        add_float("output.weight", weight.detach().float(), float_type)
+    for entry in entries:
+        writer.add_tensor_info(entry.name, entry.shape, entry.dtype, entry.nbytes, raw_dtype=entry.raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    writer.write_ti_data_to_file()
+    try:
+        for unit, group in itertools.groupby(entries, key=lambda e: e.unit):
+            with _unit_in_memory(model, unit):
+                for entry in group:
+                    data = entry.produce()
+                    if data.dtype != entry.dtype or data.nbytes != entry.nbytes:
+                        raise RuntimeError(f"GGUF {entry.name}: planned {entry.nbytes} bytes of {entry.dtype}, "
+                                           f"produced {data.nbytes} of {data.dtype}")
+                    writer.write_tensor_data(data)
+    finally:
+        writer.close()
     logger.info("exported GGUF model to %s", path)
     return path
 
 
-def _file_type(plans: list[tuple[str, Any, str]]) -> int:
+@dataclass(frozen=True)
+class _Entry:
+    """One GGUF tensor: its name, the module to have in memory (a placement unit), what ``produce`` returns
+    (shape in bytes for block/bf16 types, whose ``raw`` GGML type is given) and how to make it."""
+
+    name: str
+    unit: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    raw: Any
+    produce: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def _entries(model: nn.Module, cfg: Any, plans: list[tuple[str, str, str]], float_type: str, n_head: int,
+             n_kv: int) -> list[_Entry]:
+    """Every tensor of the file in writing order, one placement unit after the other: the token embeddings,
+    then each decoder layer's linears and norms, the final norm, the output head (unless tied)."""
+    import gguf
+
+    def floating(name: str, unit: str, shape: tuple[int, ...], type_name: str,
+                 values: Callable[[], torch.Tensor]) -> _Entry:
+        if type_name == "BF16":  # bf16 bit patterns as bytes: gguf's writer has no numpy bfloat16
+            def produce() -> np.ndarray:
+                bits = values().detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+                return bits.numpy().view(np.uint8).reshape(shape[0], -1)
+
+            return _Entry(name, unit, (shape[0], int(np.prod(shape[1:])) * 2), np.dtype(np.uint8),
+                          gguf.GGMLQuantizationType.BF16, produce)
+        dtype = np.dtype(FLOAT_TYPES[type_name])
+        return _Entry(name, unit, shape, dtype, None,
+                      lambda: np.ascontiguousarray(values().detach().to("cpu", torch.float32).numpy().astype(dtype)))
+
+    def norm(name: str, unit: str, module: str) -> _Entry:
+        size = model.get_submodule(module).weight.shape
+        return _Entry(name, unit, tuple(size), np.dtype(np.float32), None,
+                      lambda: model.get_submodule(module).weight.detach().to("cpu", torch.float32).numpy())
+
+    def linear_weight(module_name: str, heads: int | None) -> Callable[[], torch.Tensor]:
+        def values() -> torch.Tensor:
+            module = model.get_submodule(module_name)
+            weight = module.quantized_weight(torch.float32) if isinstance(module, QuantLinear) else module.weight
+            weight = weight.detach().to("cpu", torch.float32)
+            return weight if heads is None else torch.from_numpy(_permute_rows(weight.numpy(), heads).copy())
+
+        return values
+
+    def blocks(module_name: str, kind: str, heads: int | None) -> Callable[[], np.ndarray]:
+        def produce() -> np.ndarray:
+            data = _pack_blocks(model.get_submodule(module_name), kind)
+            return np.ascontiguousarray(data if heads is None else _permute_rows(data, heads))
+
+        return produce
+
+    embed = model.get_submodule("model.embed_tokens")
+    entries = [floating("token_embd.weight", "model.embed_tokens", tuple(embed.weight.shape), float_type,
+                        lambda: model.get_submodule("model.embed_tokens").weight)]
+    by_layer: dict[int, list[tuple[str, str, str]]] = {}
+    for plan in plans:
+        by_layer.setdefault(int(plan[1].split(".")[2]), []).append(plan)
+    for i in range(cfg.num_hidden_layers):
+        unit = f"model.layers.{i}"
+        for gname, module_name, type_name in by_layer.get(i, []):
+            linear = model.get_submodule(module_name)  # a frozen weight is stored packed: its shape is not this
+            out_features, in_features = linear.out_features, linear.in_features
+            heads = n_head if gname.endswith("attn_q.weight") else n_kv if gname.endswith("attn_k.weight") else None
+            if type_name in ("Q4_0", "Q4_1", "Q8_0"):
+                raw = getattr(gguf.GGMLQuantizationType, type_name)
+                block, block_bytes = gguf.GGML_QUANT_SIZES[raw]
+                entries.append(_Entry(gname, unit, (out_features, in_features // block * block_bytes),
+                                      np.dtype(np.uint8), raw, blocks(module_name, type_name, heads)))
+            else:
+                entries.append(floating(gname, unit, (out_features, in_features), type_name,
+                                        linear_weight(module_name, heads)))
+        for hf, g in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")):
+            entries.append(norm(f"blk.{i}.{g}.weight", unit, f"{unit}.{hf}"))
+    entries.append(norm("output_norm.weight", "model.norm", "model.norm"))
+    if not getattr(cfg, "tie_word_embeddings", False):
+        entries.append(floating("output.weight", "lm_head", (model.lm_head.out_features, model.lm_head.in_features),
+                                float_type,
+                                linear_weight("lm_head", None)))
+    return entries
+
+
+@contextlib.contextmanager
+def _unit_in_memory(model: nn.Module, unit: str) -> Iterator[None]:
+    """A model on disk: ``unit`` (a decoder layer with its sub-modules, or one module outside them) read into
+    CPU memory for the block. Any other model is used where it is."""
+    if disk_weights(model) is None:
+        yield
+        return
+    module = model.get_submodule(unit)
+    whole = unit.startswith("model.layers.")
+    with (onloaded(module, "cpu", weights_change=False) if whole
+          else tensors_moved([module], "cpu", weights_change=False)):
+        yield
+
+
+def _file_type(plans: list[tuple[str, str, str]]) -> int:
     import gguf
 
     kinds = {t for _, _, t in plans}
