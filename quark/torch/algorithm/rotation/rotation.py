@@ -55,6 +55,7 @@ from quark.torch.algorithm.rotation.structure import (
     model_logits,
     norm_keeps_bias,
 )
+from quark.torch.algorithm.utils.norms import gain, gain_offset, set_gain
 from quark.torch.algorithm.utils.scaling import find_head_dim
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.calibration.placement import onloaded, probing, tensors_moved
@@ -254,7 +255,8 @@ class _Work:
 
 def _fold_norm(norm: nn.Module, readers: Sequence[nn.Linear], q: torch.Tensor, work: _Work) -> None:
     """Fold ``γ`` (and ``β``) into ``readers``, rotate their inputs by ``q``, make the norm plain."""
-    gamma = norm.weight.double()
+    offset = gain_offset(norm)  # Gemma-style norms multiply by 1 + weight
+    gamma = gain(norm, offset)
     bias = getattr(norm, "bias", None)
     beta = bias.double() if isinstance(bias, torch.Tensor) else None
     keep = beta is not None and norm_keeps_bias(readers)
@@ -264,7 +266,7 @@ def _fold_norm(norm: nn.Module, readers: Sequence[nn.Linear], q: torch.Tensor, w
         if beta is not None and not keep:
             item[1] = item[1] + w @ beta.to(w.device)
         item[0] = (w * gamma.to(w.device)) @ q.to(w.device)
-    norm.weight.fill_(1.0)
+    set_gain(norm, torch.ones_like(gamma), offset)
     if isinstance(bias, torch.Tensor):
         if keep:
             moved = torch.where(gamma != 0, beta / torch.where(gamma != 0, gamma, 1.0), 0.0) @ q.to(gamma.device)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from quark.torch.algorithm.utils.model_info import _norm_like, discover_scaling_groups
+from quark.torch.algorithm.utils.norms import gain, gain_offset
 from quark.torch.algorithm.utils.scaling import candidate_slices
 from quark.torch.quantization.calibration.layerwise import (
     capture_decoder_inputs,
@@ -212,7 +213,9 @@ def residual_writers(layer: nn.Module, args: tuple, kwargs: dict, hidden: int) -
             continue
         delta = (torch.randn(hidden, generator=gen, dtype=torch.float64) * size).to(base.device)
         after, _, norms = _run_layer(layer, args, kwargs, [name], (name, delta))
-        seen = [(a, b) for a, b in zip([*norms, after], [*base_norms, base]) if a.shape == b.shape]
+        # norms over the stream only: per-head norms (Qwen3's q_norm / k_norm) see other widths
+        seen = [(a, b) for a, b in zip([*norms, after], [*base_norms, base])
+                if a.shape == b.shape and a.shape[-1] == hidden]
         if any(_close(a.double() - b.double(), delta.expand_as(b), rel) for a, b in seen):
             writers.append(name)
     x = args[0] if args else kwargs.get("hidden_states")
@@ -308,7 +311,7 @@ class Structure:
         bias = getattr(norm, "bias", None)
         if not isinstance(bias, torch.Tensor) or not norm_keeps_bias(readers):
             return
-        if bool(((norm.weight == 0) & (bias != 0)).any()):
+        if bool(((gain(norm, gain_offset(norm)) == 0) & (bias != 0)).any()):
             raise ValueError(f"rotation: {type(norm).__name__} has channels with weight 0 and a non-zero bias, and "
                              "its readers have no bias to take it; cannot rotate")
 

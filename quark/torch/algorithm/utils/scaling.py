@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from quark.torch.algorithm.utils.norms import gain_offset
+
 
 def _repeat(n_in: int, n_prev: int, head_dim: int | None, owner: str) -> int:
     if n_in == n_prev:
@@ -67,15 +69,20 @@ def _check_fc_inputs(fcs: Sequence[nn.Linear], n: int, owner: str) -> None:
 
 @torch.no_grad()
 def scale_norm_fcs(norm: nn.Module, fcs: Sequence[nn.Linear], s: torch.Tensor) -> None:
-    """Divide a norm's weight (and bias) by ``s``; multiply the following linears' columns by ``s``."""
+    """Divide a norm's gain (its weight, or ``1 + weight``; and bias) by ``s``; multiply the following
+    linears' columns by ``s``."""
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.numel() != s.numel():
         raise ValueError(
             f"scale_norm_fcs: {type(norm).__name__} has no 1-D weight of size {s.numel()} to scale"
         )
     _check_fc_inputs(fcs, s.numel(), "scale_norm_fcs")
+    offset = gain_offset(norm)  # Gemma-style norms multiply by 1 + weight: the gain is what is divided
     s = s.to(weight.device, torch.float32)
-    weight.copy_((weight.float() / s).to(weight.dtype))
+    if offset == 0.0:
+        weight.copy_((weight.float() / s).to(weight.dtype))
+    else:
+        weight.copy_(((weight.float() + offset) / s - offset).to(weight.dtype))
     bias = getattr(norm, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.copy_((bias.float() / s).to(bias.dtype))
@@ -104,8 +111,10 @@ def scale_fc_fc(fc1: nn.Linear, fc2s: Sequence[nn.Linear], s: torch.Tensor,
 
 @torch.no_grad()
 def fold_norm_into_fcs(norm: nn.Module, fcs: Sequence[nn.Linear]) -> None:
-    """Move a norm's elementwise affine into the following linears (norm becomes weight 1, bias 0)."""
+    """Move a norm's elementwise affine into the following linears (norm becomes gain 1, bias 0)."""
+    offset = gain_offset(norm)
     weight = norm.weight
+    gain = weight.float() + offset if offset else weight.float()
     bias = getattr(norm, "bias", None)
     for fc in fcs:
         w = fc.weight.float()
@@ -115,8 +124,8 @@ def fold_norm_into_fcs(norm: nn.Module, fcs: Sequence[nn.Linear]) -> None:
                 fc.bias = nn.Parameter(extra.to(fc.weight.dtype))
             else:
                 fc.bias.copy_((fc.bias.float() + extra).to(fc.bias.dtype))
-        fc.weight.copy_((w * weight.float().to(w.device)).to(fc.weight.dtype))
-    weight.fill_(1.0)
+        fc.weight.copy_((w * gain.to(w.device)).to(fc.weight.dtype))
+    weight.fill_(1.0 - offset)
     if isinstance(bias, torch.Tensor):
         bias.zero_()
 

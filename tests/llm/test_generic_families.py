@@ -1,0 +1,84 @@
+"""Families outside the seeds' template table (Gemma, Gemma 2, Qwen3), quantized through the generic
+template the command line falls back to: scaling groups and rotation structure found by probing.
+
+Gemma's norms multiply by ``1 + weight`` and Qwen3 normalises q and k per head; both used to be
+mishandled (SmoothQuant and AWQ changed Gemma models; rotation crashed on Qwen3), so each algorithm
+is checked against the float model, not only for finite outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from quark.torch import ModelQuantizer
+from quark.torch.llm import schemes
+from tests.export.helpers import quantize_and_export
+
+GQA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           vocab_size=256, max_position_embeddings=128, head_dim=16)
+FAMILIES = {
+    "gemma": lambda: transformers.GemmaConfig(**GQA),
+    "gemma2": lambda: transformers.Gemma2Config(**GQA),
+    "qwen3": lambda: transformers.Qwen3Config(**GQA),
+}
+BATCHES = [torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+
+def _model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    with torch.no_grad():  # norm gains away from their initial values, as in a trained model
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    return model
+
+
+def _config(family: str, scheme: str, algorithms: list[str], **kwargs) -> object:
+    return schemes.build_config(schemes.template_for(family),
+                                schemes.SchemeRequest(scheme, algorithms=algorithms, **kwargs))
+
+
+def _error(family: str, scheme: str, algorithms: list[str], **kwargs) -> float:
+    model = _model(family)
+    with torch.no_grad():
+        reference = model(BATCHES[0]).logits
+    ModelQuantizer(_config(family, scheme, algorithms, **kwargs)).quantize_model(model, BATCHES)
+    with torch.no_grad():
+        return float((model(BATCHES[0]).logits - reference).pow(2).mean() / reference.pow(2).mean())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_smoothquant_keeps_the_model_as_close_as_round_to_nearest(family):
+    plain = _error(family, "w_int8_a_int8_per_tensor_sym", [])
+    smoothed = _error(family, "w_int8_a_int8_per_tensor_sym", ["smoothquant"])
+    assert smoothed < max(2 * plain, 1e-4), (smoothed, plain)  # Gemma's 1 + weight mishandled: ~100x worse
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_awq_stays_near_round_to_nearest_and_reloads_in_transformers(family, tmp_path):
+    # random tiny models: AWQ's greedy per-group choices beat round to nearest on most seeds, not all (Gemma 2:
+    # 0.042 vs 0.053, 0.043 vs 0.034, 0.011 vs 0.029 on three); a mishandled norm gain costs ~100x
+    plain = _error(family, "w_uint4_per_group_asym", [], group_size=32)
+    awq = _error(family, "w_uint4_per_group_asym", ["awq"], group_size=32)
+    assert awq <= plain * 1.5, (awq, plain)
+    out = tmp_path / "out"
+    ref = quantize_and_export(_model(family), _config(family, "w_uint4_per_group_asym", ["awq"], group_size=32),
+                              BATCHES, out)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(BATCHES[0]).logits, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma", "qwen3"])
+def test_rotation_keeps_the_float_model_and_helps_int8(family):
+    assert _error(family, "w_int8_a_int8_per_tensor_sym", ["rotation"]) < _error(
+        family, "w_int8_a_int8_per_tensor_sym", [])
+
+
+def test_rotation_refuses_gemma2_sandwich_norms_by_name():
+    with pytest.raises(ValueError, match=r"Gemma2DecoderLayer is not its input plus its residual writers"):
+        ModelQuantizer(_config("gemma2", "w_int8_a_int8_per_tensor_sym", ["rotation"])).quantize_model(
+            _model("gemma2"), BATCHES)
