@@ -24,6 +24,7 @@ FAMILIES = {
     "gemma": (lambda: transformers.GemmaConfig(**GQA, head_dim=16), 1.0),
     "gemma2": (lambda: transformers.Gemma2Config(**GQA, head_dim=16), 1.0),
     "qwen3": (lambda: transformers.Qwen3Config(**GQA, head_dim=16), 0.0),
+    "gemma3_text": (lambda: transformers.Gemma3TextConfig(**GQA, head_dim=16), 1.0),
     "cohere": (lambda: transformers.CohereConfig(**GQA), 0.0),
     "opt": (lambda: transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                            vocab_size=256, max_position_embeddings=128, word_embed_proj_dim=64), 0.0),
