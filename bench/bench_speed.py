@@ -226,9 +226,9 @@ def run_one(args: argparse.Namespace) -> dict:
         offload.cleanup()
     return {
         "scheme": scheme, "placement": placement, "shape": args.model or args.shape, "layers": layers,
-        "samples": args.samples, "seq_len": args.seq, "build_s": round(build_s, 2),
-        "quantize_s": round(quantize_s, 2), "freeze_s": round(freeze_s, 2),
-        "seconds_per_layer": round(quantize_s / layers, 3),
+        "samples": args.samples, "seq_len": args.seq, "build_s": round(build_s, 3),
+        "quantize_s": round(quantize_s, 4), "freeze_s": round(freeze_s, 4),
+        "seconds_per_layer": round(quantize_s / layers, 4),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "model_gpu_gib": round(base_gpu, 2) if cuda else None,
         "peak_host_gib": round(_peak_rss_gib(), 2),

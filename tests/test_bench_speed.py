@@ -21,7 +21,8 @@ def test_bench_speed_prints_one_json_row_per_run():
     assert [(r["scheme"], r["placement"]) for r in rows] == [("fp8_kv", "cpu"), ("int4_rtn", "cpu")]
     for row in rows:
         assert "error" not in row, row
-        assert row["layers"] == 2 and row["quantize_s"] > 0 and row["peak_host_gib"] > 0
+        # a tiny weight-only run can take under 0.1 ms: the time is reported, not asserted
+        assert row["layers"] == 2 and row["quantize_s"] >= 0 and row["peak_host_gib"] > 0
 
 
 def test_bench_speed_refuses_an_unknown_run():
