@@ -71,7 +71,7 @@ def fit_config_to_model(model: nn.Module, config: Config) -> list[UnfitLayer]:
     done: list[UnfitLayer] = []
     plan: list[PlannedModule] = []
     for name, module in model.named_modules():
-        if not is_quantizable(module) or isinstance(module, QuantLinear):
+        if not is_quantizable(module) or isinstance(module, QuantLinear) or has_own_forward(module):
             continue
         res = resolve(name, module, config)
         if res.config is None:
@@ -107,16 +107,33 @@ def plan_quantization(model: nn.Module, config: Config) -> tuple[list[PlannedMod
         if key_name in ignored_types or (isinstance(key, type) and not issubclass(key, nn.Linear)):
             logger.warning("layer_type_quant_config entry %s is ignored: only nn.Linear modules are "
                            "quantized in eager mode", key_name)
+    own_forward: set[str] = set()
     for name, module in model.named_modules():
         if not is_quantizable(module) or isinstance(module, QuantLinear):
+            continue
+        if has_own_forward(module):
+            own_forward.add(type(module).__name__)
+            excluded.append(name)
+            if resolve(name, module, config).config is not None and name not in config.exclude:
+                config.exclude.append(name)  # so exports list it as float: loaders must leave it as it is
             continue
         res = resolve(name, module, config)
         if res.config is None:
             excluded.append(name)
             continue
         plan.append(PlannedModule(name, module, res.config, res.rule))
+    for cls in sorted(own_forward):
+        logger.info("%s is an nn.Linear with its own forward (e.g. a router returning scores and logits): a "
+                    "quantized Linear cannot stand in for it, so it stays float", cls)
     validate_plan(plan)
     return plan, excluded
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` subclass that overrides ``forward`` (Llama 4's router returns
+    ``(scores, logits)``): replacing it by a ``QuantLinear`` would change what it returns."""
+    return isinstance(module, nn.Linear) and not isinstance(module, QuantLinear) and \
+        type(module).forward is not nn.Linear.forward
 
 
 def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 def awq_auto_config_helper(model: nn.Module) -> dict[str, Any]:
     """The AWQ config of ``model`` found from one hooked forward of its first decoder layer."""
     path, groups = discover_scaling_groups(model)
+    partial = [g.layers for g in groups if g.only_where_present]
+    if partial:
+        logger.warning("scaling groups %s exist in some decoder layers only; as scaling_layers entries each needs a "
+                       "condition that holds in those layers only", partial)
     layers = model.get_submodule(path)
     inside = {id(m) for m in layers.modules()}
     embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and id(m) not in inside]

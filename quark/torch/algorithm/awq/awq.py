@@ -29,7 +29,13 @@ from torch import nn
 
 from quark.torch.algorithm.awq.inputs import GroupInputStats, group_input_stats, output_error
 from quark.torch.algorithm.kernels import kernel_group_size, kernel_or_twin, kernels_apply
-from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
+from quark.torch.algorithm.utils.model_info import (
+    ScalingGroup,
+    applies_to,
+    groups_from_config,
+    submodule,
+    validate_groups,
+)
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import (
     ALL_QSCHEMES,
@@ -426,6 +432,8 @@ def awq_grids(model: nn.Module, path: str, layers: nn.ModuleList, groups: Sequen
         validate_groups(layer, groups, owner)
         per: dict[str, WeightGrid] = {}
         for g in groups:
+            if not applies_to(layer, g):
+                continue
             for n in g.layers:
                 fc = layer.get_submodule(n)
                 spec = weight_spec_for(f"{path}.{i}.{n}", fc, quant_config)

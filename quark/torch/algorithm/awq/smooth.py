@@ -16,7 +16,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quark.torch.algorithm.utils.model_info import ScalingGroup, groups_from_config, submodule, validate_groups
+from quark.torch.algorithm.utils.model_info import (
+    ScalingGroup,
+    applies_to,
+    groups_from_config,
+    submodule,
+    validate_groups,
+)
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import simulate_quant
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim, reduce_to_prev
@@ -178,6 +184,8 @@ class AutoSmoothQuantProcessor(_ScalingProcessor):
         for i, layer in enumerate(layers):
             per = {}
             for g in groups:
+                if not applies_to(layer, g):
+                    continue
                 for n in g.layers:
                     fc = layer.get_submodule(n)
                     resolved = resolve_module_config(f"{path}.{i}.{n}", fc, self.quant_config)

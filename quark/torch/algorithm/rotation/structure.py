@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quark.torch.algorithm.utils.model_info import _norm_like, discover_scaling_groups
+from quark.torch.algorithm.utils.model_info import _norm_like, applies_to, discover_scaling_groups
 from quark.torch.algorithm.utils.norms import gain, gain_offset
 from quark.torch.algorithm.utils.scaling import candidate_slices
 from quark.torch.quantization.calibration.layerwise import (
@@ -284,7 +284,7 @@ class Structure:
         self.writers = residual_writers(layer0, self.args, self.kwargs, self.hidden)
         _, groups = discover_scaling_groups(model, [self.ids], self.path)
         self.norm_groups: dict[str, list[str]] = {}
-        for g in groups:
+        for g in (g for g in groups if applies_to(layer0, g)):
             norm = layer0.get_submodule(g.prev_op)
             if _norm_like(norm) and norm.weight.numel() == self.hidden:
                 readers = self.norm_groups.setdefault(g.prev_op, [])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,9 @@ class ScalingGroup:
     has_kwargs: bool = False
     condition: str | None = None
     help: str | None = None
+    #: Discovered in a model whose decoder layers differ (dense and mixture-of-experts MLPs): the group
+    #: applies to the layers holding all its modules (not written to configs).
+    only_where_present: bool = field(default=False, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], owner: str = "scaling_layers") -> ScalingGroup:
@@ -61,7 +64,28 @@ class ScalingGroup:
                    condition=d.get("condition"), help=d.get("help"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None or k == "module2inspect"}
+        return {k: v for k, v in asdict(self).items()
+                if k in _GROUP_KEYS and (v is not None or k == "module2inspect")}
+
+
+def group_present(layer: nn.Module, group: ScalingGroup) -> bool:
+    """Whether ``layer`` holds every module ``group`` names (its linears as ``nn.Linear``)."""
+    def get(name: str | None) -> nn.Module | None:
+        if not name:
+            return layer
+        try:
+            return layer.get_submodule(name)
+        except AttributeError:
+            return None
+
+    return (get(group.prev_op) is not None and get(group.inp) is not None
+            and (not group.module2inspect or get(group.module2inspect) is not None)
+            and all(isinstance(get(n), nn.Linear) for n in group.layers))
+
+
+def applies_to(layer: nn.Module, group: ScalingGroup) -> bool:
+    """Whether ``group`` is to be used in ``layer`` (a group found in other layers only is not)."""
+    return not group.only_where_present or group_present(layer, group)
 
 
 def submodule(layer: nn.Module, name: str | None, owner: str) -> nn.Module:
@@ -174,16 +198,72 @@ def _is_homogeneous(layer: nn.Module, args: tuple, kwargs: dict, producer: str, 
     return torch.allclose(x.float(), base.float() * expanded.to(base.device), rtol=1e-3, atol=1e-5)
 
 
+def _norm_scaling_is_exact(layer: nn.Module, args: tuple, kwargs: dict, norm: str, readers: Sequence[str]) -> bool:
+    """Whether dividing ``norm``'s output by ``s`` and multiplying ``readers``' inputs by ``s`` leaves the layer's
+    output as it was: false when something else reads the norm's output too (a mixture-of-experts router and
+    its routed experts read what the shared expert reads)."""
+    base = _layer_output(layer, args, kwargs)
+    gen = torch.Generator().manual_seed(3)
+    size = layer.get_submodule(norm).weight.numel()
+    s = 2.0 ** torch.randint(-1, 2, (size,), generator=gen).float()  # 0.5, 1, 2: exact in any dtype
+
+    def divide(module: nn.Module, inputs: tuple, output: Any) -> Any:
+        return output / s.to(output.device, output.dtype) if isinstance(output, torch.Tensor) else output
+
+    def multiply(module: nn.Module, inputs: tuple) -> tuple:
+        return (inputs[0] * s.to(inputs[0].device, inputs[0].dtype), *inputs[1:])
+
+    handles = [layer.get_submodule(norm).register_forward_hook(divide)]
+    handles += [layer.get_submodule(n).register_forward_pre_hook(multiply) for n in readers]
+    try:
+        scaled = _layer_output(layer, args, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rel = 1e-3 if base.dtype in (torch.float32, torch.float64) else 5e-2
+    return bool(torch.allclose(scaled.double(), base.double(), rtol=rel, atol=rel * float(base.abs().max())))
+
+
+def _layer_output(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    with float_linears(layer):
+        return layer_output_tensor(layer(*args, **kwargs)).detach()
+
+
+def _structure(layer: nn.Module) -> tuple[tuple[str, str], ...]:
+    return tuple((name, type(m).__name__) for name, m in layer.named_modules())
+
+
 @torch.no_grad()
 def discover_scaling_groups(model: nn.Module, batches: Sequence[Any] | None = None,
                             decoder_path: str | None = None) -> tuple[str, list[ScalingGroup]]:
-    """Find ``(decoder path, scaling groups)`` from one hooked forward of the first decoder layer."""
+    """Find ``(decoder path, scaling groups)`` from one hooked forward of the first decoder layer of each
+    structure (models mixing dense and mixture-of-experts layers have two; each traced on the first layer's
+    inputs, which is enough to see what reads what). A group missing from some layers applies to the
+    layers that hold its modules (``only_where_present``)."""
     path, layers = find_decoder_layers(model, decoder_path)
     probe = list(batches[:1]) if batches else [_dummy_batch(model)]
     cache = capture_decoder_inputs(model, probe, layers)
-    layer = layers[0]
+    groups: list[ScalingGroup] = []
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    for layer in layers:
+        structure = _structure(layer)
+        if structure in seen:
+            continue
+        seen.add(structure)
+        for group in _discover_in_layer(layer, cache.args[0], cache.kwargs_for(layer)[0]):
+            if group not in groups:
+                groups.append(group)
+    if len(seen) > 1:
+        for group in groups:
+            group.only_where_present = not all(group_present(layer, group) for layer in layers)
+        logger.info("the decoder layers have %d structures; %d scaling group(s) apply only to the layers "
+                    "holding their modules", len(seen), sum(g.only_where_present for g in groups))
+    return path, groups
+
+
+def _discover_in_layer(layer: nn.Module, layer_args: tuple, layer_kwargs: dict) -> list[ScalingGroup]:
     device = next(layer.parameters()).device
-    args, kwargs = move_to(cache.args[0], device), move_to(cache.kwargs[0], device)
+    args, kwargs = move_to(layer_args, device), move_to(layer_kwargs, device)
     trace = _trace_block(layer, args, kwargs)
     head_dim = find_head_dim(layer)
     groups: list[ScalingGroup] = []
@@ -195,8 +275,14 @@ def discover_scaling_groups(model: nn.Module, batches: Sequence[Any] | None = No
             m = layer.get_submodule(name)
             out = trace.outputs.get(name)
             if _norm_like(m) and out is not None and out.shape == x.shape and torch.equal(out, x):
-                prev = name
+                if _norm_scaling_is_exact(layer, args, kwargs, name, shared):
+                    prev = name
+                else:
+                    logger.info("%s: its output is read by more than %s (e.g. a router); group skipped", name, shared)
+                    prev = ""
                 break
+        if prev == "":
+            continue
         if prev is None:
             for name in reversed(trace.order[:first]):
                 if isinstance(layer.get_submodule(name), nn.Linear) and name not in shared and \
@@ -212,7 +298,7 @@ def discover_scaling_groups(model: nn.Module, batches: Sequence[Any] | None = No
         has_kwargs = bool(trace.has_kwargs.get(inspect, False)) if inspect else False
         groups.append(ScalingGroup(prev_op=prev, layers=list(shared), inp=shared[0],
                                    module2inspect=inspect, has_kwargs=has_kwargs))
-    return path, groups
+    return groups
 
 
 def groups_from_config(cfg: Any, model: nn.Module, batches: Sequence[Any] | None,
@@ -228,8 +314,11 @@ def groups_from_config(cfg: Any, model: nn.Module, batches: Sequence[Any] | None
 
 
 def validate_groups(layer: nn.Module, groups: Sequence[ScalingGroup], owner: str) -> None:
-    """Check that every name of every group exists in ``layer`` (before any weight is touched)."""
+    """Check that every name of every group exists in ``layer`` (before any weight is touched); a discovered
+    group that applies to other layers only is not checked here."""
     for g in groups:
+        if not applies_to(layer, g):
+            continue
         submodule(layer, g.prev_op, f"{owner}.prev_op")
         for n in g.layers:
             if not isinstance(submodule(layer, n, f"{owner}.layers"), nn.Linear):

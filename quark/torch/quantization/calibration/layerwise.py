@@ -254,7 +254,9 @@ def float_linears(module: nn.Module) -> Iterator[None]:
     patched = []
     try:
         for m in module.modules():
-            if isinstance(m, nn.Linear) and type(m) is not nn.Linear and "forward" not in m.__dict__:
+            # quantized linears only (they carry a weight quantizer): other Linear subclasses keep their own
+            # forward (Llama 4's router returns scores and logits)
+            if isinstance(m, nn.Linear) and hasattr(m, "weight_quantizer") and "forward" not in m.__dict__:
                 m.forward = _float_forward.__get__(m)  # type: ignore[method-assign]
                 patched.append(m)
         yield
