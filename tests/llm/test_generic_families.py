@@ -103,3 +103,37 @@ def test_rotation_refuses_post_norm_and_mixture_of_experts_blocks_by_name(family
     with pytest.raises(ValueError, match=rf"{layer} is not its input plus its residual writers.*post-norm blocks"):
         ModelQuantizer(_config(family, "w_int8_a_int8_per_tensor_sym", ["rotation"])).quantize_model(
             _model(family), BATCHES)
+
+
+def _gemma3_vision_language() -> torch.nn.Module:
+    text = {k: v for k, v in GQA.items() if k != "vocab_size"}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=dict(text, vocab_size=300), vision_config=vision,
+                                       mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
+                                       eoi_token_index=298)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("scheme, algorithms, kwargs", [
+    ("w_fp8_a_fp8", [], dict(kv_cache_dtype="fp8")),
+    ("w_uint4_per_group_asym", ["awq"], dict(group_size=32)),
+    ("w_uint4_per_group_asym", ["gptq"], dict(group_size=32)),
+])
+def test_a_vision_language_model_quantizes_its_language_model_on_text(scheme, algorithms, kwargs, tmp_path):
+    """Gemma 3 (4B and up) is a vision-language model: text calibration never runs the vision tower (it
+    stays float), and the algorithms run on the language model's layers even where the vision tower has more."""
+    model = _gemma3_vision_language()
+    request = schemes.SchemeRequest(scheme, algorithms=algorithms, extra_exclude=schemes.text_only_excludes(
+        model.config), **kwargs)
+    config = schemes.build_config(schemes.template_for(model.config.model_type), request)
+    ids = [b % 297 for b in BATCHES]  # text tokens only
+    with torch.no_grad():
+        reference = model(input_ids=ids[0]).logits
+    ModelQuantizer(config).quantize_model(model, ids)
+    quantized = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"]
+    assert len(quantized) == 14 and all(".language_model.layers." in n for n in quantized), quantized
+    with torch.no_grad():
+        logits = model(input_ids=ids[0]).logits
+    assert float((logits - reference).pow(2).mean() / reference.pow(2).mean()) < 0.05

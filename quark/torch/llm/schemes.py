@@ -139,13 +139,21 @@ RECIPE_SCHEMES: dict[str, Callable[[str, int | None], QuantizationConfig]] = {
 }
 
 
+#: Where vision-language models keep what text-only calibration never runs (vision and audio towers,
+#: their projectors into the language model).
+MULTIMODAL_PARTS = ("*vision_tower*", "*vision_model*", "*visual.*", "*multi_modal_projector*", "*audio_tower*")
+
+
 def text_only_excludes(hf_config: object) -> list[str]:
-    """Patterns of decoder layers that text-only calibration never runs (Llama-3.2-Vision's
-    cross-attention layers run only with image inputs); they stay in float."""
-    if getattr(hf_config, "model_type", None) != "mllama":
-        return []
-    text = getattr(hf_config, "text_config", None)
-    return [f"*language_model.layers.{i}.*" for i in getattr(text, "cross_attention_layers", None) or []]
+    """Patterns of layers that text-only calibration never runs; they stay in float: a vision-language
+    model's towers and projectors, and Llama-3.2-Vision's cross-attention layers (image inputs only)."""
+    patterns: list[str] = []
+    if any(getattr(hf_config, key, None) is not None for key in ("vision_config", "audio_config")):
+        patterns += MULTIMODAL_PARTS
+    if getattr(hf_config, "model_type", None) == "mllama":
+        text = getattr(hf_config, "text_config", None)
+        patterns += [f"*language_model.layers.{i}.*" for i in getattr(text, "cross_attention_layers", None) or []]
+    return patterns
 
 
 def scheme_names() -> list[str]:

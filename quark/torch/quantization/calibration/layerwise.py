@@ -89,7 +89,9 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str,
 
     With ``path`` (e.g. ``"model.layers"``) the named ModuleList is used; otherwise the largest
     ModuleList whose children all have the same class is taken, among those not nested inside
-    another such list (a mixture-of-experts block's expert list can outnumber the decoder layers).
+    another such list (a mixture-of-experts block's expert list can outnumber the decoder layers)
+    and, when the model names its text decoder (``get_decoder()``), inside it (a vision tower's
+    layers can outnumber the language model's).
     """
     if path:
         try:
@@ -103,6 +105,10 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str,
         return path, layers
     candidates = [(name, module) for name, module in model.named_modules()
                   if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1]
+    decoder = _text_decoder(model)
+    if decoder is not None:  # a vision-language model: the language model's layers, not the vision tower's
+        inside = {id(m) for m in decoder.modules()}
+        candidates = [(name, module) for name, module in candidates if id(module) in inside] or candidates
     outer = [(name, module) for name, module in candidates
              if not any(other != name and name.startswith(other + ".") for other, _ in candidates)]
     best: tuple[str, nn.ModuleList] | None = None
@@ -115,6 +121,18 @@ def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str,
             "blocks; set model_decoder_layers in the algorithm config"
         )
     return best
+
+
+def _text_decoder(model: nn.Module) -> nn.Module | None:
+    """The language decoder transformers' ``get_decoder()`` names, when the model has one."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if not callable(get_decoder):
+        return None
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return None
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
 
 
 @dataclass
