@@ -137,3 +137,16 @@ def test_a_vision_language_model_quantizes_its_language_model_on_text(scheme, al
     with torch.no_grad():
         logits = model(input_ids=ids[0]).logits
     assert float((logits - reference).pow(2).mean() / reference.pow(2).mean()) < 0.05
+
+
+def test_a_vision_language_model_exports_and_reloads_in_transformers(tmp_path):
+    model = _gemma3_vision_language()
+    request = schemes.SchemeRequest("w_uint4_per_group_asym", algorithms=["awq"], group_size=32,
+                                    extra_exclude=schemes.text_only_excludes(model.config))
+    config = schemes.build_config(schemes.template_for(model.config.model_type), request)
+    ids = [b % 297 for b in BATCHES]
+    ref = quantize_and_export(model, config, ids, tmp_path / "out")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert type(loaded).__name__ == "Gemma3ForConditionalGeneration"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids[0]).logits, ref, rtol=0, atol=1e-5)
