@@ -15,6 +15,7 @@ import transformers
 
 from quark.torch import ModelQuantizer
 from quark.torch.llm import schemes
+from quark.torch.llm.model_loading import model_class
 from quark.torch.quantization.moe_experts import unfuse_experts
 from tests.export.helpers import quantize_and_export
 
@@ -113,7 +114,21 @@ def _gemma3_vision_language() -> torch.nn.Module:
                                        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
                                        eoi_token_index=298)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return model_class(config.model_type).from_config(config).eval()
+
+
+def _qwen2_5_vision_language() -> torch.nn.Module:
+    text = {k: v for k, v in GQA.items() if k not in ("vocab_size", "head_dim")}
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(text, vocab_size=300, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1]),
+        image_token_id=299, video_token_id=298, vision_start_token_id=297)
+    torch.manual_seed(0)
+    return model_class(config.model_type).from_config(config).eval()
+
+
+VISION_LANGUAGE = {"gemma3": _gemma3_vision_language, "qwen2_5_vl": _qwen2_5_vision_language}
 
 
 @pytest.mark.parametrize("scheme, algorithms, kwargs", [
@@ -121,10 +136,12 @@ def _gemma3_vision_language() -> torch.nn.Module:
     ("w_uint4_per_group_asym", ["awq"], dict(group_size=32)),
     ("w_uint4_per_group_asym", ["gptq"], dict(group_size=32)),
 ])
-def test_a_vision_language_model_quantizes_its_language_model_on_text(scheme, algorithms, kwargs, tmp_path):
-    """Gemma 3 (4B and up) is a vision-language model: text calibration never runs the vision tower (it
-    stays float), and the algorithms run on the language model's layers even where the vision tower has more."""
-    model = _gemma3_vision_language()
+@pytest.mark.parametrize("family", list(VISION_LANGUAGE))
+def test_a_vision_language_model_quantizes_its_language_model_on_text(family, scheme, algorithms, kwargs):
+    """Gemma 3 (4B and up) and Qwen2.5-VL are vision-language models (Qwen2.5-VL has no causal-LM class): text
+    calibration never runs the vision tower (it stays float), and the algorithms run on the language model's
+    layers even where the vision tower has more."""
+    model = VISION_LANGUAGE[family]()
     request = schemes.SchemeRequest(scheme, algorithms=algorithms, extra_exclude=schemes.text_only_excludes(
         model.config), **kwargs)
     config = schemes.build_config(schemes.template_for(model.config.model_type), request)
@@ -150,3 +167,10 @@ def test_a_vision_language_model_exports_and_reloads_in_transformers(tmp_path):
     assert type(loaded).__name__ == "Gemma3ForConditionalGeneration"
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids[0]).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_vision_language_models_without_a_causal_lm_class_load_as_image_text_to_text():
+    assert model_class("qwen2_5_vl") is transformers.AutoModelForImageTextToText
+    assert model_class("mllama") is transformers.AutoModelForImageTextToText
+    assert model_class("gemma3") is transformers.AutoModelForCausalLM  # Gemma3ForConditionalGeneration
+    assert model_class("llama") is transformers.AutoModelForCausalLM

@@ -191,10 +191,17 @@ _AUTO_CLASS = {"mllama": "AutoModelForImageTextToText"}
 
 
 def model_class(model_type: str) -> Any:
-    """The ``transformers`` auto class used to load ``model_type``."""
+    """The ``transformers`` auto class used to load ``model_type``: a causal LM, else (vision-language models
+    such as Qwen2.5-VL, which have no causal-LM class) an image-text-to-text model."""
     import transformers
+    from transformers.models.auto import modeling_auto
 
-    return getattr(transformers, _AUTO_CLASS.get(model_type, "AutoModelForCausalLM"))
+    if model_type in _AUTO_CLASS:
+        return getattr(transformers, _AUTO_CLASS[model_type])
+    if model_type not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and \
+            model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 def load_model(model_dir: str | Path, *, device: str = "cpu", multi_gpu: bool = False, dtype: str = "auto",
