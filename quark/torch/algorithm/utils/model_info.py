@@ -198,11 +198,11 @@ def _is_homogeneous(layer: nn.Module, args: tuple, kwargs: dict, producer: str, 
     return torch.allclose(x.float(), base.float() * expanded.to(base.device), rtol=1e-3, atol=1e-5)
 
 
-def _norm_scaling_is_exact(layer: nn.Module, args: tuple, kwargs: dict, norm: str, readers: Sequence[str]) -> bool:
+def _norm_scaling_is_exact(layer: nn.Module, args: tuple, kwargs: dict, norm: str, readers: Sequence[str],
+                           base: torch.Tensor) -> bool:
     """Whether dividing ``norm``'s output by ``s`` and multiplying ``readers``' inputs by ``s`` leaves the layer's
-    output as it was: false when something else reads the norm's output too (a mixture-of-experts router and
-    its routed experts read what the shared expert reads)."""
-    base = _layer_output(layer, args, kwargs)
+    output (``base``) as it was: false when something else reads the norm's output too (a mixture-of-experts
+    router and its routed experts read what the shared expert reads)."""
     gen = torch.Generator().manual_seed(3)
     size = layer.get_submodule(norm).weight.numel()
     s = 2.0 ** torch.randint(-1, 2, (size,), generator=gen).float()  # 0.5, 1, 2: exact in any dtype
@@ -267,6 +267,7 @@ def _discover_in_layer(layer: nn.Module, layer_args: tuple, layer_kwargs: dict) 
     trace = _trace_block(layer, args, kwargs)
     head_dim = find_head_dim(layer)
     groups: list[ScalingGroup] = []
+    base: torch.Tensor | None = None  # the layer's output, for the norm groups' exactness check
     for shared in sequential_groups(layer, args, kwargs):
         x = trace.inputs[shared[0]]
         prev: str | None = None
@@ -275,7 +276,9 @@ def _discover_in_layer(layer: nn.Module, layer_args: tuple, layer_kwargs: dict) 
             m = layer.get_submodule(name)
             out = trace.outputs.get(name)
             if _norm_like(m) and out is not None and out.shape == x.shape and torch.equal(out, x):
-                if _norm_scaling_is_exact(layer, args, kwargs, name, shared):
+                if base is None:
+                    base = _layer_output(layer, args, kwargs)
+                if _norm_scaling_is_exact(layer, args, kwargs, name, shared, base):
                     prev = name
                 else:
                     logger.info("%s: its output is read by more than %s (e.g. a router); group skipped", name, shared)
