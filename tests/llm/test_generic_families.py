@@ -174,3 +174,24 @@ def test_vision_language_models_without_a_causal_lm_class_load_as_image_text_to_
     assert model_class("mllama") is transformers.AutoModelForImageTextToText
     assert model_class("gemma3") is transformers.AutoModelForCausalLM  # Gemma3ForConditionalGeneration
     assert model_class("llama") is transformers.AutoModelForCausalLM
+
+
+def test_llama4_experts_are_unfused_exactly_and_quantized():
+    """Llama 4's experts run every token as ``x @ W`` (gate_up_proj [E, H, 2I]): unfused into per-expert Linears
+    with the same outputs, then quantized like any Linear."""
+    from quark.torch.quantization.moe_experts import DenseUnfusedExperts
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES["llama4_text"]()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        fused = model(BATCHES[0]).logits
+    assert len(unfuse_experts(model)) == 2
+    assert isinstance(model.model.layers[0].feed_forward.experts, DenseUnfusedExperts)
+    with torch.no_grad():
+        assert torch.equal(model(BATCHES[0]).logits, fused)
+    ModelQuantizer(_config("llama4_text", "w_uint4_per_group_asym", [], group_size=32)).quantize_model(model, BATCHES)
+    experts = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear" and ".experts." in n]
+    assert len(experts) == 2 * 2 * 3  # layers x experts x (gate, up, down)

@@ -7,13 +7,16 @@ an equivalent :class:`UnfusedExperts` whose experts are ordinary ``nn.Linear`` l
 (``experts.<e>.gate_proj/up_proj/down_proj``), with the same routing loop, so that the experts
 are quantized, calibrated and exported like every other Linear. The outputs are unchanged (same
 arithmetic per expert). Layouts this module does not recognise (transposed, interleaved or
-biased expert weights) are left fused and logged. DBRX's ``experts.mlp.w1/v1/w2`` (2-D,
-``[E * I, H]``) are unfused the same way. Checkpoints we write hold these per-expert Linears, so
+biased expert weights) are left fused and logged. Llama 4's experts, which run every token (already
+weighted by the router) as ``x @ W`` with ``gate_up_proj [E, H, 2I]``, become
+:class:`DenseUnfusedExperts`. DBRX's ``experts.mlp.w1/v1/w2`` (2-D, ``[E * I, H]``) are unfused the
+same way. Checkpoints we write hold these per-expert Linears, so
 loading one (``ModelImporter``, transformers through ``_map_to_quark``) unfuses first.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +72,16 @@ class UnfusedExperts(nn.ModuleList):
         return out.reshape(shape)
 
 
+class DenseUnfusedExperts(nn.ModuleList):
+    """Per-expert Linears standing in for experts that run every token (Llama 4's ``Llama4TextExperts``):
+    ``forward(hidden_states [E * T, H])``, expert ``e`` taking rows ``e * T`` to ``(e + 1) * T`` (the
+    caller has already weighted them by the router's scores), outputs in the same order."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        per_expert = hidden_states.view(len(self), -1, hidden_states.shape[-1])
+        return torch.cat([expert(per_expert[e]) for e, expert in enumerate(self)]).view(-1, per_expert.shape[-1])
+
+
 @contextmanager
 def all_experts_see_every_token(model: nn.Module) -> Iterator[int]:
     """Within the block, every :class:`UnfusedExperts` runs each expert on all tokens; yields their count."""
@@ -95,6 +108,21 @@ def _fused_layout_ok(module: nn.Module) -> bool:
     return not any(layout_flags) and two_i % 2 == 0 and tuple(down.shape) == (experts, hidden, two_i // 2)
 
 
+def _dense_layout_ok(module: nn.Module) -> bool:
+    """Llama 4: ``gate_up_proj [E, H, 2I]`` and ``down_proj [E, I, H]`` applied as ``x @ W`` to every token
+    (``forward(hidden_states)`` alone: no routing inside the module)."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+        return False
+    if gate_up.dim() != 3 or down.dim() != 3 or not isinstance(getattr(module, "act_fn", None), nn.Module):
+        return False
+    if list(inspect.signature(type(module).forward).parameters)[1:] != ["hidden_states"]:
+        return False
+    experts, hidden, two_i = gate_up.shape
+    return two_i % 2 == 0 and tuple(down.shape) == (experts, two_i // 2, hidden) and \
+        not any(isinstance(getattr(module, n, None), nn.Parameter) for n in ("gate_up_proj_bias", "down_proj_bias"))
+
+
 def _dbrx_layout_ok(module: nn.Module) -> bool:
     """DBRX: ``experts.mlp.{w1, v1, w2}`` each ``[E * I, H]``; down is ``w2[e].T``."""
     mlp = getattr(module, "mlp", None)
@@ -115,7 +143,7 @@ def fused_expert_modules(model: nn.Module) -> tuple[list[str], list[str]]:
             continue
         if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
             continue
-        (ok if _fused_layout_ok(module) else unknown).append(name)
+        (ok if _fused_layout_ok(module) or _dense_layout_ok(module) else unknown).append(name)
     return ok, unknown
 
 
@@ -125,6 +153,10 @@ def _expert_weights(fused: nn.Module) -> tuple[list[tuple[torch.Tensor, torch.Te
         mlp, experts = fused.mlp, fused.num_experts
         w1, v1, w2 = (p.view(experts, -1, p.shape[1]) for p in (mlp.w1, mlp.v1, mlp.w2))
         return [(w1[e], v1[e], w2[e].t()) for e in range(experts)], mlp.activation_fn
+    if _dense_layout_ok(fused):  # x @ W: each Linear weight is the transpose
+        inter = fused.down_proj.shape[1]
+        return [(fused.gate_up_proj[e][:, :inter].t(), fused.gate_up_proj[e][:, inter:].t(), fused.down_proj[e].t())
+                for e in range(fused.gate_up_proj.shape[0])], fused.act_fn
     inter = fused.down_proj.shape[2]
     return [(fused.gate_up_proj[e][:inter], fused.gate_up_proj[e][inter:], fused.down_proj[e])
             for e in range(fused.gate_up_proj.shape[0])], fused.act_fn
@@ -148,8 +180,10 @@ def unfuse_experts(model: nn.Module) -> list[str]:
         logger.warning("%s holds 3-D expert parameters in a layout quark does not unfuse; its experts "
                        "stay in float (only nn.Linear layers are quantized)", name)
     for name in names:
-        weights, act_fn = _expert_weights(model.get_submodule(name))
-        experts = UnfusedExperts(ExpertMLP(_linear(g), _linear(u), _linear(d), act_fn) for g, u, d in weights)
+        fused = model.get_submodule(name)
+        weights, act_fn = _expert_weights(fused)
+        kind = DenseUnfusedExperts if _dense_layout_ok(fused) else UnfusedExperts
+        experts = kind(ExpertMLP(_linear(g), _linear(u), _linear(d), act_fn) for g, u, d in weights)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, experts)
     if names:
@@ -157,4 +191,5 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     return names
 
 
-__all__ = ["ExpertMLP", "UnfusedExperts", "all_experts_see_every_token", "fused_expert_modules", "unfuse_experts"]
+__all__ = ["DenseUnfusedExperts", "ExpertMLP", "UnfusedExperts", "all_experts_see_every_token",
+           "fused_expert_modules", "unfuse_experts"]
