@@ -1,4 +1,4 @@
-"""Families outside the seeds' template table (Gemma 1-3, Qwen3, Qwen3-MoE, OLMo 2, DeepSeek-V3, Llama 4),
+"""Families outside the seeds' template table (Gemma 1-3, Qwen3, Qwen3-MoE, OLMo 2, DeepSeek-V3, GPT-OSS, Llama 4),
 quantized through the generic template the command line falls back to: scaling groups and rotation
 structure found by probing.
 
@@ -34,6 +34,9 @@ FAMILIES = {
         **{k: v for k, v in GQA.items() if k != "head_dim"}, moe_intermediate_size=32, n_routed_experts=4,
         num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
         qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
+    # experts with interleaved gate/up, biases and a clamped SwiGLU; attention sinks
+    "gpt_oss": lambda: transformers.GptOssConfig(**GQA, num_local_experts=4, num_experts_per_tok=2,
+                                                 layer_types=["sliding_attention", "full_attention"]),
     # the router is an nn.Linear whose forward returns (scores, logits): it must stay float
     "llama4_text": lambda: transformers.Llama4TextConfig(**GQA, num_local_experts=2, intermediate_size_mlp=128,
                                                          pad_token_id=0),
@@ -195,3 +198,24 @@ def test_llama4_experts_are_unfused_exactly_and_quantized():
     ModelQuantizer(_config("llama4_text", "w_uint4_per_group_asym", [], group_size=32)).quantize_model(model, BATCHES)
     experts = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear" and ".experts." in n]
     assert len(experts) == 2 * 2 * 3  # layers x experts x (gate, up, down)
+
+
+def test_gpt_oss_experts_are_unfused_and_quantized():
+    """GPT-OSS's experts (interleaved gate/up columns, biases, clamped SwiGLU) become per-expert Linears with
+    the same outputs (to float32 rounding: the bias is added inside the Linear), then quantized."""
+    from quark.torch.quantization.moe_experts import ClampedSwigluExpert
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES["gpt_oss"]()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name or ".router." in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+        fused = model(BATCHES[0]).logits
+    assert len(unfuse_experts(model)) == 2
+    assert isinstance(model.model.layers[0].mlp.experts[0], ClampedSwigluExpert)
+    with torch.no_grad():
+        torch.testing.assert_close(model(BATCHES[0]).logits, fused, rtol=1e-5, atol=1e-5)
+    ModelQuantizer(_config("gpt_oss", "w_uint4_per_group_asym", [], group_size=32)).quantize_model(model, BATCHES)
+    experts = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear" and ".experts." in n]
+    assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down)

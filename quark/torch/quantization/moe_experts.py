@@ -9,7 +9,8 @@ are quantized, calibrated and exported like every other Linear. The outputs are 
 arithmetic per expert). Layouts this module does not recognise (transposed, interleaved or
 biased expert weights) are left fused and logged. Llama 4's experts, which run every token (already
 weighted by the router) as ``x @ W`` with ``gate_up_proj [E, H, 2I]``, become
-:class:`DenseUnfusedExperts`. DBRX's ``experts.mlp.w1/v1/w2`` (2-D, ``[E * I, H]``) are unfused the
+:class:`DenseUnfusedExperts`; GPT-OSS's (interleaved gate/up, biases, clamped SwiGLU) become
+:class:`ClampedSwigluExpert` modules. DBRX's ``experts.mlp.w1/v1/w2`` (2-D, ``[E * I, H]``) are unfused the
 same way. Checkpoints we write hold these per-expert Linears, so
 loading one (``ModelImporter``, transformers through ``_map_to_quark``) unfuses first.
 """
@@ -39,6 +40,25 @@ class ExpertMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ClampedSwigluExpert(nn.Module):
+    """One GPT-OSS expert: ``down_proj((clamp(up, ±limit) + 1) * g * sigmoid(alpha * g))`` with
+    ``g = clamp(gate, max=limit)``; every projection has a bias."""
+
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, alpha: float,
+                 limit: float) -> None:
+        super().__init__()
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.down_proj = down_proj
+        self.alpha = alpha
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
 
 
 class UnfusedExperts(nn.ModuleList):
@@ -123,6 +143,23 @@ def _dense_layout_ok(module: nn.Module) -> bool:
         not any(isinstance(getattr(module, n, None), nn.Parameter) for n in ("gate_up_proj_bias", "down_proj_bias"))
 
 
+def _gpt_oss_layout_ok(module: nn.Module) -> bool:
+    """GPT-OSS: ``gate_up_proj [E, H, 2I]`` with gate and up interleaved (even / odd columns), biases, ``x @ W``,
+    the clamped SwiGLU of ``alpha`` and ``limit``, routed as Mixtral's (``forward(hidden, indices, weights)``)."""
+    names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    params = [getattr(module, n, None) for n in names]
+    if not all(isinstance(p, nn.Parameter) for p in params):
+        return False
+    if not all(isinstance(getattr(module, n, None), (int, float)) for n in ("alpha", "limit")):
+        return False
+    gate_up, gate_up_bias, down, down_bias = params
+    if gate_up.dim() != 3 or down.dim() != 3:
+        return False
+    experts, hidden, two_i = gate_up.shape
+    return two_i % 2 == 0 and tuple(gate_up_bias.shape) == (experts, two_i) and \
+        tuple(down.shape) == (experts, two_i // 2, hidden) and tuple(down_bias.shape) == (experts, hidden)
+
+
 def _dbrx_layout_ok(module: nn.Module) -> bool:
     """DBRX: ``experts.mlp.{w1, v1, w2}`` each ``[E * I, H]``; down is ``w2[e].T``."""
     mlp = getattr(module, "mlp", None)
@@ -143,7 +180,8 @@ def fused_expert_modules(model: nn.Module) -> tuple[list[str], list[str]]:
             continue
         if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
             continue
-        (ok if _fused_layout_ok(module) or _dense_layout_ok(module) else unknown).append(name)
+        known = _fused_layout_ok(module) or _dense_layout_ok(module) or _gpt_oss_layout_ok(module)
+        (ok if known else unknown).append(name)
     return ok, unknown
 
 
@@ -162,11 +200,24 @@ def _expert_weights(fused: nn.Module) -> tuple[list[tuple[torch.Tensor, torch.Te
             for e in range(fused.gate_up_proj.shape[0])], fused.act_fn
 
 
-def _linear(weight: torch.Tensor) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
     with torch.device("meta"):
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     return layer
+
+
+def _gpt_oss_experts(fused: nn.Module) -> UnfusedExperts:
+    experts = []
+    for e in range(fused.gate_up_proj.shape[0]):
+        gate_up, bias = fused.gate_up_proj[e], fused.gate_up_proj_bias[e]
+        gate = _linear(gate_up[:, ::2].t(), bias[::2])  # gate and up interleaved: even and odd columns
+        up = _linear(gate_up[:, 1::2].t(), bias[1::2])
+        down = _linear(fused.down_proj[e].t(), fused.down_proj_bias[e])
+        experts.append(ClampedSwigluExpert(gate, up, down, float(fused.alpha), float(fused.limit)))
+    return UnfusedExperts(experts)
 
 
 @torch.no_grad()
@@ -181,9 +232,12 @@ def unfuse_experts(model: nn.Module) -> list[str]:
                        "stay in float (only nn.Linear layers are quantized)", name)
     for name in names:
         fused = model.get_submodule(name)
-        weights, act_fn = _expert_weights(fused)
-        kind = DenseUnfusedExperts if _dense_layout_ok(fused) else UnfusedExperts
-        experts = kind(ExpertMLP(_linear(g), _linear(u), _linear(d), act_fn) for g, u, d in weights)
+        if _gpt_oss_layout_ok(fused):
+            experts = _gpt_oss_experts(fused)
+        else:
+            weights, act_fn = _expert_weights(fused)
+            kind = DenseUnfusedExperts if _dense_layout_ok(fused) else UnfusedExperts
+            experts = kind(ExpertMLP(_linear(g), _linear(u), _linear(d), act_fn) for g, u, d in weights)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, experts)
     if names:
@@ -191,5 +245,5 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     return names
 
 
-__all__ = ["DenseUnfusedExperts", "ExpertMLP", "UnfusedExperts", "all_experts_see_every_token",
+__all__ = ["ClampedSwigluExpert", "DenseUnfusedExperts", "ExpertMLP", "UnfusedExperts", "all_experts_see_every_token",
            "fused_expert_modules", "unfuse_experts"]
