@@ -219,3 +219,44 @@ def test_gpt_oss_experts_are_unfused_and_quantized():
     ModelQuantizer(_config("gpt_oss", "w_uint4_per_group_asym", [], group_size=32)).quantize_model(model, BATCHES)
     experts = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear" and ".experts." in n]
     assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down)
+
+
+CLI_FAMILIES = {
+    "qwen3": lambda g: transformers.Qwen3Config(vocab_size=512, **g),
+    "gemma3_vision_language": lambda g: transformers.Gemma3Config(
+        text_config=dict(g, vocab_size=512), mm_tokens_per_image=4, image_token_index=511, boi_token_index=509,
+        eoi_token_index=510, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                num_attention_heads=2, image_size=28, patch_size=14)),
+}
+
+
+@pytest.mark.parametrize("family", list(CLI_FAMILIES))
+def test_the_command_line_quantizes_evaluates_and_exports_a_generic_family(family, tmp_path):
+    """A saved checkpoint (stories260K's tokenizer) through ``quark-quantize``: AWQ, perplexity, hf_format; the
+    export reloads in transformers."""
+    import json
+    import shutil
+
+    from quark.torch.llm.cli import main
+    from quark.torch.llm.model_loading import EMBEDDED_CALIBRATION_TEXT, EMBEDDED_MODEL_DIR
+
+    stories = [s.strip() for s in EMBEDDED_CALIBRATION_TEXT.read_text(encoding="utf-8").split("<|endoftext|>")]
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in stories if s))
+    (tmp_path / "eval.txt").write_text("\n\n".join(stories[:2]))
+    widths = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, head_dim=32)
+    config = CLI_FAMILIES[family](widths)
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    model_class(config.model_type).from_config(config).save_pretrained(folder)
+    shutil.copy(EMBEDDED_MODEL_DIR / "tokenizer.model", folder / "tokenizer.model")
+    out = tmp_path / "out"
+    assert main(["--model_dir", str(folder), "--device", "cpu", "--dataset", str(tmp_path / "calib.jsonl"),
+                 "--num_calib_data", "2", "--seq_len", "64", "--ppl_dataset", str(tmp_path / "eval.txt"),
+                 "--ppl_seq_len", "64", "--ppl_max_windows", "2", "--quant_scheme", "w_uint4_per_group_asym",
+                 "--group_size", "32", "--quant_algo", "awq", "--model_export", "hf_format",
+                 "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "quark_summary.json").read_text())
+    assert summary["quantized_layers"] == 14, summary
+    reloaded = model_class(config.model_type).from_pretrained(out)
+    assert sum(type(m).__name__ == "QParamsLinear" or "Quant" in type(m).__name__ for m in reloaded.modules()) > 0
