@@ -25,3 +25,13 @@ def test_no_cap_when_disabled_or_all_ordinary(monkeypatch):
     y = x.clone()
     y[0, 0] *= 1e4
     assert torch.equal(capped_tokens(y), y.reshape(-1, 3))
+
+
+def test_all_zero_tokens_do_not_lower_the_median():
+    """Llama 4's unfused experts see the tokens not routed to them as zero rows: the cap is that of the rest."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 6, generator=g)
+    x[0] *= 1000.0
+    padded = torch.cat([x, torch.zeros(20, 6)])
+    assert torch.equal(capped_tokens(padded, ratio=10.0)[:9], capped_tokens(x, ratio=10.0))
+    assert torch.equal(capped_tokens(padded, ratio=10.0)[9:], torch.zeros(20, 6))

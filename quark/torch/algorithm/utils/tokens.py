@@ -32,11 +32,14 @@ def token_weights(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor |
 def cap_factors(peak: torch.Tensor, ratio: float | None = None,
                 median_of: torch.Tensor | None = None) -> torch.Tensor | None:
     """Float32 factors (``peak``'s shape) that cap each token's peak |activation| ``peak`` (float32, one
-    per token) at ``ratio`` × the median of ``median_of`` (default: of ``peak``); None when nothing is
-    capped. Statistics streamed over several calls take the peaks of all their tokens first, and
+    per token) at ``ratio`` × the median of the non-zero ones of ``median_of`` (default: of ``peak``); None
+    when nothing is capped. Statistics streamed over several calls take the peaks of all their tokens first, and
     data-parallel ranks those of every rank (all-gathered), so the median is one process's."""
     ratio = MASSIVE_TOKEN_RATIO if ratio is None else ratio
     every = peak if median_of is None else median_of
+    # all-zero tokens carry nothing (Llama 4's experts see every token, the ones not routed to them as zeros):
+    # they do not lower the median
+    every = every[every > 0]
     if ratio is None or every.numel() < 2:
         return None
     limit = float(ratio) * every.median()
