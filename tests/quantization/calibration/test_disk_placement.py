@@ -386,3 +386,42 @@ def test_a_failed_run_on_disk_leaves_the_weights_it_started_from(checkpoints, tm
 
     original = load_file(str(checkpoints["llama"] / "model.safetensors"))
     _assert_equal_states(original, {k: v for k, v in _state(model).items() if k in original})
+
+
+GENERIC = {
+    "qwen3": lambda: transformers.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                              max_position_embeddings=128, head_dim=16),
+    # two layer structures (dense, then mixture of experts): discovery traces one layer of each
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=128, max_position_embeddings=128, moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
+}
+
+
+@pytest.mark.parametrize("algorithm", ["awq", "smoothquant"])
+@pytest.mark.parametrize("family", list(GENERIC))
+def test_discovered_scaling_groups_on_disk_equal_the_model_in_memory(family, algorithm, tmp_path):
+    """Families without template data discover their scaling groups by running the model: on disk too (the
+    probe reads the layers it runs), with the in-memory result."""
+    from quark.torch.llm import schemes
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(GENERIC[family]()).save_pretrained(tmp_path / "model")
+    scheme = "w_uint4_per_group_asym" if algorithm == "awq" else "w_int8_a_int8_per_tensor_sym"
+    states = []
+    for offload in (None, tmp_path / "offload"):
+        if offload is None:
+            model = load_model(tmp_path / "model")
+            unfuse_experts(model)
+        else:
+            model = load_model_on_disk(tmp_path / "model", offload)
+        request = schemes.SchemeRequest(scheme, algorithms=[algorithm], group_size=32 if algorithm == "awq" else None)
+        quantizer = ModelQuantizer(schemes.build_config(schemes.template_for(family), request), compute_device="cpu")
+        quantizer.quantize_model(model, token_batches(4))
+        quantizer.freeze(model)
+        states.append(_state(model))
+    assert all(p.device.type == "meta" for p in model.parameters())
+    _assert_equal_states(states[0], states[1])

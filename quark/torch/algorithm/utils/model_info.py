@@ -27,6 +27,7 @@ from quark.torch.quantization.calibration.layerwise import (
     layer_output_tensor,
     move_to,
 )
+from quark.torch.quantization.calibration.placement import probing
 
 logger = logging.getLogger(__name__)
 
@@ -241,18 +242,20 @@ def discover_scaling_groups(model: nn.Module, batches: Sequence[Any] | None = No
     inputs, which is enough to see what reads what). A group missing from some layers applies to the
     layers that hold its modules (``only_where_present``)."""
     path, layers = find_decoder_layers(model, decoder_path)
-    probe = list(batches[:1]) if batches else [_dummy_batch(model)]
-    cache = capture_decoder_inputs(model, probe, layers)
     groups: list[ScalingGroup] = []
     seen: set[tuple[tuple[str, str], ...]] = set()
-    for layer in layers:
-        structure = _structure(layer)
-        if structure in seen:
-            continue
-        seen.add(structure)
-        for group in _discover_in_layer(layer, cache.args[0], cache.kwargs_for(layer)[0]):
-            if group not in groups:
-                groups.append(group)
+    # a model on disk: layer 0 and the modules outside the layers read for the probe, other layers as they run
+    with probing(model, layers):
+        probe = list(batches[:1]) if batches else [_dummy_batch(model)]
+        cache = capture_decoder_inputs(model, probe, layers)
+        for layer in layers:
+            structure = _structure(layer)
+            if structure in seen:
+                continue
+            seen.add(structure)
+            for group in _discover_in_layer(layer, cache.args[0], cache.kwargs_for(layer)[0]):
+                if group not in groups:
+                    groups.append(group)
     if len(seen) > 1:
         for group in groups:
             group.only_where_present = not all(group_present(layer, group) for layer in layers)
@@ -262,7 +265,8 @@ def discover_scaling_groups(model: nn.Module, batches: Sequence[Any] | None = No
 
 
 def _discover_in_layer(layer: nn.Module, layer_args: tuple, layer_kwargs: dict) -> list[ScalingGroup]:
-    device = next(layer.parameters()).device
+    # a layer of a model on disk is read when it runs: its parameters are on the meta device until then
+    device = next((p.device for p in layer.parameters() if p.device.type != "meta"), torch.device("cpu"))
     args, kwargs = move_to(layer_args, device), move_to(layer_kwargs, device)
     trace = _trace_block(layer, args, kwargs)
     head_dim = find_head_dim(layer)

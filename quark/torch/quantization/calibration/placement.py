@@ -213,18 +213,25 @@ def _read_when_run(units: list[tuple[nn.Module, Callable[[], contextlib.Abstract
             stack.close()
 
 
+_PROBING: set[int] = set()  # models inside a probing block (a nested probe, e.g. rotation's group discovery, reuses it)
+
+
 @contextlib.contextmanager
 def probing(model: nn.Module, layers: nn.ModuleList) -> Iterator[None]:
     """For probes that inspect a whole model (structure discovery): a model on disk gets its first decoder
     layer and the modules outside the layers read into CPU memory for the block, and every other layer
     when it runs. Other models are left as they are."""
-    if _disk_source([model]) is None:
+    if _disk_source([model]) is None or id(model) in _PROBING:  # not on disk, or inside a probe already
         yield
         return
-    with onloaded(layers[0], "cpu", weights_change=False), \
-            tensors_moved(modules_outside(model, layers), "cpu", weights_change=False), \
-            loaded_on_use(model, "cpu", layers):
-        yield
+    _PROBING.add(id(model))
+    try:
+        with onloaded(layers[0], "cpu", weights_change=False), \
+                tensors_moved(modules_outside(model, layers), "cpu", weights_change=False), \
+                loaded_on_use(model, "cpu", layers):
+            yield
+    finally:
+        _PROBING.discard(id(model))
 
 
 def placement_units(model: nn.Module, decoder: tuple[str, nn.ModuleList] | None) -> list[tuple[str, nn.Module, bool]]:
