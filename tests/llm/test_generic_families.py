@@ -260,3 +260,16 @@ def test_the_command_line_quantizes_evaluates_and_exports_a_generic_family(famil
     assert summary["quantized_layers"] == 14, summary
     reloaded = model_class(config.model_type).from_pretrained(out)
     assert sum(type(m).__name__ == "QParamsLinear" or "Quant" in type(m).__name__ for m in reloaded.modules()) > 0
+
+
+def test_rotation_refuses_vision_language_models_by_name():
+    """The vision tower writes image features into the residual stream; text probes never run it, so a rotated
+    stream would break image inputs while text still checks out."""
+    model = VISION_LANGUAGE["qwen2_5_vl"]()
+    request = schemes.SchemeRequest("w_int8_a_int8_per_tensor_sym", algorithms=["rotation"],
+                                    extra_exclude=schemes.text_only_excludes(model.config))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"Qwen2_5_VLForConditionalGeneration has a vision tower.*not supported"):
+        ModelQuantizer(schemes.build_config(schemes.template_for(model.config.model_type), request)).quantize_model(
+            model, [b % 297 for b in BATCHES])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -403,6 +403,19 @@ def _verify(model: nn.Module, plan: _Plan) -> None:
     logger.info("%s: rotated logits match the original ones (relative error %.1e)", plan.owner, err)
 
 
+def _refuse_other_stream_writers(model: nn.Module) -> None:
+    """A vision or audio tower writes its features into the language model's residual stream (image tokens'
+    embeddings); text probes never run it, so rotating the stream would leave those features unrotated and
+    break every image input while text still checks out. Refused by name."""
+    config = getattr(model, "config", None)
+    towers = [key for key in ("vision_config", "audio_config") if getattr(config, key, None) is not None]
+    if towers:
+        raise ValueError(f"rotation: {type(model).__name__} has a {towers[0].split('_')[0]} tower whose outputs "
+                         "enter the language model's residual stream; rotating the stream would leave them "
+                         "unrotated (image/audio inputs would break), so rotation is not supported for "
+                         "multimodal models; use SmoothQuant, AWQ or GPTQ")
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, cfg: Any, quarot: bool, device: torch.device | str | None = None) -> None:
     """Fuse R1 (and for QuaRot R2, online R3 and R4) into ``model``; float outputs are preserved.
@@ -414,6 +427,7 @@ def rotate_model(model: nn.Module, cfg: Any, quarot: bool, device: torch.device 
     fails, buffers, hooks and the head/embedding tie are undone and weights are left for the caller
     (``apply_pre_quant_optimization``) to restore from its backup.
     """
+    _refuse_other_stream_writers(model)
     with eval_mode(model):
         with probing(model, find_decoder_layers(model, _decoder_path(model, cfg))[1]):
             plan = _plan(model, cfg, quarot)
