@@ -29,6 +29,7 @@ from torch import nn
 
 from quark.torch.algorithm.utils.model_info import _norm_like, applies_to, discover_scaling_groups
 from quark.torch.algorithm.utils.norms import gain, gain_offset
+from quark.torch.algorithm.utils.probe import close, tolerance
 from quark.torch.algorithm.utils.scaling import candidate_slices
 from quark.torch.quantization.calibration.layerwise import (
     capture_decoder_inputs,
@@ -50,11 +51,6 @@ def probe_ids(model: nn.Module) -> torch.Tensor:
     return torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
 
 
-def tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance of the structural checks for tensors of ``dtype``."""
-    return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     was = model.training
@@ -65,15 +61,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
-    """``a ≈ b`` with an error bound relative to the larger magnitude of the two."""
-    if a.shape != b.shape:
-        return False
-    a, b = a.double(), b.double()
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-12)
-    return float((a - b).abs().max()) <= rel * scale
-
-
 def norm_kind(norm: nn.Module, n: int) -> str | None:
     """``"rms"`` (scale-invariant), ``"layer"`` (scale- and shift-invariant) or None (neither)."""
     w = norm.weight
@@ -81,8 +68,8 @@ def norm_kind(norm: nn.Module, n: int) -> str | None:
     rel = tolerance(w.dtype)
     with torch.no_grad():
         y = norm(x)
-        scale_inv = _close(norm(2.5 * x), y, rel)
-        shift_inv = _close(norm(x + 3.0), y, rel)
+        scale_inv = close(norm(2.5 * x), y, rel)
+        shift_inv = close(norm(x + 3.0), y, rel)
     if scale_inv and shift_inv:
         return "layer"
     return "rms" if scale_inv else None
@@ -161,7 +148,7 @@ def _stream_embeddings(model: nn.Module, probe: _Probe, hidden: int) -> list[str
         except RuntimeError:
             continue
         alpha = float((h0.double() * s).sum() / (s * s).sum().clamp_min(1e-30))
-        if _close(h0, alpha * s, rel):
+        if close(h0, alpha * s, rel):
             return names
     raise ValueError(
         f"rotation: the first decoder layer's input is not a sum of the hidden-sized ({hidden}) embeddings "
@@ -216,7 +203,7 @@ def residual_writers(layer: nn.Module, args: tuple, kwargs: dict, hidden: int) -
         # norms over the stream only: per-head norms (Qwen3's q_norm / k_norm) see other widths
         seen = [(a, b) for a, b in zip([*norms, after], [*base_norms, base])
                 if a.shape == b.shape and a.shape[-1] == hidden]
-        if any(_close(a.double() - b.double(), delta.expand_as(b), rel) for a, b in seen):
+        if any(close(a.double() - b.double(), delta.expand_as(b), rel) for a, b in seen):
             writers.append(name)
     x = args[0] if args else kwargs.get("hidden_states")
     cls = type(layer).__name__
@@ -226,7 +213,7 @@ def residual_writers(layer: nn.Module, args: tuple, kwargs: dict, hidden: int) -
     if not writers:
         raise ValueError(f"rotation: no Linear of {cls} adds its output unchanged to the residual stream; "
                          f"{post_norm}")
-    if not isinstance(x, torch.Tensor) or not _close(base, x + sum(outs[w] for w in writers), rel):
+    if not isinstance(x, torch.Tensor) or not close(base, x + sum(outs[w] for w in writers), rel):
         raise ValueError(f"rotation: the output of {cls} is not its input plus its residual writers' outputs "
                          f"({writers}); {post_norm}")
     return writers
@@ -360,7 +347,7 @@ def _value_slice_ok(layer: nn.Module, args: tuple, kwargs: dict, base: torch.Ten
                 h.remove()
 
     rel = tolerance(base.dtype)
-    return _close(run(True), base, rel) and not _close(run(False), base, rel)
+    return close(run(True), base, rel) and not close(run(False), base, rel)
 
 
 def find_value_slice(layer: nn.Module, args: tuple, kwargs: dict, attn: str, o_name: str, head_dim: int,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quark.torch.algorithm.utils.probe import close, tolerance
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim
 from quark.torch.quantization.calibration.layerwise import (
     capture_decoder_inputs,
@@ -221,8 +222,7 @@ def _norm_scaling_is_exact(layer: nn.Module, args: tuple, kwargs: dict, norm: st
     finally:
         for handle in handles:
             handle.remove()
-    rel = 1e-3 if base.dtype in (torch.float32, torch.float64) else 5e-2
-    return bool(torch.allclose(scaled.double(), base.double(), rtol=rel, atol=rel * float(base.abs().max())))
+    return close(scaled, base, tolerance(base.dtype))
 
 
 def _layer_output(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quark.torch.algorithm.utils.probe import tolerance
+
 __all__ = ["gain", "gain_offset", "set_gain"]
 
 #: Offsets of the elementwise gain found in transformers' norms.
@@ -48,11 +50,11 @@ def gain_offset(norm: nn.Module) -> float:
     scale = float(unit.abs().max())
     if scale == 0.0 or not torch.isfinite(unit).all():
         raise ValueError(f"{type(norm).__name__}: its weight does not scale its output elementwise")
-    tolerance = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 5e-2
-    if float((at_two - at_zero - 2 * unit).abs().max()) > tolerance * max(scale, 1.0):  # not linear in the weight
+    bound = tolerance(weight.dtype) * max(scale, 1.0)
+    if float((at_two - at_zero - 2 * unit).abs().max()) > bound:  # not linear in the weight
         raise ValueError(f"{type(norm).__name__}: its gain is neither its weight nor 1 + its weight")
     for offset in _KNOWN_OFFSETS:
-        if float((at_zero - offset * unit).abs().max()) <= tolerance * max(scale, 1.0):
+        if float((at_zero - offset * unit).abs().max()) <= bound:
             return offset
     raise ValueError(f"{type(norm).__name__}: its gain is neither its weight nor 1 + its weight")
 
