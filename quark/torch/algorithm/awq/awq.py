@@ -171,8 +171,7 @@ class AwqStep(ScalingStep):
         every rank then judges all of them on its own tokens.
         """
         starts = list(range(0, N_GRID, chunk))
-        ranks = distributed.world_size() if distributed.active() else 1
-        me = distributed.rank() if ranks > 1 else 0
+        ranks, me = distributed.world_size(), distributed.rank()
         for first in range(0, len(starts), ranks):
             owned = starts[first:first + ranks]
             mine: dict[str, torch.Tensor] = {}
@@ -211,15 +210,12 @@ class AwqStep(ScalingStep):
         """Clip every quantized linear of the layer (data-parallel ranks split the linears and broadcast)."""
         names = list(self._clip_covariances)
         fcs = [submodule(layer, name, f"{self.owner}.layers") for name in names]
-        ranks = distributed.world_size() if distributed.active() else 1
-        owners = distributed.owners_by_rows([fc.out_features for fc in fcs], ranks)
-        me = distributed.rank() if ranks > 1 else 0
+        owners = distributed.owners_by_rows([fc.out_features for fc in fcs], distributed.world_size())
         for name, fc, owner in zip(names, fcs, owners):
-            if owner == me:
+            if owner == distributed.rank():
                 fc.weight.data.copy_(clip_search(fc.weight.data, self._clip_covariances[name],
                                                  self.grids[index][name]))
-            if ranks > 1:
-                distributed.broadcast_(fc.weight.data, owner, f"AWQ {name} of decoder layer {index}: clipped weight")
+            distributed.broadcast_(fc.weight.data, owner, f"AWQ {name} of decoder layer {index}: clipped weight")
         self._clip_covariances = {}
 
 

@@ -243,6 +243,7 @@ class GptqStep:
                 distributed.broadcast_(res.zero_point, owner, what)
             shared[n] = res
         return shared
+
     def _collect_paired(self, layer: nn.Module, group: Sequence[str], inputs: list[tuple[tuple, dict]]) -> None:
         """Hessians and float-input cross terms of ``group``, batch by batch from both streams."""
         if self._reference is None:
