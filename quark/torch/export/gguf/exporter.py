@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from quark.torch.export.hf_format.writer import public_model_id
-from quark.torch.quantization.calibration.placement import onloaded, tensors_moved
+from quark.torch.quantization.calibration.placement import unit_read
 from quark.torch.quantization.calibration.weight_source import disk_weights
 from quark.torch.quantization.config.type import Dtype, QSchemeType
 from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
@@ -321,10 +321,7 @@ def _unit_in_memory(model: nn.Module, unit: str) -> Iterator[None]:
     if disk_weights(model) is None:
         yield
         return
-    module = model.get_submodule(unit)
-    whole = unit.startswith("model.layers.")
-    with (onloaded(module, "cpu", weights_change=False) if whole
-          else tensors_moved([module], "cpu", weights_change=False)):
+    with unit_read(model.get_submodule(unit), "cpu", whole=unit.startswith("model.layers.")):
         yield
 
 

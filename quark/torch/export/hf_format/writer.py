@@ -22,7 +22,7 @@ from quark.torch.export.config.config import JsonExporterConfig
 from quark.torch.export.hf_format.merge import merge_members, merged_weight_state
 from quark.torch.export.keys import TENSOR_ROLES, checkpoint_suffix, split_role, to_checkpoint_tensor
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
-from quark.torch.quantization.calibration.placement import onloaded, placement_units, tensors_moved
+from quark.torch.quantization.calibration.placement import placement_units, unit_read
 from quark.torch.quantization.calibration.weight_source import disk_weights
 from quark.torch.quantization.config.config import Config, QuantizationSpec
 from quark.torch.quantization.config.resolve import matches_any
@@ -193,9 +193,7 @@ def model_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, state[key]
             continue
         module, whole = units[unit]
-        moved = onloaded(module, "cpu", weights_change=False) if whole else \
-            tensors_moved([module], "cpu", weights_change=False)
-        with moved:
+        with unit_read(module, "cpu", whole):
             state = module.state_dict(prefix=f"{unit}.")
             for key in keys:
                 yield key, state[key]

@@ -22,7 +22,7 @@ from quark.torch.quantization.calibration.transfer import transfer
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
 
 __all__ = ["loaded_on_use", "modules_outside", "move_to", "normalize_device", "on_device", "onloaded",
-           "placement_units", "probing", "tensors_moved"]
+           "placement_units", "probing", "tensors_moved", "unit_read"]
 
 def move_to(obj: Any, device: torch.device | str, keep_pinned: bool = False) -> Any:
     """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged) with
@@ -246,3 +246,12 @@ def placement_units(model: nn.Module, decoder: tuple[str, nn.ModuleList] | None)
     units += [(name, m, False) for name, m in model.named_modules()
               if id(m) in outside and any(True for _ in m.parameters(recurse=False))]
     return units
+
+
+def unit_read(module: nn.Module, device: torch.device | str, whole: bool) -> contextlib.AbstractContextManager:
+    """A placement unit's tensors on ``device`` for a block that only reads them: with its sub-modules
+    (``whole``, a decoder layer: :func:`onloaded`) or its own tensors (a module outside the layers:
+    :func:`tensors_moved`)."""
+    if whole:
+        return onloaded(module, device, weights_change=False)
+    return tensors_moved([module], device, weights_change=False)
