@@ -171,27 +171,36 @@ def _dbrx_layout_ok(module: nn.Module) -> bool:
         getattr(mlp, "activation_fn", None), nn.Module)
 
 
+def _layout(module: nn.Module) -> str | None:
+    """Which fused-experts layout ``module`` holds: ``"dbrx"``, ``"routed"`` (Mixtral), ``"dense"`` (Llama 4),
+    ``"gpt_oss"``, ``"unknown"`` (3-D parameters of another layout), or None (not a fused experts module)."""
+    if _dbrx_layout_ok(module):
+        return "dbrx"
+    if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        return None
+    for layout, recognised in (("routed", _fused_layout_ok), ("dense", _dense_layout_ok),
+                               ("gpt_oss", _gpt_oss_layout_ok)):
+        if recognised(module):
+            return layout
+    return "unknown"
+
+
 def fused_expert_modules(model: nn.Module) -> tuple[list[str], list[str]]:
     """(names of fused expert modules :func:`unfuse_experts` handles, names it cannot handle)."""
-    ok, unknown = [], []
-    for name, module in model.named_modules():
-        if _dbrx_layout_ok(module):
-            ok.append(name)
-            continue
-        if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
-            continue
-        known = _fused_layout_ok(module) or _dense_layout_ok(module) or _gpt_oss_layout_ok(module)
-        (ok if known else unknown).append(name)
-    return ok, unknown
+    layouts = [(name, _layout(module)) for name, module in model.named_modules()]
+    return ([name for name, layout in layouts if layout not in (None, "unknown")],
+            [name for name, layout in layouts if layout == "unknown"])
 
 
-def _expert_weights(fused: nn.Module) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], nn.Module]:
-    """Per expert (gate [I, H], up [I, H], down [H, I]) and the activation, for both layouts."""
-    if _dbrx_layout_ok(fused):
+def _expert_weights(fused: nn.Module, layout: str
+                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], nn.Module]:
+    """Per expert (gate [I, H], up [I, H], down [H, I]) and the activation, for the ``dbrx``, ``dense`` and
+    ``routed`` layouts."""
+    if layout == "dbrx":
         mlp, experts = fused.mlp, fused.num_experts
         w1, v1, w2 = (p.view(experts, -1, p.shape[1]) for p in (mlp.w1, mlp.v1, mlp.w2))
         return [(w1[e], v1[e], w2[e].t()) for e in range(experts)], mlp.activation_fn
-    if _dense_layout_ok(fused):  # x @ W: each Linear weight is the transpose
+    if layout == "dense":  # x @ W: each Linear weight is the transpose
         inter = fused.down_proj.shape[1]
         return [(fused.gate_up_proj[e][:, :inter].t(), fused.gate_up_proj[e][:, inter:].t(), fused.down_proj[e].t())
                 for e in range(fused.gate_up_proj.shape[0])], fused.act_fn
@@ -232,11 +241,12 @@ def unfuse_experts(model: nn.Module) -> list[str]:
                        "stay in float (only nn.Linear layers are quantized)", name)
     for name in names:
         fused = model.get_submodule(name)
-        if _gpt_oss_layout_ok(fused):
+        layout = _layout(fused)
+        if layout == "gpt_oss":
             experts = _gpt_oss_experts(fused)
         else:
-            weights, act_fn = _expert_weights(fused)
-            kind = DenseUnfusedExperts if _dense_layout_ok(fused) else UnfusedExperts
+            weights, act_fn = _expert_weights(fused, layout)
+            kind = DenseUnfusedExperts if layout == "dense" else UnfusedExperts
             experts = kind(ExpertMLP(_linear(g), _linear(u), _linear(d), act_fn) for g, u, d in weights)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, experts)
