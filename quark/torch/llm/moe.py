@@ -48,6 +48,3 @@ def prequantize_experts(model: nn.Module, config: Config, patterns: tuple[str, .
         raise ValueError("--moe_experts_second_step_config: the model has no expert Linear (names matching "
                          f"{', '.join(patterns)}); it applies to mixture-of-experts models only")
     return touched
-
-
-__all__ = ["ExpertMLP", "UnfusedExperts", "fused_expert_modules", "prequantize_experts", "unfuse_experts"]
