@@ -8,6 +8,8 @@ here on the logits of families whose norms are written each way (Gemma's RMSNorm
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import transformers
@@ -60,28 +62,33 @@ def test_the_gain_offset_of_each_family_norm(family):
         assert torch.equal(norm.weight, before[id(norm)])  # probed, then put back
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_scaling_a_norm_keeps_the_float_model(family):
+def _assert_keeps_the_logits(family: str, rewrite: Callable[[nn.Module, list[nn.Linear]], None]) -> None:
+    """``rewrite(norm, readers)`` applied to every norm group of layer 0 leaves the model's logits."""
     model = _model(family)
     with torch.no_grad():
         expected = model(BATCH).logits
         for norm, fcs in _norm_groups(model):
-            s = torch.rand(norm.weight.numel(), generator=torch.Generator().manual_seed(2)) * 3 + 0.25
-            scale_norm_fcs(norm, fcs, s)
+            rewrite(norm, fcs)
         got = model(BATCH).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_scaling_a_norm_keeps_the_float_model(family):
+    def scale(norm: nn.Module, fcs: list[nn.Linear]) -> None:
+        s = torch.rand(norm.weight.numel(), generator=torch.Generator().manual_seed(2)) * 3 + 0.25
+        scale_norm_fcs(norm, fcs, s)
+
+    _assert_keeps_the_logits(family, scale)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_folding_a_norm_keeps_the_float_model(family):
-    model = _model(family)
-    with torch.no_grad():
-        expected = model(BATCH).logits
-        for norm, fcs in _norm_groups(model):
-            fold_norm_into_fcs(norm, fcs)
-            assert torch.allclose(norm.weight.double() + gain_offset(norm), torch.ones(1, dtype=torch.float64))
-        got = model(BATCH).logits
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    def fold(norm: nn.Module, fcs: list[nn.Linear]) -> None:
+        fold_norm_into_fcs(norm, fcs)
+        assert torch.allclose(norm.weight.double() + gain_offset(norm), torch.ones(1, dtype=torch.float64))
+
+    _assert_keeps_the_logits(family, fold)
 
 
 def test_a_weight_that_is_not_an_elementwise_gain_is_refused():
