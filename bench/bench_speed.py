@@ -78,6 +78,44 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _rss_bytes() -> int:
+    """Resident memory of this process now (VmRSS on Linux, 0 elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _RssSampler:
+    """Resident memory before the block and its peak during it (sampled every 20 ms by a thread): the
+    growth that quantizing adds to the model already in memory."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.before = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> _RssSampler:
+        self.before = self.peak = _rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
 def _shape_config(shape: str, layers: int | None):
     import transformers
 
@@ -212,16 +250,25 @@ def run_one(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_gpu = torch.cuda.memory_allocated() / 2**30
-    start = time.perf_counter()
-    quantizer.quantize_model(model, batches)
-    if cuda:
-        torch.cuda.synchronize()
-    quantize_s = time.perf_counter() - start
-    start = time.perf_counter()
-    quantizer.freeze(model)
-    if cuda:
-        torch.cuda.synchronize()
-    freeze_s = time.perf_counter() - start
+    profiler = _profiler(args, cuda)
+    layer_seconds = _layer_times()
+    host = _RssSampler()
+    trace = _MemoryTrace(Path(args.memory_trace) / f"{scheme}_{placement}.txt") if args.memory_trace and cuda else None
+    with _profiled_layers(profiler, model, args.profile_layers), _traced_layers(trace, model, args.profile_layers), \
+            host:
+        start = time.perf_counter()
+        quantizer.quantize_model(model, batches)
+        if cuda:
+            torch.cuda.synchronize()
+        quantize_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.profiler.record_function("quark.freeze"):
+            quantizer.freeze(model)
+        if cuda:
+            torch.cuda.synchronize()
+        freeze_s = time.perf_counter() - start
+    if profiler is not None:
+        _write_profile(profiler, Path(args.profile) / f"{scheme}_{placement}_rank{os.environ.get('RANK', '0')}.txt")
     if offload is not None:
         offload.cleanup()
     return {
@@ -232,10 +279,176 @@ def run_one(args: argparse.Namespace) -> dict:
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "model_gpu_gib": round(base_gpu, 2) if cuda else None,
         "peak_host_gib": round(_peak_rss_gib(), 2),
+        "host_before_quantize_gib": round(host.before / 2**30, 2),
+        "peak_host_during_quantize_gib": round(host.peak / 2**30, 2),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "implementation": "amd-quark" if args.is_reference else "quark-torch",
         "nproc": nproc,
+        "layer_seconds": [round(s, 3) for s in layer_seconds],
     }
+
+
+def _profiler(args: argparse.Namespace, cuda: bool):
+    """A torch.profiler for ``--profile`` (CPU and, on a GPU, CUDA activity), else None."""
+    if not args.profile:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    return profile(activities=activities, record_shapes=False)
+
+
+def _layer_times() -> list[float]:
+    """The seconds of each decoder layer's algorithm pass, filled from the layer-by-layer runner's log."""
+    import logging
+
+    seconds: list[float] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.endswith("done in %.2fs") and record.args:
+                seconds.append(float(record.args[-1]))
+
+    runner = logging.getLogger("quark.torch.quantization.calibration.layerwise")
+    runner.setLevel(logging.DEBUG)
+    runner.addHandler(_Collect(logging.DEBUG))
+    return seconds
+
+
+@contextlib.contextmanager
+def _profiled_layers(profiler, model, layers: str | None):
+    """Profile the block, or with ``layers="A:B"`` only from decoder layer A's first forward to layer B's
+    (or the block's end): the steady state, without the first layer's kernel compilation."""
+    if profiler is None:
+        yield
+        return
+    if not layers:
+        with profiler:
+            yield
+        return
+    first, last = (int(x) for x in layers.split(":"))
+    decoder = model.model.layers
+    state = {"on": False, "done": False}
+
+    def start(module, args):
+        if not state["on"] and not state["done"]:
+            profiler.start()
+            state["on"] = True
+
+    def stop(module, args):
+        if state["on"]:
+            profiler.stop()
+            state["on"], state["done"] = False, True
+
+    handles = [decoder[first].register_forward_pre_hook(start)]
+    if last < len(decoder):
+        handles.append(decoder[last].register_forward_pre_hook(stop))
+    try:
+        yield
+    finally:
+        stop(None, None)
+        for handle in handles:
+            handle.remove()
+
+
+class _MemoryTrace:
+    """``--memory_trace``: records the GPU allocations (with their Python stacks) between two points, then
+    writes where the peak's live memory was allocated, grouped by the first line of this project's code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = 0
+
+    def start(self) -> None:
+        import torch
+
+        self.base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
+
+    def stop(self) -> None:
+        import torch
+
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        try:
+            self._write(snapshot["device_traces"][torch.cuda.current_device()])
+        except (KeyError, IndexError, TypeError) as error:  # another PyTorch's snapshot layout
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(f"could not read the memory snapshot: {error!r}\n")
+
+    def _write(self, events: list) -> None:
+        current, peak, peak_at = 0, 0, -1
+        for i, event in enumerate(events):
+            if event["action"] == "alloc":
+                current += event["size"]
+            elif event["action"] == "free_completed":
+                current -= event["size"]
+            if current > peak:
+                peak, peak_at = current, i
+        live: dict[int, dict] = {}
+        for event in events[:peak_at + 1]:
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+            elif event["action"] == "free_completed":
+                live.pop(event["addr"], None)
+        by_site: dict[str, int] = {}
+        for event in live.values():
+            frames = event.get("frames") or []
+            ours = [f for f in frames if "/quark/" in f["filename"] or "/bench/" in f["filename"]]
+            site = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in ours[:3]) or (
+                f"{Path(frames[0]['filename']).name}:{frames[0]['line']}" if frames else "?")
+            by_site[site] = by_site.get(site, 0) + event["size"]
+        lines = [f"allocated before tracing: {self.base / 2**30:.3f} GiB; traced peak above it: {peak / 2**30:.3f} GiB",
+                 "live at the peak, by allocation site (GiB):"]
+        lines += [f"{size / 2**30:8.3f}  {site}" for site, size in sorted(by_site.items(), key=lambda kv: -kv[1])[:30]]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(lines) + "\n")
+
+
+@contextlib.contextmanager
+def _traced_layers(trace: _MemoryTrace | None, model, layers: str | None):
+    """``trace`` recording from decoder layer A's first forward to layer B's (``"A:B"``; default: the whole block)."""
+    if trace is None:
+        yield
+        return
+    first, last = (int(x) for x in layers.split(":")) if layers else (0, 10**9)
+    decoder = model.model.layers
+    state = {"on": False, "done": False}
+
+    def start(module, args):
+        if not state["on"] and not state["done"]:
+            trace.start()
+            state["on"] = True
+
+    def stop(module, args):
+        if state["on"]:
+            trace.stop()
+            state["on"], state["done"] = False, True
+
+    handles = [decoder[first].register_forward_pre_hook(start)]
+    if last < len(decoder):
+        handles.append(decoder[last].register_forward_pre_hook(stop))
+    try:
+        yield
+    finally:
+        stop(None, None)
+        for handle in handles:
+            handle.remove()
+
+
+def _write_profile(profiler, path: Path) -> None:
+    """Two tables: the named stages (``quark.*``, ``gptq.*``, ``awq.*`` ranges; wall time on the CPU side)
+    and the operators by their own device (or CPU) time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    events = profiler.key_averages()
+    stages = [e for e in events if e.key.startswith(("quark.", "gptq.", "awq."))]
+    lines = [f"{'stage':<40} {'calls':>7} {'cpu total s':>12}"]
+    lines += [f"{e.key:<40} {e.count:>7} {e.cpu_time_total / 1e6:>12.3f}"
+              for e in sorted(stages, key=lambda e: -e.cpu_time_total)]
+    has_device = any(getattr(e, "self_device_time_total", 0) for e in events)
+    sort = "self_cuda_time_total" if has_device else "self_cpu_time_total"
+    path.write_text("\n".join(lines) + "\n\n" + events.table(sort_by=sort, row_limit=45, max_name_column_width=60)
+                    + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
 
 
 def _free_port() -> int:
@@ -259,6 +472,10 @@ def _child(python: str, args: argparse.Namespace, run: str, reference: bool, npr
         cmd += ["--disk_dir", str(args.disk_dir)]
     if reference:
         cmd.append("--is-reference")
+    else:
+        cmd += ["--profile", str(args.profile)] if args.profile else []
+        cmd += ["--memory_trace", str(args.memory_trace)] if args.memory_trace else []
+        cmd += ["--profile_layers", args.profile_layers] if args.profile_layers else []
     env = dict(os.environ)
     if not reference:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
@@ -292,6 +509,14 @@ def main(argv: list[str] | None = None) -> int:
                              "none; default: a temporary folder, removed at the end)")
     parser.add_argument("--nproc", default="1", help="processes per run (data-parallel, torchrun); a list such as "
                                                       "1,2 runs each count in turn")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="write a torch.profiler summary per run to DIR (stage times and top operators); "
+                             "profiling slows the run, so time without it")
+    parser.add_argument("--profile_layers", default=None, metavar="A:B",
+                        help="with --profile: record from decoder layer A's first forward to layer B's only")
+    parser.add_argument("--memory_trace", default=None, metavar="DIR",
+                        help="on a GPU: write where the peak GPU memory was allocated (per run, to DIR; with "
+                             "--profile_layers A:B only between those layers)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one_run", default=None, help=argparse.SUPPRESS)  # not --run: torchrun would take it
     parser.add_argument("--is-reference", action="store_true", help=argparse.SUPPRESS)

@@ -8,6 +8,8 @@
 #   bash .gpuq/scripts/call_part1.sh    carry .gpuq/scripts .gpuq/p1 .gpuq/ref     keeps part 1; old paths, amd-quark
 #   bash .gpuq/scripts/call_quality.sh  carry .gpuq/scripts .gpuq/p2 .gpuq/assets  joins the GGUF; quality rows
 #   bash .gpuq/scripts/call_disk.sh     carry .gpuq/whl312 .gpuq/scripts          disk placement, read-ahead on/off
+#   bash .gpuq/scripts/call_big.sh      carry .gpuq/whl312 .gpuq/scripts          32-layer 8B speed, 70B from disk
+#   bash .gpuq/scripts/call_profile.sh  carry .gpuq/whl312 .gpuq/scripts          stage profile, memory trace, clip kernel
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gpuq/' .git/info/exclude 2>/dev/null || echo '/.gpuq/' >> .git/info/exclude
@@ -64,5 +66,19 @@ for ahead in 1 0; do
   QUARK_DISK_READ_AHEAD=$ahead timeout 280 python3 bench/bench_speed.py --shape 8b --layers 4 --device cuda \
     --runs fp8_kv:disk,gptq:disk --disk_dir /tmp/l8b
 done
+EOS
+cat > .gpuq/scripts/call_big.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+timeout 330 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs fp8_kv:gpu,fp8_kv:cpu,gptq:cpu,awq:cpu \
+  | tee "$OUT/speed32.jsonl"
+timeout 200 python3 bench/bench_speed.py --shape 70b --layers 4 --device cuda --runs gptq:disk,fp8_kv:disk --disk_dir /tmp/l70 \
+  | tee "$OUT/l70.jsonl"
+EOS
+cat > .gpuq/scripts/call_profile.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+timeout 150 python3 bench/bench_speed.py --shape 8b --layers 4 --device cuda --runs awq:cpu,gptq:cpu \
+  --profile "$OUT/prof" --profile_layers 2:4
+timeout 100 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu,gptq:cpu --memory_trace "$OUT/mem"
+timeout 60 python3 bench/bench_clip_kernel.py | tee "$OUT/clip.jsonl"
 EOS
 du -sh .gpuq/*

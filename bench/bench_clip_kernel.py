@@ -1,0 +1,63 @@
+"""Benchmark: AWQ's clipping kernel on a Llama-3-8B-shaped gate_proj, by tile size and dot precision (GPU only).
+
+Times ``awq.clip_search`` on one ``[14336, 4096]`` bf16 weight with int4 groups of 128 (one scale
+candidate's search, as in AWQ's scale search) for each variant of the Triton kernel's rows per program,
+warps and ``e C`` precision, and the share of (row, group) choices that equal the default variant's.
+Prints one JSON object per variant; not a timed test.
+
+    python bench/bench_clip_kernel.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=14336)
+    parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--group", type=int, default=128)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(json.dumps({"error": "needs a CUDA device"}))
+        return 1
+    import triton.testing
+
+    from quark.torch.algorithm.awq import awq
+    from quark.torch.algorithm.kernels import clip
+    from quark.torch.algorithm.utils.quant import WeightGrid
+    from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(args.rows, args.cols, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(4096, args.cols, device="cuda", generator=gen) * (torch.rand(args.cols, device="cuda") * 3 + 0.1)
+    cov = awq.group_input_covariance(x.to(torch.bfloat16), args.group)
+    grid = WeightGrid(Dtype.uint4, QSchemeType.per_group, args.group, False, RoundType.half_even)
+    scales = torch.rand(1, args.cols, device="cuda") + 0.5
+    scaled = (w[None] * scales[:, None, :]).to(torch.bfloat16)
+    default = None
+    for rows, warps, precision in itertools.product((None, 64, 128), (None, 4, 8), ("tf32x3", "tf32")):
+        clip.CLIP_BLOCK_ROWS, clip.CLIP_NUM_WARPS, clip.CLIP_DOT_PRECISION = rows, warps, precision
+        try:
+            out = awq.clip_search(scaled, cov, grid, input_scales=scales)
+            ms = triton.testing.do_bench(lambda: awq.clip_search(scaled, cov, grid, input_scales=scales), rep=200)
+        except Exception as error:  # a tile that does not fit the device's registers or shared memory
+            print(json.dumps({"block_rows": rows, "warps": warps, "precision": precision,
+                              "error": str(error).splitlines()[0][:160]}), flush=True)
+            continue
+        if default is None:
+            default = out
+        same = float((out == default).float().mean()) if out.shape == default.shape else None
+        print(json.dumps({"block_rows": rows or "default", "warps": warps or "default", "precision": precision,
+                          "ms": round(ms, 3), "same_as_default": same,
+                          "device": torch.cuda.get_device_name()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
