@@ -85,6 +85,10 @@ INTERPRETED = textwrap.dedent("""
                                           clip_steps=10)
             ref, got = t._both(Patch(), run)
             assert torch.equal(ref.weight, got.weight) and ref.loss == got.loss, (grid, desc)
+    from quark.torch.algorithm.kernels.error import squared_error_sum
+    a, b = (torch.randn(3, 1000, generator=torch.Generator().manual_seed(s)).to(torch.bfloat16) for s in (5, 6))
+    exact = float((a.double() - b.double()).pow(2).sum())
+    assert abs(float(squared_error_sum(a, b)) - exact) <= 1e-6 * exact
     print("interpreted kernels equal")
 """)
 
@@ -168,3 +172,17 @@ def test_a_kernel_that_cannot_run_falls_back_to_its_twin_once(monkeypatch: pytes
 
     with pytest.raises(torch.OutOfMemoryError):  # the runner's retry handles this one
         kernels.kernel_or_twin("other", out_of_memory, twin)
+
+
+@pytest.mark.gpu
+@gpu
+def test_squared_error_kernel_matches_float64_on_the_gpu() -> None:
+    from quark.torch.algorithm.awq.awq import _squared_error_torch
+    from quark.torch.algorithm.kernels.error import squared_error_sum
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(3000, 4097, device="cuda", generator=gen).to(torch.bfloat16)  # not a multiple of the block
+    b = (a.float() + 0.01 * torch.randn(a.shape, device="cuda", generator=gen)).to(torch.bfloat16)
+    exact = float((a.double() - b.double()).pow(2).sum())
+    assert abs(float(squared_error_sum(a, b)) - exact) <= 1e-6 * exact
+    assert abs(float(_squared_error_torch(a, b)) - exact) <= 1e-6 * exact

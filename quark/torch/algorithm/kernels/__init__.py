@@ -4,6 +4,8 @@
   group's input covariance) in one pass over the weight instead of ~25 tensor passes per ratio.
 - :mod:`.columns`: GPTQ's sequential column loop over one block, one program per tile of rows
   (rows are independent given the inverse Hessian) instead of ~7 kernel launches per column.
+- :mod:`.error`: AWQ's squared output error of a scale candidate, ``Σ (out - reference)²`` read once from
+  the half-precision outputs instead of five float32 passes.
 
 They run only on CUDA tensors of integer grids, when Triton imports and :data:`USE_TRITON` is on;
 everything else takes the PyTorch path, which stays the reference the kernels are tested against
@@ -45,9 +47,15 @@ ROUND_CODES = {RoundType.half_even: 0, RoundType.round: 1, RoundType.floor: 2}
 def kernels_apply(t: torch.Tensor, grid: WeightGrid) -> bool:
     """Whether the Triton kernels take ``t`` on ``grid``: an integer grid (not a block or float format),
     Triton installed and enabled, and ``t`` on CUDA (any device under ``QUARK_TRITON=interpret``)."""
-    if not (HAVE_TRITON and USE_TRITON) or grid.is_block or grid.is_float or grid.round_method not in ROUND_CODES:
+    if grid.is_block or grid.is_float or grid.round_method not in ROUND_CODES:
         return False
-    return t.is_cuda or os.environ.get("QUARK_TRITON") == "interpret"
+    return triton_applies(t)
+
+
+def triton_applies(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel takes ``t``: Triton installed and enabled, and ``t`` on CUDA (any device under
+    ``QUARK_TRITON=interpret``)."""
+    return HAVE_TRITON and USE_TRITON and (t.is_cuda or os.environ.get("QUARK_TRITON") == "interpret")
 
 
 def grid_arguments(grid: WeightGrid) -> dict[str, object]:

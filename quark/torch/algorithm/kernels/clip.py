@@ -7,6 +7,13 @@ covariance ``C``; the kernel keeps the first ratio of least error. A candidate's
 grid parameters of each ratio (a few per group) are computed by the callers with the PyTorch
 formulas, so the kernel only rounds: the weight is read once per candidate instead of once per op
 and ratio.
+
+Both kernels here launch with ``enable_fp_fusion=False``. With fusion (Triton 3.6's default on CUDA)
+the compiler may turn ``v = x * inv`` and the rounding's ``v - floor(v)`` into one fused multiply-add,
+which skips the rounding of the product. A symmetric grid puts each group's extreme value exactly on a
+half step (``amax / scale = (qmax - qmin) / 2``: 7.5 for int4), where that decides the level: on an H100
+the fused kernel chose another clipping ratio than the PyTorch path for 0.7% of int4 weights, 2.2% worse
+in what the search minimises (``tests/algorithm/test_kernels.py``).
 """
 
 from __future__ import annotations
@@ -19,10 +26,18 @@ from quark.torch.algorithm.kernels import grid_arguments
 from quark.torch.algorithm.kernels.grid import fake_quant_int
 from quark.torch.algorithm.utils.quant import WeightGrid
 
-#: Precision of the kernel's ``e C`` products: ``"tf32x3"`` runs them on tensor cores with float32's
-#: accuracy (three TF32 products); ``"ieee"`` (plain float32 FMAs) took 1.06 s of GPU time per
-#: Llama-3-8B-shaped layer on an H100, the largest part of AWQ's time there.
-CLIP_DOT_PRECISION = "tf32x3"
+#: Precision of the kernel's ``e C`` products. ``"tf32"`` (one TF32 product on the tensor cores: inputs
+#: rounded to 10 mantissa bits, float32 sums) judges each ratio's error to ~1e-3 of itself, so only near-ties
+#: can change (H100, Llama-3-8B's gate_proj, one candidate: 3.9 ms, and 99.999% of the choices of
+#: ``"tf32x3"``, which takes 7.5 ms for float32's accuracy; ``"ieee"`` float32 FMAs took 1.06 s of GPU time
+#: per layer, the largest part of AWQ's time there). ``bench/bench_clip_kernel.py`` compares them.
+CLIP_DOT_PRECISION = "tf32"
+
+#: Rows of a weight one program of the clipping kernel takes, and its warps, by group size (``None``:
+#: 64 rows below 128 columns a group, else 32; 8 warps from 128 columns, else 4).
+#: ``bench/bench_clip_kernel.py`` times the alternatives.
+CLIP_BLOCK_ROWS: int | None = None
+CLIP_NUM_WARPS: int | None = None
 
 
 @triton.jit
@@ -79,12 +94,13 @@ def best_clip_steps(wg: torch.Tensor, max0: torch.Tensor, scale: torch.Tensor, z
     inv = torch.reciprocal(scale)
     best = torch.empty(batch, rows, groups, dtype=torch.int32, device=wg.device)
     s = input_scales.float().contiguous() if input_scales is not None else wg
-    block_rows = 64 if gs <= 64 else 32
+    block_rows = CLIP_BLOCK_ROWS or (64 if gs <= 64 else 32)
     grid_shape = (batch * groups, triton.cdiv(rows, block_rows))
     _clip_search_kernel[grid_shape](
         wg, s, cov.float().contiguous(), scale, inv, zp.float().contiguous(), max0.float().contiguous(),
         ratios.float().contiguous(), best, rows, groups * gs, groups, GS=gs, BR=block_rows, STEPS=steps,
-        HAS_S=input_scales is not None, DOT_PRECISION=CLIP_DOT_PRECISION, num_warps=8 if gs >= 128 else 4,
+        HAS_S=input_scales is not None, DOT_PRECISION=CLIP_DOT_PRECISION,
+        num_warps=CLIP_NUM_WARPS or (8 if gs >= 128 else 4), enable_fp_fusion=False,
         **grid_arguments(grid))
     return best.long()
 
@@ -127,5 +143,5 @@ def best_range_steps(w: torch.Tensor, hdiag: torch.Tensor, scale: torch.Tensor, 
     block_rows = 64 if gs <= 64 else 32
     _range_search_kernel[(groups, triton.cdiv(rows, block_rows))](
         w.contiguous(), hdiag.float().contiguous(), scale, inv, zp.float().contiguous(), best, rows, groups * gs,
-        groups, GS=gs, BR=block_rows, STEPS=steps, num_warps=4, **grid_arguments(grid))
+        groups, GS=gs, BR=block_rows, STEPS=steps, num_warps=4, enable_fp_fusion=False, **grid_arguments(grid))
     return best.long()
