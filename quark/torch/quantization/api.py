@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from quark.torch.quantization.algorithm_registry import algorithm_runner
 from quark.torch.quantization.calibration import distributed
@@ -149,20 +150,21 @@ class ModelQuantizer:
             if pre:
                 algorithm_runner("pre_quant")(model, pre, self.config, batches, device)
                 plan, excluded = plan_quantization(model, self.config)
-            records = _swap_linears(model, plan, device, records)
+            with record_function("quark.swap_linears"):
+                records = _swap_linears(model, plan, device, records)
             attention_patch = attach_attention_quantizers(model, self.config)
             if advanced:
-                algorithm_runner("advanced")(model, advanced, self.config, batches, device)
-                for unit in _units_loaded(model, device, weights_change=False):
-                    for module in unit.modules():
-                        if isinstance(module, QuantLinear):
-                            module.recalibrate_weight()
+                # AWQ and GPTQ change weights one decoder layer at a time and leave every weight quantizer
+                # of the layer matching its weight (fixed by GPTQ, or refreshed) while the layer is on the
+                # compute device: no second pass over the layers
+                with record_function("quark.algorithms"):
+                    algorithm_runner("advanced")(model, advanced, self.config, batches, device)
             quantizers = all_quantizers(model)
             if any(q.observing or (q.scale_quantizer is not None and q.scale_quantizer.observing)
                    for q in quantizers):
                 routing = all_experts_see_every_token(model) if self.calibrate_all_experts else nullcontext()
                 scaled = nullcontext() if self.calibrate_on_quantized else _scaled_quantizers_off(quantizers)
-                with routing, scaled:
+                with routing, scaled, record_function("quark.calibrate"):
                     if layerwise:
                         _calibrate_layerwise(model, batches, device, quantizers)
                     else:

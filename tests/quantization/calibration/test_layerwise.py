@@ -116,6 +116,20 @@ def test_backup_goes_to_disk_and_restores(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+def test_backup_without_a_copy_keeps_the_tensors_it_was_given(tmp_path):
+    """``save(copy=False)`` writes the module's CPU tensors as they are: a module whose parameters get new
+    tensors afterwards (as ``onloaded`` gives them on the compute device) is restored to the saved values."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backup = ModelBackup(folder=tmp_path)
+    backup.save(model, copy=False)
+    for p in model.parameters():
+        p.data = torch.full_like(p.data, 7.0)  # new tensors, as a move to another device makes
+    backup.restore()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_backup_close_deletes_its_folder(tmp_path):
     backup = ModelBackup(folder=tmp_path)
     backup.save(torch.nn.Linear(4, 4))

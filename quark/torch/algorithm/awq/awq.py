@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from quark.torch.algorithm.awq.inputs import GroupInputStats, group_input_stats, output_error
-from quark.torch.algorithm.kernels import kernel_group_size, kernel_or_twin, kernels_apply
+from quark.torch.algorithm.kernels import kernel_group_size, kernel_or_twin, kernels_apply, triton_applies
 from quark.torch.algorithm.utils.model_info import (
     ScalingGroup,
     applies_to,
@@ -85,15 +86,18 @@ class AwqStep(ScalingStep):
         # Groups judged on a linear's output need only statistics of their inputs (every group's inputs
         # were recorded before any scale changes), so those come first and their inputs go at once:
         # down_proj's are the largest a layer records.
-        stats = {k: self._input_stats(g, quantized, grids) for k, (g, quantized) in enumerate(groups)
-                 if quantized and not g.module2inspect}
+        with record_function("awq.input_stats"):
+            stats = {k: self._input_stats(g, quantized, grids) for k, (g, quantized) in enumerate(groups)
+                     if quantized and not g.module2inspect}
         self._drop_inputs_except({name for k, (g, _) in enumerate(groups) if k not in stats
                                   for name in (g.inp, g.module2inspect) if name})
         for k, (g, quantized) in enumerate(groups):
             if quantized:
                 if k not in stats:
-                    stats[k] = self._input_stats(g, quantized, grids)
-                results.append(self._search_group(layer, index, g, quantized, inputs, head_dim, stats.pop(k)))
+                    with record_function("awq.input_stats"):
+                        stats[k] = self._input_stats(g, quantized, grids)
+                with record_function("awq.search_group"):
+                    results.append(self._search_group(layer, index, g, quantized, inputs, head_dim, stats.pop(k)))
             self._drop_inputs_except({name for other, _ in groups[k + 1:] for name in (other.inp, other.module2inspect)
                                       if name})
         return results
@@ -177,7 +181,8 @@ class AwqStep(ScalingStep):
             mine: dict[str, torch.Tensor] = {}
             if me < len(owned):
                 se = expanded[owned[me]:owned[me] + chunk]
-                mine = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
+                with record_function("awq.candidate_weights"):
+                    mine = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
             for owner, r0 in enumerate(owned):
                 if ranks == 1:
                     yield r0, mine
@@ -213,8 +218,9 @@ class AwqStep(ScalingStep):
         owners = distributed.owners_by_rows([fc.out_features for fc in fcs], distributed.world_size())
         for name, fc, owner in zip(names, fcs, owners):
             if owner == distributed.rank():
-                fc.weight.data.copy_(clip_search(fc.weight.data, self._clip_covariances[name],
-                                                 self.grids[index][name]))
+                with record_function("awq.final_clip"):
+                    fc.weight.data.copy_(clip_search(fc.weight.data, self._clip_covariances[name],
+                                                     self.grids[index][name]))
             distributed.broadcast_(fc.weight.data, owner, f"AWQ {name} of decoder layer {index}: clipped weight")
         self._clip_covariances = {}
 
@@ -246,6 +252,11 @@ CLIP_CHUNK_ELEMENTS = 1 << 22
 CLIP_CHUNK_ELEMENTS_GPU = 1 << 25
 
 
+#: Output elements whose squared error is taken in one float32 step (bounds the temporaries of judging a
+#: candidate: a merged call of the MLP's outputs is 64M elements).
+ERROR_CHUNK_ELEMENTS = 1 << 24
+
+
 def _candidate_chunk(weights: Sequence[torch.Tensor]) -> int:
     per_candidate = sum(w.numel() for w in weights) * CLIP_STEPS
     return max(1, min(N_GRID, CANDIDATE_BATCH_ELEMENTS // max(per_candidate, 1)))
@@ -253,13 +264,35 @@ def _candidate_chunk(weights: Sequence[torch.Tensor]) -> int:
 
 def _squared_error(run: Any, module: nn.Module, calls: list[tuple[tuple, dict]],
                    reference: list[torch.Tensor]) -> tuple[float, int]:
-    """``(Σ (out - reference)², element count)`` of ``module`` over ``calls``, one call's output at a time."""
-    total, count = 0.0, 0
+    """``(Σ (out - reference)², element count)`` of ``module`` over ``calls``, one call's output at a time,
+    ``ERROR_CHUNK_ELEMENTS`` of it in float32 at a time (summed in float64; one synchronisation)."""
+    total: torch.Tensor | float = 0.0
+    count = 0
     for call, ref in zip(calls, reference):
-        d = run(module, [call])[0].float() - ref.float()
-        total += float(d.pow(2).sum())
-        count += d.numel()
-    return total, count
+        out = run(module, [call])[0]
+        total = total + _squared_error_sum(out, ref)
+        count += out.numel()
+    return float(total), count
+
+
+def _squared_error_sum(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``Σ (out - ref)²`` (0-d float64): the Triton kernel where it runs, else :func:`_squared_error_torch`."""
+    if not triton_applies(out):
+        return _squared_error_torch(out, ref)
+    from quark.torch.algorithm.kernels.error import squared_error_sum
+
+    return kernel_or_twin("awq_squared_error", lambda: squared_error_sum(out, ref),
+                          lambda: _squared_error_torch(out, ref))
+
+
+def _squared_error_torch(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``Σ (out - ref)²`` (0-d float64), ``ERROR_CHUNK_ELEMENTS`` elements in float32 at a time."""
+    flat_out, flat_ref = out.reshape(-1), ref.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=out.device)
+    for e0 in range(0, flat_out.numel(), ERROR_CHUNK_ELEMENTS):
+        d = flat_out[e0:e0 + ERROR_CHUNK_ELEMENTS].float() - flat_ref[e0:e0 + ERROR_CHUNK_ELEMENTS].float()
+        total += d.pow(2).sum(dtype=torch.float64)
+    return total
 
 
 def _scaled_covariances(covariances: dict[int, torch.Tensor], scales: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -383,13 +416,14 @@ def _kernel_clip(wg: torch.Tensor, ratios: torch.Tensor, cov: torch.Tensor, grid
     each ratio's grid parameters come from the same formulas as :func:`_clip_errors`'."""
     from quark.torch.algorithm.kernels.clip import best_clip_steps
 
-    max0 = wg.abs().amax(-1)  # [batch, rows, G]
+    wmin, wmax = torch.aminmax(wg, dim=-1)  # one pass: max|w| is the larger of -min and max
+    max0 = torch.maximum(-wmin, wmax)  # [batch, rows, G]
     bound = max0[:, None] * ratios[None, :, None, None]  # [batch, steps, rows, G]
-    scale, zp = _clipped_qparams(wg.amin(-1)[:, None], wg.amax(-1)[:, None], bound, grid, scale2)
+    scale, zp = _clipped_qparams(wmin[:, None], wmax[:, None], bound, grid, scale2)
     del bound
     best = best_clip_steps(wg, max0, scale, zp, ratios, cov, grid, input_scales)
     best_max = (max0 * ratios[best])[..., None]
-    return torch.maximum(torch.minimum(wg, best_max), -best_max)
+    return torch.clamp(wg, -best_max, best_max)
 
 
 def _clip_errors(wg: torch.Tensor, max0: torch.Tensor, ratios: torch.Tensor, grid: WeightGrid,

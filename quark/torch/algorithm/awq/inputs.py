@@ -27,6 +27,11 @@ __all__ = ["GroupInputStats", "group_input_stats", "output_error"]
 TOKEN_CHUNK = 8192
 
 
+#: Rows of the full input covariance one product of :func:`group_input_stats` writes (its float32 result
+#: for Llama-3-8B's down_proj would otherwise be a second 0.8 GiB matrix).
+FULL_COV_ROWS = 2048
+
+
 @dataclass
 class GroupInputStats:
     """Sums over ``tokens`` input tokens of a scaling group.
@@ -113,12 +118,23 @@ def group_input_stats(xs: Sequence[torch.Tensor], group_sizes: Iterable[int], fu
         n = chunk.shape[0]
         abs_sum += chunk.abs().sum(0, dtype=torch.float64)
         if full_cov is not None:
-            full_cov += gram(chunk)
+            _add_gram(full_cov, chunk)
         capped = chunk if factors is None else chunk * factors[t0:t0 + n, None].to(chunk.dtype)
         for s in sizes:  # [G, n, s]: one batched product per quantization group
             block[s] += _gram64(capped.reshape(n, cols // s, s).transpose(0, 1))
         t0 += n
     return GroupInputStats(t0, abs_sum, block, full_cov)
+
+
+def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """``total += xᵀ x`` (float32) without a second ``[in, in]`` temporary: half-precision tokens on a GPU
+    ``FULL_COV_ROWS`` rows of the product at a time, others in one in-place float32 product."""
+    if half_gemm(x):
+        for r0 in range(0, x.shape[1], FULL_COV_ROWS):
+            total[r0:r0 + FULL_COV_ROWS] += torch.mm(x[:, r0:r0 + FULL_COV_ROWS].t(), x, out_dtype=torch.float32)
+        return
+    xf = x.float()
+    total.addmm_(xf.t(), xf)
 
 
 def _gram64(x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from quark.torch.algorithm.gptq.columns import clear_graph_cache
 from quark.torch.algorithm.gptq.math import (
@@ -24,7 +25,7 @@ from quark.torch.algorithm.gptq.math import (
 from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import ALL_QSCHEMES, ALL_WEIGHT_DTYPES, WeightGrid, weight_grid_from_spec
-from quark.torch.algorithm.utils.specs import set_weight_qparams, weight_spec_for
+from quark.torch.algorithm.utils.specs import refresh_weight_qparams, set_weight_qparams, weight_spec_for
 from quark.torch.algorithm.utils.tokens import capped_tokens, token_weights
 from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.layerwise import (
@@ -101,6 +102,10 @@ class GptqStep:
             # With true_sequential only the first group's Hessians come from this pass; apply()
             # collects each later group again after the groups before it are quantized.
             first = self._first_group.get(type(layer))
+            if first is None and bool(getattr(self.cfg, "true_sequential", True)):
+                # the first layer of its class: apply() learns the groups and collects each one itself (the
+                # Hessians of every linear at once would hold down_proj's beside the layer's activations)
+                return {}
             names = set(self.grids[index]) if first is None else set(first) & set(self.grids[index])
         return {n: layer.get_submodule(n) for n in names}
 
@@ -179,7 +184,8 @@ class GptqStep:
                 results = self._solve(layer, index, batch, mine)
                 results = self._share(index, batch, modules, owners, results)
             else:
-                results = self._solve(layer, index, batch, batch)
+                with record_function("gptq.solve"):
+                    results = self._solve(layer, index, batch, batch)
             grid = self.grids[index][batch[0]]
             for module, n in zip(modules, batch):
                 res = results[n]
@@ -199,14 +205,15 @@ class GptqStep:
         del entries  # the float64 sum goes once the Hessian is taken (unless a linear left to solve shares it)
         if not solve:
             return {}
-        if h.dtype == torch.float64:  # collect()'s sums; the paired statistics are float32 running means
+        scratch = h.dtype == torch.float64  # then the float32 Hessian below is this call's own
+        if scratch:  # collect()'s sums; the paired statistics are float32 running means
             h = hessian_from_sum(h, count)
         damp = float(getattr(self.cfg, "damp_percent", 0.01))
         grid = self.grids[index][names[0]]
         options = dict(damp_percent=damp, desc_act=bool(getattr(self.cfg, "desc_act", True)),
                        static_groups=bool(getattr(self.cfg, "static_groups", True)),
                        name=" + ".join(full[n] for n in solve),
-                       clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0))
+                       clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0), scratch_hessian=scratch)
         modules = [layer.get_submodule(n) for n in solve]
         if len(solve) > 1:
             results = gptq_quantize_stacked([m.weight.data for m in modules], h, grid, **options)
@@ -284,6 +291,11 @@ class GptqStep:
                 handle.remove()
 
     def apply(self, layer: nn.Module, index: int, inputs: list[tuple[tuple, dict]]) -> None:
+        self._apply(layer, index, inputs)
+        # qparams GPTQ did not fix (block formats, linears outside its list) follow the weights as they are now
+        refresh_weight_qparams(layer)
+
+    def _apply(self, layer: nn.Module, index: int, inputs: list[tuple[tuple, dict]]) -> None:
         names = list(self.grids[index])
         paired = self._reference is not None
         if not bool(getattr(self.cfg, "true_sequential", True)):
@@ -311,7 +323,7 @@ class GptqStep:
                     self.hessians.pop(n, None)
                 self._only = set(group)
                 try:
-                    with collecting(layer, self, index), torch.no_grad():
+                    with collecting(layer, self, index), torch.no_grad(), record_function("gptq.recollect"):
                         forward_until_seen(layer, inputs, [layer.get_submodule(n) for n in group])
                 finally:
                     self._only = None

@@ -76,6 +76,11 @@ def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     return h, total
 
 
+#: Rows of ``xᵀ x`` one half-precision GEMM of :func:`accumulate_hessian_sum` writes (bounds its float32
+#: result on the device).
+GRAM_ROWS = 2048
+
+
 def accumulate_hessian_sum(s: torch.Tensor | None, count: int, x: torch.Tensor,
                            token_chunk: int = 4096) -> tuple[torch.Tensor, int]:
     """Float64 sum of ``x xᵀ`` over the tokens of ``x [..., in]`` and their count: ``(S, count)``;
@@ -91,10 +96,13 @@ def accumulate_hessian_sum(s: torch.Tensor | None, count: int, x: torch.Tensor,
     if s is None:
         s = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
     if half_gemm(x):
-        # on a GPU, half-precision tokens: each chunk's products in one tensor-core GEMM with float32
-        # accumulation (exact products; a float64 GEMM runs at a fraction of the rate), summed in float64
+        # on a GPU, half-precision tokens: each chunk's products in tensor-core GEMMs with float32
+        # accumulation (exact products; a float64 GEMM runs at a fraction of the rate), summed in float64,
+        # GRAM_ROWS rows of the product at a time (its float32 copy of down_proj's is 0.8 GiB)
         for t0 in range(0, x.shape[0], 4 * token_chunk):
-            s.add_(gram(x[t0:t0 + 4 * token_chunk]))
+            xs = x[t0:t0 + 4 * token_chunk]
+            for r0 in range(0, x.shape[1], GRAM_ROWS):
+                s[r0:r0 + GRAM_ROWS].add_(torch.mm(xs[:, r0:r0 + GRAM_ROWS].t(), xs, out_dtype=torch.float32))
         return s, count + x.shape[0]
     for t0 in range(0, x.shape[0], token_chunk):
         xs = x[t0:t0 + token_chunk].double()
@@ -102,9 +110,18 @@ def accumulate_hessian_sum(s: torch.Tensor | None, count: int, x: torch.Tensor,
     return s, count + x.shape[0]
 
 
+#: Rows of a float64 Hessian sum converted at a time (bounds the float64 temporary: Llama-3-8B's down_proj
+#: sum is 1.5 GiB).
+CONVERT_ROWS = 1024
+
+
 def hessian_from_sum(s: torch.Tensor, count: int) -> torch.Tensor:
-    """The float32 Hessian ``2 S / count`` of :func:`accumulate_hessian_sum`'s sum (divided once)."""
-    return (s * 2.0 / max(count, 1)).float()
+    """The float32 Hessian ``2 S / count`` of :func:`accumulate_hessian_sum`'s sum (divided once), converted
+    ``CONVERT_ROWS`` rows at a time."""
+    h = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+    for r0 in range(0, s.shape[0], CONVERT_ROWS):
+        h[r0:r0 + CONVERT_ROWS] = s[r0:r0 + CONVERT_ROWS] * 2.0 / max(count, 1)
+    return h
 
 
 def accumulate_cross(d: torch.Tensor | None, count: int, x_float: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +137,13 @@ def accumulate_cross(d: torch.Tensor | None, count: int, x_float: torch.Tensor, 
     d.mul_(count / total)
     d.addmm_(dx.t(), x, alpha=2.0 / total)
     return d
+
+
+def _permute_in_place(h: torch.Tensor, perm: torch.Tensor) -> None:
+    """``h[:] = h[perm][:, perm]`` with one ``h``-sized temporary (rows copied back ``CONVERT_ROWS`` at a time)."""
+    rows = h[perm]
+    for r0 in range(0, h.shape[0], CONVERT_ROWS):
+        h[r0:r0 + CONVERT_ROWS] = rows[r0:r0 + CONVERT_ROWS][:, perm]
 
 
 def _revive_dead_inputs(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,8 +314,13 @@ def gptq_quantize_stacked(weights: Sequence[torch.Tensor], hessian: torch.Tensor
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid, damp_percent: float = 0.01,
                   desc_act: bool = False, static_groups: bool = False, block_size: int = 128,
-                  name: str = "layer", clip_steps: int = 0, rows: Sequence[int] | None = None) -> GptqResult:
+                  name: str = "layer", clip_steps: int = 0, rows: Sequence[int] | None = None,
+                  scratch_hessian: bool = False) -> GptqResult:
     """Quantize ``weight [out, in]`` given the input Hessian ``[in, in]``.
+
+    ``scratch_hessian``: the caller does not need ``hessian`` afterwards, so it is worked on in place (its
+    contents change) instead of copied first: one ``[in, in]`` matrix less on the device (0.8 GiB for
+    Llama-3-8B's down_proj).
 
     ``rows``: the row counts of weights stacked in ``weight`` (see :func:`gptq_quantize_stacked`);
     each block's update of the later columns then runs per stacked weight.
@@ -327,7 +356,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
     # float64 weights are processed in float64 (used by the exactness tests), all else in float32.
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().clone().to(work)
-    h, dead = _revive_dead_inputs(hessian.detach().clone().to(device=w.device, dtype=work))
+    in_place = scratch_hessian and hessian.dtype == work and hessian.device == w.device
+    h, dead = _revive_dead_inputs(hessian.detach() if in_place else hessian.detach().clone().to(w.device, work))
     w[:, dead] = 0.0
 
     n_groups = cols // gs
@@ -352,7 +382,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: WeightGrid,
     perm = None
     if desc_act:
         perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        w = w[:, perm]
+        _permute_in_place(h, perm)
         if column_scales is not None:
             column_scales = column_scales[:, perm]
     hinv, damp = _inverse_cholesky(h, damp_percent, name)

@@ -136,7 +136,8 @@ def _merge_value(values: list[Any], batches: list[int]) -> tuple[bool, Any]:
             return False, None
         if all(v.dim() > 0 and v.shape[0] == b for v, b in zip(values, batches)) and all(
                 v.shape[1:] == first.shape[1:] for v in values):
-            return True, torch.cat(values, 0)
+            rows = _consecutive_rows(values)
+            return True, rows if rows is not None else torch.cat(values, 0)
         if all(v.shape == first.shape and (v is first or torch.equal(v, first)) for v in values):
             return True, first
         return False, None
@@ -156,6 +157,26 @@ def _merge_value(values: list[Any], batches: list[int]) -> tuple[bool, Any]:
         return bool(all(v == first for v in values)), first
     except (RuntimeError, TypeError, ValueError):
         return False, None
+
+
+def _consecutive_rows(values: list[torch.Tensor]) -> torch.Tensor | None:
+    """The rows of one tensor that ``values`` are, in order (views that ``split`` made of it), as one view;
+    None when they are not. The layer-by-layer runner splits each merged call's output back into the
+    calibration batches: merging them again for the next layer then costs no copy and no memory."""
+    base = values[0]._base
+    if base is None or base.dim() == 0 or not base.is_contiguous() or base.shape[0] == 0:
+        return None
+    row = base[0].numel()
+    offset = values[0].storage_offset() - base.storage_offset()
+    if row == 0 or offset % row:
+        return None
+    start = taken = offset // row
+    for v in values:
+        if (v._base is not base or not v.is_contiguous() or v.shape[1:] != base.shape[1:]
+                or v.storage_offset() - base.storage_offset() != taken * row):
+            return None
+        taken += v.shape[0]
+    return base.narrow(0, start, taken - start)
 
 
 def _merge_group(calls: list[Call]) -> Call | None:

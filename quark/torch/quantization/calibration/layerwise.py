@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
@@ -350,7 +351,9 @@ class ModelBackup:
         assert self._writer is not None
         self._pending.append(self._writer.submit(save_file, piece, str(path)))
 
-    def save(self, module: nn.Module) -> None:
+    def save(self, module: nn.Module, copy: bool = True) -> None:
+        """Keep the state of ``module`` (once per module). ``copy=False``: its CPU tensors are written as they
+        are, without a copy first; the caller guarantees nothing changes them in place meanwhile."""
         if not self.enabled or id(module) in self._ids:
             return
         found = source_of(module) if has_meta_parameters(module) else None
@@ -369,7 +372,7 @@ class ModelBackup:
             # a CPU tensor is copied (the algorithm may change it in place); a GPU one crosses through
             # page-locked memory, kept until the writer thread has saved it
             piece[key] = (transfer(value.detach(), "cpu", keep_pinned=True) if value.is_cuda
-                          else value.detach().to("cpu", copy=True)).contiguous()
+                          else value.detach().to("cpu", copy=copy)).contiguous()
             size += value.numel() * value.element_size()
             if size >= BACKUP_PIECE_BYTES:
                 files.append(folder / f"{len(self._ids)}-{len(files)}.safetensors")
@@ -476,28 +479,34 @@ def _layer_pass(layer: nn.Module, i: int, name: str, steps: Sequence[LayerStep],
                 sizes = [call_batch(c) for c in inputs]
                 inputs = []  # the merged copies replace them on the device
         for step in steps:
-            with collecting(layer, step, i):
-                if getattr(step, "collects_targets_only", False):  # nothing after its targets matters
+            only_targets = getattr(step, "collects_targets_only", False)  # nothing after its targets matters
+            if only_targets and not step.targets(layer, i):
+                continue
+            with collecting(layer, step, i), record_function(f"quark.collect.{type(step).__name__}"):
+                if only_targets:
                     forward_until_seen(layer, runs, step.targets(layer, i).values())
                 else:
                     for args, kwargs in runs:
                         layer(*args, **kwargs)
         for step in (s for s in steps if hasattr(s, "reduce")):  # data-parallel ranks: sum statistics
             step.reduce(layer, i)
-        backup.save(layer)
+        with record_function("quark.backup"):
+            backup.save(layer)
         retry.applying = True
         for step in steps:
-            step.apply(layer, i, runs)
+            with record_function(f"quark.apply.{type(step).__name__}"):
+                step.apply(layer, i, runs)
         retry.applying = False
         for p in layer.parameters():
             if torch.isnan(p).any():
                 raise RuntimeError(f"NaN in the weights of decoder layer {name} after the algorithm")
         if propagate:
             outs = []
-            for args, kwargs in runs:
-                out = layer_output_tensor(layer(*args, **kwargs))
-                _check_finite(out, name)
-                outs.append(transfer(out, offload, keep_pinned=True))
+            with record_function("quark.propagate"):
+                for args, kwargs in runs:
+                    out = layer_output_tensor(layer(*args, **kwargs))
+                    _check_finite(out, name)
+                    outs.append(transfer(out, offload, keep_pinned=True))
             hidden = outs if sizes is None else split_like(outs, runs, sizes)
     if reference is not None:
         with float_linears(reference):
@@ -540,6 +549,13 @@ def _activation_home(cache: CapturedInputs, device: torch.device | str, streams:
     return device if streams * stream + fixed <= budget else "cpu"
 
 
+def _cpu_layer_for(layer: nn.Module, device: torch.device | str) -> bool:
+    """Whether ``layer`` sits wholly in CPU memory (none of it on disk) and runs on another device."""
+    tensors = [*layer.parameters(), *layer.buffers()]
+    return (torch.device(device).type != "cpu" and bool(tensors)
+            and all(t.device.type == "cpu" for t in tensors))
+
+
 def _cache_on(cache: CapturedInputs, where: torch.device | str) -> CapturedInputs:
     return CapturedInputs(move_to(cache.args, where, True), move_to(cache.kwargs, where, True),
                           {kind: move_to(kw, where, True) for kind, kw in cache.kwargs_by_type.items()})
@@ -567,7 +583,8 @@ def run_layerwise(
     path, layers = find_decoder_layers(model, decoder_path)
     # The embeddings and whatever else runs before layer 0 compute on ``device`` too, so the captured
     # inputs do not depend on where the model sits.
-    with tensors_moved(modules_outside(model, layers), device, weights_change=False, on_use=True):
+    with tensors_moved(modules_outside(model, layers), device, weights_change=False, on_use=True), \
+            record_function("quark.capture"):
         cache = capture_decoder_inputs(model, batches, layers, "cpu" if offload is None else offload, device)
     # Steps that match the float model's outputs also get, per layer, an untouched float copy of
     # the layer and its inputs from the float model (a second stream of hidden states).
@@ -580,6 +597,9 @@ def run_layerwise(
     backup = backup if backup is not None else ModelBackup()
     hidden = [a[0] if a else None for a in cache.args]
     hidden_float = list(hidden) if float_steps else []
+    # the hidden states travel in ``hidden`` from here on: the cache keeps only the other arguments, so layer
+    # 0's inputs are freed once it is done (as large as the activations of one whole pass)
+    cache = CapturedInputs([(None, *a[1:]) if a else a for a in cache.args], cache.kwargs, cache.kwargs_by_type)
     # Calibration batches run merged (batching.py) unless a step needs them as recorded; the first
     # layer checks that a merged call reproduces the batches it replaces.
     merge_ok: bool | None = None
@@ -592,9 +612,14 @@ def run_layerwise(
             name = f"{path}.{i}"
             start = time.perf_counter()
             retry = LayerRetry(name, steps, backup, desc)
+            if _cpu_layer_for(layer, device):
+                # onloaded() gives the layer new tensors on the device, so its CPU tensors stay as they are
+                # until the backup's writer has saved them: no copy, and nothing crosses back from the device
+                with record_function("quark.backup"):
+                    backup.save(layer, copy=False)
             while True:
                 try:
-                    with onloaded(layer, device, weights_change=True):
+                    with record_function("quark.layer"), onloaded(layer, device, weights_change=True):
                         hidden, hidden_float, merge_ok = _layer_pass(
                             layer, i, name, steps, cache, hidden, hidden_float, float_steps, device, offload,
                             merge_ok if not retry.unmerged else False, propagate, backup, desc, retry)
