@@ -145,3 +145,50 @@ def test_outputs_that_cannot_be_compared_run_the_batches_as_given(monkeypatch: p
     assert n == 1 + len(BATCHES)  # the merged call whose output could not be compared, then every batch
     for name, scale in reference.items():
         assert torch.equal(scales[name], scale), name
+
+
+def test_hidden_states_merge_as_views_of_one_tensor_without_a_copy() -> None:
+    """The runner keeps layer 0's hidden states as rows of one tensor, and split outputs stay views: merging
+    them again is a view of those rows (no copy); calls that are not consecutive rows are concatenated."""
+    from quark.torch.quantization.calibration.layerwise import _rows_of_one_tensor
+
+    parts = [torch.randn(b, 8, 4) for b in (1, 2, 1, 3)]
+    rows = _rows_of_one_tensor(parts)
+    assert all(torch.equal(a, b) for a, b in zip(rows, parts))
+    base = rows[0]._base
+    assert base is not None and all(r._base is base for r in rows)
+    calls = [((r,), {"flag": True}) for r in rows]
+    merged = batching.merge_calls(calls, max_tokens=10**6)
+    assert merged is not None and len(merged) == 1
+    assert merged[0][0][0].data_ptr() == base.data_ptr() and torch.equal(merged[0][0][0], base)
+    # a chunk that starts mid-tensor is a view too
+    tail = batching.merge_calls(calls[1:], max_tokens=10**6)
+    assert tail[0][0][0].data_ptr() == rows[1].data_ptr() and torch.equal(tail[0][0][0], torch.cat(parts[1:]))
+    # rows out of order are copied
+    swapped = batching.merge_calls([calls[1], calls[0]], max_tokens=10**6)
+    assert torch.equal(swapped[0][0][0], torch.cat([parts[1], parts[0]]))
+    assert swapped[0][0][0].data_ptr() not in (r.data_ptr() for r in rows)
+
+
+def test_a_read_only_move_gives_the_original_tensors_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tensors_moved(weights_change=False)``: the parameters get their own tensors back, nothing is copied
+    back from the device; with ``weights_change=True`` they are copied back. (The copies are counted: a
+    stand-in for the move to a GPU.)"""
+    from quark.torch.quantization.calibration import placement
+
+    moves = []
+
+    def fake_transfer(t: torch.Tensor, device, keep_pinned: bool = False) -> torch.Tensor:
+        moves.append(str(device))
+        return t.clone()
+
+    monkeypatch.setattr(placement, "transfer", fake_transfer)
+    lin = torch.nn.Linear(4, 3)
+    before = {name: p.data_ptr() for name, p in lin.named_parameters()}
+    with placement.tensors_moved([lin], "cuda", weights_change=False):
+        assert all(p.data_ptr() != before[name] for name, p in lin.named_parameters())
+    assert all(p.data_ptr() == before[name] for name, p in lin.named_parameters())
+    assert moves == ["cuda", "cuda"]
+    with placement.tensors_moved([lin], "cuda", weights_change=True):
+        pass
+    assert moves[2:] == ["cuda", "cuda", "cpu", "cpu"]

@@ -37,7 +37,7 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
-from quark.torch.quantization.calibration.batching import call_batch, checked_merge, split_like
+from quark.torch.quantization.calibration.batching import call_batch, checked_merge, merging_enabled, split_like
 from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
 from quark.torch.quantization.calibration.placement import modules_outside, move_to, onloaded, tensors_moved
 from quark.torch.quantization.calibration.transfer import transfer
@@ -549,6 +549,19 @@ def _activation_home(cache: CapturedInputs, device: torch.device | str, streams:
     return device if streams * stream + fixed <= budget else "cpu"
 
 
+def _rows_of_one_tensor(hidden: list) -> list:
+    """The captured hidden states as consecutive rows of one tensor when they will run merged (on an
+    accelerator, all tensors of one trailing shape and dtype), so merging them costs no copy: layer 0
+    holds them once, as every later layer holds its inputs (views of the previous layer's outputs)."""
+    first = hidden[0] if hidden else None
+    if (not isinstance(first, torch.Tensor) or first.dim() < 2 or not merging_enabled(first.device)
+            or not all(isinstance(h, torch.Tensor) and h.device == first.device and h.dtype == first.dtype
+                       and h.shape[1:] == first.shape[1:] for h in hidden)):
+        return hidden
+    whole = torch.cat(hidden, 0)
+    return list(whole.split([h.shape[0] for h in hidden], 0))
+
+
 def _cpu_layer_for(layer: nn.Module, device: torch.device | str) -> bool:
     """Whether ``layer`` sits wholly in CPU memory (none of it on disk) and runs on another device."""
     tensors = [*layer.parameters(), *layer.buffers()]
@@ -605,6 +618,8 @@ def run_layerwise(
     merge_ok: bool | None = None
     if float_steps or any(getattr(s, "keeps_calls_as_recorded", False) for s in steps):
         merge_ok = False
+    if merge_ok is None:
+        hidden = _rows_of_one_tensor(hidden)
     try:
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", leave=False)
         for i in bar:

@@ -90,8 +90,9 @@ def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
     """Move the direct parameters and buffers of ``modules`` to ``device``; put each back where it was.
 
     Parameters are moved through ``.data`` so that tied weights (one Parameter in two modules) move
-    once and stay tied. With ``weights_change=False`` (the block only reads them) a model on disk
-    does not write them back; with ``on_use`` (the block only runs forwards) it reads each module
+    once and stay tied. With ``weights_change=False`` (the block only reads them) each parameter gets its
+    original tensor back (nothing is copied back from ``device``) and a model on disk does not write
+    them back; with ``on_use`` (the block only runs forwards) it reads each module
     when its forward first starts and drops it at the end of the block, so a pass reads only the
     modules it runs, each once.
     """
@@ -109,13 +110,15 @@ def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
         with source.loaded(modules, device, recurse=False, weights_change=weights_change):
             yield
         return
-    params: dict[int, tuple[nn.Parameter, torch.device]] = {}
+    params: dict[int, tuple[nn.Parameter, torch.device | torch.Tensor]] = {}
     buffers: list[tuple[nn.Module, str, torch.device]] = []
     try:
         for module in modules:
             for p in module.parameters(recurse=False):
                 if id(p) not in params and p.device != torch.device(device):
-                    params[id(p)] = (p, p.device)
+                    # a block that only reads the parameters gets the original tensors back: nothing crosses
+                    # back (the embeddings and lm_head of an 8B model are 2 GiB)
+                    params[id(p)] = (p, p.device if weights_change else p.data)
                     p.data = transfer(p.data, device)
             for name, b in module.named_buffers(recurse=False):
                 if b is not None and b.device != torch.device(device):
@@ -124,7 +127,7 @@ def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
         yield
     finally:
         for p, home in params.values():
-            p.data = transfer(p.data, home)
+            p.data = home if isinstance(home, torch.Tensor) else transfer(p.data, home)
         for module, name, home in buffers:
             buf = module._buffers.get(name)
             if buf is not None:

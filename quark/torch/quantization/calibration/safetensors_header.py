@@ -1,4 +1,5 @@
-"""Safetensors file headers, parsed and checked before any tensor data is read (layer 6, file parsing only).
+"""Safetensors file headers, parsed and checked before any tensor data is read; and a writer that streams
+(layer 6, files only).
 
 Both readers of checkpoint files use this one parser: the exporter's checkpoint reader
 (``quark.torch.export.safetensors_io``) and the disk placement's weight source
@@ -9,12 +10,14 @@ every field is checked against the file's size, and names read from a file are s
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["TORCH_DTYPES", "CheckpointError", "check_header", "read_header", "shown"]
+__all__ = ["TORCH_DTYPES", "CheckpointError", "check_header", "read_header", "save_streamed", "shown"]
 
 #: safetensors dtype names -> torch dtypes, for the dtypes a tensor can be read as
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -106,3 +109,39 @@ def read_header(path: Path) -> tuple[int, dict[str, dict]]:
 def check_header(path: Path) -> dict[str, dict]:
     """The validated header of a safetensors file (see :func:`read_header`)."""
     return read_header(path)[1]
+
+
+def save_streamed(tensors: dict[str, torch.Tensor], path: str | os.PathLike, to_host: Any = None) -> None:
+    """Write ``tensors`` as one safetensors file, one tensor in host memory at a time.
+
+    ``safetensors.torch.save_file`` takes every tensor in host memory at once; here each is brought to
+    the host (``to_host``, default ``Tensor.cpu``) only while its bytes are written, so writing a decoder
+    layer that sits on a GPU holds one of its tensors in host memory, not all of them. Same format
+    (``__metadata__`` ``{"format": "pt"}``, little-endian, header padded to 8 bytes), readable by
+    ``safetensors.safe_open`` and :func:`read_header`.
+    """
+    names = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, t in tensors.items():
+        if t.dtype not in names:
+            raise ValueError(f"save_streamed: tensor {key} has dtype {t.dtype}, which safetensors does not store")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    move = to_host or (lambda t: t.cpu())
+    partial = Path(f"{os.fspath(path)}.partial")  # renamed once complete: a failed write leaves no file
+    try:
+        with open(partial, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for t in tensors.values():
+                host = move(t.detach()).contiguous()
+                if host.numel():
+                    f.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+                del host
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

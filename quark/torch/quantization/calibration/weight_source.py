@@ -34,10 +34,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from quark.torch.quantization.calibration.safetensors_header import TORCH_DTYPES, read_header
+from quark.torch.quantization.calibration.safetensors_header import TORCH_DTYPES, read_header, save_streamed
 from quark.torch.quantization.calibration.transfer import transfer
 
 logger = logging.getLogger(__name__)
@@ -230,8 +229,8 @@ class DiskWeights:
         if not tensors:
             return
         path = self.folder / f"{next(self._counter):06d}.safetensors"
-        save_file({k: transfer(v.detach(), "cpu", keep_pinned=True).contiguous() for k, v in tensors.items()},
-                  str(path))
+        # one tensor at a time in host memory (a 70B decoder layer is 1.7 GiB)
+        save_streamed(tensors, path, to_host=lambda v: transfer(v, "cpu", keep_pinned=True))
         self._headers.pop(path, None)
         self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
         names = {k: [k, *(aliases or {}).get(k, [])] for k in tensors}
