@@ -296,12 +296,15 @@ def test_failed_second_rename_puts_the_old_folder_back(tmp_path: Path, monkeypat
 
 
 def test_signals_wait_for_the_end_of_publishing() -> None:
-    handler = signal.getsignal(signal.SIGINT)
-    reached_end = False
-    with pytest.raises(KeyboardInterrupt), signals_deferred():
-        # raised in this thread: os.kill lets the kernel pick any thread of a process with helper threads,
-        # and the interpreter may then see the signal only after the block (a flake under load)
-        signal.raise_signal(signal.SIGINT)
-        reached_end = True
-    assert reached_end
-    assert signal.getsignal(signal.SIGINT) is handler
+    # Python's own SIGINT handler for the test (a library imported by earlier tests may have put another)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        reached_end = False
+        with pytest.raises(KeyboardInterrupt), signals_deferred():
+            # raised in this thread (os.kill lets the kernel pick any thread of the process)
+            signal.raise_signal(signal.SIGINT)
+            reached_end = True
+        assert reached_end
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outside)
