@@ -232,17 +232,28 @@ def reduce_observers(observers: Sequence[Any], owner: str = "calibration") -> No
         observer.reduce(lambda t, op, _what=what: all_reduce_(t, op, _what))
 
 
+#: Elements of a tensor one float64 sum of :func:`_fingerprint` takes (on CUDA ``sum(dtype=float64)``
+#: converts its input first: an 8B model's lm_head would need 4 GiB at once).
+FINGERPRINT_SLICE = 1 << 24
+
+
 def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
     """Three float64 sums of ``tensor``'s values (all, every 7th, every 13th from the 4th): a changed value
-    changes them; no temporary copy of the tensor is made."""
+    changes them; summed ``FINGERPRINT_SLICE`` elements at a time, so no float64 copy of the whole tensor is
+    made."""
     t = tensor.detach()
     if t.dtype.is_floating_point and t.element_size() == 1:  # fp8: sum the bit patterns
         t = t.view(torch.uint8)
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
     flat = t.reshape(-1)
-    return torch.stack([flat.sum(dtype=torch.float64), flat[::7].sum(dtype=torch.float64),
-                        flat[3::13].sum(dtype=torch.float64)]).cpu()
+    sums = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    for s0 in range(0, max(flat.numel(), 1), FINGERPRINT_SLICE):
+        piece = flat[s0:s0 + FINGERPRINT_SLICE]
+        # every 7th / 13th-from-the-4th element of the whole tensor, as positions within this slice
+        sums += torch.stack([piece.sum(dtype=torch.float64), piece[(-s0) % 7::7].sum(dtype=torch.float64),
+                             piece[(3 - s0) % 13::13].sum(dtype=torch.float64)])
+    return sums.cpu()
 
 
 def verify_identical(model: torch.nn.Module, owner: str = "quantize_model") -> None:
