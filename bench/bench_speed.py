@@ -47,6 +47,9 @@ SHAPES = {
     # Llama-3-8B's proportions at a quarter of its width: GPTQ/AWQ costs on a CPU in minutes
     "mid": dict(hidden_size=1024, intermediate_size=3584, num_attention_heads=16, num_key_value_heads=4,
                 vocab_size=4096, num_hidden_layers=4),
+    # SmolLM2-135M's (bench/quality.py's model): small layers, where per-op costs dominate on a CPU
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, num_hidden_layers=30),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256, num_hidden_layers=32),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -59,6 +62,9 @@ SCHEMES = {
     "int8_smoothquant": dict(scheme="int8", algorithm="smoothquant"),
     "gptq": dict(scheme="int4_wo_128", algorithm="gptq"),
     "awq": dict(scheme="int4_wo_128", algorithm="awq"),
+    # groups of 64 (SmolLM2's 576 columns are not a multiple of 128)
+    "gptq_g64": dict(scheme="int4_wo_64", algorithm="gptq"),
+    "awq_g64": dict(scheme="int4_wo_64", algorithm="awq"),
     "int4_rtn": dict(scheme="int4_wo_128"),
     "mxfp4": dict(scheme="mxfp4"),
 }
