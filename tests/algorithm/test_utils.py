@@ -69,6 +69,18 @@ def test_condition_evaluator():
             evaluate_condition(bad, layer)
 
 
+def test_condition_hasattr_tests_presence_only():
+    layer = make_model("llama").model.layers[0]
+    assert evaluate_condition("hasattr(module, 'mlp') and hasattr(module.mlp, 'gate_proj')", layer)
+    assert not evaluate_condition("hasattr(module, 'moe') and hasattr(module.moe, 'gate_proj')", layer)  # short-circuit
+    assert evaluate_condition("not hasattr(module.mlp, 'experts')", layer)
+    for bad in ["hasattr(module, '__class__')", "hasattr(module, 'a.b')", "hasattr(module, 1)", "hasattr(module)",
+                "hasattr(module, 'mlp', 'x')", "hasattr(module, name='mlp')", "getattr(module, 'mlp')",
+                "hasattr(open, 'x')", "hasattr(module.moe, 'gate_proj')"]:
+        with pytest.raises(ValueError):
+            evaluate_condition(bad, layer)
+
+
 EXPECTED = {
     "llama": [("input_layernorm", 3, "self_attn"), ("self_attn.v_proj", 1, None),
               ("post_attention_layernorm", 2, "mlp"), ("mlp.up_proj", 1, None)],

@@ -273,3 +273,31 @@ def test_rotation_refuses_vision_language_models_by_name():
         ModelQuantizer(schemes.build_config(schemes.template_for(model.config.model_type), request)).quantize_model(
             model, [b % 297 for b in BATCHES])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_auto_config_of_a_model_with_two_layer_structures_gives_the_discovered_result():
+    """DeepSeek-V3 (a dense first layer, then mixture-of-experts layers): awq_auto_config_helper writes each group
+    found in some layers only with a ``hasattr`` condition, so AWQ from that JSON config applies every group
+    where discovery does and gives the same weights."""
+    import json
+
+    from quark.torch.algorithm.awq.auto_config import awq_auto_config_helper
+    from quark.torch.quantization.config.algo import AWQConfig
+
+    found = awq_auto_config_helper(_model("deepseek_v3"))
+    partial = [g for g in found["scaling_layers"] if "hasattr(" in (g.get("condition") or "")]
+    assert partial, found["scaling_layers"]
+    assert "hasattr(module, 'mlp') and hasattr(module.mlp, 'gate_proj')" in partial[0]["condition"]
+    entries = json.loads(json.dumps(found))  # as read from a file
+    results = []
+    for explicit in (False, True):
+        config = _config("deepseek_v3", "w_uint4_per_group_asym", ["awq"], group_size=32, unfit_layers="keep")
+        if explicit:
+            config.algo_config = [AWQConfig(scaling_layers=entries["scaling_layers"],
+                                            model_decoder_layers=entries["model_decoder_layers"],
+                                            embedding_layers=entries["embedding_layers"])]
+        model = _model("deepseek_v3")
+        ModelQuantizer(config).quantize_model(model, BATCHES)
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

@@ -14,27 +14,47 @@ from typing import Any
 
 from torch import nn
 
-from quark.torch.algorithm.utils.model_info import discover_scaling_groups
+from quark.torch.algorithm.utils.model_info import ScalingGroup, discover_scaling_groups
 
 logger = logging.getLogger(__name__)
 
 
 def awq_auto_config_helper(model: nn.Module) -> dict[str, Any]:
-    """The AWQ config of ``model`` found from one hooked forward of its first decoder layer."""
+    """The AWQ config of ``model`` found from hooked forwards of its decoder layers (one per distinct layer
+    structure)."""
     path, groups = discover_scaling_groups(model)
-    partial = [g.layers for g in groups if g.only_where_present]
-    if partial:
-        logger.warning("scaling groups %s exist in some decoder layers only; as scaling_layers entries each needs a "
-                       "condition that holds in those layers only", partial)
     layers = model.get_submodule(path)
     inside = {id(m) for m in layers.modules()}
     embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and id(m) not in inside]
     return {
         "name": "awq",
-        "scaling_layers": [g.to_dict() for g in groups],
+        "scaling_layers": [_entry(g) for g in groups],
         "model_decoder_layers": path,
         "embedding_layers": embeddings,
     }
+
+
+def _entry(group: ScalingGroup) -> dict[str, Any]:
+    """A ``scaling_layers`` entry; a group found in some decoder layers only gets a condition that holds where
+    its modules exist (``hasattr`` along each module's path)."""
+    entry = group.to_dict()
+    if not group.only_where_present:
+        return entry
+    names = [n for n in (group.prev_op, group.inp, group.module2inspect, *group.layers) if n]
+    checks: list[str] = []
+    for name in names:
+        path = "module"
+        for part in name.split("."):
+            if part.isdigit():  # an item of a ModuleList (an expert): indexed, not looked up by name
+                path += f"[{part}]"
+                continue
+            check = f"hasattr({path}, '{part}')"
+            if check not in checks:
+                checks.append(check)
+            path += f".{part}"
+    presence = " and ".join(checks)
+    entry["condition"] = f"({entry['condition']}) and {presence}" if entry.get("condition") else presence
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:

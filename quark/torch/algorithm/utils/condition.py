@@ -2,8 +2,9 @@
 
 Grammar (anything else raises ``ValueError``): names (only ``module``), attribute access,
 ``.shape``, subscripts with integer constants, comparisons (``== != < > <= >=``), ``and`` /
-``or`` / ``not``, integer constants and parentheses. Example:
-``module.self_attn.v_proj.weight.shape == module.self_attn.o_proj.weight.shape``.
+``or`` / ``not``, integer constants, parentheses and ``hasattr(<expression>, '<name>')``. Examples:
+``module.self_attn.v_proj.weight.shape == module.self_attn.o_proj.weight.shape``;
+``hasattr(module, 'mlp') and hasattr(module.mlp, 'gate_proj')`` (a group found in some layers only).
 Strings are parsed with :mod:`ast`; nothing is ever passed to ``eval``. Every failure, whatever the
 string (from a JSON file), is a ``ValueError`` naming the condition.
 """
@@ -79,6 +80,14 @@ def _eval(node: ast.AST, module: Any, text: str) -> Any:
         return all(values) if isinstance(node.op, ast.And) else any(values)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         return not _eval(node.operand, module, text)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr"
+            and len(node.args) == 2 and not node.keywords):
+        name = node.args[1]
+        if not (isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value.isidentifier()
+                and not name.value.startswith("_")):
+            raise ValueError(f"condition {text!r}: hasattr takes an expression and a public attribute name "
+                             "in quotes, e.g. hasattr(module.mlp, 'gate_proj')")
+        return hasattr(_eval(node.args[0], module, text), name.value)
     raise _fail(node, text)
 
 

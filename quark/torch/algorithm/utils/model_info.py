@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.probe import close, tolerance
 from quark.torch.algorithm.utils.scaling import expand_scales, find_head_dim
 from quark.torch.quantization.calibration.layerwise import (
@@ -86,8 +87,10 @@ def group_present(layer: nn.Module, group: ScalingGroup) -> bool:
 
 
 def applies_to(layer: nn.Module, group: ScalingGroup) -> bool:
-    """Whether ``group`` is to be used in ``layer`` (a group found in other layers only is not)."""
-    return not group.only_where_present or group_present(layer, group)
+    """Whether ``group`` is to be used in ``layer``: not a group found in other layers only, nor one whose
+    ``condition`` does not hold there (its names are then not looked up in that layer either)."""
+    return (not group.only_where_present or group_present(layer, group)) and evaluate_condition(group.condition,
+                                                                                                 layer)
 
 
 def submodule(layer: nn.Module, name: str | None, owner: str) -> nn.Module:
