@@ -70,3 +70,19 @@ def test_the_transfer_benchmark_names_what_it_needs_without_a_gpu() -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(script.parents[1])})
     assert done.returncode == 2 and "needs a CUDA device" in done.stderr
+
+
+def test_bench_speed_profiles_named_stages_and_reports_layers_and_host_memory(tmp_path):
+    """--profile writes the named stage ranges (from the second decoder layer with --profile_layers 1:2);
+    the row carries each layer's seconds and the host memory before and during the run."""
+    done = subprocess.run([sys.executable, str(BENCH), "--shape", "tiny", "--device", "cpu", "--runs", "gptq:cpu",
+                           "--samples", "2", "--seq", "16", "--profile", str(tmp_path), "--profile_layers", "1:2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert "error" not in row, row
+    assert len(row["layer_seconds"]) == 2
+    assert 0 < row["host_before_quantize_gib"] <= row["peak_host_during_quantize_gib"]
+    table = (tmp_path / "gptq_cpu_rank0.txt").read_text()
+    assert "quark.apply.GptqStep" in table and "gptq.solve" in table
+    assert "quark.capture" not in table  # the capture comes before layer 1: not recorded
