@@ -107,3 +107,23 @@ def test_fp6() -> None:
         unpack_fp6(torch.zeros(4, dtype=torch.uint8), 4)
     with pytest.raises(ValueError, match="fit"):
         unpack_fp6(torch.zeros(6, dtype=torch.uint8), 9)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_pack_int32_every_width_matches_the_word_formula(bits: int, signed: bool) -> None:
+    """Slot ``i`` of each int32 (bits ``bits*i`` up) holds code ``i`` (order="order"); every code of the width in
+    every slot, odd lengths padded, against the word computed in Python integers."""
+    per_word = 32 // bits
+    lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+    values = torch.arange(lo, hi).repeat(per_word)  # every code in every slot position over the words
+    for n in (values.numel(), values.numel() - 3):
+        codes = values[:n].to(torch.int8 if signed else torch.uint8).reshape(1, n)
+        packed = pack_int32(codes, bits=bits, order="order")
+        padded = codes[0].tolist() + [0] * (-n % per_word)
+        expected = []
+        for w in range(0, len(padded), per_word):
+            word = sum((padded[w + i] & ((1 << bits) - 1)) << (bits * i) for i in range(per_word))
+            expected.append(word - (1 << 32) if word >= 1 << 31 else word)
+        assert packed[0].tolist() == expected
+        assert torch.equal(unpack_int32(packed, n, bits=bits, signed=signed, order="order"), codes)

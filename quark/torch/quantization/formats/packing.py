@@ -18,6 +18,7 @@ fit the packed size).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -26,6 +27,9 @@ __all__ = ["PACK_ORDERS", "pack_fp6", "pack_int32", "pack_uint8_nibbles", "unpac
 
 PACK_ORDERS = ("reorder", "order")
 _REORDER_4BIT = (0, 2, 4, 6, 1, 3, 5, 7)
+#: The byte of an int32 in memory that holds its bits 0-7, 8-15, 16-23, 24-31 (the packers view four bytes
+#: as one int32, so they follow the machine's byte order).
+_BYTES_LOW_FIRST = (0, 1, 2, 3) if sys.byteorder == "little" else (3, 2, 1, 0)
 
 
 def _pad_last(codes: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -60,18 +64,22 @@ def pack_int32(codes: torch.Tensor, *, bits: int = 4, order: str = "reorder") ->
     """Pack integer codes (signed or unsigned, ``bits`` wide) into int32 along the last dim.
 
     Output shape ``[..., ceil(n / (32 / bits))]``; a partial last word is padded with zero codes.
+    Each word is assembled from its four bytes (``8 / bits`` codes each, in one-byte arithmetic) and the bytes
+    are viewed as the int32: no int64 copy of the codes (an 8B model's decoder layer has 218M of them).
     """
     owner = "formats.pack_int32"
     slots = _slot_order(bits, order, owner)
-    per_word = len(slots)
-    c = _pad_last(codes.to(torch.int64), per_word)
-    c = c.reshape(*c.shape[:-1], -1, per_word) & ((1 << bits) - 1)
-    word = torch.zeros(c.shape[:-1], dtype=torch.int64, device=c.device)
-    for i, elem in enumerate(slots):
-        word |= c[..., elem] << (bits * i)
-    # Wrap to int32 two's complement explicitly (out-of-range int64 -> int32 casts are not defined).
-    word = torch.where(word >= 2**31, word - 2**32, word)
-    return word.to(torch.int32)
+    per_word, per_byte = len(slots), 8 // bits
+    # the low ``bits`` of each code: a signed code's two's complement slot
+    c = (_pad_last(codes, per_word).to(torch.int16) & ((1 << bits) - 1)).to(torch.uint8)
+    c = c.reshape(*c.shape[:-1], -1, per_word)
+    parts = []
+    for k in _BYTES_LOW_FIRST:
+        byte = c[..., slots[k * per_byte]]
+        for j in range(1, per_byte):
+            byte = byte | (c[..., slots[k * per_byte + j]] << (bits * j))
+        parts.append(byte)
+    return torch.stack(parts, -1).view(torch.int32).squeeze(-1)
 
 
 def unpack_int32(packed: torch.Tensor, n: int, *, bits: int = 4, signed: bool,
@@ -79,17 +87,20 @@ def unpack_int32(packed: torch.Tensor, n: int, *, bits: int = 4, signed: bool,
     """Inverse of :func:`pack_int32`: ``int8`` (``signed``) or ``uint8`` codes ``[..., n]``."""
     owner = "formats.unpack_int32"
     slots = _slot_order(bits, order, owner)
-    per_word = len(slots)
+    per_word, per_byte = len(slots), 8 // bits
     _check_n(owner, n, packed.shape[-1], per_word)
-    w = packed.to(torch.int64) & 0xFFFFFFFF
+    raw = packed.to(torch.int32).contiguous().view(torch.uint8).reshape(*packed.shape, 4)
     mask = (1 << bits) - 1
-    out = torch.empty(*packed.shape, per_word, dtype=torch.int64, device=packed.device)
-    for i, elem in enumerate(slots):
-        out[..., elem] = (w >> (bits * i)) & mask
-    if signed:
-        out = torch.where(out >= 1 << (bits - 1), out - (1 << bits), out)
+    out = torch.empty(*packed.shape, per_word, dtype=torch.uint8, device=packed.device)
+    for k, position in enumerate(_BYTES_LOW_FIRST):
+        byte = raw[..., position]
+        for j in range(per_byte):
+            out[..., slots[k * per_byte + j]] = (byte >> (bits * j)) & mask
     out = out.reshape(*packed.shape[:-1], -1)[..., :n]
-    return out.to(torch.int8 if signed else torch.uint8)
+    if not signed:
+        return out
+    wide = out.to(torch.int16)
+    return torch.where(wide >= 1 << (bits - 1), wide - (1 << bits), wide).to(torch.int8)
 
 
 def pack_uint8_nibbles(codes: torch.Tensor) -> torch.Tensor:
