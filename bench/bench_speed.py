@@ -260,8 +260,7 @@ def run_one(args: argparse.Namespace) -> dict:
     layer_seconds = _layer_times()
     host = _RssSampler()
     trace = _MemoryTrace(Path(args.memory_trace) / f"{scheme}_{placement}.txt") if args.memory_trace and cuda else None
-    with _profiled_layers(profiler, model, args.profile_layers), _traced_layers(trace, model, args.profile_layers), \
-            host:
+    with _recorded(profiler, model, args.profile_layers), _recorded(trace, model, args.profile_layers), host:
         start = time.perf_counter()
         quantizer.quantize_model(model, batches)
         if cuda:
@@ -322,39 +321,47 @@ def _layer_times() -> list[float]:
 
 
 @contextlib.contextmanager
-def _profiled_layers(profiler, model, layers: str | None):
-    """Profile the block, or with ``layers="A:B"`` only from decoder layer A's first forward to layer B's
-    (or the block's end): the steady state, without the first layer's kernel compilation."""
-    if profiler is None:
-        yield
-        return
+def _between_layers(model, layers: str | None, start, stop):
+    """``start()`` at decoder layer A's first forward and ``stop()`` at layer B's (``layers="A:B"``; B past the
+    last layer: at the end of the block), or around the whole block without ``layers``: the steady state can
+    be recorded without the first layer's kernel compilation."""
     if not layers:
-        with profiler:
+        start()
+        try:
             yield
+        finally:
+            stop()
         return
     first, last = (int(x) for x in layers.split(":"))
     decoder = model.model.layers
     state = {"on": False, "done": False}
 
-    def start(module, args):
+    def begin(module, args):
         if not state["on"] and not state["done"]:
-            profiler.start()
+            start()
             state["on"] = True
 
-    def stop(module, args):
+    def end(module, args):
         if state["on"]:
-            profiler.stop()
+            stop()
             state["on"], state["done"] = False, True
 
-    handles = [decoder[first].register_forward_pre_hook(start)]
+    handles = [decoder[first].register_forward_pre_hook(begin)]
     if last < len(decoder):
-        handles.append(decoder[last].register_forward_pre_hook(stop))
+        handles.append(decoder[last].register_forward_pre_hook(end))
     try:
         yield
     finally:
-        stop(None, None)
+        end(None, None)
         for handle in handles:
             handle.remove()
+
+
+def _recorded(recorder, model, layers: str | None):
+    """``recorder`` (a profiler or a :class:`_MemoryTrace`, or None) running between the layers ``layers``."""
+    if recorder is None:
+        return contextlib.nullcontext()
+    return _between_layers(model, layers, recorder.start, recorder.stop)
 
 
 class _MemoryTrace:
@@ -409,37 +416,6 @@ class _MemoryTrace:
         lines += [f"{size / 2**30:8.3f}  {site}" for site, size in sorted(by_site.items(), key=lambda kv: -kv[1])[:30]]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(lines) + "\n")
-
-
-@contextlib.contextmanager
-def _traced_layers(trace: _MemoryTrace | None, model, layers: str | None):
-    """``trace`` recording from decoder layer A's first forward to layer B's (``"A:B"``; default: the whole block)."""
-    if trace is None:
-        yield
-        return
-    first, last = (int(x) for x in layers.split(":")) if layers else (0, 10**9)
-    decoder = model.model.layers
-    state = {"on": False, "done": False}
-
-    def start(module, args):
-        if not state["on"] and not state["done"]:
-            trace.start()
-            state["on"] = True
-
-    def stop(module, args):
-        if state["on"]:
-            trace.stop()
-            state["on"], state["done"] = False, True
-
-    handles = [decoder[first].register_forward_pre_hook(start)]
-    if last < len(decoder):
-        handles.append(decoder[last].register_forward_pre_hook(stop))
-    try:
-        yield
-    finally:
-        stop(None, None)
-        for handle in handles:
-            handle.remove()
 
 
 def _write_profile(profiler, path: Path) -> None:
