@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quark.torch.algorithm.utils.gram import gram, half_gemm, matmul_f32
+from quark.torch.algorithm.utils.gram import add_gram_rows, gram, half_gemm, matmul_f32
 from quark.torch.algorithm.utils.tokens import cap_factors
 from quark.torch.quantization.calibration.distributed import all_gather_cat, all_reduce_
 
@@ -31,11 +31,6 @@ TOKEN_CHUNK = 8192
 #: input to float64 first (8192 tokens of Llama-3-8B's down_proj input: a 0.9 GiB temporary; measured on an
 #: H100 as 1.35 GiB of AWQ's peak).
 ABS_SUM_ROWS = 1024
-
-#: Rows of the full input covariance one product of :func:`group_input_stats` writes (its float32 result
-#: for Llama-3-8B's down_proj would otherwise be a second 0.8 GiB matrix).
-FULL_COV_ROWS = 2048
-
 
 @dataclass
 class GroupInputStats:
@@ -134,10 +129,9 @@ def group_input_stats(xs: Sequence[torch.Tensor], group_sizes: Iterable[int], fu
 
 def _add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
     """``total += xᵀ x`` (float32) without a second ``[in, in]`` temporary: half-precision tokens on a GPU
-    ``FULL_COV_ROWS`` rows of the product at a time, others in one in-place float32 product."""
+    a block of rows of the product at a time (:func:`add_gram_rows`), others in one in-place float32 product."""
     if half_gemm(x):
-        for r0 in range(0, x.shape[1], FULL_COV_ROWS):
-            total[r0:r0 + FULL_COV_ROWS] += torch.mm(x[:, r0:r0 + FULL_COV_ROWS].t(), x, out_dtype=torch.float32)
+        add_gram_rows(total, x)
         return
     xf = x.float()
     total.addmm_(xf.t(), xf)

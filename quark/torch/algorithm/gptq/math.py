@@ -18,7 +18,7 @@ import torch
 
 from quark.torch.algorithm.gptq.columns import column_loop, quantize_block
 from quark.torch.algorithm.kernels import kernel_group_size, kernel_or_twin, kernels_apply
-from quark.torch.algorithm.utils.gram import gram, half_gemm
+from quark.torch.algorithm.utils.gram import add_gram_rows, gram, half_gemm
 from quark.torch.algorithm.utils.quant import (
     WeightGrid,
     block_element_scales,
@@ -76,11 +76,6 @@ def accumulate_hessian(h: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     return h, total
 
 
-#: Rows of ``xᵀ x`` one half-precision GEMM of :func:`accumulate_hessian_sum` writes (bounds its float32
-#: result on the device).
-GRAM_ROWS = 2048
-
-
 def accumulate_hessian_sum(s: torch.Tensor | None, count: int, x: torch.Tensor,
                            token_chunk: int = 4096) -> tuple[torch.Tensor, int]:
     """Float64 sum of ``x xᵀ`` over the tokens of ``x [..., in]`` and their count: ``(S, count)``;
@@ -98,11 +93,9 @@ def accumulate_hessian_sum(s: torch.Tensor | None, count: int, x: torch.Tensor,
     if half_gemm(x):
         # on a GPU, half-precision tokens: each chunk's products in tensor-core GEMMs with float32
         # accumulation (exact products; a float64 GEMM runs at a fraction of the rate), summed in float64,
-        # GRAM_ROWS rows of the product at a time (its float32 copy of down_proj's is 0.8 GiB)
+        # a block of rows of the product at a time (add_gram_rows)
         for t0 in range(0, x.shape[0], 4 * token_chunk):
-            xs = x[t0:t0 + 4 * token_chunk]
-            for r0 in range(0, x.shape[1], GRAM_ROWS):
-                s[r0:r0 + GRAM_ROWS].add_(torch.mm(xs[:, r0:r0 + GRAM_ROWS].t(), xs, out_dtype=torch.float32))
+            add_gram_rows(s, x[t0:t0 + 4 * token_chunk])
         return s, count + x.shape[0]
     for t0 in range(0, x.shape[0], token_chunk):
         xs = x[t0:t0 + token_chunk].double()

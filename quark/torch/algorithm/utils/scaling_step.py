@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from quark.torch.algorithm.utils.condition import evaluate_condition
 from quark.torch.algorithm.utils.model_info import ScalingGroup, _norm_like, applies_to, submodule
 from quark.torch.algorithm.utils.scaling import candidate_slices, find_head_dim, scale_fc_fc, scale_norm_fcs
 from quark.torch.algorithm.utils.specs import refresh_weight_qparams
@@ -84,8 +83,7 @@ class ScalingStep:
         self.groups = list(groups)
         self._skipped: set[str] = set()
         self.active: list[list[ScalingGroup]] = [
-            [g for g in self.groups if applies_to(layer, g) and evaluate_condition(g.condition, layer)
-             and not self._rotated_input(g, layer, i)]
+            [g for g in self.groups if applies_to(layer, g) and not self._rotated_input(g, layer, i)]
             for i, layer in enumerate(layers)
         ]
         self.inputs: dict[str, list[tuple[tuple, dict]]] = {}

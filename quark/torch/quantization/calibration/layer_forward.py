@@ -35,7 +35,6 @@ from quark.torch.quantization.calibration.batching import (
     split_like,
 )
 from quark.torch.quantization.calibration.layerwise import (
-    CapturedInputs,
     _layer_call,
     _layer_inputs,
     capture_decoder_inputs,
@@ -125,8 +124,7 @@ def forward_layerwise(
     outside = modules_outside(model, layers)
     with tensors_moved(outside, device, weights_change=False, on_use=True):
         cache = capture_decoder_inputs(model, batches, layers, offload=device, device=device)
-    hidden = [a[0] if a else None for a in cache.args]
-    cache = CapturedInputs([(None, *a[1:]) if a else a for a in cache.args], cache.kwargs, cache.kwargs_by_type)
+    hidden, cache = cache.without_hidden()
     verdict: bool | None = None if merge else False
     template: Any = None
     on_cpu = False  # after running out of device memory: activations in CPU memory, moved per call

@@ -153,6 +153,14 @@ class CapturedInputs:
         kind = getattr(layer, "attention_type", None)
         return self.kwargs_by_type.get(kind, self.kwargs)
 
+    def without_hidden(self) -> tuple[list, CapturedInputs]:
+        """``(hidden states, the inputs without them)``: each batch's first positional argument (None for a
+        batch that passed it by keyword), and a copy of these inputs holding only the other arguments, so the
+        caller's list is the one reference to layer 0's hidden states (freed once the caller moves on)."""
+        hidden = [a[0] if a else None for a in self.args]
+        return hidden, CapturedInputs([(None, *a[1:]) if a else a for a in self.args], self.kwargs,
+                                      self.kwargs_by_type)
+
 
 @torch.no_grad()
 def capture_decoder_inputs(
@@ -608,11 +616,10 @@ def run_layerwise(
             cache = _cache_on(cache, offload)
     own_backup = backup is None
     backup = backup if backup is not None else ModelBackup()
-    hidden = [a[0] if a else None for a in cache.args]
+    # the hidden states travel in ``hidden`` from here on: layer 0's inputs are freed once it is done (as large
+    # as the activations of one whole pass)
+    hidden, cache = cache.without_hidden()
     hidden_float = list(hidden) if float_steps else []
-    # the hidden states travel in ``hidden`` from here on: the cache keeps only the other arguments, so layer
-    # 0's inputs are freed once it is done (as large as the activations of one whole pass)
-    cache = CapturedInputs([(None, *a[1:]) if a else a for a in cache.args], cache.kwargs, cache.kwargs_by_type)
     # Calibration batches run merged (batching.py) unless a step needs them as recorded; the first
     # layer checks that a merged call reproduces the batches it replaces.
     merge_ok: bool | None = None
