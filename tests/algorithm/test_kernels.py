@@ -46,6 +46,26 @@ def _gptq_problem(device: str, out: int = 70, cols: int = 256):
     return w.to(device), accumulate_hessian(None, 0, x)[0].to(device)
 
 
+def _candidates(grid: WeightGrid, device: str, dtype: torch.dtype, kernel_clip: bool):
+    """AWQ's candidate weights ``Q(clip(w * s)) / s`` of one problem: (PyTorch ops, fused kernels). The PyTorch
+    ops clip through the clip kernel when ``kernel_clip`` (both then share its choices, as on a GPU)."""
+    from quark.torch.algorithm.awq import awq
+
+    w, cov, s = _clip_problem(grid, device, out=300 if device == "cuda" else 40, cols=512 if device == "cuda" else 128,
+                              batch=2)
+    s = s.to(dtype)
+    scaled = (w * 0.05).to(dtype) * s[:, None, :]
+    old = kernels.USE_TRITON
+    try:
+        kernels.USE_TRITON = kernel_clip
+        ref = awq._candidate_weights_torch(scaled, s, cov, grid)
+        kernels.USE_TRITON = True
+        assert awq._fused_candidates_apply(scaled, grid)
+        return ref, awq._fused_candidate_weights(scaled, cov, grid, s)
+    finally:
+        kernels.USE_TRITON = old
+
+
 def _both(monkeypatch: pytest.MonkeyPatch, fn):
     monkeypatch.setattr(kernels, "USE_TRITON", False)
     reference = fn()
@@ -85,6 +105,10 @@ INTERPRETED = textwrap.dedent("""
                                           clip_steps=10)
             ref, got = t._both(Patch(), run)
             assert torch.equal(ref.weight, got.weight) and ref.loss == got.loss, (grid, desc)
+    for dtype in (torch.bfloat16, torch.float32):  # each step rounds to bfloat16 as PyTorch's ops do
+        for grid in t.GRIDS:
+            ref, got = t._candidates(grid, "cpu", dtype, kernel_clip=False)
+            assert got.dtype == dtype and torch.equal(ref, got), (grid, dtype)
     from quark.torch.algorithm.kernels.error import squared_error_sum
     a, b = (torch.randn(3, 1000, generator=torch.Generator().manual_seed(s)).to(torch.bfloat16) for s in (5, 6))
     exact = float((a.double() - b.double()).pow(2).sum())
@@ -135,6 +159,17 @@ def test_clip_kernel_matches_on_the_gpu(grid: WeightGrid, monkeypatch: pytest.Mo
     ref, got = _both(monkeypatch, lambda: clip_search(w[0], cov, grid))
     assert abs(_clip_objective(got[None], w[:1], cov, grid, None) / _clip_objective(ref[None], w[:1], cov, grid, None)
                - 1) < 1e-4
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.dtype.name)
+def test_candidate_kernel_matches_on_the_gpu(grid: WeightGrid) -> None:
+    """Given the clip kernel's choices, the fused candidate weights equal PyTorch's ops on them bit for bit (the
+    division by the scales and every rounding to bfloat16 included)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        ref, got = _candidates(grid, "cuda", dtype, kernel_clip=True)
+        assert torch.equal(ref, got), (dtype, (ref != got).sum().item())
 
 
 @pytest.mark.gpu

@@ -35,6 +35,25 @@ def test_staged_copies_equal_plain_copies(dtype: torch.dtype) -> None:
     assert torch.equal(transfer.transfer(strided, "cuda").cpu(), strided)
 
 
+@pytest.mark.gpu
+@gpu
+def test_released_staging_memory_leaves_the_process() -> None:
+    """Page-locked blocks no tensor holds go back to the system (PyTorch's host allocator keeps them otherwise)."""
+    device = torch.randn(1 << 24, device="cuda")  # 64 MiB
+    staged = transfer.transfer(device, "cpu", keep_pinned=True)
+    assert staged.is_pinned()
+    held = transfer._pinned_in_use()
+    assert held >= 1 << 26
+    del staged
+    assert transfer._pinned_in_use() == held  # freed, but cached by the allocator
+    transfer.release_pinned_cache()
+    assert transfer._pinned_in_use() <= held - (1 << 26)
+
+
+def test_releasing_staging_memory_without_cuda_does_nothing() -> None:
+    transfer.release_pinned_cache()  # before CUDA is initialised (or on a CPU build): no error
+
+
 def _cache(hidden_bytes: int) -> CapturedInputs:
     hidden = torch.zeros(hidden_bytes // 4)
     return CapturedInputs([(hidden,)], [{"mask": None}], {})

@@ -132,8 +132,9 @@ class AwqStep(ScalingStep):
         # the group's linears share their input (x) and so its scales
         expanded = torch.stack([expand_scales(s, cols, head_dim) for s in candidates]).to(dtype)
         chunk = _candidate_chunk([saved[n] for n in quantized])
-        # per candidate: (sum of squared output errors, their count) over this process's tokens
-        losses = torch.zeros(N_GRID, 2, dtype=torch.float64)
+        # per candidate: (sum of squared output errors, their count) over this process's tokens; kept where the
+        # errors are computed, so judging the candidates waits for the device once, not once per candidate
+        losses = torch.zeros(N_GRID, 2, dtype=torch.float64, device=saved[quantized[0]].device)
         if linear_only:
             judged = g.layers[0]
             per_token = fcs[judged].out_features if judged in fcs else 0
@@ -143,19 +144,17 @@ class AwqStep(ScalingStep):
         for r0, weights in self._candidate_batches(saved, quantized, expanded, chunk, covariances, grids):
             for k in range(next(iter(weights.values())).shape[0]):
                 if linear_only:
-                    error = 0.0
                     if stats.full_cov is not None:
                         delta = weights[judged][k].float() - saved[judged].float()
-                        error = float(output_error(delta, stats.full_cov, dtype))
-                    losses[r0 + k] = torch.tensor([error, stats.local_tokens * per_token], dtype=torch.float64)
+                        losses[r0 + k, 0] = output_error(delta, stats.full_cov, dtype)
+                    losses[r0 + k, 1] = stats.local_tokens * per_token
                 else:
                     for n, fc in fcs.items():
                         fc.weight.data.copy_(weights[n][k])
-                    losses[r0 + k] = torch.tensor(_squared_error(self.run, module, calls, reference),
-                                                  dtype=torch.float64)
+                    losses[r0 + k, 0], losses[r0 + k, 1] = _squared_error(self.run, module, calls, reference)
         for n, fc in fcs.items():
             fc.weight.data.copy_(saved[n])
-        all_reduce_(losses)  # every rank's tokens count
+        losses = all_reduce_(losses.cpu())  # every rank's tokens count
         mse = torch.nan_to_num(losses[:, 0] / losses[:, 1].clamp(min=1), nan=float("inf"))
         if not bool(torch.isfinite(mse).any()):
             raise RuntimeError(f"AWQ: no finite loss for group {g.layers} of decoder layer {index} (NaN?)")
@@ -202,13 +201,12 @@ class AwqStep(ScalingStep):
                            grid: WeightGrid) -> torch.Tensor:
         """``[candidates, out, in]``: ``Q(clip(w * s)) / s`` for each row ``s`` of ``se`` (one batch)."""
         scaled = w[None] * se[:, None, :]
-        if self.clip_in_scale_search and not grid.is_block:
-            scaled = clip_search(scaled, covariances[grid.group_size], grid, input_scales=se)
-        if grid.qscheme == QSchemeType.per_tensor or grid.scale_dtype is not None:  # one scale per candidate
-            quantized = torch.stack([fake_quant_weight(c, grid) for c in scaled])
-        else:  # groups and channels are independent: every candidate's rows in one call
-            quantized = fake_quant_weight(scaled.reshape(-1, w.shape[1]), grid).reshape(scaled.shape)
-        return quantized / se[:, None, :]
+        clip = self.clip_in_scale_search and not grid.is_block
+        if clip and _fused_candidates_apply(scaled, grid):
+            cov = covariances[grid.group_size]
+            return kernel_or_twin("awq_candidate_weights", lambda: _fused_candidate_weights(scaled, cov, grid, se),
+                                  lambda: _candidate_weights_torch(scaled, se, cov, grid))
+        return _candidate_weights_torch(scaled, se, covariances[grid.group_size] if clip else None, grid)
 
     @torch.no_grad()
     def after_scaling(self, layer: nn.Module, index: int, results: list[ScaleResult]) -> None:
@@ -223,6 +221,56 @@ class AwqStep(ScalingStep):
                                                      self.grids[index][name]))
             distributed.broadcast_(fc.weight.data, owner, f"AWQ {name} of decoder layer {index}: clipped weight")
         self._clip_covariances = {}
+
+
+def _candidate_weights_torch(scaled: torch.Tensor, se: torch.Tensor, cov: torch.Tensor | None,
+                             grid: WeightGrid) -> torch.Tensor:
+    """``Q(clip(scaled)) / s`` of scaled candidates ``[B, out, in]`` (unclipped without ``cov``), in PyTorch ops."""
+    if cov is not None:
+        scaled = clip_search(scaled, cov, grid, input_scales=se)
+    if grid.qscheme == QSchemeType.per_tensor or grid.scale_dtype is not None:  # one scale per candidate
+        quantized = torch.stack([fake_quant_weight(c, grid) for c in scaled])
+    else:  # groups and channels are independent: every candidate's rows in one call
+        quantized = fake_quant_weight(scaled.reshape(-1, scaled.shape[-1]), grid).reshape(scaled.shape)
+    return quantized / se[:, None, :]
+
+
+def _fused_candidates_apply(scaled: torch.Tensor, grid: WeightGrid) -> bool:
+    """Whether :func:`_fused_candidate_weights` takes these candidates: the clip kernel's grids (one-stage integer
+    groups), weights in bfloat16 or float32."""
+    return (grid.qscheme == QSchemeType.per_group and grid.scale_dtype is None and _clip_kernel_applies(scaled, grid)
+            and scaled.dtype in (torch.bfloat16, torch.float32))
+
+
+def _fused_candidate_weights(scaled: torch.Tensor, cov: torch.Tensor, grid: WeightGrid,
+                             se: torch.Tensor) -> torch.Tensor:
+    """:func:`_candidate_weights_torch` with clipping through the Triton kernels, bit for bit: the clip kernel
+    reads the scaled candidates in their dtype, and one kernel clips, fake-quantizes and divides by ``s``
+    (:func:`~quark.torch.algorithm.kernels.clip.clipped_candidates`). Each clipped group's grid parameters are the
+    min-max ones of the clipped group in the weight's dtype, from the unclipped group's range (clamping and
+    rounding commute with the minimum and maximum), as :func:`fake_quant_weight` computes them."""
+    from quark.torch.algorithm.kernels.clip import best_clip_steps, clipped_candidates
+
+    batch, out, cols = scaled.shape
+    gs = grid.group_size
+    groups = cols // gs
+    if cov.shape != (groups, gs, gs):
+        raise ValueError(f"AWQ: covariance of shape {tuple(cov.shape)} does not match {cols} inputs in groups of {gs}")
+    xg = scaled.reshape(batch, out, groups, gs)
+    lo, hi = torch.aminmax(xg, dim=-1)  # exact in the weight's dtype
+    lo, hi = lo.float(), hi.float()
+    max0 = torch.maximum(-lo, hi)
+    ratios = 1 - torch.arange(CLIP_STEPS, device=scaled.device, dtype=torch.float32) / N_GRID
+    bound = max0[:, None] * ratios[None, :, None, None]  # [batch, steps, rows, G]
+    scale, zp = _clipped_qparams(lo[:, None], hi[:, None], bound, grid, None)
+    del bound
+    best = best_clip_steps(xg, max0, scale, zp, ratios, cov, grid, se)
+    del scale, zp
+    bound = max0 * ratios[best]
+    clipped_lo = torch.clamp(lo, -bound, bound).to(scaled.dtype).float()
+    clipped_hi = torch.clamp(hi, -bound, bound).to(scaled.dtype).float()
+    scale, zp = minmax_qparams(clipped_lo, clipped_hi, grid)
+    return clipped_candidates(scaled, se, bound, scale, zp, grid)
 
 
 def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int | None = None) -> torch.Tensor:
@@ -263,16 +311,16 @@ def _candidate_chunk(weights: Sequence[torch.Tensor]) -> int:
 
 
 def _squared_error(run: Any, module: nn.Module, calls: list[tuple[tuple, dict]],
-                   reference: list[torch.Tensor]) -> tuple[float, int]:
-    """``(Σ (out - reference)², element count)`` of ``module`` over ``calls``, one call's output at a time,
-    ``ERROR_CHUNK_ELEMENTS`` of it in float32 at a time (summed in float64; one synchronisation)."""
-    total: torch.Tensor | float = 0.0
+                   reference: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``(Σ (out - reference)², element count)`` of ``module`` over ``calls``, one call's output at a time: the
+    sum a float64 0-d tensor on the outputs' device (no synchronisation)."""
+    total = torch.zeros((), dtype=torch.float64, device=reference[0].device if reference else None)
     count = 0
     for call, ref in zip(calls, reference):
         out = run(module, [call])[0]
-        total = total + _squared_error_sum(out, ref)
+        total += _squared_error_sum(out, ref)
         count += out.numel()
-    return float(total), count
+    return total, count
 
 
 def _squared_error_sum(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ grid parameters of each ratio (a few per group) are computed by the callers with
 formulas, so the kernel only rounds: the weight is read once per candidate instead of once per op
 and ratio.
 
-Both kernels here launch with ``enable_fp_fusion=False``. With fusion (Triton 3.6's default on CUDA)
+Every kernel here launches with ``enable_fp_fusion=False``. With fusion (Triton 3.6's default on CUDA)
 the compiler may turn ``v = x * inv`` and the rounding's ``v - floor(v)`` into one fused multiply-add,
 which skips the rounding of the product. A symmetric grid puts each group's extreme value exactly on a
 half step (``amax / scale = (qmax - qmin) / 2``: 7.5 for int4), where that decides the level: on an H100
@@ -52,7 +52,8 @@ def _clip_search_kernel(w_ptr, s_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_p
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     in_rows = r < rows
     c = tl.arange(0, GS)
-    w = tl.load(w_ptr + b * rows * cols + r[:, None] * cols + g * GS + c[None, :], mask=in_rows[:, None], other=0.0)
+    w = tl.load(w_ptr + b * rows * cols + r[:, None] * cols + g * GS + c[None, :], mask=in_rows[:, None],
+                other=0.0).to(tl.float32)
     cov = tl.load(cov_ptr + g * GS * GS + c[:, None] * GS + c[None, :])
     if HAS_S:
         s = tl.load(s_ptr + b * cols + g * GS + c)
@@ -81,7 +82,8 @@ def _clip_search_kernel(w_ptr, s_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_p
 
 def best_clip_steps(wg: torch.Tensor, max0: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, ratios: torch.Tensor,
                     cov: torch.Tensor, grid: WeightGrid, input_scales: torch.Tensor | None) -> torch.Tensor:
-    """Index of the best ratio ``[batch, rows, G]`` (int64) for weights ``wg [batch, rows, G, gs]`` (float32).
+    """Index of the best ratio ``[batch, rows, G]`` (int64) for weights ``wg [batch, rows, G, gs]`` (float32, or
+    the model's half precision: read as float32).
 
     ``max0 [batch, rows, G]``: each group's ``max|w|``; ``scale``/``zp [batch, steps, rows, G]``: the grid
     parameters of each ratio's clipped group; ``cov [G, gs, gs]``: the input covariances; ``input_scales
@@ -103,6 +105,67 @@ def best_clip_steps(wg: torch.Tensor, max0: torch.Tensor, scale: torch.Tensor, z
         num_warps=CLIP_NUM_WARPS or (8 if gs >= 128 else 4), enable_fp_fusion=False,
         **grid_arguments(grid))
     return best.long()
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 to the nearest bfloat16 value (ties to even), still float32, in integer arithmetic: the same on
+    a GPU and under Triton's interpreter (whose conversion truncates). For finite ``x``."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _clipped_candidates_kernel(x_ptr, s_ptr, bound_ptr, scale_ptr, inv_ptr, zp_ptr, out_ptr, rows, cols, groups,
+                               qmin, qmax, GS: tl.constexpr, BR: tl.constexpr, BF16: tl.constexpr,
+                               METHOD: tl.constexpr, ZERO_FREE: tl.constexpr, EXACT: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // groups
+    g = pid % groups
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    in_rows = r < rows
+    c = tl.arange(0, GS)
+    at = b * rows * cols + r[:, None] * cols + g * GS + c[None, :]
+    x = tl.load(x_ptr + at, mask=in_rows[:, None], other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + b * cols + g * GS + c).to(tl.float32)
+    p = (b * rows + r) * groups + g
+    bound = tl.load(bound_ptr + p, mask=in_rows, other=0.0)
+    scale = tl.load(scale_ptr + p, mask=in_rows, other=1.0)
+    inv = tl.load(inv_ptr + p, mask=in_rows, other=1.0)
+    zp = tl.load(zp_ptr + p, mask=in_rows, other=0.0)
+    v = tl.minimum(tl.maximum(x, -bound[:, None]), bound[:, None])
+    if BF16:  # each step rounds to the weight's dtype, as the PyTorch ops on bfloat16 tensors do
+        v = _round_bf16(v)
+    v = fake_quant_int(v, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT)
+    if BF16:
+        v = _round_bf16(v)
+    v = tl.math.div_rn(v, s[None, :])
+    if BF16:
+        v = _round_bf16(v)
+    tl.store(out_ptr + at, v.to(out_ptr.dtype.element_ty), mask=in_rows[:, None])
+
+
+def clipped_candidates(x: torch.Tensor, input_scales: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor,
+                       zp: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    """``Q(clip(x, ±bound)) / s`` of AWQ's scaled candidates ``x [batch, rows, G * gs]`` (bfloat16 or float32), in
+    their dtype: ``bound``, ``scale`` and ``zp [batch, rows, G]`` are each clipped group's bound and grid
+    parameters, ``input_scales [batch, G * gs]`` each candidate's ``s``. One pass instead of the ~15 of the
+    PyTorch ops (clamp, cast, fake quantization, division), rounding to the dtype where each of them does."""
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"clipped_candidates: weights of dtype {x.dtype}; allowed: bfloat16, float32")
+    batch, rows, cols = x.shape
+    gs = grid.group_size
+    groups = cols // gs
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    scale = scale.float().contiguous()
+    block_rows = 64 if gs <= 64 else 32
+    _clipped_candidates_kernel[(batch * groups, triton.cdiv(rows, block_rows))](
+        x, input_scales.contiguous(), bound.float().contiguous(), scale, torch.reciprocal(scale),
+        zp.float().contiguous(), out, rows, cols, groups, GS=gs, BR=block_rows, BF16=x.dtype == torch.bfloat16,
+        num_warps=4, enable_fp_fusion=False, **grid_arguments(grid))
+    return out
 
 
 @triton.jit

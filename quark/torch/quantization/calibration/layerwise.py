@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.profiler import record_function
 from tqdm.auto import tqdm
@@ -40,7 +40,8 @@ from quark.torch.quantization.calibration.batches import model_device, model_inp
 from quark.torch.quantization.calibration.batching import call_batch, checked_merge, merging_enabled, split_like
 from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
 from quark.torch.quantization.calibration.placement import modules_outside, move_to, onloaded, tensors_moved
-from quark.torch.quantization.calibration.transfer import transfer
+from quark.torch.quantization.calibration.safetensors_header import save_streamed
+from quark.torch.quantization.calibration.transfer import release_pinned_cache, transfer
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
 
 logger = logging.getLogger(__name__)
@@ -326,6 +327,10 @@ def _layer_inputs(args_list: Sequence[tuple], kwargs_list: Sequence[dict], state
 BACKUP_PIECE_BYTES = 512 * 1024**2
 
 
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class ModelBackup:
     """Copies of module states taken before an algorithm changes them, for restoring on error.
 
@@ -357,7 +362,8 @@ class ModelBackup:
         while len(self._pending) >= 2:
             self._pending.pop(0).result()
         assert self._writer is not None
-        self._pending.append(self._writer.submit(save_file, piece, str(path)))
+        # tensor by tensor from where they are (save_file would first copy the whole piece into one bytes object)
+        self._pending.append(self._writer.submit(save_streamed, piece, path, _as_is))
 
     def save(self, module: nn.Module, copy: bool = True) -> None:
         """Keep the state of ``module`` (once per module). ``copy=False``: its CPU tensors are written as they
@@ -614,6 +620,7 @@ def run_layerwise(
         offload = _activation_home(cache, device, streams=6 if float_steps else 3)
         if offload != "cpu":
             cache = _cache_on(cache, offload)
+            release_pinned_cache()  # the captured copies' staging memory (an 8B model, 128 x 512 tokens: 0.5 GiB)
     own_backup = backup is None
     backup = backup if backup is not None else ModelBackup()
     # the hidden states travel in ``hidden`` from here on: layer 0's inputs are freed once it is done (as large
@@ -662,3 +669,4 @@ def run_layerwise(
     finally:
         if own_backup:
             backup.close()
+        release_pinned_cache()

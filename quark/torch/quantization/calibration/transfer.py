@@ -14,7 +14,7 @@ import os
 
 import torch
 
-__all__ = ["PINNED_MIN_BYTES", "transfer"]
+__all__ = ["PINNED_MIN_BYTES", "release_pinned_cache", "transfer"]
 
 #: Tensors smaller than this move with plain ``Tensor.to`` (staging costs more than it saves).
 PINNED_MIN_BYTES = 1 << 20
@@ -54,3 +54,17 @@ def transfer(t: torch.Tensor, device: torch.device | str, *, keep_pinned: bool =
     if keep_pinned and _pinned_in_use() <= KEEP_PINNED_MAX_BYTES:
         return staged
     return staged.clone()
+
+
+def release_pinned_cache() -> None:
+    """Return the page-locked blocks that PyTorch's caching host allocator keeps for reuse, but no tensor holds,
+    to the system. The allocator never does this by itself, so staging memory (the captured activations before
+    they move to the GPU, the copies of a layer back to CPU memory) would stay resident for the rest of the
+    process. Nothing happens before CUDA is initialised or where PyTorch has no such call."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    for name in ("_host_emptyCache", "_accelerator_emptyHostCache"):  # PyTorch 2.5+, then its newer name
+        empty = getattr(torch._C, name, None)
+        if empty is not None:
+            empty()
+            return
