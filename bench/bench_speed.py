@@ -257,7 +257,7 @@ def run_one(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base_gpu = torch.cuda.memory_allocated() / 2**30
     profiler = _profiler(args, cuda)
-    layer_seconds, layer_host = _layer_times()
+    layer_seconds, layer_host, capture_seconds = _layer_times()
     host = _RssSampler()
     trace = _MemoryTrace(Path(args.memory_trace) / f"{scheme}_{placement}.txt") if args.memory_trace and cuda else None
     with _recorded(profiler, model, args.profile_layers), _recorded(trace, model, args.profile_layers), host:
@@ -290,6 +290,9 @@ def run_one(args: argparse.Namespace) -> dict:
         "implementation": "amd-quark" if args.is_reference else "quark-torch",
         "nproc": nproc,
         "layer_seconds": [round(s, 3) for s in layer_seconds],
+        # quantize_model's stages (swap_linears, algorithms, calibrate, finalize) and the runners' input captures
+        "stage_seconds": dict(getattr(getattr(quantizer, "summary", None), "stage_seconds", None) or {}),
+        "capture_seconds": [round(s, 3) for s in capture_seconds],
         # [resident GiB, page-locked GiB] of the process as each layer's pass ended
         "layer_host_gib": [list(h) for h in layer_host],
         "pinned_host_gib": round(_pinned_bytes() / 2**30, 2),
@@ -316,16 +319,19 @@ def _pinned_bytes() -> int:
         return 0
 
 
-def _layer_times() -> tuple[list[float], list[tuple[float, float]]]:
-    """The seconds of each decoder layer's algorithm pass, and the resident and page-locked host memory (GiB)
-    when it ended, filled from the layer-by-layer runner's log."""
+def _layer_times() -> tuple[list[float], list[tuple[float, float]], list[float]]:
+    """The seconds of each decoder layer's algorithm pass, the resident and page-locked host memory (GiB) when it
+    ended, and the seconds of each capture of the decoder inputs, filled from the layer-by-layer runner's log."""
     import logging
 
     seconds: list[float] = []
     host: list[tuple[float, float]] = []
+    capture: list[float] = []
 
     class _Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.endswith("captured in %.2fs") and record.args:
+                capture.append(float(record.args[-1]))
             if record.msg.endswith("done in %.2fs") and record.args:
                 seconds.append(float(record.args[-1]))
                 host.append((round(_rss_bytes() / 2**30, 2), round(_pinned_bytes() / 2**30, 2)))
@@ -333,7 +339,7 @@ def _layer_times() -> tuple[list[float], list[tuple[float, float]]]:
     runner = logging.getLogger("quark.torch.quantization.calibration.layerwise")
     runner.setLevel(logging.DEBUG)
     runner.addHandler(_Collect(logging.DEBUG))
-    return seconds, host
+    return seconds, host, capture
 
 
 @contextlib.contextmanager

@@ -83,6 +83,8 @@ def test_bench_speed_profiles_named_stages_and_reports_layers_and_host_memory(tm
     assert "error" not in row, row
     assert len(row["layer_seconds"]) == len(row["layer_host_gib"]) == 2
     assert all(resident > 0 and pinned == 0 for resident, pinned in row["layer_host_gib"])  # no CUDA here
+    assert {"swap_linears", "algorithms", "finalize"} <= set(row["stage_seconds"])
+    assert len(row["capture_seconds"]) == 1  # GPTQ's runner captured the decoder inputs once
     assert 0 < row["host_before_quantize_gib"] <= row["peak_host_during_quantize_gib"]
     table = (tmp_path / "gptq_cpu_rank0.txt").read_text()
     assert "quark.apply.GptqStep" in table and "gptq.solve" in table

@@ -109,6 +109,18 @@ SCHEMES = ["int4_wo_32", "int4_wo_64", "uint4_wo_32", "int8", "fp8", "mxfp4", "m
            "mxfp6_e3m2", "mx6", "bfp16"]
 
 
+def test_the_summary_times_each_stage_that_ran():
+    batches = token_batches(2)
+    quantizer = ModelQuantizer(LLMTemplate.get("llama").get_config(scheme="fp8"))
+    quantizer.quantize_model(tiny_model("llama"), batches)
+    stages = quantizer.summary.stage_seconds
+    assert list(stages) == ["swap_linears", "calibrate", "finalize"]  # no algorithm ran
+    assert all(s >= 0 for s in stages.values()) and sum(stages.values()) <= quantizer.summary.seconds
+    quantizer = ModelQuantizer(LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm="gptq"))
+    quantizer.quantize_model(tiny_model("llama"), batches)
+    assert list(quantizer.summary.stage_seconds) == ["swap_linears", "algorithms", "finalize"]  # weights only
+
+
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_every_scheme_end_to_end(family, scheme):

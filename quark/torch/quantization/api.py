@@ -51,6 +51,21 @@ class QuantizationSummary:
     calibration_batches: int = 0
     seconds: float = 0.0
     algorithms: list[str] = field(default_factory=list)
+    #: seconds of each stage that ran: ``pre_quant`` (rotation, SmoothQuant), ``swap_linears`` (quantizers
+    #: inserted, weight quantizers calibrated), ``algorithms`` (AWQ, GPTQ), ``calibrate`` (activation ranges),
+    #: ``finalize`` (scales fixed)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
+    """A named stage of ``quantize_model``: a ``quark.<name>`` profiler range, its seconds added to ``seconds``."""
+    start = time.perf_counter()
+    try:
+        with record_function(f"quark.{name}"):
+            yield
+    finally:
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def _algo_list(value: Any) -> list[Any]:
@@ -146,48 +161,34 @@ class ModelQuantizer:
         model.eval()
         records = []
         attention_patch = None
+        stages: dict[str, float] = {}
         try:
             if pre:
-                algorithm_runner("pre_quant")(model, pre, self.config, batches, device)
+                with _stage("pre_quant", stages):
+                    algorithm_runner("pre_quant")(model, pre, self.config, batches, device)
                 plan, excluded = plan_quantization(model, self.config)
-            with record_function("quark.swap_linears"):
+            with _stage("swap_linears", stages):
                 records = _swap_linears(model, plan, device, records)
             attention_patch = attach_attention_quantizers(model, self.config)
             if advanced:
                 # AWQ and GPTQ change weights one decoder layer at a time and leave every weight quantizer
                 # of the layer matching its weight (fixed by GPTQ, or refreshed) while the layer is on the
                 # compute device: no second pass over the layers
-                with record_function("quark.algorithms"):
+                with _stage("algorithms", stages):
                     algorithm_runner("advanced")(model, advanced, self.config, batches, device)
             quantizers = all_quantizers(model)
             if any(q.observing or (q.scale_quantizer is not None and q.scale_quantizer.observing)
                    for q in quantizers):
                 routing = all_experts_see_every_token(model) if self.calibrate_all_experts else nullcontext()
                 scaled = nullcontext() if self.calibrate_on_quantized else _scaled_quantizers_off(quantizers)
-                with routing, scaled, record_function("quark.calibrate"):
+                with routing, scaled, _stage("calibrate", stages):
                     if layerwise:
                         _calibrate_layerwise(model, batches, device, quantizers)
                     else:
                         run_batches(model, batches, desc="Calibrating", merge=_merge_invariant(quantizers),
                                     forget=lambda: _forget_statistics(quantizers))
-            distributed.reduce_observers([part.observer for q in quantizers for part in (q, q.scale_quantizer)
-                                          if part is not None and part.observing and part.observer is not None])
-            for quantizer in quantizers:
-                try:
-                    quantizer.finalize()
-                except RuntimeError as error:
-                    if not self.calibrate_all_experts and ".experts." in (quantizer.name or ""):
-                        raise RuntimeError(f"{error} (a mixture-of-experts expert the router never picked for "
-                                           "the calibration tokens: use more data, or "
-                                           "ModelQuantizer(..., calibrate_all_experts=True) / "
-                                           "--calibrate_all_experts to run every expert on every token while "
-                                           "calibrating)") from error
-                    if (quantizer.name or "").endswith(("key_quantizer", "value_quantizer", "softmax_quantizer")):
-                        raise RuntimeError(f"{error} (this model's attention does not run through transformers' "
-                                           "attention interface, so post-RoPE KV-cache and softmax quantization "
-                                           "cannot reach it; quantize the KV cache at the k/v projection outputs "
-                                           "instead: kv_cache_post_rope=False)") from error
-                    raise
+            with _stage("finalize", stages):
+                self._finalize(quantizers)
             distributed.verify_identical(model)
         except BaseException:
             if attention_patch is not None:
@@ -199,10 +200,34 @@ class ModelQuantizer:
         self.summary = QuantizationSummary(
             quantized=[p.name for p in plan], excluded=excluded, calibration_batches=len(batches),
             seconds=time.perf_counter() - start, algorithms=[_algo_name(a) for a in pre + advanced],
+            stage_seconds=stages,
         )
-        logger.info("quantized %d linear layers (%d excluded) with %d calibration batches in %.1f s",
-                    len(plan), len(excluded), len(batches), self.summary.seconds)
+        logger.info("quantized %d linear layers (%d excluded) with %d calibration batches in %.1f s (%s)",
+                    len(plan), len(excluded), len(batches), self.summary.seconds,
+                    ", ".join(f"{name} {sec:.1f} s" for name, sec in stages.items()))
         return model
+
+    def _finalize(self, quantizers: list[Any]) -> None:
+        """Reduce the observers over data-parallel ranks and fix every quantizer's scales; an error names the cause
+        when a quantizer saw nothing."""
+        distributed.reduce_observers([part.observer for q in quantizers for part in (q, q.scale_quantizer)
+                                      if part is not None and part.observing and part.observer is not None])
+        for quantizer in quantizers:
+            try:
+                quantizer.finalize()
+            except RuntimeError as error:
+                if not self.calibrate_all_experts and ".experts." in (quantizer.name or ""):
+                    raise RuntimeError(f"{error} (a mixture-of-experts expert the router never picked for "
+                                       "the calibration tokens: use more data, or "
+                                       "ModelQuantizer(..., calibrate_all_experts=True) / "
+                                       "--calibrate_all_experts to run every expert on every token while "
+                                       "calibrating)") from error
+                if (quantizer.name or "").endswith(("key_quantizer", "value_quantizer", "softmax_quantizer")):
+                    raise RuntimeError(f"{error} (this model's attention does not run through transformers' "
+                                       "attention interface, so post-RoPE KV-cache and softmax quantization "
+                                       "cannot reach it; quantize the KV cache at the k/v projection outputs "
+                                       "instead: kv_cache_post_rope=False)") from error
+                raise
 
     def _rank_facts(self, model: nn.Module) -> dict[str, str]:
         """What every rank of a data-parallel run must agree on (digests; compared before any work)."""

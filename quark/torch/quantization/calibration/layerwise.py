@@ -42,7 +42,7 @@ from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
 from quark.torch.quantization.calibration.placement import modules_outside, move_to, onloaded, tensors_moved
 from quark.torch.quantization.calibration.safetensors_header import save_streamed
 from quark.torch.quantization.calibration.transfer import release_pinned_cache, transfer
-from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
+from quark.torch.quantization.calibration.weight_source import has_meta_parameters, release_host_memory, source_of
 
 logger = logging.getLogger(__name__)
 
@@ -610,9 +610,11 @@ def run_layerwise(
     path, layers = find_decoder_layers(model, decoder_path)
     # The embeddings and whatever else runs before layer 0 compute on ``device`` too, so the captured
     # inputs do not depend on where the model sits.
+    start = time.perf_counter()
     with tensors_moved(modules_outside(model, layers), device, weights_change=False, on_use=True), \
             record_function("quark.capture"):
         cache = capture_decoder_inputs(model, batches, layers, "cpu" if offload is None else offload, device)
+    logger.debug("%s: decoder inputs captured in %.2fs", desc, time.perf_counter() - start)
     # Steps that match the float model's outputs also get, per layer, an untouched float copy of
     # the layer and its inputs from the float model (a second stream of hidden states).
     float_steps = [s for s in steps if getattr(s, "uses_float_inputs", False)] if propagate else []
@@ -641,7 +643,8 @@ def run_layerwise(
             name = f"{path}.{i}"
             start = time.perf_counter()
             retry = LayerRetry(name, steps, backup, desc)
-            if _cpu_layer_for(layer, device):
+            cpu_layer = _cpu_layer_for(layer, device)
+            if cpu_layer:
                 # onloaded() gives the layer new tensors on the device, so its CPU tensors stay as they are
                 # until the backup's writer has saved them: no copy, and nothing crosses back from the device
                 with record_function("quark.backup"):
@@ -660,6 +663,8 @@ def run_layerwise(
                         hidden, hidden_float = move_to(hidden, "cpu", True), move_to(hidden_float, "cpu", True)
             if retry.unmerged and merge_ok:
                 merge_ok = False  # the next layers run the calibration batches as given
+            if cpu_layer:  # the layer came back in new tensors; earlier layers' old ones are saved and freed by now
+                release_host_memory()
             logger.debug("%s: layer %s done in %.2fs", desc, name, time.perf_counter() - start)
             if torch.cuda.is_available() and torch.device(device).type == "cuda":
                 bar.set_postfix(peak_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
