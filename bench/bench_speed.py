@@ -291,12 +291,17 @@ def run_one(args: argparse.Namespace) -> dict:
         "nproc": nproc,
         "layer_seconds": [round(s, 3) for s in layer_seconds],
         # quantize_model's stages (swap_linears, algorithms, calibrate, finalize) and the runners' input captures
-        "stage_seconds": dict(getattr(getattr(quantizer, "summary", None), "stage_seconds", None) or {}),
+        "stage_seconds": {k: round(v, 3) for k, v in _stage_seconds(quantizer).items()},
         "capture_seconds": [round(s, 3) for s in capture_seconds],
         # [resident GiB, page-locked GiB] of the process as each layer's pass ended
         "layer_host_gib": [list(h) for h in layer_host],
         "pinned_host_gib": round(_pinned_bytes() / 2**30, 2),
     }
+
+
+def _stage_seconds(quantizer) -> dict[str, float]:
+    """``quantize_model``'s seconds per stage (empty for amd-quark, which does not time them)."""
+    return dict(getattr(getattr(quantizer, "summary", None), "stage_seconds", None) or {})
 
 
 def _profiler(args: argparse.Namespace, cuda: bool):

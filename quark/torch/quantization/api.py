@@ -65,7 +65,7 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
         with record_function(f"quark.{name}"):
             yield
     finally:
-        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def _algo_list(value: Any) -> list[Any]:
@@ -167,8 +167,12 @@ class ModelQuantizer:
                 with _stage("pre_quant", stages):
                     algorithm_runner("pre_quant")(model, pre, self.config, batches, device)
                 plan, excluded = plan_quantization(model, self.config)
+            # AWQ and GPTQ derive every weight quantizer of the decoder layers they change on the compute device;
+            # a model not wholly there skips calibrating them while swapping (a pass over all of its weights in
+            # CPU memory, or a read of every layer from disk); what is left is calibrated after the algorithms
+            deferred = layerwise and bool(advanced)
             with _stage("swap_linears", stages):
-                records = _swap_linears(model, plan, device, records)
+                records = _swap_linears(model, plan, device, records, calibrate_weights=not deferred)
             attention_patch = attach_attention_quantizers(model, self.config)
             if advanced:
                 # AWQ and GPTQ change weights one decoder layer at a time and leave every weight quantizer
@@ -176,6 +180,9 @@ class ModelQuantizer:
                 # compute device: no second pass over the layers
                 with _stage("algorithms", stages):
                     algorithm_runner("advanced")(model, advanced, self.config, batches, device)
+            if deferred:
+                with _stage("weight_qparams", stages):
+                    _calibrate_missing_weights(model, device)
             quantizers = all_quantizers(model)
             if any(q.observing or (q.scale_quantizer is not None and q.scale_quantizer.observing)
                    for q in quantizers):
@@ -307,26 +314,44 @@ def _units_loaded(model: nn.Module, device: torch.device, weights_change: bool) 
             yield unit
 
 
-def _swap_linears(model: nn.Module, plan: list[Any], device: torch.device, records: list[Any]) -> list[Any]:
-    """``swap_linears``; for a model on disk one placement unit at a time, loaded on ``device`` (the weight
-    quantizers calibrate from the weights). ``records`` collects the swaps done, for undoing on error."""
-    if disk_weights(model) is None:
-        records.extend(swap_linears(model, plan))
+def _swap_linears(model: nn.Module, plan: list[Any], device: torch.device, records: list[Any],
+                  calibrate_weights: bool = True) -> list[Any]:
+    """``swap_linears``; for a model on disk whose weight quantizers calibrate now, one placement unit at a time,
+    loaded on ``device``. ``records`` collects the swaps done, for undoing on error."""
+    if disk_weights(model) is None or not calibrate_weights:
+        records.extend(swap_linears(model, plan, calibrate_weights=calibrate_weights))
         return records
+    for unit, items in _by_unit(model, plan, lambda item: item.name).items():
+        with onloaded(model.get_submodule(unit), device, weights_change=False):
+            records.extend(swap_linears(model, items))
+    return records
+
+
+def _by_unit(model: nn.Module, items: list[Any], name_of: Any) -> dict[str, list[Any]]:
+    """``items`` grouped by placement unit: the decoder layer holding each (named by ``name_of``), else itself."""
     try:
         path, layers = find_decoder_layers(model)
         layer_names = {f"{path}.{i}" for i in range(len(layers))}
     except ValueError:
         layer_names = set()
     groups: dict[str, list[Any]] = {}
-    for item in plan:
-        parts = item.name.split(".")
-        unit = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in layer_names), item.name)
+    for item in items:
+        parts = name_of(item).split(".")
+        unit = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in layer_names),
+                    name_of(item))
         groups.setdefault(unit, []).append(item)
-    for unit, items in groups.items():
+    return groups
+
+
+def _calibrate_missing_weights(model: nn.Module, device: torch.device) -> None:
+    """Calibrate the weight quantizers still without parameters (swapped uncalibrated, and not derived by an
+    algorithm: linears outside the decoder layers, or ones no algorithm targeted), one unit at a time on
+    ``device``, reading only the units that have any."""
+    missing = [(name, module) for name, module in quant_linears(model) if module.weight_qparams_missing()]
+    for unit, linears in _by_unit(model, missing, lambda item: item[0]).items():
         with onloaded(model.get_submodule(unit), device, weights_change=False):
-            records.extend(swap_linears(model, items))
-    return records
+            for _, module in linears:
+                module.recalibrate_weight()
 
 
 def _calibrate_layerwise(model: nn.Module, batches: list[Any], device: torch.device, quantizers: list[Any]) -> None:

@@ -141,13 +141,15 @@ def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def swap_linears(model: nn.Module, plan: list[PlannedModule]) -> list[SwapRecord]:
-    """Replace each planned ``nn.Linear`` by a ``QuantLinear`` sharing its Parameters."""
+def swap_linears(model: nn.Module, plan: list[PlannedModule], calibrate_weights: bool = True) -> list[SwapRecord]:
+    """Replace each planned ``nn.Linear`` by a ``QuantLinear`` sharing its Parameters (its weight quantizer
+    calibrated from the weight, unless ``calibrate_weights`` is False)."""
     records: list[SwapRecord] = []
     try:
         for item in plan:
             parent, attr = _parent_of(model, item.name)
-            quantized = QuantLinear.from_float(item.module, item.config, name=item.name)
+            quantized = QuantLinear.from_float(item.module, item.config, name=item.name,
+                                               calibrate_weight=calibrate_weights)
             _carry_hooks(item.module, quantized)
             setattr(parent, attr, quantized)
             records.append(SwapRecord(parent, attr, item.module))

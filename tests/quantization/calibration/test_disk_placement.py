@@ -27,6 +27,7 @@ from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.calibration.placement import modules_outside
 from quark.torch.quantization.config.config import QuaRotConfig
 from quark.torch.quantization.moe_experts import unfuse_experts
+from quark.torch.quantization.nn.modules.quantize_linear import QuantLinear
 from tests.helpers.tiny_models import tiny_config, token_batches
 
 REPO = Path(__file__).resolve().parents[3]
@@ -191,6 +192,40 @@ def test_a_pass_reads_the_embeddings_once_not_once_per_batch(checkpoints, tmp_pa
     ModelQuantizer(config, compute_device="cpu").quantize_model(model, token_batches(8))
     embeddings = [n for n in reads if "embed_tokens" in n]
     assert 1 <= len(embeddings) <= 2, embeddings  # the calibration pass's capture (and the tail's, if any)
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_weight_algorithms_read_each_decoder_layer_once(algorithm, checkpoints, tmp_path, monkeypatch):
+    """AWQ and GPTQ derive every weight quantizer of a layer while it is loaded for them, so swapping in the
+    quantized linears reads nothing: each decoder weight is read from the checkpoint once (a second read of
+    every layer was a whole extra pass over a 70B model on disk); the result equals the model in memory."""
+    import collections
+
+    reads: collections.Counter = collections.Counter()
+    real_read = weight_source.DiskWeights.read
+
+    def read(self, name, device="cpu"):
+        reads[name] += 1
+        return real_read(self, name, device)
+
+    monkeypatch.setattr(weight_source.DiskWeights, "read", read)
+    model = load_model_on_disk(checkpoints["llama"], tmp_path / "offload")
+    config = LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm=algorithm)
+    config.exclude = []  # lm_head too: no algorithm derives its quantizer, so it is calibrated after them
+    quantizer = ModelQuantizer(config, compute_device="cpu")
+    quantizer.quantize_model(model, token_batches(4))
+    layer_reads = {name: n for name, n in reads.items() if ".layers." in name}
+    assert layer_reads and set(layer_reads.values()) == {1}, layer_reads
+    assert isinstance(model.lm_head, QuantLinear)
+    assert "weight_qparams" in quantizer.summary.stage_seconds
+    assert not any(m.weight_qparams_missing() for m in model.modules() if isinstance(m, QuantLinear))
+    quantizer.freeze(model)
+    memory = load_model(checkpoints["llama"])
+    reference = ModelQuantizer(config, compute_device="cpu")
+    reference.quantize_model(memory, token_batches(4))
+    assert "weight_qparams" not in reference.summary.stage_seconds  # calibrated while swapping, as before
+    reference.freeze(memory)
+    _assert_equal_states(_state(model), _state(memory))
 
 
 def test_the_next_decoder_layer_is_read_in_the_background(checkpoints, tmp_path, monkeypatch):

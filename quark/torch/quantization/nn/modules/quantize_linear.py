@@ -54,8 +54,10 @@ class QuantLinear(nn.Linear):
         return quantizer
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, quant_config: QuantizationConfig, name: str = "") -> QuantLinear:
-        """Wrap ``linear`` (sharing its Parameters) and calibrate the weight quantizer from its weight."""
+    def from_float(cls, linear: nn.Linear, quant_config: QuantizationConfig, name: str = "",
+                   calibrate_weight: bool = True) -> QuantLinear:
+        """Wrap ``linear`` (sharing its Parameters) and calibrate the weight quantizer from its weight (unless
+        ``calibrate_weight`` is False: the caller calibrates it later, see :meth:`weight_qparams_missing`)."""
         with torch.device("meta"):
             module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                          quant_config=quant_config, name=name)
@@ -67,11 +69,21 @@ class QuantLinear(nn.Linear):
         rotation = getattr(linear, "input_rotation", None)
         if isinstance(rotation, torch.Tensor):
             module.input_rotation = rotation
-        if module.weight_quantizer is not None:
-            module.weight_quantizer.calibrate_from(linear.weight.detach())
-        if module.bias_quantizer is not None and linear.bias is not None:
-            module.bias_quantizer.calibrate_from(linear.bias.detach())
+        if calibrate_weight:
+            module.recalibrate_weight()
         return module
+
+    def weight_qparams_missing(self) -> bool:
+        """Whether a weight (or bias) quantizer that takes its parameters from the tensor has none yet."""
+        for quantizer, tensor in ((self.weight_quantizer, self.weight), (self.bias_quantizer, self.bias)):
+            if quantizer is None or tensor is None or not quantizer.needs_qparams:
+                continue
+            if quantizer.is_dynamic:  # only a second stage keeps a static scale (of the scales)
+                if quantizer.scale_quantizer is not None and quantizer.scale_quantizer.scale is None:
+                    return True
+            elif quantizer.scale is None:
+                return True
+        return False
 
     def recalibrate_weight(self) -> None:
         """Recompute weight (and bias) qparams from the current weight, unless an algorithm fixed them."""
