@@ -251,6 +251,56 @@ def _checkpoint_dtype(files: list[Path], config: Any) -> torch.dtype:
     return torch.float32
 
 
+#: The per-expert Linears :func:`unfuse_experts` makes of a fused expert tensor, in the order transformers
+#: concatenates the checkpoint's tensors into it.
+_UNFUSED_EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def _checkpoint_names(model: nn.Module, files: list[Path]) -> dict[str, str]:
+    """``{parameter name: checkpoint key}`` where transformers renames the checkpoint's tensors when it loads them
+    (Mixtral's ``block_sparse_moe.experts.<e>.w1`` for the unfused ``mlp.experts.<e>.gate_proj``; Gemma 3's and
+    Llava's ``language_model.*`` for ``model.language_model.*``), from the model's own conversion rules: renamings,
+    then the expert converters that fuse per-expert tensors (each mapped to the expert's unfused Linear). Empty
+    where transformers has no such rules."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion rules loads checkpoints by their names
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not transforms:
+        return {}
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    names: dict[str, str] = {}
+    for path in files:
+        for key in check_header(path):
+            name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+            if pattern is not None:
+                name = _unfused_expert_name(name, key, pattern, converters)
+            if name is not None and name != key:
+                names.setdefault(name, key)
+    return names
+
+
+def _unfused_expert_name(fused: str, key: str, pattern: str, converters: list[Any]) -> str | None:
+    """The unfused expert Linear's weight for checkpoint ``key``, which a converter's source ``pattern`` renamed to
+    the fused tensor ``fused`` (``...experts.gate_up_proj``), or None for a layout :func:`unfuse_experts` does not
+    make."""
+    import re
+
+    head, _, tensor = fused.rpartition(".")
+    if tensor not in _UNFUSED_EXPERTS:
+        return None
+    position = next((c.source_patterns.index(pattern) for c in converters if pattern in c.source_patterns), None)
+    expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    if position is None or position >= len(_UNFUSED_EXPERTS[tensor]) or expert is None or not expert.groups():
+        return None
+    return f"{head}.{expert.group(1)}.{_UNFUSED_EXPERTS[tensor][position]}.weight"
+
+
 def load_model_on_disk(model_dir: str | Path, offload_folder: str | Path, *, dtype: str = "auto",
                        trust_remote_code: bool = False) -> nn.Module:
     """The model of ``model_dir`` built on the meta device, its weights read from the safetensors shards
@@ -286,8 +336,9 @@ def load_model_on_disk(model_dir: str | Path, offload_folder: str | Path, *, dty
     if not_meta:
         raise ValueError(f"--offload disk: {type(model).__name__} creates parameters outside the meta device "
                          f"(e.g. {not_meta[:3]}); use --offload cpu")
+    renamed = _checkpoint_names(model, files)  # before unfusing: transformers reads the fused modules
     unfuse_experts(model)  # the checkpoints hold per-expert Linears (transformers fuses them when loading)
-    DiskWeights(files, offload_folder).attach(model)
+    DiskWeights(files, offload_folder, renamed).attach(model)
     if getattr(model, "can_generate", lambda: False)():
         # as from_pretrained reads it: the folder's generation_config.json, else the one config.json implies
         from transformers import GenerationConfig

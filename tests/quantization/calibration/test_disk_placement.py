@@ -259,6 +259,50 @@ def test_the_next_decoder_layer_is_read_in_the_background(checkpoints, tmp_path,
     _assert_equal_states(runs["1"][1], runs["0"][1])
 
 
+def _renamed_checkpoint(kind: str, folder: Path) -> tuple[str, dict]:
+    """A tiny checkpoint whose tensor names transformers converts when loading, saved in its original names: the
+    key that shows it, and the quantization to run (template config arguments)."""
+    torch.manual_seed(0)
+    if kind == "mixtral":  # the block renamed (block_sparse_moe -> mlp), the experts' w1/w3/w2 fused
+        config = transformers.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                            max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2)
+        transformers.MixtralForCausalLM(config).save_pretrained(folder)
+        return "model.layers.0.block_sparse_moe.experts.3.w3.weight", dict(scheme="int4_wo_32", algorithm="gptq")
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=128, sliding_window=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(folder)  # language_model.* -> model.*
+    return "language_model.model.layers.1.mlp.down_proj.weight", dict(scheme="int4_wo_32")
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gemma3_vlm"])
+def test_checkpoints_whose_names_transformers_converts_are_read_through_its_rules(kind, tmp_path):
+    """Mixtral's checkpoints name the experts ``block_sparse_moe.experts.<e>.w1/w2/w3`` and Gemma 3's (vision and
+    language) its decoder ``language_model.model.*``; transformers renames and fuses them when loading. The disk
+    placement finds each parameter's tensor (each unfused expert Linear's) through transformers' own rules and
+    quantizes as the model loaded into memory does."""
+    from safetensors import safe_open
+
+    folder = tmp_path / kind
+    original, arguments = _renamed_checkpoint(kind, folder)
+    with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as f:
+        assert original in set(f.keys())
+    results = []
+    for offload in (None, tmp_path / "offload"):
+        model = load_model(folder) if offload is None else load_model_on_disk(folder, offload)
+        if offload is None:
+            unfuse_experts(model)
+        config = LLMTemplate.get("mixtral" if kind == "mixtral" else "llama").get_config(**arguments)
+        quantizer = ModelQuantizer(config, compute_device="cpu", calibrate_all_experts=True)
+        quantizer.quantize_model(model, token_batches(4))
+        quantizer.freeze(model)
+        results.append(_state(model))
+    _assert_equal_states(results[0], results[1])
+
+
 def test_a_layer_written_after_it_was_read_ahead_is_read_from_its_new_copy(checkpoints, tmp_path):
     model = load_model_on_disk(checkpoints["llama"], tmp_path / "offload")
     source = weight_source.disk_weights(model)

@@ -76,9 +76,13 @@ class DiskWeights:
 
     :param files: the checkpoint's safetensors files (checked by the caller).
     :param offload_folder: where changed units are written (created if missing; the caller owns it).
+    :param checkpoint_names: the checkpoint key of each model parameter whose name differs from it (checkpoints
+        whose tensors the loading library renames), else looked up by the parameter's own name.
     """
 
-    def __init__(self, files: Sequence[str | Path], offload_folder: str | Path) -> None:
+    def __init__(self, files: Sequence[str | Path], offload_folder: str | Path,
+                 checkpoint_names: dict[str, str] | None = None) -> None:
+        self.renamed = dict(checkpoint_names or {})
         self.checkpoint: dict[str, Path] = {}
         self._headers: dict[Path, tuple[int, dict[str, dict]]] = {}
         for path in files:
@@ -135,6 +139,8 @@ class DiskWeights:
         for key in (name, *self.aliases.get(name, ())):
             if key in self.checkpoint:
                 return key
+            if self.renamed.get(key) in self.checkpoint:
+                return self.renamed[key]
         return None
 
     def _source(self, name: str) -> tuple[Path, str]:
