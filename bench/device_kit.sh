@@ -10,10 +10,13 @@
 #   bash .gpuq/scripts/call_disk.sh     carry .gpuq/whl312 .gpuq/scripts          disk placement, read-ahead on/off
 #   bash .gpuq/scripts/call_big.sh      carry .gpuq/whl312 .gpuq/scripts          32-layer 8B speed, 70B from disk
 #   bash .gpuq/scripts/call_profile.sh  carry .gpuq/whl312 .gpuq/scripts          stage profile, memory trace, clip kernel
+#   bash .gpuq/scripts/call_ab.sh       carry .gpuq/whl312 .gpuq/scripts .gpuq/base   this tree against BASE (a git
+#                                       revision, default HEAD~1: BASE=<rev> bash bench/device_kit.sh), runs in turns
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gpuq/' .git/info/exclude 2>/dev/null || echo '/.gpuq/' >> .git/info/exclude
-rm -rf .gpuq/p1 .gpuq/p2 .gpuq/scripts
+rm -rf .gpuq/p1 .gpuq/p2 .gpuq/scripts .gpuq/base
+mkdir -p .gpuq/base && git archive "${BASE:-HEAD~1}" quark bench | tar -x -C .gpuq/base
 mkdir -p .gpuq/whl312 .gpuq/ref .gpuq/p1 .gpuq/p2 .gpuq/assets .gpuq/scripts
 py312=(--only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
        --platform any)
@@ -80,5 +83,16 @@ timeout 150 python3 bench/bench_speed.py --shape 8b --layers 4 --device cuda --r
   --profile "$OUT/prof" --profile_layers 2:4
 timeout 100 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu,gptq:cpu --memory_trace "$OUT/mem"
 timeout 60 python3 bench/bench_clip_kernel.py | tee "$OUT/clip.jsonl"
+EOS
+cat > .gpuq/scripts/call_ab.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+# one machine, the two trees in turns (the first run of a fresh machine is slower in everything)
+timeout 40 python3 bench/bench_awq_candidates.py
+for tree in new base new base; do
+  root=$PWD; [ $tree = base ] && root=$PWD/.gpuq/base
+  echo "== $tree"
+  PYTHONPATH=/tmp/site:$root timeout 60 python3 "$root/bench/bench_speed.py" --shape 8b --layers 6 --device cuda \
+    --runs "${RUNS:-awq:cpu}" | tee -a "$OUT/ab_$tree.jsonl"
+done
 EOS
 du -sh .gpuq/*

@@ -57,3 +57,25 @@ def test_second_step_is_progressive() -> None:
     assert step2.unique().numel() > 1 and not torch.equal(step2, original)
     attention = model.model.layers[1].self_attn.q_proj
     assert attention.weight_quantizer.spec.dtype.name == "fp8_e4m3"
+
+
+def test_only_stacks_of_matrices_count_as_experts(caplog) -> None:
+    """A 3-D parameter that is a single [1, n, H] probe or token, or a convolution's kernel, is not a fused experts
+    module (no warning that experts stay in float); a stack of matrices in an unknown layout is."""
+    from quark.torch.quantization.moe_experts import fused_expert_modules
+
+    class Probe(nn.Module):  # SigLIP's pooling head: a [1, 1, H] query
+        def __init__(self) -> None:
+            super().__init__()
+            self.probe = nn.Parameter(torch.zeros(1, 1, 8))
+
+    class OddExperts(nn.Module):  # 4 experts' weights in a layout quark does not know
+        def __init__(self) -> None:
+            super().__init__()
+            self.weights = nn.Parameter(torch.zeros(4, 8, 8))
+
+    model = nn.Sequential(Probe(), nn.Conv1d(4, 4, 3), OddExperts())
+    assert fused_expert_modules(model) == ([], ["2"])
+    with caplog.at_level("WARNING"):
+        assert moe.unfuse_experts(model) == []
+    assert caplog.text.count("layout quark does not unfuse") == 1 and "2 holds" in caplog.text

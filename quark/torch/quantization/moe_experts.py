@@ -176,7 +176,10 @@ def _layout(module: nn.Module) -> str | None:
     ``"gpt_oss"``, ``"unknown"`` (3-D parameters of another layout), or None (not a fused experts module)."""
     if _dbrx_layout_ok(module):
         return "dbrx"
-    if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+    # a stack of at least two matrices; not a convolution's kernel nor a [1, n, H] token or probe (SigLIP's
+    # pooling head, ViTs' class tokens)
+    if isinstance(module, nn.modules.conv._ConvNd) or not any(
+            p.dim() == 3 and p.shape[0] > 1 for p in module.parameters(recurse=False)):
         return None
     for layout, recognised in (("routed", _fused_layout_ok), ("dense", _dense_layout_ok),
                                ("gpt_oss", _gpt_oss_layout_ok)):
