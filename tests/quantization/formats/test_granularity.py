@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from quark.torch.quantization.formats import broadcast_param, param_shape, reduce_amax, reduce_minmax
+from quark.torch.quantization.formats.granularity import grouped_view, normalize_axis
 
 
 def test_param_shapes() -> None:
@@ -87,3 +88,28 @@ def test_errors_name_the_field() -> None:
         broadcast_param(torch.zeros(6, 2), (2, 172), "per_group", ch_axis=-1, group_size=32)
     with pytest.raises(ValueError, match="one element"):
         broadcast_param(torch.zeros(2), (2, 3), "per_tensor")
+
+
+@pytest.mark.parametrize(("shape", "axis", "g"), [((6, 64), -1, 16), ((6, 64), 1, 32), ((32, 5), 0, 8),
+                                                   ((3, 24, 4), 1, 8), ((6, 60), -1, 16)])
+def test_grouped_parameters_equal_parameters_copied_to_every_element(shape, axis, g) -> None:
+    """quantize / dequantize / fake_quantize view per-group tensors as [..., groups, group, ...] against each
+    group's parameter once (no per-element copy): the same codes and values as with the parameters broadcast to
+    every element (a partial last group, 60 = 3 x 16 + 12, keeps the per-element path)."""
+    from quark.torch.quantization.formats.affine import dequantize, fake_quantize, quantize
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    pshape = param_shape(shape, "per_group", axis, g)
+    scale = torch.rand(pshape, generator=gen) * 0.2 + 0.01
+    zero = torch.randint(0, 16, pshape, generator=gen).float()
+    grid = dict(qscheme="per_group", ch_axis=axis, group_size=g)
+    s = broadcast_param(scale, shape, "per_group", axis, g)
+    z = broadcast_param(zero, shape, "per_group", axis, g)
+    expected = (torch.round(x.float() * torch.reciprocal(s)) + z).clamp(0, 15) + 0.0  # uint4, half to even
+    codes = quantize(x, scale, zero, "uint4", **grid)
+    assert codes.shape == x.shape and torch.equal(codes.float(), expected)
+    assert torch.equal(dequantize(codes, scale, zero, "uint4", **grid), (expected - z) * s)
+    assert torch.equal(fake_quantize(x, scale, zero, "uint4", **grid), ((expected - z) * s).to(x.dtype))
+    if grouped_view(shape, "per_group", axis, g) is None:
+        assert shape[normalize_axis(axis, len(shape))] % g

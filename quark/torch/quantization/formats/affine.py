@@ -37,7 +37,7 @@ import torch
 from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
 from quark.torch.quantization.formats._common import as_dtype, round_values
 from quark.torch.quantization.formats.floats import _round_grid_f32, code_to_float, float_to_code
-from quark.torch.quantization.formats.granularity import broadcast_param
+from quark.torch.quantization.formats.granularity import broadcast_param, grouped_view, param_shape
 from quark.torch.quantization.formats.table import FORMATS, FormatInfo
 
 __all__ = ["INTEGER_DIVISIONS", "dequantize", "divide_by_scale", "fake_quantize", "fake_quantize_broadcast",
@@ -128,25 +128,40 @@ def _check_grid_reach(scale: torch.Tensor, zero_point: torch.Tensor | None, info
 def _params(x_shape: torch.Size, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
             qscheme: QSchemeType | str, ch_axis: int | None, group_size: int | None,
             owner: str, device: torch.device, info: FormatInfo,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(scale to divide by, scale to multiply by, zero point), broadcast to ``x_shape``, float32."""
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """(scale to divide by, scale to multiply by, zero point, shape): float32 parameters that broadcast against
+    the tensor viewed as ``shape``. Groups that tile their axis are views ``[..., groups, group, ...]`` with each
+    group's parameter once (:func:`grouped_view`), not copied to every element; other granularities broadcast to
+    ``x_shape`` itself. Every element meets the same parameter values either way."""
     if scale is None:
         raise ValueError(f"{owner}: scale is required for integer and scaled float dtypes")
     if not isinstance(scale, torch.Tensor):
         scale = torch.tensor(scale)
     _check_finite_param(scale, "scale", owner)
-    s = broadcast_param(scale.to(device=device, dtype=torch.float32), x_shape, qscheme, ch_axis,
-                        group_size)
-    s_div = torch.where(s == 0, torch.full_like(s, _TINY), s)
-    zp = None
     if zero_point is not None:
         if not isinstance(zero_point, torch.Tensor):
             zero_point = torch.tensor(zero_point)
         _check_finite_param(zero_point, "zero_point", owner)
-        zp = broadcast_param(zero_point.to(device=device, dtype=torch.float32), x_shape, qscheme,
-                             ch_axis, group_size)
+    grouped = grouped_view(x_shape, qscheme, ch_axis, group_size)
+    if grouped is None:
+        shape = tuple(int(n) for n in x_shape)
+        def place(p: torch.Tensor) -> torch.Tensor:
+            return broadcast_param(p.to(device=device, dtype=torch.float32), shape, qscheme, ch_axis, group_size)
+    else:
+        shape, axis = grouped
+        expected = param_shape(x_shape, qscheme, ch_axis, group_size)
+
+        def place(p: torch.Tensor) -> torch.Tensor:
+            if tuple(p.shape) != expected:
+                raise ValueError(f"formats.broadcast_param: per_group parameter for a tensor of shape "
+                                 f"{tuple(x_shape)} (ch_axis={ch_axis}, group_size={group_size}) must have shape "
+                                 f"{expected}, got {tuple(p.shape)}")
+            return p.to(device=device, dtype=torch.float32).unsqueeze(axis + 1)
+    s = place(scale)
+    s_div = torch.where(s == 0, torch.full_like(s, _TINY), s)
+    zp = None if zero_point is None else place(zero_point)
     _check_grid_reach(scale, zero_point, info, owner)
-    return s_div, s, zp
+    return s_div, s, zp, shape
 
 
 def _int_levels(xf: torch.Tensor, s_div: torch.Tensor, zp: torch.Tensor | None, info: FormatInfo,
@@ -173,17 +188,17 @@ def quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tens
     info = _scaled_info(dtype, owner)
     if info.kind == "cast":
         return x.to(info.torch_dtype)
-    s_div, _, zp = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device, info)
-    xf = x.float()
+    s_div, _, zp, shape = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device, info)
+    xf = x.float().reshape(shape)
     if info.kind == "int":
         levels = _int_levels(xf, s_div, zp, info, round_method)
         if torch.isnan(levels).any():
             raise ValueError(f"{owner}: the input contains NaN, which {info.dtype.name} cannot encode")
-        return levels.to(torch.int8 if info.signed else torch.uint8)
+        return levels.to(torch.int8 if info.signed else torch.uint8).reshape(x.shape)
     v = xf / s_div
     if info.torch_dtype is not None:  # fp8
-        return v.clamp(-info.qmax, info.qmax).to(info.torch_dtype)
-    return float_to_code(v, info.dtype)
+        return v.clamp(-info.qmax, info.qmax).to(info.torch_dtype).reshape(x.shape)
+    return float_to_code(v, info.dtype).reshape(x.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
@@ -194,13 +209,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Te
     info = _scaled_info(dtype, owner)
     if info.kind == "cast":
         return q.to(out_dtype)
-    _, s, zp = _params(q.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, q.device, info)
+    _, s, zp, shape = _params(q.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, q.device, info)
     if info.kind == "int":
-        v = q.float()
+        v = q.float().reshape(shape)
         if zp is not None:
             v = v - zp
-        return (v * s).to(out_dtype)
-    return (code_to_float(q, info.dtype) * s).to(out_dtype)
+        return (v * s).to(out_dtype).reshape(q.shape)
+    return (code_to_float(q, info.dtype).reshape(shape) * s).to(out_dtype).reshape(q.shape)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
@@ -215,8 +230,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch
     info = _scaled_info(dtype, owner)
     if info.kind == "cast":
         return x.to(info.torch_dtype).to(x.dtype)
-    s_div, s, zp = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device, info)
-    return _fake_quantize_with(x, s_div, s, zp, info, round_method)
+    s_div, s, zp, shape = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device, info)
+    return _fake_quantize_with(x.reshape(shape), s_div, s, zp, info, round_method).reshape(x.shape)
 
 
 def fake_quantize_broadcast(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

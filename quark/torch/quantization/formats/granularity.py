@@ -26,6 +26,7 @@ from quark.torch.quantization.config.type import QSchemeType
 __all__ = [
     "as_qscheme",
     "broadcast_param",
+    "grouped_view",
     "normalize_axis",
     "param_shape",
     "reduce_amax",
@@ -117,6 +118,22 @@ def reduce_amax(x: torch.Tensor, qscheme: QSchemeType | str, ch_axis: int | None
         return a.movedim(axis, 0).reshape(x.shape[axis], -1).amax(dim=1)
     g = _check_group_size(group_size)
     return to_blocks(a, axis, g, pad_value=0.0).amax(dim=-1).movedim(-1, axis)
+
+
+def grouped_view(x_shape: torch.Size | tuple[int, ...], qscheme: QSchemeType | str, ch_axis: int | None = None,
+                 group_size: int | None = None) -> tuple[tuple[int, ...], int] | None:
+    """For per_group parameters of a tensor whose grouped axis is a multiple of the group: ``(shape, axis)``,
+    the tensor's shape with that axis split into ``(groups, group)`` and where the groups are, so that a canonical
+    parameter with a unit dimension after its group axis (``p.unsqueeze(axis + 1)``) broadcasts against the tensor
+    viewed so (no copy of the parameter per element). None otherwise."""
+    if as_qscheme(qscheme) != QSchemeType.per_group:
+        return None
+    shape = tuple(int(s) for s in x_shape)
+    axis = normalize_axis(ch_axis, len(shape))
+    g = _check_group_size(group_size)
+    if shape[axis] % g:
+        return None
+    return (*shape[:axis], shape[axis] // g, g, *shape[axis + 1:]), axis
 
 
 def broadcast_param(p: torch.Tensor, x_shape: torch.Size | tuple[int, ...],
