@@ -52,8 +52,9 @@ class QuantizationSummary:
     seconds: float = 0.0
     algorithms: list[str] = field(default_factory=list)
     #: seconds of each stage that ran: ``pre_quant`` (rotation, SmoothQuant), ``swap_linears`` (quantizers
-    #: inserted, weight quantizers calibrated), ``algorithms`` (AWQ, GPTQ), ``calibrate`` (activation ranges),
-    #: ``finalize`` (scales fixed)
+    #: inserted, weight quantizers calibrated), ``algorithms`` (AWQ, GPTQ), ``weight_qparams`` (weight quantizers
+    #: the algorithms left, when the swap deferred them), ``calibrate`` (activation ranges), ``finalize`` (scales
+    #: fixed)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -167,17 +168,15 @@ class ModelQuantizer:
                 with _stage("pre_quant", stages):
                     algorithm_runner("pre_quant")(model, pre, self.config, batches, device)
                 plan, excluded = plan_quantization(model, self.config)
-            # AWQ and GPTQ derive every weight quantizer of the decoder layers they change on the compute device;
-            # a model not wholly there skips calibrating them while swapping (a pass over all of its weights in
-            # CPU memory, or a read of every layer from disk); what is left is calibrated after the algorithms
+            # AWQ and GPTQ change weights one decoder layer at a time and leave every weight quantizer of the layer
+            # matching its weight (fixed by GPTQ, or refreshed) while the layer is on the compute device. A model not
+            # wholly there therefore skips calibrating them while swapping (a pass over all of its weights in CPU
+            # memory, or a read of every layer from disk); the quantizers no algorithm derived are calibrated after.
             deferred = layerwise and bool(advanced)
             with _stage("swap_linears", stages):
                 records = _swap_linears(model, plan, device, records, calibrate_weights=not deferred)
             attention_patch = attach_attention_quantizers(model, self.config)
             if advanced:
-                # AWQ and GPTQ change weights one decoder layer at a time and leave every weight quantizer
-                # of the layer matching its weight (fixed by GPTQ, or refreshed) while the layer is on the
-                # compute device: no second pass over the layers
                 with _stage("algorithms", stages):
                     algorithm_runner("advanced")(model, advanced, self.config, batches, device)
             if deferred:

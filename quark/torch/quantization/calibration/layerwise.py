@@ -327,10 +327,6 @@ def _layer_inputs(args_list: Sequence[tuple], kwargs_list: Sequence[dict], state
 BACKUP_PIECE_BYTES = 512 * 1024**2
 
 
-def _as_is(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 class ModelBackup:
     """Copies of module states taken before an algorithm changes them, for restoring on error.
 
@@ -362,8 +358,9 @@ class ModelBackup:
         while len(self._pending) >= 2:
             self._pending.pop(0).result()
         assert self._writer is not None
-        # tensor by tensor from where they are (save_file would first copy the whole piece into one bytes object)
-        self._pending.append(self._writer.submit(save_streamed, piece, path, _as_is))
+        # tensor by tensor (the pieces are in CPU memory already; save_file would first copy a whole piece into one
+        # bytes object)
+        self._pending.append(self._writer.submit(save_streamed, piece, path))
 
     def save(self, module: nn.Module, copy: bool = True) -> None:
         """Keep the state of ``module`` (once per module). ``copy=False``: its CPU tensors are written as they
