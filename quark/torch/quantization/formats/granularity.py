@@ -98,7 +98,11 @@ def reduce_minmax(x: torch.Tensor, qscheme: QSchemeType | str, ch_axis: int | No
     axis = normalize_axis(ch_axis, x.ndim)
     if qs == QSchemeType.per_channel:
         flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
-        return tuple(flat.aminmax(dim=1)) if one_pass and flat.numel() else (flat.amin(dim=1), flat.amax(dim=1))  # type: ignore[return-value]
+        # along a dimension, PyTorch's CPU aminmax is several times slower than amin and amax (2 cores, a
+        # 14336 x 4096 bf16 weight: 70 ms against 10 ms); on a GPU it reads the tensor once
+        if one_pass and flat.numel() and x.device.type != "cpu":
+            return tuple(flat.aminmax(dim=1))  # type: ignore[return-value]
+        return flat.amin(dim=1), flat.amax(dim=1)
     g = _check_group_size(group_size)
     # Pad with +inf for the min and -inf for the max so padding never wins a reduction.
     mins = to_blocks(x, axis, g, pad_value=math.inf).amin(dim=-1).movedim(-1, axis)
