@@ -41,23 +41,30 @@ CLIP_NUM_WARPS: int | None = None
 
 
 @triton.jit
+def _group_tile(rows, cols, groups, GS: tl.constexpr, BR: tl.constexpr):
+    """This program's tile of a ``[batch, rows, groups * GS]`` weight: program axis 0 is (candidate ``b``, group
+    ``g``), axis 1 a block of ``BR`` rows ``r``. Returns ``b``, ``g``, ``r``, the group's columns ``c``, the rows'
+    mask, the tile's element offsets and each row's offset in ``[batch, rows, groups]`` tensors."""
+    pid = tl.program_id(0)
+    b = pid // groups
+    g = pid % groups
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    c = tl.arange(0, GS)
+    at = b * rows * cols + r[:, None] * cols + g * GS + c[None, :]
+    return b, g, r, c, r < rows, at, (b * rows + r) * groups + g
+
+
+@triton.jit
 def _clip_search_kernel(w_ptr, s_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_ptr, ratio_ptr, best_ptr,
                         rows, cols, groups, qmin, qmax,
                         GS: tl.constexpr, BR: tl.constexpr, STEPS: tl.constexpr, HAS_S: tl.constexpr,
                         METHOD: tl.constexpr, ZERO_FREE: tl.constexpr, EXACT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // groups
-    g = pid % groups
-    r = tl.program_id(1) * BR + tl.arange(0, BR)
-    in_rows = r < rows
-    c = tl.arange(0, GS)
-    w = tl.load(w_ptr + b * rows * cols + r[:, None] * cols + g * GS + c[None, :], mask=in_rows[:, None],
-                other=0.0).to(tl.float32)
+    b, g, r, c, in_rows, at, row_group = _group_tile(rows, cols, groups, GS, BR)
+    w = tl.load(w_ptr + at, mask=in_rows[:, None], other=0.0).to(tl.float32)
     cov = tl.load(cov_ptr + g * GS * GS + c[:, None] * GS + c[None, :])
     if HAS_S:
         s = tl.load(s_ptr + b * cols + g * GS + c)
-    row_group = (b * rows + r) * groups + g
     max0 = tl.load(max_ptr + row_group, mask=in_rows, other=0.0)
     best_err = tl.full([BR], float("inf"), tl.float32)
     best_k = tl.zeros([BR], tl.int32)
@@ -120,16 +127,9 @@ def _round_bf16(x):
 def _clipped_candidates_kernel(x_ptr, s_ptr, bound_ptr, scale_ptr, inv_ptr, zp_ptr, out_ptr, rows, cols, groups,
                                qmin, qmax, GS: tl.constexpr, BR: tl.constexpr, BF16: tl.constexpr,
                                METHOD: tl.constexpr, ZERO_FREE: tl.constexpr, EXACT: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // groups
-    g = pid % groups
-    r = tl.program_id(1) * BR + tl.arange(0, BR)
-    in_rows = r < rows
-    c = tl.arange(0, GS)
-    at = b * rows * cols + r[:, None] * cols + g * GS + c[None, :]
+    b, g, _, c, in_rows, at, p = _group_tile(rows, cols, groups, GS, BR)
     x = tl.load(x_ptr + at, mask=in_rows[:, None], other=0.0).to(tl.float32)
     s = tl.load(s_ptr + b * cols + g * GS + c).to(tl.float32)
-    p = (b * rows + r) * groups + g
     bound = tl.load(bound_ptr + p, mask=in_rows, other=0.0)
     scale = tl.load(scale_ptr + p, mask=in_rows, other=1.0)
     inv = tl.load(inv_ptr + p, mask=in_rows, other=1.0)
