@@ -5,7 +5,12 @@ candidate's search, as in AWQ's scale search) for each variant of the Triton ker
 warps and ``e C`` precision, and the share of (row, group) choices that equal the default variant's.
 Prints one JSON object per variant; not a timed test.
 
-    python bench/bench_clip_kernel.py
+With ``--candidates``: one AWQ scale candidate's weights ``Q(clip(w * s)) / s`` on the same weight with symmetric
+int4 groups (the Llama template's), the PyTorch ops (clipping through the clip kernel, then fake quantization and
+the division in PyTorch) against the fused path (the clip kernel reading the bf16 candidates, one kernel for the
+rest), and their parts; checks that both give the same weights. Prints one JSON object.
+
+    python bench/bench_clip_kernel.py [--candidates]
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=14336)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--candidates", action="store_true",
+                        help="time AWQ's candidate weights (PyTorch ops against the fused kernels) instead")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"error": "needs a CUDA device"}))
@@ -37,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     w = (torch.randn(args.rows, args.cols, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
     x = torch.randn(4096, args.cols, device="cuda", generator=gen) * (torch.rand(args.cols, device="cuda") * 3 + 0.1)
     cov = awq.group_input_covariance(x.to(torch.bfloat16), args.group)
+    if args.candidates:
+        grid = WeightGrid(Dtype.int4, QSchemeType.per_group, args.group, True, RoundType.half_even)
+        se = (torch.rand(1, args.cols, device="cuda", generator=gen) + 0.5).to(torch.bfloat16)
+        _time_candidates(w, se, cov, grid, args.group)
+        return 0
     grid = WeightGrid(Dtype.uint4, QSchemeType.per_group, args.group, False, RoundType.half_even)
     scales = torch.rand(1, args.cols, device="cuda") + 0.5
     scaled = (w[None] * scales[:, None, :]).to(torch.bfloat16)
@@ -57,6 +69,34 @@ def main(argv: list[str] | None = None) -> int:
                           "ms": round(ms, 3), "same_as_default": same,
                           "device": torch.cuda.get_device_name()}), flush=True)
     return 0
+
+
+def _time_candidates(w: torch.Tensor, se: torch.Tensor, cov: torch.Tensor, grid, group: int) -> None:
+    """``--candidates``: the two paths of one candidate's weights and their parts, as one JSON object."""
+    import triton.testing
+
+    from quark.torch.algorithm.awq import awq
+    from quark.torch.algorithm.kernels.clip import best_clip_steps
+
+    scaled = w[None] * se[:, None, :]
+    rows, cols = w.shape
+    xg = scaled.reshape(1, rows, cols // group, group)
+    lo, hi = (t.float() for t in torch.aminmax(xg, dim=-1))
+    max0 = torch.maximum(-lo, hi)
+    ratios = 1 - torch.arange(awq.CLIP_STEPS, device=w.device, dtype=torch.float32) / awq.N_GRID
+    scale, zp = awq._clipped_qparams(lo[:, None], hi[:, None], max0[:, None] * ratios[None, :, None, None], grid, None)
+    ms = {
+        "pytorch_ops": triton.testing.do_bench(lambda: awq._candidate_weights_torch(scaled, se, cov, grid), rep=300),
+        "fused": triton.testing.do_bench(lambda: awq._fused_candidate_weights(scaled, cov, grid, se), rep=300),
+        "part_scale_weights": triton.testing.do_bench(lambda: w[None] * se[:, None, :], rep=100),
+        "part_aminmax": triton.testing.do_bench(lambda: torch.aminmax(xg, dim=-1), rep=100),
+        "part_clip_kernel": triton.testing.do_bench(
+            lambda: best_clip_steps(xg, max0, scale, zp, ratios, cov, grid, se), rep=300),
+    }
+    same = torch.equal(awq._candidate_weights_torch(scaled, se, cov, grid),
+                       awq._fused_candidate_weights(scaled, cov, grid, se))
+    print(json.dumps({"ms": {k: round(v, 3) for k, v in ms.items()}, "bit_identical": same,
+                      "device": torch.cuda.get_device_name()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ EOS
 cat > .gpuq/scripts/call_ab.sh <<'EOS'
 source .gpuq/scripts/setup.sh
 # one machine, the two trees in turns (the first run of a fresh machine is slower in everything)
-timeout 40 python3 bench/bench_awq_candidates.py
+timeout 40 python3 bench/bench_clip_kernel.py --candidates
 for tree in new base new base; do
   root=$PWD; [ $tree = base ] && root=$PWD/.gpuq/base
   echo "== $tree"
