@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,10 +269,10 @@ def _checkpoint_names(model: nn.Module, files: list[Path]) -> dict[str, str]:
     except ImportError:  # a transformers without conversion rules loads checkpoints by their names
         return {}
     transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
     if not transforms:
         return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
     meta = model.state_dict()
     prefix = getattr(model, "base_model_prefix", None)
     names: dict[str, str] = {}
@@ -289,8 +290,6 @@ def _unfused_expert_name(fused: str, key: str, pattern: str, converters: list[An
     """The unfused expert Linear's weight for checkpoint ``key``, which a converter's source ``pattern`` renamed to
     the fused tensor ``fused`` (``...experts.gate_up_proj``), or None for a layout :func:`unfuse_experts` does not
     make."""
-    import re
-
     head, _, tensor = fused.rpartition(".")
     if tensor not in _UNFUSED_EXPERTS:
         return None

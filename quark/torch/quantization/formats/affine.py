@@ -37,7 +37,7 @@ import torch
 from quark.torch.quantization.config.type import Dtype, QSchemeType, RoundType
 from quark.torch.quantization.formats._common import as_dtype, round_values
 from quark.torch.quantization.formats.floats import _round_grid_f32, code_to_float, float_to_code
-from quark.torch.quantization.formats.granularity import broadcast_param, grouped_view, param_shape
+from quark.torch.quantization.formats.granularity import broadcast_param, group_param, grouped_view
 from quark.torch.quantization.formats.table import FORMATS, FormatInfo
 
 __all__ = ["INTEGER_DIVISIONS", "dequantize", "divide_by_scale", "fake_quantize", "fake_quantize_broadcast",
@@ -143,20 +143,14 @@ def _params(x_shape: torch.Size, scale: torch.Tensor | None, zero_point: torch.T
             zero_point = torch.tensor(zero_point)
         _check_finite_param(zero_point, "zero_point", owner)
     grouped = grouped_view(x_shape, qscheme, ch_axis, group_size)
-    if grouped is None:
-        shape = tuple(int(n) for n in x_shape)
-        def place(p: torch.Tensor) -> torch.Tensor:
-            return broadcast_param(p.to(device=device, dtype=torch.float32), shape, qscheme, ch_axis, group_size)
-    else:
-        shape, axis = grouped
-        expected = param_shape(x_shape, qscheme, ch_axis, group_size)
+    shape = tuple(int(n) for n in x_shape) if grouped is None else grouped[0]
 
-        def place(p: torch.Tensor) -> torch.Tensor:
-            if tuple(p.shape) != expected:
-                raise ValueError(f"formats.broadcast_param: per_group parameter for a tensor of shape "
-                                 f"{tuple(x_shape)} (ch_axis={ch_axis}, group_size={group_size}) must have shape "
-                                 f"{expected}, got {tuple(p.shape)}")
-            return p.to(device=device, dtype=torch.float32).unsqueeze(axis + 1)
+    def place(p: torch.Tensor) -> torch.Tensor:
+        p = p.to(device=device, dtype=torch.float32)
+        if grouped is None:
+            return broadcast_param(p, x_shape, qscheme, ch_axis, group_size)
+        return group_param(p, x_shape, ch_axis, group_size)
+
     s = place(scale)
     s_div = torch.where(s == 0, torch.full_like(s, _TINY), s)
     zp = None if zero_point is None else place(zero_point)

@@ -26,6 +26,7 @@ from quark.torch.quantization.config.type import QSchemeType
 __all__ = [
     "as_qscheme",
     "broadcast_param",
+    "group_param",
     "grouped_view",
     "normalize_axis",
     "param_shape",
@@ -165,9 +166,24 @@ def broadcast_param(p: torch.Tensor, x_shape: torch.Size | tuple[int, ...],
         view = [1] * len(shape)
         view[axis] = expected[0]
         return p.reshape(view).expand(shape)
+    _check_group_param(p, shape, ch_axis, group_size)
+    g = _check_group_size(group_size)
+    return p.repeat_interleave(g, dim=axis).narrow(axis, 0, shape[axis])
+
+
+def group_param(p: torch.Tensor, x_shape: torch.Size | tuple[int, ...], ch_axis: int | None,
+                group_size: int | None) -> torch.Tensor:
+    """A per_group parameter of canonical shape with a unit dimension after its group axis: broadcasts against the
+    tensor viewed as :func:`grouped_view`'s shape (each group's value once, where :func:`broadcast_param` copies it
+    to every element). Checked as :func:`broadcast_param` checks it."""
+    shape = tuple(int(s) for s in x_shape)
+    _check_group_param(p, shape, ch_axis, group_size)
+    return p.unsqueeze(normalize_axis(ch_axis, len(shape)) + 1)
+
+
+def _check_group_param(p: torch.Tensor, shape: tuple[int, ...], ch_axis: int | None, group_size: int | None) -> None:
+    expected = param_shape(shape, QSchemeType.per_group, ch_axis, group_size)
     if tuple(p.shape) != expected:
         raise ValueError(f"formats.broadcast_param: per_group parameter for a tensor of shape {shape} "
                          f"(ch_axis={ch_axis}, group_size={group_size}) must have shape {expected}, "
                          f"got {tuple(p.shape)}")
-    g = _check_group_size(group_size)
-    return p.repeat_interleave(g, dim=axis).narrow(axis, 0, shape[axis])
