@@ -71,29 +71,28 @@ SCHEMES = {
 PLACEMENTS = ("gpu", "cpu", "disk")
 
 
-def _peak_rss_gib() -> float:
-    """Peak resident memory of this process: VmHWM on Linux (``ru_maxrss`` of a forked child starts at
-    its parent's), ``ru_maxrss`` elsewhere."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None where there is none."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return None
+
+
+def _peak_rss_gib() -> float:
+    """Peak resident memory of this process: VmHWM on Linux (``ru_maxrss`` of a forked child starts at
+    its parent's), ``ru_maxrss`` elsewhere."""
+    peak = _proc_status_bytes("VmHWM")
+    return peak / 2**30 if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _rss_bytes() -> int:
     """Resident memory of this process now (VmRSS on Linux, 0 elsewhere)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 class _RssSampler:
