@@ -90,6 +90,12 @@ def _peak_rss_gib() -> float:
     return peak / 2**30 if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _rss_split_gib() -> tuple[float, float]:
+    """Resident memory now split into anonymous (the process's allocations) and file-backed (the shared libraries'
+    pages: CUDA's, cuBLAS's, Triton's compiler, loaded on first use) GiB; zeros where /proc is absent."""
+    return tuple(round((_proc_status_bytes(f) or 0) / 2**30, 2) for f in ("RssAnon", "RssFile"))
+
+
 def _rss_bytes() -> int:
     """Resident memory of this process now (VmRSS on Linux, 0 elsewhere)."""
     return _proc_status_bytes("VmRSS") or 0
@@ -103,6 +109,7 @@ class _RssSampler:
         import threading
 
         self.before = self.peak = 0
+        self.split_before = self.split_after = (0.0, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -112,6 +119,7 @@ class _RssSampler:
 
     def __enter__(self) -> _RssSampler:
         self.before = self.peak = _rss_bytes()
+        self.split_before = _rss_split_gib()
         self._thread.start()
         return self
 
@@ -119,6 +127,7 @@ class _RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_bytes())
+        self.split_after = _rss_split_gib()
 
 
 def _shape_config(shape: str, layers: int | None):
@@ -292,7 +301,9 @@ def run_one(args: argparse.Namespace) -> dict:
         # quantize_model's stages (swap_linears, algorithms, calibrate, finalize) and the runners' input captures
         "stage_seconds": {k: round(v, 3) for k, v in _stage_seconds(quantizer).items()},
         "capture_seconds": [round(s, 3) for s in capture_seconds],
-        # [resident GiB, page-locked GiB] of the process as each layer's pass ended
+        # [anonymous, file-backed] resident GiB before quantizing and after freezing
+        "host_split_before_gib": list(host.split_before), "host_split_after_gib": list(host.split_after),
+        # [resident, page-locked, anonymous, file-backed] GiB of the process as each layer's pass ended
         "layer_host_gib": [list(h) for h in layer_host],
         "pinned_host_gib": round(_pinned_bytes() / 2**30, 2),
     }
@@ -323,13 +334,14 @@ def _pinned_bytes() -> int:
         return 0
 
 
-def _layer_times() -> tuple[list[float], list[tuple[float, float]], list[float]]:
-    """The seconds of each decoder layer's algorithm pass, the resident and page-locked host memory (GiB) when it
-    ended, and the seconds of each capture of the decoder inputs, filled from the layer-by-layer runner's log."""
+def _layer_times() -> tuple[list[float], list[tuple[float, ...]], list[float]]:
+    """The seconds of each decoder layer's algorithm pass, the host memory (GiB: resident, page-locked, anonymous,
+    file-backed) when it ended, and the seconds of each capture of the decoder inputs, filled from the
+    layer-by-layer runner's log."""
     import logging
 
     seconds: list[float] = []
-    host: list[tuple[float, float]] = []
+    host: list[tuple[float, ...]] = []
     capture: list[float] = []
 
     class _Collect(logging.Handler):
@@ -338,7 +350,8 @@ def _layer_times() -> tuple[list[float], list[tuple[float, float]], list[float]]
                 capture.append(float(record.args[-1]))
             if record.msg.endswith("done in %.2fs") and record.args:
                 seconds.append(float(record.args[-1]))
-                host.append((round(_rss_bytes() / 2**30, 2), round(_pinned_bytes() / 2**30, 2)))
+                host.append((round(_rss_bytes() / 2**30, 2), round(_pinned_bytes() / 2**30, 2),
+                             *_rss_split_gib()))
 
     runner = logging.getLogger("quark.torch.quantization.calibration.layerwise")
     runner.setLevel(logging.DEBUG)

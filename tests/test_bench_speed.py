@@ -82,7 +82,10 @@ def test_bench_speed_profiles_named_stages_and_reports_layers_and_host_memory(tm
     (row,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert "error" not in row, row
     assert len(row["layer_seconds"]) == len(row["layer_host_gib"]) == 2
-    assert all(resident > 0 and pinned == 0 for resident, pinned in row["layer_host_gib"])  # no CUDA here
+    assert all(resident > 0 and pinned == 0 for resident, pinned, _, _ in row["layer_host_gib"])  # no CUDA here
+    # anonymous and file-backed memory split the resident (each rounded to 0.01 GiB)
+    assert all(abs(anon + file - resident) <= 0.03 and anon > 0 for resident, _, anon, file in row["layer_host_gib"])
+    assert all(v > 0 for v in row["host_split_before_gib"] + row["host_split_after_gib"])
     assert {"swap_linears", "algorithms", "finalize"} <= set(row["stage_seconds"])
     assert len(row["capture_seconds"]) == 1  # GPTQ's runner captured the decoder inputs once
     assert 0 < row["host_before_quantize_gib"] <= row["peak_host_during_quantize_gib"]
