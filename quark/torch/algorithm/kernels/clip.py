@@ -3,7 +3,8 @@
 For every (candidate, row, group) and every shrink ratio ``r``, the error of the clipped and quantized
 group ``e = Q(clip(w, ±r·max|w|)) - w`` is judged on the outputs as ``e C eᵀ`` with the group's input
 covariance ``C``; the kernel keeps the first ratio of least error. A candidate's input scales ``s``
-(AWQ's ``x / s``) enter as ``(e / s) C (e / s)ᵀ``, so one covariance serves every candidate. The
+(AWQ's ``x / s``) enter through its own covariance ``C / (s sᵀ)`` (that of ``x / s``: ``(e / s) C (e / s)ᵀ``
+without a division per weight and ratio), computed by the caller as the PyTorch path does. The
 grid parameters of each ratio (a few per group) are computed by the callers with the PyTorch
 formulas, so the kernel only rounds: the weight is read once per candidate instead of once per op
 and ratio.
@@ -55,16 +56,15 @@ def _group_tile(rows, cols, groups, GS: tl.constexpr, BR: tl.constexpr):
 
 
 @triton.jit
-def _clip_search_kernel(w_ptr, s_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_ptr, ratio_ptr, best_ptr,
+def _clip_search_kernel(w_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_ptr, ratio_ptr, best_ptr,
                         rows, cols, groups, qmin, qmax,
-                        GS: tl.constexpr, BR: tl.constexpr, STEPS: tl.constexpr, HAS_S: tl.constexpr,
+                        GS: tl.constexpr, BR: tl.constexpr, STEPS: tl.constexpr, COV_PER_CANDIDATE: tl.constexpr,
                         METHOD: tl.constexpr, ZERO_FREE: tl.constexpr, EXACT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     b, g, r, c, in_rows, at, row_group = _group_tile(rows, cols, groups, GS, BR)
     w = tl.load(w_ptr + at, mask=in_rows[:, None], other=0.0).to(tl.float32)
-    cov = tl.load(cov_ptr + g * GS * GS + c[:, None] * GS + c[None, :])
-    if HAS_S:
-        s = tl.load(s_ptr + b * cols + g * GS + c)
+    cov_group = b * groups + g if COV_PER_CANDIDATE else g
+    cov = tl.load(cov_ptr + cov_group * GS * GS + c[:, None] * GS + c[None, :])
     max0 = tl.load(max_ptr + row_group, mask=in_rows, other=0.0)
     best_err = tl.full([BR], float("inf"), tl.float32)
     best_k = tl.zeros([BR], tl.int32)
@@ -77,8 +77,6 @@ def _clip_search_kernel(w_ptr, s_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_p
         zp = tl.load(zp_ptr + p, mask=in_rows, other=0.0)
         q = fake_quant_int(cur, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT)
         e = q - w
-        if HAS_S:
-            e = tl.math.div_rn(e, s[None, :])
         err = tl.sum(tl.dot(e, cov, input_precision=DOT_PRECISION) * e, 1)
         err = tl.where(err != err, float("inf"), err)  # NaN never wins
         better = err < best_err
@@ -94,7 +92,7 @@ def best_clip_steps(wg: torch.Tensor, max0: torch.Tensor, scale: torch.Tensor, z
 
     ``max0 [batch, rows, G]``: each group's ``max|w|``; ``scale``/``zp [batch, steps, rows, G]``: the grid
     parameters of each ratio's clipped group; ``cov [G, gs, gs]``: the input covariances; ``input_scales
-    [batch, G * gs]`` or None.
+    [batch, G * gs]`` or None: each candidate is judged on the covariance of ``x / s``, ``C / (s sᵀ)``.
     """
     batch, rows, groups, gs = wg.shape
     steps = ratios.numel()
@@ -102,13 +100,16 @@ def best_clip_steps(wg: torch.Tensor, max0: torch.Tensor, scale: torch.Tensor, z
     scale = scale.float().contiguous()
     inv = torch.reciprocal(scale)
     best = torch.empty(batch, rows, groups, dtype=torch.int32, device=wg.device)
-    s = input_scales.float().contiguous() if input_scales is not None else wg
+    cov = cov.float()
+    if input_scales is not None:  # as awq.scaled_covariance, per candidate
+        s = input_scales.float().reshape(batch, groups, gs)
+        cov = cov[None] / (s[..., :, None] * s[..., None, :])
     block_rows = CLIP_BLOCK_ROWS or (64 if gs <= 64 else 32)
     grid_shape = (batch * groups, triton.cdiv(rows, block_rows))
     _clip_search_kernel[grid_shape](
-        wg, s, cov.float().contiguous(), scale, inv, zp.float().contiguous(), max0.float().contiguous(),
+        wg, cov.contiguous(), scale, inv, zp.float().contiguous(), max0.float().contiguous(),
         ratios.float().contiguous(), best, rows, groups * gs, groups, GS=gs, BR=block_rows, STEPS=steps,
-        HAS_S=input_scales is not None, DOT_PRECISION=CLIP_DOT_PRECISION,
+        COV_PER_CANDIDATE=input_scales is not None, DOT_PRECISION=CLIP_DOT_PRECISION,
         num_warps=CLIP_NUM_WARPS or (8 if gs >= 128 else 4), enable_fp_fusion=False,
         **grid_arguments(grid))
     return best.long()
