@@ -217,3 +217,38 @@ def test_errors() -> None:
         quantize(x, torch.tensor(1.0), None, Dtype.int8, qscheme="per_tensor", round_method="ceil")
     with pytest.raises(ValueError, match="per_channel parameter"):
         quantize(x, torch.ones(8), None, Dtype.int8, qscheme="per_channel", ch_axis=0)
+
+
+@pytest.mark.parametrize(("dtype", "qscheme", "axis", "group", "shape"), [
+    ("uint4", "per_group", -1, 16, (37, 64)), ("int4", "per_group", 0, 8, (40, 6)),
+    ("int8", "per_channel", 0, None, (37, 16)), ("int8", "per_channel", 1, None, (37, 16)),
+    ("fp8_e4m3", "per_tensor", None, None, (37, 16)), ("fp4", "per_channel", 0, None, (37, 16)),
+    ("uint4", "per_group", -1, 16, (5, 7, 32)), ("uint4", "per_group", -1, 16, (6, 60))])
+def test_large_tensors_quantize_in_row_chunks_with_the_same_results(monkeypatch: pytest.MonkeyPatch, dtype, qscheme,
+                                                                    axis, group, shape) -> None:
+    """quantize / fake_quantize take a large tensor a few rows at a time (bounded float32 temporaries): the same
+    codes and values as in one step, for parameters per row, per column, per group and per tensor."""
+    from quark.torch.quantization.formats import affine
+    from quark.torch.quantization.formats.granularity import param_shape
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    pshape = param_shape(shape, qscheme, axis, group)
+    scale = torch.rand(pshape, generator=gen) * 0.1 + 0.01
+    zero = torch.randint(0, 8, pshape, generator=gen).float() if dtype == "uint4" else None
+    grid = dict(qscheme=qscheme, ch_axis=axis, group_size=group)
+    whole = (affine.quantize(x, scale, zero, dtype, **grid), affine.fake_quantize(x, scale, zero, dtype, **grid))
+    steps = []
+    monkeypatch.setattr(affine, "CHUNK_ELEMENTS", 40)  # a few rows per step
+    real = affine._fake_quantize_with
+    monkeypatch.setattr(affine, "_fake_quantize_with", lambda part, *a: steps.append(part.shape[0]) or real(part, *a))
+    chunked = (affine.quantize(x, scale, zero, dtype, **grid), affine.fake_quantize(x, scale, zero, dtype, **grid))
+    assert len(steps) > 1  # fake_quantize went in several steps
+    for a, b in zip(whole, chunked):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b.view(torch.uint8)
+                           if b.dtype.itemsize == 1 else b)
+    if dtype in ("uint4", "int8"):  # a NaN in a later step is refused by name, as in one step
+        x[-1, 0] = float("nan")
+        with pytest.raises(ValueError, match="contains NaN"):
+            affine.quantize(x, scale, zero, dtype, **grid)

@@ -29,7 +29,7 @@ Block formats (``mx``, ``mx6``, ``mx9``, ``bfp16``) live in :mod:`.mx` and :mod:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -183,16 +183,20 @@ def quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tens
     if info.kind == "cast":
         return x.to(info.torch_dtype)
     s_div, _, zp, shape = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device, info)
-    xf = x.float().reshape(shape)
-    if info.kind == "int":
-        levels = _int_levels(xf, s_div, zp, info, round_method)
-        if torch.isnan(levels).any():
-            raise ValueError(f"{owner}: the input contains NaN, which {info.dtype.name} cannot encode")
-        return levels.to(torch.int8 if info.signed else torch.uint8).reshape(x.shape)
-    v = xf / s_div
-    if info.torch_dtype is not None:  # fp8
-        return v.clamp(-info.qmax, info.qmax).to(info.torch_dtype).reshape(x.shape)
-    return float_to_code(v, info.dtype).reshape(x.shape)
+
+    def codes(part: torch.Tensor, part_s_div: torch.Tensor, part_zp: torch.Tensor | None) -> torch.Tensor:
+        xf = part.float()
+        if info.kind == "int":
+            levels = _int_levels(xf, part_s_div, part_zp, info, round_method)
+            if torch.isnan(levels).any():
+                raise ValueError(f"{owner}: the input contains NaN, which {info.dtype.name} cannot encode")
+            return levels.to(torch.int8 if info.signed else torch.uint8)
+        v = xf / part_s_div
+        if info.torch_dtype is not None:  # fp8
+            return v.clamp(-info.qmax, info.qmax).to(info.torch_dtype)
+        return float_to_code(v, info.dtype)
+
+    return _by_leading_rows(codes, x.reshape(shape), [s_div, zp]).reshape(x.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
@@ -225,7 +229,42 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch
     if info.kind == "cast":
         return x.to(info.torch_dtype).to(x.dtype)
     s_div, s, zp, shape = _params(x.shape, scale, zero_point, qscheme, ch_axis, group_size, owner, x.device, info)
-    return _fake_quantize_with(x.reshape(shape), s_div, s, zp, info, round_method).reshape(x.shape)
+
+    def fake(part: torch.Tensor, part_s_div: torch.Tensor, part_s: torch.Tensor,
+             part_zp: torch.Tensor | None) -> torch.Tensor:
+        return _fake_quantize_with(part, part_s_div, part_s, part_zp, info, round_method)
+
+    return _by_leading_rows(fake, x.reshape(shape), [s_div, s, zp]).reshape(x.shape)
+
+
+#: Elements :func:`quantize` and :func:`fake_quantize` take through their float32 arithmetic at a time (rows of
+#: the tensor's leading dimension): each float32 temporary of a step is at most 64 MiB instead of four bytes per
+#: element of the whole tensor (freezing a Llama-3-70B gate_proj, 235M elements, took 3.6 GB of host memory
+#: beside its 0.47 GB bf16 weight). Every element's arithmetic is the same either way.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _by_leading_rows(fn: Callable[..., torch.Tensor], x: torch.Tensor,
+                     params: list[torch.Tensor | None]) -> torch.Tensor:
+    """``fn(x, *params)``, computed ``CHUNK_ELEMENTS`` at a time along ``x``'s first dimension into one output.
+    ``params`` broadcast against ``x``: one with ``x``'s dimensions and a first dimension above 1 is sliced with
+    it, the others serve every slice. A tensor that needs its gradient runs whole (no in-place assembly)."""
+    rows = x.shape[0] if x.dim() else 1
+    step = max(1, CHUNK_ELEMENTS // max(x[0].numel() if x.dim() else 1, 1))
+    if step >= rows or (x.requires_grad and torch.is_grad_enabled()):
+        return fn(x, *params)
+
+    def rows_of(p: torch.Tensor | None, r0: int) -> torch.Tensor | None:
+        return p if p is None or p.dim() < x.dim() or p.shape[0] == 1 else p[r0:r0 + step]
+
+    out: torch.Tensor | None = None
+    for r0 in range(0, rows, step):
+        part = fn(x[r0:r0 + step], *(rows_of(p, r0) for p in params))
+        if out is None:
+            out = torch.empty(x.shape, dtype=part.dtype, device=part.device)
+        out[r0:r0 + step] = part
+    assert out is not None
+    return out
 
 
 def fake_quantize_broadcast(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

@@ -70,8 +70,13 @@ def pack_int32(codes: torch.Tensor, *, bits: int = 4, order: str = "reorder") ->
     owner = "formats.pack_int32"
     slots = _slot_order(bits, order, owner)
     per_word, per_byte = len(slots), 8 // bits
-    # the low ``bits`` of each code: a signed code's two's complement slot
-    c = (_pad_last(codes, per_word).to(torch.int16) & ((1 << bits) - 1)).to(torch.uint8)
+    # the low ``bits`` of each code: a signed code's two's complement slot (one-byte codes are read as their bytes,
+    # which hold that two's complement: no wider copy)
+    padded = _pad_last(codes, per_word)
+    if padded.dtype in (torch.int8, torch.uint8):
+        c = padded.view(torch.uint8) & ((1 << bits) - 1)
+    else:
+        c = (padded.to(torch.int16) & ((1 << bits) - 1)).to(torch.uint8)
     c = c.reshape(*c.shape[:-1], -1, per_word)
     parts = []
     for k in _BYTES_LOW_FIRST:
