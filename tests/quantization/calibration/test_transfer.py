@@ -50,6 +50,36 @@ def test_released_staging_memory_leaves_the_process() -> None:
     assert transfer._pinned_in_use() <= held - (1 << 26)
 
 
+@pytest.mark.gpu
+@gpu
+def test_copies_to_cpu_memory_and_files_stage_through_two_small_buffers(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path) -> None:
+    """A copy from the GPU into ordinary memory or a file crosses in pieces of STAGE_BYTES through two page-locked
+    buffers (a partial last piece included): the same bytes, and no more page-locked memory than the buffers."""
+    from safetensors import safe_open
+
+    from quark.torch.quantization.calibration.safetensors_header import save_streamed
+
+    monkeypatch.setattr(transfer, "STAGE_BYTES", 1 << 20)
+    transfer.release_pinned_cache()
+    before = transfer._pinned_in_use()
+    device = torch.randn(5 * (1 << 18) + 3, device="cuda").to(torch.bfloat16)  # 2.5 MiB + 6 bytes: 3 pieces
+    expected = device.cpu()
+    gathered = bytearray()
+    for start, piece in transfer.host_pieces(device):
+        assert start == len(gathered) and piece.is_pinned() and piece.numel() <= 1 << 20
+        gathered += piece.numpy().tobytes()
+    assert bytes(gathered) == expected.view(torch.uint8).numpy().tobytes()
+    back = transfer.transfer(device, "cpu")
+    assert not back.is_pinned() and torch.equal(back, expected)
+    tensors = {"w": device, "small": device[:7], "t": device[:4096].reshape(64, 64).t()}
+    save_streamed(tensors, tmp_path / "x.safetensors")
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("w"), expected) and torch.equal(f.get_tensor("small"), expected[:7])
+        assert torch.equal(f.get_tensor("t"), expected[:4096].reshape(64, 64).t())
+    assert transfer._pinned_in_use() - before <= 2 << 20
+
+
 def test_releasing_staging_memory_without_cuda_does_nothing() -> None:
     transfer.release_pinned_cache()  # before CUDA is initialised (or on a CPU build): no error
 

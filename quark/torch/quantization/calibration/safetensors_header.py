@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from quark.torch.quantization.calibration import transfer
+
 __all__ = ["TORCH_DTYPES", "CheckpointError", "check_header", "read_header", "save_streamed", "shown"]
 
 #: safetensors dtype names -> torch dtypes, for the dtypes a tensor can be read as
@@ -115,8 +117,9 @@ def save_streamed(tensors: dict[str, torch.Tensor], path: str | os.PathLike, to_
     """Write ``tensors`` as one safetensors file, one tensor in host memory at a time.
 
     ``safetensors.torch.save_file`` takes every tensor in host memory at once; here each is brought to
-    the host (``to_host``, default ``Tensor.cpu``) only while its bytes are written, so writing a decoder
-    layer that sits on a GPU holds one of its tensors in host memory, not all of them. Same format
+    the host (``to_host``, default ``Tensor.cpu``; a CUDA tensor by default through two page-locked buffers of
+    ``transfer.STAGE_BYTES``, :func:`~.transfer.host_pieces`) only while its bytes are written, so writing a
+    decoder layer that sits on a GPU holds at most one of its tensors in host memory, not all of them. Same format
     (``__metadata__`` ``{"format": "pt"}``, little-endian, header padded to 8 bytes), readable by
     ``safetensors.safe_open`` and :func:`read_header`.
     """
@@ -138,6 +141,10 @@ def save_streamed(tensors: dict[str, torch.Tensor], path: str | os.PathLike, to_
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
             for t in tensors.values():
+                if to_host is None and t.is_cuda and transfer.USE_PINNED:  # through two small page-locked buffers
+                    for _, piece in transfer.host_pieces(t):
+                        f.write(memoryview(piece.numpy()))
+                    continue
                 host = move(t.detach()).contiguous()
                 if host.numel():
                     f.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))

@@ -11,10 +11,11 @@ them measured slower). Small tensors, other devices and ``QUARK_PINNED_TRANSFERS
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["PINNED_MIN_BYTES", "release_pinned_cache", "transfer"]
+__all__ = ["PINNED_MIN_BYTES", "STAGE_BYTES", "host_pieces", "release_pinned_cache", "transfer"]
 
 #: Tensors smaller than this move with plain ``Tensor.to`` (staging costs more than it saves).
 PINNED_MIN_BYTES = 1 << 20
@@ -48,12 +49,57 @@ def transfer(t: torch.Tensor, device: torch.device | str, *, keep_pinned: bool =
     if (t.device.type != "cuda" or device.type != "cpu" or not USE_PINNED
             or t.numel() * t.element_size() < PINNED_MIN_BYTES or not t.is_contiguous()):
         return t.to(device)
-    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    staged.copy_(t, non_blocking=True)
-    torch.cuda.current_stream(t.device).synchronize()
     if keep_pinned and _pinned_in_use() <= KEEP_PINNED_MAX_BYTES:
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        staged.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
         return staged
-    return staged.clone()
+    out = torch.empty(t.shape, dtype=t.dtype)
+    flat = _bytes_of(out)
+    for start, piece in host_pieces(t):
+        flat[start:start + piece.numel()].copy_(piece)
+    return out
+
+
+#: Bytes of a copy from a GPU that one page-locked staging buffer holds (:func:`host_pieces` uses two): what a
+#: copy into ordinary memory or a file keeps page-locked, whatever the tensor's size (a Llama-3-70B MLP weight
+#: staged whole held 0.47 GB, and PyTorch's caching host allocator keeps such blocks for the rest of the run).
+STAGE_BYTES = 64 << 20
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def host_pieces(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(byte offset, uint8 piece)`` of CUDA tensor ``t``'s bytes in host memory, ``STAGE_BYTES`` at a time.
+
+    Each piece is page-locked memory valid until the next is asked for: two buffers take turns, and the copy of
+    the next piece runs while the caller uses the current one (copies it into ordinary memory, writes it to a
+    file)."""
+    flat = _bytes_of(t if t.is_contiguous() else t.contiguous())
+    n = flat.numel()
+    if n == 0:
+        return
+    size = min(STAGE_BYTES, n)
+    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(1 if n == size else 2)]
+    stream = torch.cuda.current_stream(t.device)
+    starts = list(range(0, n, size))
+
+    def issue(k: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+        piece = buffers[k % len(buffers)][:min(size, n - starts[k])]
+        piece.copy_(flat[starts[k]:starts[k] + piece.numel()], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return piece, done
+
+    following = issue(0)
+    for k, start in enumerate(starts):
+        piece, done = following
+        if k + 1 < len(starts):  # into the buffer of piece k - 1, which the caller is done with
+            following = issue(k + 1)
+        done.synchronize()
+        yield start, piece
 
 
 def release_pinned_cache() -> None:
