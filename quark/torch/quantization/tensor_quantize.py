@@ -211,6 +211,8 @@ class FakeQuantize(nn.Module):
             self.observer(x)
         self.observing = True
         self.finalize()
+        if self.observer is not None:  # the qparams come from x alone: its statistics are not needed again (a
+            self.observer.reset_state()  # per-group weight's minima and maxima are as large as its scales)
 
     # -- quantization ----------------------------------------------------------------------------
     def qparams_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -69,6 +69,7 @@ def test_copies_to_cpu_memory_and_files_stage_through_two_small_buffers(monkeypa
     for start, piece in transfer.host_pieces(device):
         assert start == len(gathered) and piece.is_pinned() and piece.numel() <= 1 << 20
         gathered += piece.numpy().tobytes()
+    del piece  # a view of one of the two buffers: it would keep that buffer from the allocator's cache
     assert bytes(gathered) == expected.view(torch.uint8).numpy().tobytes()
     back = transfer.transfer(device, "cpu")
     assert not back.is_pinned() and torch.equal(back, expected)
@@ -77,7 +78,7 @@ def test_copies_to_cpu_memory_and_files_stage_through_two_small_buffers(monkeypa
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("w"), expected) and torch.equal(f.get_tensor("small"), expected[:7])
         assert torch.equal(f.get_tensor("t"), expected[:4096].reshape(64, 64).t())
-    assert transfer._pinned_in_use() - before <= 2 << 20
+    assert transfer._pinned_in_use() - before <= (2 << 20) + (64 << 10)  # two buffers, and two for the small ones
 
 
 def test_releasing_staging_memory_without_cuda_does_nothing() -> None:
