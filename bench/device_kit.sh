@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gpuq/' .git/info/exclude 2>/dev/null || echo '/.gpuq/' >> .git/info/exclude
-rm -rf .gpuq/p1 .gpuq/p2 .gpuq/scripts .gpuq/base
+rm -rf .gpuq/p1 .gpuq/p2 .gpuq/scripts .gpuq/base .gpuq/whl312 .gpuq/ref  # wheels fresh: two versions of one package stop the install
 mkdir -p .gpuq/base && git archive "${BASE:-HEAD~1}" quark bench | tar -x -C .gpuq/base
 mkdir -p .gpuq/whl312 .gpuq/ref .gpuq/p1 .gpuq/p2 .gpuq/assets .gpuq/scripts
 py312=(--only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
