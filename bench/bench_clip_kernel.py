@@ -91,7 +91,7 @@ def _time_candidates(w: torch.Tensor, se: torch.Tensor, cov: torch.Tensor, grid,
         "part_scale_weights": triton.testing.do_bench(lambda: w[None] * se[:, None, :], rep=100),
         "part_aminmax": triton.testing.do_bench(lambda: torch.aminmax(xg, dim=-1), rep=100),
         "part_clip_kernel": triton.testing.do_bench(
-            lambda: best_clip_steps(xg, max0, scale, zp, ratios, cov, grid, se), rep=300),
+            lambda: best_clip_steps(xg, max0, scale, zp, ratios, awq._candidate_covariances(cov, se), grid), rep=300),
     }
     same = torch.equal(awq._candidate_weights_torch(scaled, se, cov, grid),
                        awq._fused_candidate_weights(scaled, cov, grid, se))

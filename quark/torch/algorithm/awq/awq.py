@@ -264,7 +264,7 @@ def _fused_candidate_weights(scaled: torch.Tensor, cov: torch.Tensor, grid: Weig
     bound = max0[:, None] * ratios[None, :, None, None]  # [batch, steps, rows, G]
     scale, zp = _clipped_qparams(lo[:, None], hi[:, None], bound, grid, None)
     del bound
-    best = best_clip_steps(xg, max0, scale, zp, ratios, cov, grid, se)
+    best = best_clip_steps(xg, max0, scale, zp, ratios, _candidate_covariances(cov, se), grid)
     del scale, zp
     bound = max0 * ratios[best]
     clipped_lo = torch.clamp(lo, -bound, bound).to(scaled.dtype).float()
@@ -469,7 +469,8 @@ def _kernel_clip(wg: torch.Tensor, ratios: torch.Tensor, cov: torch.Tensor, grid
     bound = max0[:, None] * ratios[None, :, None, None]  # [batch, steps, rows, G]
     scale, zp = _clipped_qparams(wmin[:, None], wmax[:, None], bound, grid, scale2)
     del bound
-    best = best_clip_steps(wg, max0, scale, zp, ratios, cov, grid, input_scales)
+    covs = cov if input_scales is None else _candidate_covariances(cov, input_scales)
+    best = best_clip_steps(wg, max0, scale, zp, ratios, covs, grid)
     best_max = (max0 * ratios[best])[..., None]
     return torch.clamp(wg, -best_max, best_max)
 

@@ -2,9 +2,8 @@
 
 For every (candidate, row, group) and every shrink ratio ``r``, the error of the clipped and quantized
 group ``e = Q(clip(w, ±r·max|w|)) - w`` is judged on the outputs as ``e C eᵀ`` with the group's input
-covariance ``C``; the kernel keeps the first ratio of least error. A candidate's input scales ``s``
-(AWQ's ``x / s``) enter through its own covariance ``C / (s sᵀ)`` (that of ``x / s``: ``(e / s) C (e / s)ᵀ``
-without a division per weight and ratio), computed by the caller as the PyTorch path does. The
+covariance ``C``; the kernel keeps the first ratio of least error. AWQ's scale candidates (inputs ``x / s``)
+come each with its own covariance ``C / (s sᵀ)``, from the caller (``awq._candidate_covariances``). The
 grid parameters of each ratio (a few per group) are computed by the callers with the PyTorch
 formulas, so the kernel only rounds: the weight is read once per candidate instead of once per op
 and ratio.
@@ -86,13 +85,13 @@ def _clip_search_kernel(w_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_ptr, rat
 
 
 def best_clip_steps(wg: torch.Tensor, max0: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, ratios: torch.Tensor,
-                    cov: torch.Tensor, grid: WeightGrid, input_scales: torch.Tensor | None) -> torch.Tensor:
+                    cov: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
     """Index of the best ratio ``[batch, rows, G]`` (int64) for weights ``wg [batch, rows, G, gs]`` (float32, or
     the model's half precision: read as float32).
 
     ``max0 [batch, rows, G]``: each group's ``max|w|``; ``scale``/``zp [batch, steps, rows, G]``: the grid
-    parameters of each ratio's clipped group; ``cov [G, gs, gs]``: the input covariances; ``input_scales
-    [batch, G * gs]`` or None: each candidate is judged on the covariance of ``x / s``, ``C / (s sᵀ)``.
+    parameters of each ratio's clipped group; ``cov``: the input covariances, ``[G, gs, gs]`` for every candidate or
+    ``[batch, G, gs, gs]`` one set each.
     """
     batch, rows, groups, gs = wg.shape
     steps = ratios.numel()
@@ -100,16 +99,12 @@ def best_clip_steps(wg: torch.Tensor, max0: torch.Tensor, scale: torch.Tensor, z
     scale = scale.float().contiguous()
     inv = torch.reciprocal(scale)
     best = torch.empty(batch, rows, groups, dtype=torch.int32, device=wg.device)
-    cov = cov.float()
-    if input_scales is not None:  # as awq.scaled_covariance, per candidate
-        s = input_scales.float().reshape(batch, groups, gs)
-        cov = cov[None] / (s[..., :, None] * s[..., None, :])
     block_rows = CLIP_BLOCK_ROWS or (64 if gs <= 64 else 32)
     grid_shape = (batch * groups, triton.cdiv(rows, block_rows))
     _clip_search_kernel[grid_shape](
-        wg, cov.contiguous(), scale, inv, zp.float().contiguous(), max0.float().contiguous(),
+        wg, cov.float().contiguous(), scale, inv, zp.float().contiguous(), max0.float().contiguous(),
         ratios.float().contiguous(), best, rows, groups * gs, groups, GS=gs, BR=block_rows, STEPS=steps,
-        COV_PER_CANDIDATE=input_scales is not None, DOT_PRECISION=CLIP_DOT_PRECISION,
+        COV_PER_CANDIDATE=cov.dim() == 4, DOT_PRECISION=CLIP_DOT_PRECISION,
         num_warps=CLIP_NUM_WARPS or (8 if gs >= 128 else 4), enable_fp_fusion=False,
         **grid_arguments(grid))
     return best.long()
