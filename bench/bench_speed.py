@@ -468,8 +468,18 @@ def _write_profile(profiler, path: Path) -> None:
               for e in sorted(stages, key=lambda e: -e.cpu_time_total)]
     has_device = any(getattr(e, "self_device_time_total", 0) for e in events)
     sort = "self_cuda_time_total" if has_device else "self_cpu_time_total"
+    gaps = ""
+    if has_device:  # where the GPU waited (bench/gpu_gaps.py), from the Chrome trace
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu_gaps import gap_summary
+
+        trace = path.with_suffix(".trace.json")
+        profiler.export_chrome_trace(str(trace))
+        gaps = "\n\n" + gap_summary(json.loads(trace.read_text()))
+        trace.unlink()
     path.write_text("\n".join(lines) + "\n\n" + events.table(sort_by=sort, row_limit=45, max_name_column_width=60)
-                    + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+                    + "\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+                    + gaps)
 
 
 def _free_port() -> int:

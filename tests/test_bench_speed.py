@@ -92,3 +92,21 @@ def test_bench_speed_profiles_named_stages_and_reports_layers_and_host_memory(tm
     table = (tmp_path / "gptq_cpu_rank0.txt").read_text()
     assert "quark.apply.GptqStep" in table and "gptq.solve" in table
     assert "quark.capture" not in table  # the capture comes before layer 1: not recorded
+
+
+def test_gpu_gaps_charges_each_idle_gap_to_the_cpu_operator_running_then():
+    sys.path.insert(0, str(BENCH.parent))
+    from gpu_gaps import gap_summary
+
+    def span(cat, ts, dur, name="", tid=1):
+        return {"ph": "X", "cat": cat, "ts": ts, "dur": dur, "name": name, "tid": tid}
+
+    trace = {"traceEvents": [
+        span("kernel", 0, 10), span("kernel", 110, 10), span("gpu_memcpy", 200, 5), span("kernel", 215, 5),
+        span("user_annotation", 0, 300, "awq.search_group"), span("user_annotation", 100, 150, "quark.backup"),
+        span("cpu_op", 20, 80, "aten::item"), span("cpu_op", 130, 60, "aten::copy_"),
+        span("cpu_op", 0, 1, "other thread", tid=2)]}
+    table = gap_summary(trace, min_us=20).splitlines()
+    assert table[0].startswith("GPU window 0.000 s") and "2 gaps >= 20 us" in table[0]  # the 10 us one is not
+    rows = {tuple(line.split()[:2]): line.split()[-1] for line in table[2:]}
+    assert rows == {("aten::item", "awq.search_group"): "0.0001", ("aten::copy_", "quark.backup"): "0.0001"}

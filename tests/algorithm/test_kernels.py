@@ -113,6 +113,9 @@ INTERPRETED = textwrap.dedent("""
     a, b = (torch.randn(3, 1000, generator=torch.Generator().manual_seed(s)).to(torch.bfloat16) for s in (5, 6))
     exact = float((a.double() - b.double()).pow(2).sum())
     assert abs(float(squared_error_sum(a, b)) - exact) <= 1e-6 * exact
+    from quark.torch.algorithm.awq import awq
+    for kind in ("candidates_clip", "candidates", "final_clip"):  # AWQ's warm-up launches match the kernels
+        awq._warm_clip_kernels(kind, 16, 17, torch.bfloat16, t.GRIDS[0], torch.device("cpu"))
     print("interpreted kernels equal")
 """)
 

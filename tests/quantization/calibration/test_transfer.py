@@ -99,3 +99,63 @@ def test_activations_stay_on_a_gpu_only_within_the_budget(monkeypatch: pytest.Mo
     assert layerwise._activation_home(_cache(2**20), "cuda:0", streams=6) == "cpu"  # with a float-model stream
     memory.total_memory = 8 * 2**20  # a quarter of a small device: 2 MiB
     assert layerwise._activation_home(_cache(2**20), "cuda:0", streams=3) == "cpu"
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_prefetched_layer_hands_over_only_what_is_unchanged() -> None:
+    from quark.torch.quantization.calibration.placement import LayerPrefetch, onloaded
+
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
+    layer.register_buffer("scale", torch.rand(32))
+    layer.register_buffer("zero", torch.zeros(32))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    prefetch = LayerPrefetch(layer, "cuda")
+    layer[0].bias.data = torch.ones(32)  # replaced
+    layer.zero = torch.full((32,), 3.0)  # a buffer replaced
+    ready = prefetch.take()
+    assert len(ready) == 4  # weight, LayerNorm's weight and bias, scale
+    assert all(t.is_cuda for t in ready.values())
+    with onloaded(layer, "cuda", weights_change=False, ready=ready):
+        state = layer.state_dict()
+        assert all(v.is_cuda for v in state.values())
+        assert torch.equal(state["0.weight"].cpu(), before["0.weight"])
+        assert torch.equal(state["scale"].cpu(), before["scale"])
+        assert torch.equal(state["0.bias"].cpu(), torch.ones(32)) and torch.equal(state["zero"].cpu(),
+                                                                                   torch.full((32,), 3.0))
+        assert state["0.weight"].data_ptr() in {t.data_ptr() for t in ready.values()}  # the prefetched copy
+    assert all(t.device.type == "cpu" for t in layer.state_dict().values())
+
+
+@pytest.mark.gpu
+@gpu
+def test_the_runner_reads_the_next_layer_ahead_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    from quark.torch import LLMTemplate, ModelQuantizer
+    from quark.torch.quantization.calibration import placement
+    from tests.helpers.tiny_models import tiny_model, token_batches
+
+    taken: list[int] = []
+    take = placement.LayerPrefetch.take
+
+    def counted(self):
+        ready = take(self)
+        taken.append(len(ready))
+        return ready
+
+    monkeypatch.setattr(placement.LayerPrefetch, "take", counted)
+    base = tiny_model("llama")
+    batches = token_batches(4, seq=32)
+    states = []
+    for prefetch in (True, False):
+        monkeypatch.setattr(layerwise, "PREFETCH_NEXT_LAYER", prefetch)
+        model = copy.deepcopy(base)
+        quantizer = ModelQuantizer(LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm="awq"),
+                                   compute_device="cuda")
+        quantizer.quantize_model(model, batches)
+        quantizer.freeze(model)
+        states.append(model.state_dict())
+    assert taken and all(n > 0 for n in taken)  # layer 1 of the AWQ pass (at least) came prefetched
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

@@ -21,7 +21,8 @@ clipped candidates 0.0625, unclipped candidates then clipped 0.0481, never clipp
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch.profiler import record_function
 
 from quark.torch.algorithm.awq.inputs import GroupInputStats, group_input_stats, output_error
 from quark.torch.algorithm.kernels import kernel_group_size, kernel_or_twin, kernels_apply, triton_applies
+from quark.torch.algorithm.kernels.warmup import KernelWarmup, specialised_size
 from quark.torch.algorithm.utils.model_info import (
     ScalingGroup,
     applies_to,
@@ -75,6 +77,24 @@ class AwqStep(ScalingStep):
         self.grids = grids
         self.clip_in_scale_search = clip_in_scale_search
         self._clip_covariances: dict[str, torch.Tensor] = {}
+        self._first_layer = layers[0] if layers else None
+        self._warmup: KernelWarmup | None = None
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Start compiling the Triton kernels the first layer's search launches (:mod:`...kernels.warmup`), on a
+        GPU whose kernels apply."""
+        device = torch.device(device)
+        if device.type != "cuda" or self._first_layer is None or not self.active or not triton_applies(
+                torch.empty(0, device=device)):
+            return
+        calls = _warmup_calls(self, self._first_layer, self.active[0], self.grids[0], device)
+        if calls:
+            self._warmup = KernelWarmup(calls, device, "AWQ")
+
+    def _warmed_up(self) -> None:
+        if self._warmup is not None:
+            self._warmup.wait()
+            self._warmup = None
 
     @torch.no_grad()
     def search(self, layer: nn.Module, index: int, inputs: list) -> list[ScaleResult]:
@@ -141,6 +161,7 @@ class AwqStep(ScalingStep):
         else:
             module, calls = self.inspect_calls(layer, g)
             reference = self.run(module, calls)
+        self._warmed_up()
         for r0, weights in self._candidate_batches(saved, quantized, expanded, chunk, covariances, grids):
             for k in range(next(iter(weights.values())).shape[0]):
                 if linear_only:
@@ -221,6 +242,63 @@ class AwqStep(ScalingStep):
                                                      self.grids[index][name]))
             distributed.broadcast_(fc.weight.data, owner, f"AWQ {name} of decoder layer {index}: clipped weight")
         self._clip_covariances = {}
+
+
+def _warmup_calls(step: AwqStep, layer: nn.Module, groups: Sequence[ScalingGroup], grids: dict[str, WeightGrid],
+                  device: torch.device) -> list[Callable[[], object]]:
+    """The kernel launches of ``layer``'s search on tiny inputs of the same specialisation, one call per distinct
+    kernel variant, so that they compile in parallel: the clip kernel on the scale candidates (their dtype, one
+    covariance each) and on the final weights (float32, one covariance), the clipped candidates, the output error.
+    ``tests/algorithm/test_kernel_warmup.py`` checks on a GPU that the search then compiles nothing."""
+    calls: dict[tuple, Callable[[], object]] = {}
+    for g in groups:
+        for name in (n for n in g.layers if n in grids):
+            fc = submodule(layer, name, f"{step.owner}.layers")
+            grid, (out, cols), dtype = grids[name], fc.weight.shape, fc.weight.dtype
+            gs = grid.group_size
+            if cols % gs or not kernel_group_size(gs):
+                continue
+            rows, groups_ = specialised_size(out), specialised_size(cols // gs)
+            probe = torch.empty(1, rows, groups_ * gs, dtype=dtype, device=device)
+            if not _clip_kernel_applies(probe, grid):
+                continue
+            if step.clip_in_scale_search and _fused_candidates_apply(probe, grid):
+                for kind in ("candidates_clip", "candidates"):
+                    calls.setdefault((kind, dtype, grid, rows, groups_),
+                                     partial(_warm_clip_kernels, kind, rows, groups_, dtype, grid, device))
+            calls.setdefault(("final_clip", grid, rows, groups_),
+                             partial(_warm_clip_kernels, "final_clip", rows, groups_, torch.float32, grid, device))
+        if g.module2inspect:
+            dtype = next(submodule(layer, g.module2inspect, f"{step.owner}.module2inspect").parameters()).dtype
+            calls.setdefault(("error", dtype), partial(_warm_error, dtype, device))
+    return list(calls.values())
+
+
+def _warm_clip_kernels(kind: str, rows: int, groups: int, dtype: torch.dtype, grid: WeightGrid,
+                       device: torch.device) -> None:
+    """One launch of a clip kernel as :func:`_fused_candidate_weights` (``candidates_clip``, ``candidates``) or
+    :func:`_kernel_clip` (``final_clip``) make it, on ``[2 or 1, rows, groups, gs]`` weights."""
+    from quark.torch.algorithm.kernels.clip import best_clip_steps, clipped_candidates
+
+    gs = grid.group_size
+    batch = 1 if kind == "final_clip" else 2
+    wg = torch.linspace(-1, 1, batch * rows * groups * gs, device=device).reshape(batch, rows, groups, gs).to(dtype)
+    lo, hi = (t.float() for t in torch.aminmax(wg, dim=-1))
+    max0 = torch.maximum(-lo, hi)
+    ratios = 1 - torch.arange(CLIP_STEPS, device=device, dtype=torch.float32) / N_GRID
+    cov = torch.eye(gs, device=device).expand(groups, gs, gs).contiguous()
+    if kind == "candidates":
+        scale, zp = minmax_qparams(lo, hi, grid)
+        clipped_candidates(wg.reshape(batch, rows, groups * gs), torch.ones(batch, groups * gs, dtype=dtype,
+                                                                            device=device), max0, scale, zp, grid)
+        return
+    scale, zp = _clipped_qparams(lo[:, None], hi[:, None], max0[:, None] * ratios[None, :, None, None], grid, None)
+    best_clip_steps(wg, max0, scale, zp, ratios, cov if kind == "final_clip" else cov.expand(batch, *cov.shape), grid)
+
+
+def _warm_error(dtype: torch.dtype, device: torch.device) -> None:
+    a = torch.zeros(64, 16, dtype=dtype, device=device)  # the outputs' sizes are multiples of 16
+    _squared_error_sum(a, a)
 
 
 def _candidate_weights_torch(scaled: torch.Tensor, se: torch.Tensor, cov: torch.Tensor | None,

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 
+from quark.torch.algorithm.kernels.warmup import warming_up
 from quark.torch.algorithm.utils.quant import WeightGrid
 from quark.torch.quantization.config.type import RoundType
 from quark.torch.quantization.formats.affine import get_integer_division
@@ -76,6 +77,8 @@ def kernel_or_twin(name: str, kernel: Callable[[], T], twin: Callable[[], T]) ->
     device memory is not such a failure and propagates (the runner retries the layer with less)."""
     if name in _FAILED:
         return twin()
+    if warming_up():  # compiling ahead (warmup.py): a failure is the real call's to handle
+        return kernel()
     try:
         return kernel()
     except torch.OutOfMemoryError:

@@ -39,7 +39,13 @@ from tqdm.auto import tqdm
 from quark.torch.quantization.calibration.batches import model_device, model_inputs
 from quark.torch.quantization.calibration.batching import call_batch, checked_merge, merging_enabled, split_like
 from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
-from quark.torch.quantization.calibration.placement import modules_outside, move_to, onloaded, tensors_moved
+from quark.torch.quantization.calibration.placement import (
+    LayerPrefetch,
+    modules_outside,
+    move_to,
+    onloaded,
+    tensors_moved,
+)
 from quark.torch.quantization.calibration.safetensors_header import save_streamed
 from quark.torch.quantization.calibration.transfer import release_pinned_cache, transfer
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters, release_host_memory, source_of
@@ -76,7 +82,8 @@ class LayerStep(Protocol):
     ``forget_layer()`` method (dropping what it collected for the current layer) lets the runner
     retry a layer that ran out of device memory (:mod:`oom`). A step whose ``collect`` needs nothing
     but its targets' calls sets ``collects_targets_only = True``: each call then stops once every
-    target has run.
+    target has run. A step with a ``prepare(device)`` method has it called once before the decoder's inputs
+    are captured, to start work that can run alongside (AWQ compiles its Triton kernels).
     """
 
     def targets(self, layer: nn.Module, index: int) -> dict[str, nn.Module]: ...
@@ -528,6 +535,11 @@ def _layer_pass(layer: nn.Module, i: int, name: str, steps: Sequence[LayerStep],
     return hidden, hidden_float, merge_ok
 
 
+#: Whether the runner copies the next decoder layer (in CPU memory) to a GPU compute device while the current one
+#: is worked on (``QUARK_LAYER_PREFETCH=0``: each layer is copied when its turn comes).
+PREFETCH_NEXT_LAYER = os.environ.get("QUARK_LAYER_PREFETCH", "1") != "0"
+
+
 #: Bytes of activations a GPU compute device keeps between decoder layers (the layers' inputs, outputs
 #: and merged copies: three streams of the captured size, six with a float-model stream); more wait in
 #: CPU memory and cross the bus twice per layer and pass.
@@ -605,6 +617,10 @@ def run_layerwise(
     its CPU copy (kept by ``backup``) before the error propagates.
     """
     path, layers = find_decoder_layers(model, decoder_path)
+    for step in steps:  # work a step can start ahead, alongside the capture (compiling its kernels)
+        prepare = getattr(step, "prepare", None)
+        if prepare is not None:
+            prepare(device)
     # The embeddings and whatever else runs before layer 0 compute on ``device`` too, so the captured
     # inputs do not depend on where the model sits.
     start = time.perf_counter()
@@ -633,6 +649,9 @@ def run_layerwise(
         merge_ok = False
     if merge_ok is None:
         hidden = _rows_of_one_tensor(hidden)
+    # the next layer in CPU memory is copied to a GPU while this one is searched (one more layer on the device)
+    prefetching = PREFETCH_NEXT_LAYER and torch.device(device).type == "cuda"
+    prefetch: LayerPrefetch | None = None
     try:
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", leave=False)
         for i in bar:
@@ -646,14 +665,21 @@ def run_layerwise(
                 # until the backup's writer has saved them: no copy, and nothing crosses back from the device
                 with record_function("quark.backup"):
                     backup.save(layer, copy=False)
+            ready, prefetch = (prefetch.take() if prefetch is not None else None), None
             while True:
                 try:
-                    with record_function("quark.layer"), onloaded(layer, device, weights_change=True):
+                    with record_function("quark.layer"), onloaded(layer, device, weights_change=True, ready=ready):
+                        ready = None
+                        if prefetching and i + 1 < len(layers) and _cpu_layer_for(layers[i + 1], device):
+                            prefetch = LayerPrefetch(layers[i + 1], device)
                         hidden, hidden_float, merge_ok = _layer_pass(
                             layer, i, name, steps, cache, hidden, hidden_float, float_steps, device, offload,
                             merge_ok if not retry.unmerged else False, propagate, backup, desc, retry)
                     break
                 except torch.OutOfMemoryError as error:
+                    if prefetch is not None:  # the next layer's copy goes first, and no more are made
+                        prefetch.drop()
+                        prefetch, prefetching = None, False
                     retry.after(error, layer, device)  # raises when nothing is left to try
                     if retry.activations_on_cpu and torch.device(offload).type != "cpu":
                         cache, offload = _cache_on(cache, "cpu"), "cpu"
@@ -666,6 +692,8 @@ def run_layerwise(
             if torch.cuda.is_available() and torch.device(device).type == "cuda":
                 bar.set_postfix(peak_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
     except BaseException:
+        if prefetch is not None:
+            prefetch.drop()
         backup.restore()
         raise
     finally:

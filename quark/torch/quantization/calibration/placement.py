@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 from quark.torch.quantization.calibration.transfer import transfer
 from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
 
-__all__ = ["loaded_on_use", "modules_outside", "move_to", "normalize_device", "on_device", "onloaded",
+__all__ = ["LayerPrefetch", "loaded_on_use", "modules_outside", "move_to", "normalize_device", "on_device", "onloaded",
            "placement_units", "probing", "tensors_moved", "unit_read"]
 
 def move_to(obj: Any, device: torch.device | str, keep_pinned: bool = False) -> Any:
@@ -38,20 +39,97 @@ def move_to(obj: Any, device: torch.device | str, keep_pinned: bool = False) -> 
     return obj
 
 
-def _module_to(module: nn.Module, device: torch.device | str, params: bool = True) -> None:
+def _module_to(module: nn.Module, device: torch.device | str, params: bool = True,
+               ready: dict[tuple[int, str], torch.Tensor] | None = None) -> None:
     """``module.to(device)`` (parameters through ``.data``, so tied ones stay tied), each tensor moved with
-    :func:`transfer`; ``params=False`` moves the buffers only."""
+    :func:`transfer`, or taken from ``ready`` (:meth:`LayerPrefetch.take`); ``params=False`` moves the buffers
+    only."""
     device = torch.device(device)
+    ready = ready or {}
     seen: set[int] = set()
     for sub in module.modules():
         if params:
             for p in sub.parameters(recurse=False):
                 if id(p) not in seen and p.device != device:
                     seen.add(id(p))
-                    p.data = transfer(p.data, device)
+                    copy = ready.get((id(p), ""))
+                    p.data = copy if copy is not None else transfer(p.data, device)
         for name, b in sub._buffers.items():
             if b is not None and b.device != device:
-                sub._buffers[name] = transfer(b, device)
+                copy = ready.get((id(sub), name))
+                sub._buffers[name] = copy if copy is not None else transfer(b, device)
+
+
+class LayerPrefetch:
+    """Copies of a module's CPU parameters and buffers on a CUDA device, made ahead by a background thread on a
+    side stream while the device computes something else (the layer-by-layer runner: the next decoder layer
+    while this one is searched; a layer in ordinary CPU memory crosses at ~5-7 GB/s, and the thread making the
+    copy waits for it: an 8B layer took ~70 ms of an H100's time per layer before the search could start).
+
+    :meth:`take` hands over the copies for :func:`onloaded`'s ``ready``, except of tensors that were replaced or
+    changed in place through autograd's view in the meantime (a change through ``.data`` is not seen: steps
+    change only the layer they are given); :meth:`drop` discards them (out of device memory, or an error).
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device | str) -> None:
+        self.device = normalize_device(device)
+        # (key, holder, tensor, its version): the tensor held keeps its memory from being reused meanwhile
+        self._sources: list[tuple[tuple[int, str], Any, torch.Tensor, int]] = []
+        seen: set[int] = set()
+        for sub in module.modules():
+            for p in sub.parameters(recurse=False):
+                if id(p) not in seen and p.device.type == "cpu":
+                    seen.add(id(p))
+                    self._sources.append(((id(p), ""), p, p.data, p._version))
+            for name, b in sub._buffers.items():
+                if b is not None and b.device.type == "cpu":
+                    self._sources.append(((id(sub), name), sub, b, b._version))
+        self._copies: dict[tuple[int, str], torch.Tensor] = {}
+        self._event: torch.cuda.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._copy, name="quark-layer-prefetch", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                for key, _, tensor, _ in self._sources:
+                    self._copies[key] = tensor.to(self.device, non_blocking=tensor.is_pinned())
+                self._event = torch.cuda.Event()
+                self._event.record(stream)
+        except BaseException as error:  # out of memory included: the layer is then copied as usual
+            self._error = error
+            self._copies.clear()
+
+    @staticmethod
+    def _unchanged(key: tuple[int, str], holder: Any, tensor: torch.Tensor, version: int) -> bool:
+        if key[1]:
+            return holder._buffers.get(key[1]) is tensor and tensor._version == version
+        return holder.data_ptr() == tensor.data_ptr() and holder._version == version
+
+    def take(self) -> dict[tuple[int, str], torch.Tensor]:
+        """The copies, for use on the current stream of the device (empty when the prefetch failed)."""
+        self._thread.join()
+        if self._error is not None or self._event is None:
+            return {}
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self._event)
+        ready = {}
+        for key, holder, tensor, version in self._sources:
+            copy = self._copies.get(key)
+            if copy is not None and self._unchanged(key, holder, tensor, version):
+                copy.record_stream(current)  # made on the side stream, used and freed on this one
+                ready[key] = copy
+        self._copies.clear()
+        self._sources.clear()
+        return ready
+
+    def drop(self) -> None:
+        """Wait for the copies and free them."""
+        self._thread.join()
+        self._copies.clear()
+        self._sources.clear()
 
 
 def normalize_device(device: torch.device | str) -> torch.device:
@@ -135,13 +213,15 @@ def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
 
 
 @contextlib.contextmanager
-def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: bool = True) -> Iterator[None]:
+def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: bool = True,
+             ready: dict[tuple[int, str], torch.Tensor] | None = None) -> Iterator[None]:
     """``module`` on ``device`` for the block, then back where it was.
 
     With ``weights_change=False`` (a pass that only reads the parameters, such as calibration) the
     parameters get their original tensors back instead of a copy from ``device``: no transfer back.
     Buffers (observer statistics, scales) always travel back, changed or new. A module of a model on
     disk is read from its weight source and written back to the offload folder (``weights_change``).
+    ``ready``: copies already on ``device`` (:meth:`LayerPrefetch.take`), used instead of copying again.
     """
     source = _disk_source([module])
     if source is not None:
@@ -153,7 +233,7 @@ def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: b
         yield
         return
     originals = None if weights_change else {id(p): (p, p.data) for p in module.parameters()}
-    _module_to(module, device)
+    _module_to(module, device, ready=ready)
     try:
         yield
     finally:

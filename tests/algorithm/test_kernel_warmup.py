@@ -1,0 +1,164 @@
+"""Compiling AWQ's Triton kernels ahead of the first layer (``kernels/warmup.py``, ``AwqStep.prepare``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import make_batches, make_model
+
+from quark.torch.algorithm import kernels
+from quark.torch.algorithm.awq import awq
+from quark.torch.algorithm.kernels.warmup import KernelWarmup, specialised_size, warming_up
+from quark.torch.quantization.config.config import AWQConfig, Config, QuantizationConfig
+from quark.torch.quantization.config.custom_config import UINT4_PER_GROUP_ASYM_SPEC
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _awq_step(clip_in_scale_search: bool = True) -> awq.AwqStep:
+    model = make_model("llama")
+    config = Config(global_quant_config=QuantizationConfig(weight=replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=32)),
+                    exclude=["lm_head"])
+    algo = AWQConfig(clip_in_scale_search=clip_in_scale_search)
+    return awq.AwqProcessor(model, algo, make_batches(2), quant_config=config).build_step()[1]
+
+
+def test_specialised_sizes_keep_what_triton_specialises_on() -> None:
+    assert [specialised_size(n) for n in (1, 16, 4096, 14336, 112, 9, 17, 100)] == [1, 16, 16, 16, 16, 17, 17, 17]
+    for n in (1, 2, 16, 48, 112, 576, 4096, 100):
+        s = specialised_size(n)
+        assert (s == 1) == (n == 1) and (s % 16 == 0) == (n % 16 == 0)
+
+
+def test_the_warm_up_runs_every_call_in_other_threads_and_survives_a_failure(
+        caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[tuple[str, bool]] = []
+    main = threading.get_ident()
+
+    def call(tag: str):
+        def run() -> None:
+            assert threading.get_ident() != main
+            seen.append((tag, warming_up()))
+            if tag == "b":
+                raise RuntimeError("no compiler here")
+        return run
+
+    with caplog.at_level(logging.DEBUG, logger="quark.torch.algorithm.kernels.warmup"):
+        warm = KernelWarmup([call(t) for t in "abcd"], "cpu", "test")
+        warm.wait()
+    assert sorted(seen) == [("a", True), ("b", True), ("c", True), ("d", True)]
+    assert seen[0] == ("a", True)  # the first call runs alone, before the others
+    assert "no compiler here" in caplog.text
+    assert not warming_up()
+
+
+def test_a_kernel_failing_during_the_warm_up_is_left_to_the_real_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_FAILED", {})
+
+    def broken() -> int:
+        raise RuntimeError("PassManager::run failed")
+
+    failures: list[BaseException] = []
+
+    def warm() -> None:
+        try:
+            kernels.kernel_or_twin("k", broken, lambda: 7)
+        except RuntimeError as error:
+            failures.append(error)
+            raise
+
+    KernelWarmup([warm], "cpu", "test").wait()
+    assert len(failures) == 1 and kernels._FAILED == {}  # not remembered: the real call tries the kernel itself
+    assert kernels.kernel_or_twin("k", broken, lambda: 7) == 7
+
+
+@pytest.mark.parametrize("clip_in_scale_search", [True, False])
+def test_awq_warms_up_one_call_per_kernel_variant(monkeypatch: pytest.MonkeyPatch, clip_in_scale_search: bool) -> None:
+    step = _awq_step(clip_in_scale_search)
+    monkeypatch.setattr(awq, "_clip_kernel_applies", lambda w, grid: True)  # as on a GPU
+    monkeypatch.setattr(awq, "_fused_candidates_apply", lambda w, grid: True)
+    calls = awq._warmup_calls(step, step._first_layer, step.active[0], step.grids[0], torch.device("cpu"))
+    kinds = [c.args[0] if c.func is awq._warm_clip_kernels else "error" for c in calls]
+    expected = ["candidates_clip", "candidates", "final_clip", "error"]
+    assert kinds == (expected if clip_in_scale_search else expected[2:])
+    # hidden 64 and FFN 128 in groups of 32: every linear has 2 or 4 groups (neither 1 nor a multiple of 16)
+    assert {(c.args[1], c.args[2]) for c in calls if c.func is awq._warm_clip_kernels} == {(16, 17)}
+
+
+def test_the_runner_prepares_each_step_once_before_the_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quark.torch.quantization.calibration import layerwise
+
+    events: list[str] = []
+    capture = layerwise.capture_decoder_inputs
+
+    def spy_capture(*args, **kwargs):
+        events.append("capture")
+        return capture(*args, **kwargs)
+
+    monkeypatch.setattr(layerwise, "capture_decoder_inputs", spy_capture)
+    monkeypatch.setattr(awq.AwqStep, "prepare", lambda self, device: events.append(f"prepare {device}"))
+    model = make_model("llama")
+    config = Config(global_quant_config=QuantizationConfig(weight=replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=32)),
+                    exclude=["lm_head"])
+    awq.AwqProcessor(model, AWQConfig(), make_batches(2), quant_config=config).apply()
+    assert events == ["prepare cpu", "capture"]
+
+
+GPU_CHECK = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "tests/algorithm")
+    from dataclasses import replace
+    import torch, transformers, triton
+    from quark.torch.algorithm.awq import awq
+    from quark.torch.quantization.config.config import AWQConfig, Config, QuantizationConfig
+    from quark.torch.quantization.config.custom_config import UINT4_PER_GROUP_ASYM_SPEC
+
+    compiled, marks = [], []
+    def hook(*args, **kwargs):
+        compiled.append(str(kwargs.get("repr", ""))[:60])
+    triton.knobs.runtime.jit_post_compile_hook = hook
+    wait = awq.AwqStep._warmed_up
+    def spy(self):
+        had = self._warmup is not None
+        wait(self)
+        if had:
+            marks.append(len(compiled))
+    awq.AwqStep._warmed_up = spy
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda().eval()
+    config = Config(global_quant_config=QuantizationConfig(weight=replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=128)),
+                    exclude=["lm_head"])
+    batches = [torch.randint(0, 256, (1, 64), device="cuda") for _ in range(4)]
+    awq.AwqProcessor(model, AWQConfig(), batches, quant_config=config, device="cuda").apply()
+    print(json.dumps({"compiled": compiled, "marks": marks}))
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_awq_compiles_nothing_after_its_warm_up_on_the_gpu(tmp_path: Path) -> None:
+    triton = pytest.importorskip("triton")
+    if not hasattr(getattr(triton, "knobs", None), "runtime"):
+        pytest.skip("this Triton has no compile hooks")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", GPU_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    names = " ".join(report["compiled"])
+    for kernel in ("_clip_search_kernel", "_clipped_candidates_kernel", "_squared_error_kernel"):
+        assert kernel in names, report
+    assert len(report["marks"]) == 1 and report["marks"][0] == len(report["compiled"]), report
