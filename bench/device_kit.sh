@@ -12,6 +12,9 @@
 #   bash .gpuq/scripts/call_profile.sh  carry .gpuq/whl312 .gpuq/scripts          stage profile, memory trace, clip kernel
 #   bash .gpuq/scripts/call_next.sh     carry .gpuq/whl312 .gpuq/scripts          GPU tests, 32-layer AWQ/GPTQ, a whole
 #                                       3-layer AWQ profile (the time outside the layer loop), 70B from disk
+#   bash .gpuq/scripts/call_speed.sh    carry .gpuq/whl312 .gpuq/scripts          GPU tests, 32-layer AWQ/GPTQ on an empty
+#                                       Triton cache, AWQ without the layer read-ahead, a 3-layer AWQ profile with gaps
+#   bash .gpuq/scripts/call_gguf1.sh    carry .gpuq/whl312 .gpuq/scripts .gpuq/p1  then call_quality.sh at once
 #   bash .gpuq/scripts/call_ab.sh       carry .gpuq/whl312 .gpuq/scripts .gpuq/base   this tree against BASE (a git
 #                                       revision, default HEAD~1: BASE=<rev> bash bench/device_kit.sh), runs in turns
 set -euo pipefail
@@ -93,6 +96,20 @@ timeout 200 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda --
 timeout 90 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
 timeout 200 python3 bench/bench_speed.py --shape 70b --layers 3 --device cuda --runs gptq:disk --disk_dir /tmp/l70 \
   | tee "$OUT/l70.jsonl"
+EOS
+cat > .gpuq/scripts/call_speed.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+timeout 150 python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -8
+# an empty Triton cache, as on a fresh machine, for the first run
+TRITON_CACHE_DIR=/tmp/triton_fresh timeout 200 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda \
+  --runs awq:cpu,gptq:cpu | tee "$OUT/speed32.jsonl"
+QUARK_LAYER_PREFETCH=0 timeout 100 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs awq:cpu \
+  | tee "$OUT/speed32_no_prefetch.jsonl"
+timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
+EOS
+cat > .gpuq/scripts/call_gguf1.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+mkdir -p /tmp/q && cp .gpuq/p1/gguf.partaa /tmp/q/ && python3 -c "import transformers; print(transformers.__version__)"
 EOS
 cat > .gpuq/scripts/call_ab.sh <<'EOS'
 source .gpuq/scripts/setup.sh
