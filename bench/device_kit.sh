@@ -13,7 +13,7 @@
 #   bash .gpuq/scripts/call_next.sh     carry .gpuq/whl312 .gpuq/scripts          GPU tests, 32-layer AWQ/GPTQ, a whole
 #                                       3-layer AWQ profile (the time outside the layer loop), 70B from disk
 #   bash .gpuq/scripts/call_speed.sh    carry .gpuq/whl312 .gpuq/scripts          GPU tests, 32-layer AWQ/GPTQ on an empty
-#                                       Triton cache, AWQ without the layer read-ahead, a 3-layer AWQ profile with gaps
+#                                       Triton cache, AWQ without the overlapped layer copies, a 3-layer AWQ profile with gaps
 #   bash .gpuq/scripts/call_gguf1.sh    carry .gpuq/whl312 .gpuq/scripts .gpuq/p1  then call_quality.sh at once
 #   bash .gpuq/scripts/call_ab.sh       carry .gpuq/whl312 .gpuq/scripts .gpuq/base   this tree against BASE (a git
 #                                       revision, default HEAD~1: BASE=<rev> bash bench/device_kit.sh), runs in turns
@@ -103,8 +103,8 @@ timeout 150 python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -8
 # an empty Triton cache, as on a fresh machine, for the first run
 TRITON_CACHE_DIR=/tmp/triton_fresh timeout 200 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda \
   --runs awq:cpu,gptq:cpu | tee "$OUT/speed32.jsonl"
-QUARK_LAYER_PREFETCH=0 timeout 100 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs awq:cpu \
-  | tee "$OUT/speed32_no_prefetch.jsonl"
+QUARK_OVERLAP_COPIES=0 timeout 100 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs awq:cpu \
+  | tee "$OUT/speed32_no_overlap.jsonl"
 timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
 EOS
 cat > .gpuq/scripts/call_gguf1.sh <<'EOS'

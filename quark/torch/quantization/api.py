@@ -21,7 +21,14 @@ from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.batches import materialize, model_device, run_batches
 from quark.torch.quantization.calibration.layer_forward import forward_layerwise
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
-from quark.torch.quantization.calibration.placement import modules_outside, normalize_device, on_device, onloaded
+from quark.torch.quantization.calibration.placement import (
+    in_cpu_memory,
+    layer_mover,
+    modules_outside,
+    normalize_device,
+    on_device,
+    onloaded,
+)
 from quark.torch.quantization.calibration.weight_source import disk_weights
 from quark.torch.quantization.config.config import Config
 from quark.torch.quantization.model_transformation import (
@@ -304,13 +311,29 @@ def _placement_units(model: nn.Module) -> list[nn.Module]:
 
 def _units_loaded(model: nn.Module, device: torch.device, weights_change: bool) -> Iterator[nn.Module]:
     """The model once when it is wholly on ``device``; else each placement unit in turn, loaded there
-    (``placement.onloaded``) while the caller works on it."""
+    (``placement.onloaded``) while the caller works on it. Units in CPU memory cross to a GPU and back on a
+    background thread (``placement.LayerMover``: the next one read ahead, a finished one written back)."""
     if on_device(model, device):
         yield model
         return
-    for unit in _placement_units(model):
-        with onloaded(unit, device, weights_change=weights_change):
-            yield unit
+    units = _placement_units(model)
+    mover = layer_mover(device)
+    prefetch = None
+    try:
+        for k, unit in enumerate(units):
+            ready, prefetch = (prefetch.take() if prefetch is not None else None), None
+            with onloaded(unit, device, weights_change=weights_change, ready=ready,
+                          mover=mover if weights_change else None):
+                if mover is not None and k + 1 < len(units) and in_cpu_memory(units[k + 1]):
+                    prefetch = mover.prefetch(units[k + 1])
+                yield unit
+        if mover is not None:
+            mover.wait()
+    finally:
+        if prefetch is not None:
+            prefetch.drop()
+        if mover is not None:
+            mover.close()
 
 
 def _swap_linears(model: nn.Module, plan: list[Any], device: torch.device, records: list[Any],

@@ -104,13 +104,14 @@ def test_activations_stay_on_a_gpu_only_within_the_budget(monkeypatch: pytest.Mo
 @pytest.mark.gpu
 @gpu
 def test_a_prefetched_layer_hands_over_only_what_is_unchanged() -> None:
-    from quark.torch.quantization.calibration.placement import LayerPrefetch, onloaded
+    from quark.torch.quantization.calibration.placement import LayerMover, onloaded
 
     layer = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
     layer.register_buffer("scale", torch.rand(32))
     layer.register_buffer("zero", torch.zeros(32))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    prefetch = LayerPrefetch(layer, "cuda")
+    mover = LayerMover("cuda")
+    prefetch = mover.prefetch(layer)
     layer[0].bias.data = torch.ones(32)  # replaced
     layer.zero = torch.full((32,), 3.0)  # a buffer replaced
     ready = prefetch.take()
@@ -125,11 +126,17 @@ def test_a_prefetched_layer_hands_over_only_what_is_unchanged() -> None:
                                                                                    torch.full((32,), 3.0))
         assert state["0.weight"].data_ptr() in {t.data_ptr() for t in ready.values()}  # the prefetched copy
     assert all(t.device.type == "cpu" for t in layer.state_dict().values())
+    with onloaded(layer, "cuda", weights_change=True, mover=mover):  # back on the mover's thread
+        layer[0].weight.data.mul_(2)
+    mover.wait()
+    mover.close()
+    assert all(t.device.type == "cpu" for t in layer.state_dict().values())
+    assert torch.equal(layer[0].weight.data, before["0.weight"] * 2)
 
 
 @pytest.mark.gpu
 @gpu
-def test_the_runner_reads_the_next_layer_ahead_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_runner_moves_layers_on_a_background_thread_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     import copy
 
     from quark.torch import LLMTemplate, ModelQuantizer
@@ -149,13 +156,14 @@ def test_the_runner_reads_the_next_layer_ahead_with_the_same_result(monkeypatch:
     batches = token_batches(4, seq=32)
     states = []
     for prefetch in (True, False):
-        monkeypatch.setattr(layerwise, "PREFETCH_NEXT_LAYER", prefetch)
+        monkeypatch.setattr(placement, "OVERLAP_LAYER_COPIES", prefetch)
         model = copy.deepcopy(base)
         quantizer = ModelQuantizer(LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm="awq"),
                                    compute_device="cuda")
         quantizer.quantize_model(model, batches)
         quantizer.freeze(model)
         states.append(model.state_dict())
+        assert all(t.device.type == "cpu" for t in states[-1].values())
     assert taken and all(n > 0 for n in taken)  # layer 1 of the AWQ pass (at least) came prefetched
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key

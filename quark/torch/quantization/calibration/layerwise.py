@@ -41,6 +41,8 @@ from quark.torch.quantization.calibration.batching import call_batch, checked_me
 from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
 from quark.torch.quantization.calibration.placement import (
     LayerPrefetch,
+    in_cpu_memory,
+    layer_mover,
     modules_outside,
     move_to,
     onloaded,
@@ -535,11 +537,6 @@ def _layer_pass(layer: nn.Module, i: int, name: str, steps: Sequence[LayerStep],
     return hidden, hidden_float, merge_ok
 
 
-#: Whether the runner copies the next decoder layer (in CPU memory) to a GPU compute device while the current one
-#: is worked on (``QUARK_LAYER_PREFETCH=0``: each layer is copied when its turn comes).
-PREFETCH_NEXT_LAYER = os.environ.get("QUARK_LAYER_PREFETCH", "1") != "0"
-
-
 #: Bytes of activations a GPU compute device keeps between decoder layers (the layers' inputs, outputs
 #: and merged copies: three streams of the captured size, six with a float-model stream); more wait in
 #: CPU memory and cross the bus twice per layer and pass.
@@ -587,9 +584,7 @@ def _rows_of_one_tensor(hidden: list) -> list:
 
 def _cpu_layer_for(layer: nn.Module, device: torch.device | str) -> bool:
     """Whether ``layer`` sits wholly in CPU memory (none of it on disk) and runs on another device."""
-    tensors = [*layer.parameters(), *layer.buffers()]
-    return (torch.device(device).type != "cpu" and bool(tensors)
-            and all(t.device.type == "cpu" for t in tensors))
+    return torch.device(device).type != "cpu" and in_cpu_memory(layer)
 
 
 def _cache_on(cache: CapturedInputs, where: torch.device | str) -> CapturedInputs:
@@ -649,8 +644,9 @@ def run_layerwise(
         merge_ok = False
     if merge_ok is None:
         hidden = _rows_of_one_tensor(hidden)
-    # the next layer in CPU memory is copied to a GPU while this one is searched (one more layer on the device)
-    prefetching = PREFETCH_NEXT_LAYER and torch.device(device).type == "cuda"
+    # layers in CPU memory cross to and from a GPU while it computes: the next layer is copied there while this
+    # one is searched (one more layer on the device), a finished one goes home on a background thread
+    mover = layer_mover(device)
     prefetch: LayerPrefetch | None = None
     try:
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", leave=False)
@@ -668,35 +664,46 @@ def run_layerwise(
             ready, prefetch = (prefetch.take() if prefetch is not None else None), None
             while True:
                 try:
-                    with record_function("quark.layer"), onloaded(layer, device, weights_change=True, ready=ready):
+                    with record_function("quark.layer"), onloaded(layer, device, weights_change=True, ready=ready,
+                                                                  mover=mover):
                         ready = None
-                        if prefetching and i + 1 < len(layers) and _cpu_layer_for(layers[i + 1], device):
-                            prefetch = LayerPrefetch(layers[i + 1], device)
+                        if mover is not None and i + 1 < len(layers) and in_cpu_memory(layers[i + 1]):
+                            prefetch = mover.prefetch(layers[i + 1])
                         hidden, hidden_float, merge_ok = _layer_pass(
                             layer, i, name, steps, cache, hidden, hidden_float, float_steps, device, offload,
                             merge_ok if not retry.unmerged else False, propagate, backup, desc, retry)
                     break
                 except torch.OutOfMemoryError as error:
-                    if prefetch is not None:  # the next layer's copy goes first, and no more are made
-                        prefetch.drop()
-                        prefetch, prefetching = None, False
+                    if mover is not None:  # the copies in flight go first, and no more are made
+                        if prefetch is not None:
+                            prefetch.drop()
+                        prefetch = None
+                        mover.wait()
+                        mover.close()
+                        mover = None
                     retry.after(error, layer, device)  # raises when nothing is left to try
                     if retry.activations_on_cpu and torch.device(offload).type != "cpu":
                         cache, offload = _cache_on(cache, "cpu"), "cpu"
                         hidden, hidden_float = move_to(hidden, "cpu", True), move_to(hidden_float, "cpu", True)
             if retry.unmerged and merge_ok:
                 merge_ok = False  # the next layers run the calibration batches as given
-            if cpu_layer:  # the layer came back in new tensors; earlier layers' old ones are saved and freed by now
-                release_host_memory()
+            if cpu_layer and mover is None:  # the layer came back in new tensors; earlier layers' old ones are saved
+                release_host_memory()  # and freed by now (the mover does this after each write-back)
             logger.debug("%s: layer %s done in %.2fs", desc, name, time.perf_counter() - start)
             if torch.cuda.is_available() and torch.device(device).type == "cuda":
                 bar.set_postfix(peak_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}")
+        if mover is not None:
+            mover.wait()  # every layer home (a failed write-back raises here, and the model is restored)
     except BaseException:
         if prefetch is not None:
             prefetch.drop()
+        if mover is not None:
+            mover.close()
         backup.restore()
         raise
     finally:
+        if mover is not None:
+            mover.close()
         if own_backup:
             backup.close()
         release_pinned_cache()

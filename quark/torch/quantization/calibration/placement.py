@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
 
 from quark.torch.quantization.calibration.transfer import transfer
-from quark.torch.quantization.calibration.weight_source import has_meta_parameters, source_of
+from quark.torch.quantization.calibration.weight_source import has_meta_parameters, release_host_memory, source_of
 
-__all__ = ["LayerPrefetch", "loaded_on_use", "modules_outside", "move_to", "normalize_device", "on_device", "onloaded",
-           "placement_units", "probing", "tensors_moved", "unit_read"]
+__all__ = ["OVERLAP_LAYER_COPIES", "LayerMover", "LayerPrefetch", "in_cpu_memory", "layer_mover", "loaded_on_use",
+           "modules_outside", "move_to", "normalize_device", "on_device", "onloaded", "placement_units", "probing",
+           "tensors_moved", "unit_read"]
 
 def move_to(obj: Any, device: torch.device | str, keep_pinned: bool = False) -> Any:
     """Move every tensor inside nested tuples/lists/dicts to ``device`` (other values unchanged) with
@@ -60,19 +62,90 @@ def _module_to(module: nn.Module, device: torch.device | str, params: bool = Tru
                 sub._buffers[name] = copy if copy is not None else transfer(b, device)
 
 
+#: Whether modules in CPU memory cross to and from a GPU compute device on a background thread while it computes
+#: (:class:`LayerMover`: the next decoder layer read ahead, a finished one written back; the runner's layers and
+#: ``freeze``'s placement units); ``QUARK_OVERLAP_COPIES=0``: each copy when its turn comes, on the main thread.
+OVERLAP_LAYER_COPIES = os.environ.get("QUARK_OVERLAP_COPIES", "1") != "0"
+
+
+def layer_mover(device: torch.device | str) -> LayerMover | None:
+    """A :class:`LayerMover` for a CUDA compute ``device`` (None elsewhere, or with the overlap off)."""
+    return LayerMover(device) if OVERLAP_LAYER_COPIES and torch.device(device).type == "cuda" else None
+
+
+def in_cpu_memory(module: nn.Module) -> bool:
+    """Whether every parameter and buffer of ``module`` is in CPU memory (none on disk), and it has some."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
+
+
+class LayerMover:
+    """Moves decoder layers between CPU memory and a CUDA device on one background thread and a side stream,
+    while the device computes: :meth:`prefetch` copies the next layer there ahead of its turn, :meth:`write_back`
+    brings a finished layer home. A layer in ordinary CPU memory crosses at ~5-7 GB/s and the thread making the
+    copy waits for it: on an H100, an 8B layer's ~70 ms to the device and ~60 ms back (staging included) were
+    time the device stood idle at every layer. Jobs run in order, so a prefetch starts after the previous
+    layer's write-back (its device memory freed first). :meth:`wait` blocks until every job is done and raises
+    the first error of a write-back.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = normalize_device(device)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quark-layer-mover")
+        self._stream: torch.cuda.Stream | None = None
+        self._writes: list[Future] = []
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def prefetch(self, module: nn.Module) -> LayerPrefetch:
+        """Start copying ``module``'s CPU tensors to the device (after the jobs already queued)."""
+        return LayerPrefetch(module, self)
+
+    def write_back(self, module: nn.Module, home: torch.device) -> None:
+        """Move ``module`` (on the device) to ``home`` once the work queued on the current stream is done; the
+        caller leaves ``module`` alone until :meth:`wait`."""
+        queued = torch.cuda.Event()
+        queued.record(torch.cuda.current_stream(self.device))
+        self._writes.append(self._worker.submit(self._write, module, home, queued))
+
+    def _write(self, module: nn.Module, home: torch.device, queued: torch.cuda.Event) -> None:
+        stream = self._side_stream()
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            stream.wait_event(queued)
+            _module_to(module, home)  # synchronous per tensor: each device copy is read before it is freed
+        release_host_memory()  # the freed staging and the tensors replaced (glibc keeps them otherwise)
+
+    def wait(self) -> None:
+        """Block until every job is done; the first write-back error is raised (after all have finished)."""
+        writes, self._writes = self._writes, []
+        errors = [f.exception() for f in writes]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        """Wait for the jobs (errors are the caller's to have seen through :meth:`wait`) and stop the worker."""
+        for f in self._writes:
+            f.exception()
+        self._writes = []
+        self._worker.shutdown(wait=True)
+
+
 class LayerPrefetch:
-    """Copies of a module's CPU parameters and buffers on a CUDA device, made ahead by a background thread on a
-    side stream while the device computes something else (the layer-by-layer runner: the next decoder layer
-    while this one is searched; a layer in ordinary CPU memory crosses at ~5-7 GB/s, and the thread making the
-    copy waits for it: an 8B layer took ~70 ms of an H100's time per layer before the search could start).
+    """Copies of a module's CPU parameters and buffers on a CUDA device, made by a :class:`LayerMover`'s worker on
+    its side stream.
 
     :meth:`take` hands over the copies for :func:`onloaded`'s ``ready``, except of tensors that were replaced or
     changed in place through autograd's view in the meantime (a change through ``.data`` is not seen: steps
     change only the layer they are given); :meth:`drop` discards them (out of device memory, or an error).
     """
 
-    def __init__(self, module: nn.Module, device: torch.device | str) -> None:
-        self.device = normalize_device(device)
+    def __init__(self, module: nn.Module, mover: LayerMover) -> None:
+        self.device = mover.device
+        self._mover = mover
         # (key, holder, tensor, its version): the tensor held keeps its memory from being reused meanwhile
         self._sources: list[tuple[tuple[int, str], Any, torch.Tensor, int]] = []
         seen: set[int] = set()
@@ -86,21 +159,19 @@ class LayerPrefetch:
                     self._sources.append(((id(sub), name), sub, b, b._version))
         self._copies: dict[tuple[int, str], torch.Tensor] = {}
         self._event: torch.cuda.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._copy, name="quark-layer-prefetch", daemon=True)
-        self._thread.start()
+        self._done = mover._worker.submit(self._copy)
 
     def _copy(self) -> None:
         try:
-            stream = torch.cuda.Stream(self.device)
+            stream = self._mover._side_stream()
             with torch.cuda.device(self.device), torch.cuda.stream(stream):
                 for key, _, tensor, _ in self._sources:
                     self._copies[key] = tensor.to(self.device, non_blocking=tensor.is_pinned())
                 self._event = torch.cuda.Event()
                 self._event.record(stream)
-        except BaseException as error:  # out of memory included: the layer is then copied as usual
-            self._error = error
+        except BaseException:  # out of memory included: the layer is then copied when its turn comes
             self._copies.clear()
+            self._event = None
 
     @staticmethod
     def _unchanged(key: tuple[int, str], holder: Any, tensor: torch.Tensor, version: int) -> bool:
@@ -110,8 +181,9 @@ class LayerPrefetch:
 
     def take(self) -> dict[tuple[int, str], torch.Tensor]:
         """The copies, for use on the current stream of the device (empty when the prefetch failed)."""
-        self._thread.join()
-        if self._error is not None or self._event is None:
+        self._done.result()
+        if self._event is None:
+            self._sources.clear()
             return {}
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self._event)
@@ -127,7 +199,7 @@ class LayerPrefetch:
 
     def drop(self) -> None:
         """Wait for the copies and free them."""
-        self._thread.join()
+        self._done.result()
         self._copies.clear()
         self._sources.clear()
 
@@ -214,7 +286,8 @@ def tensors_moved(modules: Sequence[nn.Module], device: torch.device | str, *,
 
 @contextlib.contextmanager
 def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: bool = True,
-             ready: dict[tuple[int, str], torch.Tensor] | None = None) -> Iterator[None]:
+             ready: dict[tuple[int, str], torch.Tensor] | None = None,
+             mover: LayerMover | None = None) -> Iterator[None]:
     """``module`` on ``device`` for the block, then back where it was.
 
     With ``weights_change=False`` (a pass that only reads the parameters, such as calibration) the
@@ -222,6 +295,8 @@ def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: b
     Buffers (observer statistics, scales) always travel back, changed or new. A module of a model on
     disk is read from its weight source and written back to the offload folder (``weights_change``).
     ``ready``: copies already on ``device`` (:meth:`LayerPrefetch.take`), used instead of copying again.
+    ``mover``: a block that ends without an error hands the module to :meth:`LayerMover.write_back` (the caller
+    leaves it alone until :meth:`LayerMover.wait`) instead of moving it back before returning.
     """
     source = _disk_source([module])
     if source is not None:
@@ -234,10 +309,14 @@ def onloaded(module: nn.Module, device: torch.device | str, *, weights_change: b
         return
     originals = None if weights_change else {id(p): (p, p.data) for p in module.parameters()}
     _module_to(module, device, ready=ready)
+    failed = True
     try:
         yield
+        failed = False
     finally:
-        if originals is None:
+        if originals is None and mover is not None and not failed:
+            mover.write_back(module, home)
+        elif originals is None:
             _module_to(module, home)
         else:
             for p, data in originals.values():
