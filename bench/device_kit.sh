@@ -13,7 +13,8 @@
 #   bash .gpuq/scripts/call_next.sh     carry .gpuq/whl312 .gpuq/scripts          GPU tests, 32-layer AWQ/GPTQ, a whole
 #                                       3-layer AWQ profile (the time outside the layer loop), 70B from disk
 #   bash .gpuq/scripts/call_speed.sh    carry .gpuq/whl312 .gpuq/scripts          GPU tests, 32-layer AWQ/GPTQ on an empty
-#                                       Triton cache, AWQ without the overlapped layer copies, a 3-layer AWQ profile with gaps
+#                                       Triton cache, 8-layer AWQ with the layer copies overlapped or not, a 3-layer AWQ
+#                                       profile with the GPU's gaps, 70B GPTQ from disk (3 layers)
 #   bash .gpuq/scripts/call_gguf1.sh    carry .gpuq/whl312 .gpuq/scripts .gpuq/p1  then call_quality.sh at once
 #   bash .gpuq/scripts/call_ab.sh       carry .gpuq/whl312 .gpuq/scripts .gpuq/base   this tree against BASE (a git
 #                                       revision, default HEAD~1: BASE=<rev> bash bench/device_kit.sh), runs in turns
@@ -103,9 +104,13 @@ timeout 150 python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -8
 # an empty Triton cache, as on a fresh machine, for the first run
 TRITON_CACHE_DIR=/tmp/triton_fresh timeout 200 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda \
   --runs awq:cpu,gptq:cpu | tee "$OUT/speed32.jsonl"
-QUARK_OVERLAP_COPIES=0 timeout 100 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs awq:cpu \
-  | tee "$OUT/speed32_no_overlap.jsonl"
+for overlap in 0 1; do
+  QUARK_OVERLAP_COPIES=$overlap timeout 60 python3 bench/bench_speed.py --shape 8b --layers 8 --device cuda --runs awq:cpu \
+    | tee -a "$OUT/overlap_ab.jsonl"
+done
 timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
+timeout 150 python3 bench/bench_speed.py --shape 70b --layers 3 --device cuda --runs gptq:disk --disk_dir /tmp/l70 \
+  | tee "$OUT/l70.jsonl"
 EOS
 cat > .gpuq/scripts/call_gguf1.sh <<'EOS'
 source .gpuq/scripts/setup.sh

@@ -72,6 +72,8 @@ def apply_pre_quant_optimization(model: nn.Module, configs: list, config: Any, b
     except BaseException:
         backup.restore()
         raise
+    else:
+        backup.discard()
     finally:
         backup.close()
 
@@ -92,6 +94,8 @@ def apply_advanced_algorithm(model: nn.Module, configs: list, config: Any, batch
     except BaseException:
         backup.restore()
         raise
+    else:
+        backup.discard()
     finally:
         backup.close()
 

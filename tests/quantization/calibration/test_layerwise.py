@@ -139,6 +139,26 @@ def test_backup_close_deletes_its_folder(tmp_path):
     backup.restore()  # nothing saved any more: a no-op
 
 
+def test_a_discarded_backup_deletes_its_folder_in_the_background(tmp_path, monkeypatch):
+    """After a successful run the copies are dropped without waiting: queued writes are cancelled, the folder goes
+    once the running write ends, and nothing can be restored any more."""
+    import threading
+
+    monkeypatch.setattr("quark.torch.quantization.calibration.layerwise.BACKUP_PIECE_BYTES", 1024)
+    backup = ModelBackup(folder=tmp_path)
+    backup.save(torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)))
+    assert any(tmp_path.iterdir())
+    backup.discard()
+    for thread in threading.enumerate():
+        if thread.name == "quark-backup-cleanup":
+            thread.join(timeout=30)
+    assert not any(tmp_path.iterdir())
+    model = torch.nn.Linear(4, 4)
+    weight = model.weight.detach().clone()
+    backup.restore()  # nothing saved any more: a no-op
+    assert torch.equal(model.weight, weight)
+
+
 class _TargetsOnly(_Recorder):
     """Records q/k/v only and lets the runner stop each call after them."""
 
