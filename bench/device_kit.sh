@@ -109,7 +109,7 @@ for overlap in 0 1; do
     | tee -a "$OUT/overlap_ab.jsonl"
 done
 timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
-timeout 150 python3 bench/bench_speed.py --shape 70b --layers 3 --device cuda --runs gptq:disk --disk_dir /tmp/l70 \
+timeout 180 python3 bench/bench_speed.py --shape 70b --layers 3 --device cuda --runs gptq:disk --disk_dir /tmp/l70 \
   | tee "$OUT/l70.jsonl"
 EOS
 cat > .gpuq/scripts/call_gguf1.sh <<'EOS'
