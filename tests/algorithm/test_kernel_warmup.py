@@ -114,26 +114,43 @@ def test_the_runner_prepares_each_step_once_before_the_capture(monkeypatch: pyte
     assert events == ["prepare cpu", "capture"]
 
 
+def test_gptq_warms_up_one_solve_per_grid_and_shape_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quark.torch.algorithm.gptq import gptq
+    from quark.torch.quantization.config.config import GPTQConfig
+
+    model = make_model("llama")
+    config = Config(global_quant_config=QuantizationConfig(weight=replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=32)),
+                    exclude=["lm_head"])
+    step = gptq.GptqProcessor(model, GPTQConfig(), make_batches(2), quant_config=config).build_step()
+    monkeypatch.setattr(gptq, "kernels_apply", lambda t, grid: True)  # as on a GPU
+    calls = gptq._warmup_calls(step._first_layer, step.grids[0], step._options("warm-up", True), torch.device("cpu"))
+    # every linear of the tiny Llama has 2 or 4 groups of 32 and 32 to 128 rows: one class
+    assert [c.args[0] for c in calls] == [(16, 17 * 32)]
+    solved: list[tuple[int, ...]] = []
+    monkeypatch.setattr(gptq, "gptq_quantize", lambda w, h, grid, **kw: solved.append((*w.shape, *h.shape)))
+    KernelWarmup(calls, "cpu", "test").wait()
+    assert solved == [(16, 544, 544, 544)]
+
+
 GPU_CHECK = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, "tests/algorithm")
     from dataclasses import replace
     import torch, transformers, triton
     from quark.torch.algorithm.awq import awq
-    from quark.torch.quantization.config.config import AWQConfig, Config, QuantizationConfig
+    from quark.torch.algorithm.gptq import gptq
+    from quark.torch.algorithm.kernels import warmup
+    from quark.torch.quantization.config.config import AWQConfig, Config, GPTQConfig, QuantizationConfig
     from quark.torch.quantization.config.custom_config import UINT4_PER_GROUP_ASYM_SPEC
 
     compiled, marks = [], []
     def hook(*args, **kwargs):
         compiled.append(str(kwargs.get("repr", ""))[:60])
     triton.knobs.runtime.jit_post_compile_hook = hook
-    wait = awq.AwqStep._warmed_up
+    wait = warmup.KernelWarmup.wait
     def spy(self):
-        had = self._warmup is not None
         wait(self)
-        if had:
-            marks.append(len(compiled))
-    awq.AwqStep._warmed_up = spy
+        marks.append(len(compiled))
+    warmup.KernelWarmup.wait = spy
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
@@ -141,24 +158,32 @@ GPU_CHECK = textwrap.dedent("""
     config = Config(global_quant_config=QuantizationConfig(weight=replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=128)),
                     exclude=["lm_head"])
     batches = [torch.randint(0, 256, (1, 64), device="cuda") for _ in range(4)]
-    awq.AwqProcessor(model, AWQConfig(), batches, quant_config=config, device="cuda").apply()
+    if sys.argv[-1] == "gptq":
+        gptq.GptqProcessor(model, GPTQConfig(clip_search_steps=10), batches, quant_config=config,
+                           device="cuda").apply()
+    else:
+        awq.AwqProcessor(model, AWQConfig(), batches, quant_config=config, device="cuda").apply()
     print(json.dumps({"compiled": compiled, "marks": marks}))
 """)
 
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_awq_compiles_nothing_after_its_warm_up_on_the_gpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["awq", "gptq"])
+def test_the_search_compiles_nothing_after_its_warm_up_on_the_gpu(tmp_path: Path, algorithm: str) -> None:
     triton = pytest.importorskip("triton")
     if not hasattr(getattr(triton, "knobs", None), "runtime"):
         pytest.skip("this Triton has no compile hooks")
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", GPU_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", GPU_CHECK, algorithm], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     names = " ".join(report["compiled"])
-    for kernel in ("_clip_search_kernel", "_clipped_candidates_kernel", "_squared_error_kernel"):
+    kernels = (("_clip_search_kernel", "_clipped_candidates_kernel", "_squared_error_kernel") if algorithm == "awq"
+               else ("_block_kernel", "_range_search_kernel"))
+    for kernel in kernels:
         assert kernel in names, report
     assert len(report["marks"]) == 1 and report["marks"][0] == len(report["compiled"]), report

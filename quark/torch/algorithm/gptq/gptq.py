@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ from quark.torch.algorithm.gptq.math import (
     hessian_from_sum,
     stackable,
 )
+from quark.torch.algorithm.kernels import kernels_apply, triton_applies
+from quark.torch.algorithm.kernels.warmup import KernelWarmup, specialised_size
 from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import ALL_QSCHEMES, ALL_WEIGHT_DTYPES, WeightGrid, weight_grid_from_spec
@@ -67,10 +70,13 @@ class GptqStep:
     previous groups were quantized.
     """
 
-    def __init__(self, cfg: Any, grids: list[dict[str, WeightGrid]], prefix: str) -> None:
+    def __init__(self, cfg: Any, grids: list[dict[str, WeightGrid]], prefix: str,
+                 first_layer: nn.Module | None = None) -> None:
         self.cfg = cfg
         self.grids = grids
         self.prefix = prefix
+        self._first_layer = first_layer
+        self._warmup: KernelWarmup | None = None
         self.hessians: dict[str, tuple[torch.Tensor | None, int]] = {}
         self.cross: dict[str, torch.Tensor] = {}
         self._only: set[str] | None = None
@@ -82,6 +88,24 @@ class GptqStep:
         self._last: tuple[torch.Tensor, tuple | None, tuple] | None = None
         # Linears of the first true-sequential group, per decoder layer class (known after its first layer).
         self._first_group: dict[type, list[str]] = {}
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Start compiling the Triton kernels the first layer's solves launch (:mod:`...kernels.warmup`), on a GPU
+        whose kernels apply."""
+        device = torch.device(device)
+        if (device.type != "cuda" or self._first_layer is None or not self.grids
+                or not triton_applies(torch.empty(0, device=device))):
+            return
+        calls = _warmup_calls(self._first_layer, self.grids[0], self._options("warm-up", True), device)
+        if calls:
+            self._warmup = KernelWarmup(calls, device, "GPTQ")
+
+    def _options(self, name: str, scratch: bool) -> dict[str, Any]:
+        """``gptq_quantize``'s keyword arguments from the config."""
+        return dict(damp_percent=float(getattr(self.cfg, "damp_percent", 0.01)),
+                    desc_act=bool(getattr(self.cfg, "desc_act", True)),
+                    static_groups=bool(getattr(self.cfg, "static_groups", True)), name=name,
+                    clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0), scratch_hessian=scratch)
 
     @property
     def collects_targets_only(self) -> bool:
@@ -208,12 +232,12 @@ class GptqStep:
         scratch = h.dtype == torch.float64  # then the float32 Hessian below is this call's own
         if scratch:  # collect()'s sums; the paired statistics are float32 running means
             h = hessian_from_sum(h, count)
-        damp = float(getattr(self.cfg, "damp_percent", 0.01))
         grid = self.grids[index][names[0]]
-        options = dict(damp_percent=damp, desc_act=bool(getattr(self.cfg, "desc_act", True)),
-                       static_groups=bool(getattr(self.cfg, "static_groups", True)),
-                       name=" + ".join(full[n] for n in solve),
-                       clip_steps=int(getattr(self.cfg, "clip_search_steps", 0) or 0), scratch_hessian=scratch)
+        options = self._options(" + ".join(full[n] for n in solve), scratch)
+        damp = options["damp_percent"]
+        if self._warmup is not None:
+            self._warmup.wait()
+            self._warmup = None
         modules = [layer.get_submodule(n) for n in solve]
         if len(solve) > 1:
             results = gptq_quantize_stacked([m.weight.data for m in modules], h, grid, **options)
@@ -332,6 +356,33 @@ class GptqStep:
         self._last = None
 
 
+def _warmup_calls(layer: nn.Module, grids: dict[str, WeightGrid], options: dict[str, Any],
+                  device: torch.device) -> list[Callable[[], object]]:
+    """GPTQ of tiny weights with the specialisation of ``layer``'s (rows, and groups or column blocks), one per
+    distinct (grid, shape class): the range search and column kernels compile as its solves will launch them.
+    ``tests/algorithm/test_kernel_warmup.py`` checks on a GPU that the solves then compile nothing."""
+    calls: dict[tuple, Callable[[], object]] = {}
+    probe = torch.empty(0, device=device)
+    for name, grid in grids.items():
+        out, cols = layer.get_submodule(name).weight.shape
+        if not kernels_apply(probe, grid):
+            continue
+        if grid.qscheme == QSchemeType.per_group:
+            if cols % grid.group_size:
+                continue
+            shape = (specialised_size(out), specialised_size(cols // grid.group_size) * grid.group_size)
+        else:  # the column kernel's blocks of 128
+            shape = (specialised_size(out), 256)
+        calls.setdefault((grid, shape), partial(_warm_solve, shape, grid, options, device))
+    return list(calls.values())
+
+
+def _warm_solve(shape: tuple[int, int], grid: WeightGrid, options: dict[str, Any], device: torch.device) -> None:
+    out, cols = shape
+    weight = torch.linspace(-1, 1, out * cols, device=device).reshape(out, cols)
+    gptq_quantize(weight, torch.eye(cols, device=device), grid, **options)
+
+
 #: Rows of a Hessian reduced at a time over data-parallel ranks (bounds the float64 copy on the device).
 REDUCE_ROWS = 1024
 
@@ -388,7 +439,7 @@ class GptqProcessor(AlgorithmProcessor):
                     raise ValueError("GPTQConfig.static_groups=False is not supported for a two-stage weight spec "
                                      "(its scale stage's per-tensor scale needs every group's scale before the "
                                      "first column); set static_groups=True")
-        return GptqStep(self.cfg, grids, path)
+        return GptqStep(self.cfg, grids, path, first_layer=layers[0] if len(layers) else None)
 
     def apply(self, backup: ModelBackup | None = None) -> None:
         step = self.build_step()
