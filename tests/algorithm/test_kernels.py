@@ -114,8 +114,13 @@ INTERPRETED = textwrap.dedent("""
     exact = float((a.double() - b.double()).pow(2).sum())
     assert abs(float(squared_error_sum(a, b)) - exact) <= 1e-6 * exact
     from quark.torch.algorithm.awq import awq
-    for kind in ("candidates_clip", "candidates", "final_clip"):  # AWQ's warm-up launches match the kernels
+    for kind in ("clip", "candidates"):  # AWQ's warm-up launches match the kernels
         awq._warm_clip_kernels(kind, 16, 17, torch.bfloat16, t.GRIDS[0], torch.device("cpu"))
+    for grid in t.GRIDS:  # a bfloat16 weight is read as it is
+        w, cov, _ = t._clip_problem(grid, "cpu")
+        w16 = (w[0] * 0.05).to(torch.bfloat16)
+        ref, got = t._both(Patch(), lambda: t.clip_search(w16, cov, grid))
+        assert got.dtype == torch.bfloat16 and torch.equal(ref, got), grid
     print("interpreted kernels equal")
 """)
 

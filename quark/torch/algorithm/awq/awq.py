@@ -247,8 +247,8 @@ class AwqStep(ScalingStep):
 def _warmup_calls(step: AwqStep, layer: nn.Module, groups: Sequence[ScalingGroup], grids: dict[str, WeightGrid],
                   device: torch.device) -> list[Callable[[], object]]:
     """The kernel launches of ``layer``'s search on tiny inputs of the same specialisation, one call per distinct
-    kernel variant, so that they compile in parallel: the clip kernel on the scale candidates (their dtype, one
-    covariance each) and on the final weights (float32, one covariance), the clipped candidates, the output error.
+    kernel variant, so that they compile in parallel: the clip kernel (the weights' dtype, one covariance per
+    candidate: the scale candidates' and the final clipping's), the clipped candidates, the output error.
     ``tests/algorithm/test_kernel_warmup.py`` checks on a GPU that the search then compiles nothing."""
     calls: dict[tuple, Callable[[], object]] = {}
     for g in groups:
@@ -263,11 +263,12 @@ def _warmup_calls(step: AwqStep, layer: nn.Module, groups: Sequence[ScalingGroup
             if not _clip_kernel_applies(probe, grid):
                 continue
             if step.clip_in_scale_search and _fused_candidates_apply(probe, grid):
-                for kind in ("candidates_clip", "candidates"):
+                for kind in ("clip", "candidates"):
                     calls.setdefault((kind, dtype, grid, rows, groups_),
                                      partial(_warm_clip_kernels, kind, rows, groups_, dtype, grid, device))
-            calls.setdefault(("final_clip", grid, rows, groups_),
-                             partial(_warm_clip_kernels, "final_clip", rows, groups_, torch.float32, grid, device))
+            final = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32  # as clip_search reads it
+            calls.setdefault(("clip", final, grid, rows, groups_),
+                             partial(_warm_clip_kernels, "clip", rows, groups_, final, grid, device))
         if g.module2inspect:
             dtype = next(submodule(layer, g.module2inspect, f"{step.owner}.module2inspect").parameters()).dtype
             calls.setdefault(("error", dtype), partial(_warm_error, dtype, device))
@@ -276,12 +277,12 @@ def _warmup_calls(step: AwqStep, layer: nn.Module, groups: Sequence[ScalingGroup
 
 def _warm_clip_kernels(kind: str, rows: int, groups: int, dtype: torch.dtype, grid: WeightGrid,
                        device: torch.device) -> None:
-    """One launch of a clip kernel as :func:`_fused_candidate_weights` (``candidates_clip``, ``candidates``) or
-    :func:`_kernel_clip` (``final_clip``) make it, on ``[2 or 1, rows, groups, gs]`` weights."""
+    """One launch of a clip kernel as :func:`_fused_candidate_weights` and :func:`_kernel_clip` make it (``clip``), or
+    of the clipped candidates' (``candidates``), on ``[2, rows, groups, gs]`` weights."""
     from quark.torch.algorithm.kernels.clip import best_clip_steps, clipped_candidates
 
     gs = grid.group_size
-    batch = 1 if kind == "final_clip" else 2
+    batch = 2
     wg = torch.linspace(-1, 1, batch * rows * groups * gs, device=device).reshape(batch, rows, groups, gs).to(dtype)
     lo, hi = (t.float() for t in torch.aminmax(wg, dim=-1))
     max0 = torch.maximum(-lo, hi)
@@ -293,7 +294,7 @@ def _warm_clip_kernels(kind: str, rows: int, groups: int, dtype: torch.dtype, gr
                                                                             device=device), max0, scale, zp, grid)
         return
     scale, zp = _clipped_qparams(lo[:, None], hi[:, None], max0[:, None] * ratios[None, :, None, None], grid, None)
-    best_clip_steps(wg, max0, scale, zp, ratios, cov if kind == "final_clip" else cov.expand(batch, *cov.shape), grid)
+    best_clip_steps(wg, max0, scale, zp, ratios, cov.expand(batch, *cov.shape), grid)
 
 
 def _warm_error(dtype: torch.dtype, device: torch.device) -> None:
@@ -479,7 +480,9 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
     ratios = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=torch.float32) / N_GRID
     if (cov.dim() == 3 or batch == 1) and _clip_kernel_applies(w3, grid):
         def kernel() -> torch.Tensor:
-            clipped3 = _kernel_clip(w3.float().reshape(batch, out, groups, gs), ratios, cov.reshape(cov_groups), grid,
+            # bfloat16 and float32 weights are read as they are (the kernel converts each element exactly)
+            wk = w3 if w3.dtype in (torch.bfloat16, torch.float32) else w3.float()
+            clipped3 = _kernel_clip(wk.reshape(batch, out, groups, gs), ratios, cov.reshape(cov_groups), grid,
                                     scale2, input_scales)
             result = clipped3.reshape(batch, out, cols).to(w.dtype)
             return result if w.dim() == 3 else result[0]
@@ -538,19 +541,23 @@ def _clip_kernel_applies(w: torch.Tensor, grid: WeightGrid) -> bool:
 
 def _kernel_clip(wg: torch.Tensor, ratios: torch.Tensor, cov: torch.Tensor, grid: WeightGrid,
                  scale2: torch.Tensor | None, input_scales: torch.Tensor | None) -> torch.Tensor:
-    """:func:`clip_search`'s clipped ``wg [batch, rows, G, gs]`` with the errors judged by the Triton kernel;
-    each ratio's grid parameters come from the same formulas as :func:`_clip_errors`'."""
+    """:func:`clip_search`'s clipped ``wg [batch, rows, G, gs]`` (float32 result) with the errors judged by the
+    Triton kernel; each ratio's grid parameters come from the same formulas as :func:`_clip_errors`'. A covariance
+    shared by every candidate goes in as one per candidate (``expand``, a view), so the final clipping launches
+    the kernel variant the scale candidates use (on a bfloat16 model: one compilation less)."""
     from quark.torch.algorithm.kernels.clip import best_clip_steps
 
-    wmin, wmax = torch.aminmax(wg, dim=-1)  # one pass: max|w| is the larger of -min and max
+    wmin, wmax = (t.float() for t in torch.aminmax(wg, dim=-1))  # one pass: max|w| is the larger of -min and max
     max0 = torch.maximum(-wmin, wmax)  # [batch, rows, G]
     bound = max0[:, None] * ratios[None, :, None, None]  # [batch, steps, rows, G]
     scale, zp = _clipped_qparams(wmin[:, None], wmax[:, None], bound, grid, scale2)
     del bound
     covs = cov if input_scales is None else _candidate_covariances(cov, input_scales)
+    if covs.dim() == 3:
+        covs = covs.expand(wg.shape[0], *covs.shape)
     best = best_clip_steps(wg, max0, scale, zp, ratios, covs, grid)
     best_max = (max0 * ratios[best])[..., None]
-    return torch.clamp(wg, -best_max, best_max)
+    return torch.clamp(wg.float(), -best_max, best_max)
 
 
 def _clip_errors(wg: torch.Tensor, max0: torch.Tensor, ratios: torch.Tensor, grid: WeightGrid,
