@@ -67,7 +67,11 @@ def gap_summary(trace: dict, min_us: float = 20.0, top: int = 25) -> str:
             k = parent[k]
         return out  # innermost first
 
+    layer_spans = [k for k, sp in enumerate(spans) if sp[3] and sp[2] == "quark.layer"]
+    ordinal = {k: i for i, k in enumerate(layer_spans)}  # the runner's decoder layers, in order
     by_op: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    steady: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    per_layer: dict[int, float] = defaultdict(float)
     total, n = 0.0, 0
     for (_, end), (start, _) in itertools.pairwise(busy):
         gap = start - end
@@ -79,15 +83,31 @@ def gap_summary(trace: dict, min_us: float = 20.0, top: int = 25) -> str:
         key = (inner, named[0] if named else "-")
         by_op[key][0] += gap
         by_op[key][1] += 1
+        layer = next((ordinal[k] for k in reversed(found) if k in ordinal), None)
+        if layer is not None:
+            per_layer[layer] += gap
+            if layer > 0:
+                steady[key][0] += gap
+                steady[key][1] += 1
         total += gap
         n += 1
     window = busy[-1][1] - busy[0][0]
     lines = [f"GPU window {window / 1e6:.3f} s, busy {sum(b - a for a, b in busy) / 1e6:.3f} s, "
-             f"{n} gaps >= {min_us:g} us: {total / 1e6:.3f} s",
-             f"{'innermost CPU op during the gap':<48} {'named range':<28} {'gaps':>6} {'seconds':>9}"]
-    for (inner, named), (seconds, count) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]:
-        lines.append(f"{inner[:48]:<48} {named[:28]:<28} {int(count):>6} {seconds / 1e6:>9.4f}")
+             f"{n} gaps >= {min_us:g} us: {total / 1e6:.3f} s"]
+    if per_layer:
+        lines.append("idle seconds per decoder layer (quark.layer ranges, in order): "
+                     + ", ".join(f"{per_layer[i] / 1e6:.3f}" for i in range(len(layer_spans))))
+    lines += _table(by_op, top)
+    if steady:
+        lines += ["", "the decoder layers after the first:", *_table(steady, top)]
     return "\n".join(lines) + "\n"
+
+
+def _table(rows: dict[tuple[str, str], list[float]], top: int) -> list[str]:
+    lines = [f"{'innermost CPU op during the gap':<48} {'named range':<28} {'gaps':>6} {'seconds':>9}"]
+    for (inner, named), (seconds, count) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{inner[:48]:<48} {named[:28]:<28} {int(count):>6} {seconds / 1e6:>9.4f}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

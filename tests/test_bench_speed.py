@@ -110,3 +110,10 @@ def test_gpu_gaps_charges_each_idle_gap_to_the_cpu_operator_running_then():
     assert table[0].startswith("GPU window 0.000 s") and "2 gaps >= 20 us" in table[0]  # the 10 us one is not
     rows = {tuple(line.split()[:2]): line.split()[-1] for line in table[2:]}
     assert rows == {("aten::item", "awq.search_group"): "0.0001", ("aten::copy_", "quark.backup"): "0.0001"}
+    # within the runner's layers: idle time per layer, and the layers after the first on their own
+    trace["traceEvents"] += [span("user_annotation", 5, 90, "quark.layer"), span("user_annotation", 100, 200,
+                                                                                 "quark.layer")]
+    table = gap_summary(trace, min_us=20).splitlines()
+    assert table[1] == "idle seconds per decoder layer (quark.layer ranges, in order): 0.000, 0.000"
+    assert table[-3] == "the decoder layers after the first:"
+    assert table[-1].split() == ["aten::copy_", "quark.backup", "1", "0.0001"]
