@@ -167,3 +167,37 @@ def test_the_runner_moves_layers_on_a_background_thread_with_the_same_result(mon
     assert taken and all(n > 0 for n in taken)  # layer 1 of the AWQ pass (at least) came prefetched
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_the_hidden_states_size_is_known_before_the_capture_for_token_batches() -> None:
+    from tests.helpers.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    hidden = model.config.hidden_size
+    ids = torch.randint(0, 100, (1, 16))
+    size = 4 * 16 * hidden
+    assert layerwise.hidden_state_bytes(model, [ids, ids[0], {"input_ids": ids}, (ids,)]) == 4 * size
+    assert layerwise.hidden_state_bytes(model.to(torch.bfloat16), [ids]) == size // 2
+    assert layerwise.hidden_state_bytes(model, [{"inputs_embeds": torch.zeros(1, 16, hidden)}]) is None
+    assert layerwise.hidden_state_bytes(torch.nn.Linear(4, 4), [ids]) is None
+    assert layerwise._capture_home(model, [ids], "cpu", 3) == "cpu"
+
+
+@pytest.mark.gpu
+@gpu
+def test_inputs_that_fit_are_captured_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quark.torch import LLMTemplate, ModelQuantizer
+    from tests.helpers.tiny_models import tiny_model, token_batches
+
+    homes: list[object] = []
+    capture = layerwise.capture_decoder_inputs
+
+    def spy(model, batches, layers, offload="cpu", device=None):
+        homes.append(torch.device(offload))
+        return capture(model, batches, layers, offload, device)
+
+    monkeypatch.setattr(layerwise, "capture_decoder_inputs", spy)
+    model = tiny_model("llama")
+    ModelQuantizer(LLMTemplate.get("llama").get_config(scheme="int4_wo_32", algorithm="gptq"),
+                   compute_device="cuda").quantize_model(model, token_batches(4, seq=32))
+    assert homes and all(h.type == "cuda" for h in homes)

@@ -578,6 +578,10 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
     return 0
 
 
+def _activation_budget(device: torch.device) -> int:
+    return min(ACTIVATIONS_ON_DEVICE_BYTES, torch.cuda.get_device_properties(device).total_memory // 4)
+
+
 def _activation_home(cache: CapturedInputs, device: torch.device | str, streams: int) -> torch.device | str:
     """``device`` when it is a GPU and ``streams`` copies of the captured inputs fit the budget (at most a
     quarter of its memory), else ``"cpu"``."""
@@ -587,8 +591,45 @@ def _activation_home(cache: CapturedInputs, device: torch.device | str, streams:
     seen: set[int] = set()
     stream = _tensor_bytes(cache.args, seen)
     fixed = _tensor_bytes([cache.kwargs, cache.kwargs_by_type], seen)
-    budget = min(ACTIVATIONS_ON_DEVICE_BYTES, torch.cuda.get_device_properties(device).total_memory // 4)
-    return device if streams * stream + fixed <= budget else "cpu"
+    return device if streams * stream + fixed <= _activation_budget(device) else "cpu"
+
+
+def hidden_state_bytes(model: nn.Module, batches: Sequence[Any]) -> int | None:
+    """The bytes of the hidden states the decoder's first layer will receive for ``batches`` (their tokens times
+    the model's hidden size, in its embeddings' dtype), or None when that cannot be told beforehand (no
+    ``config.hidden_size``, no embeddings, a batch of another form than token ids, a dict with ``input_ids`` or a
+    sequence starting with them)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(hidden, int) or not isinstance(weight, torch.Tensor):
+        return None
+    tokens = 0
+    for batch in batches:
+        if isinstance(batch, dict):
+            batch = batch.get("input_ids")
+        elif isinstance(batch, (tuple, list)):
+            batch = batch[0] if batch else None
+        if not isinstance(batch, torch.Tensor) or batch.is_floating_point():
+            return None
+        tokens += batch.numel()
+    return tokens * hidden * weight.element_size()
+
+
+def _capture_home(model: nn.Module, batches: Sequence[Any], device: torch.device | str,
+                  streams: int) -> torch.device | str:
+    """Where the capture keeps layer 0's inputs: on a GPU ``device`` when ``streams`` copies of the hidden states
+    it will record (:func:`hidden_state_bytes`, with 5% for the other arguments) fit the activations' budget, as
+    :func:`_activation_home` will find after it; they then skip a round trip through page-locked memory and the
+    synchronisation that each batch's copy to the host costs (Llama-3-8B, 128 x 512 tokens on an H100: ~7 ms a
+    batch). Else ``"cpu"``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    size = hidden_state_bytes(model, batches)
+    return device if size is not None and streams * size * 1.05 <= _activation_budget(device) else "cpu"
 
 
 def _rows_of_one_tensor(hidden: list) -> list:
@@ -640,19 +681,22 @@ def run_layerwise(
             prepare(device)
     # The embeddings and whatever else runs before layer 0 compute on ``device`` too, so the captured
     # inputs do not depend on where the model sits.
-    start = time.perf_counter()
-    with tensors_moved(modules_outside(model, layers), device, weights_change=False, on_use=True), \
-            record_function("quark.capture"):
-        cache = capture_decoder_inputs(model, batches, layers, "cpu" if offload is None else offload, device)
-    logger.debug("%s: decoder inputs captured in %.2fs", desc, time.perf_counter() - start)
     # Steps that match the float model's outputs also get, per layer, an untouched float copy of
     # the layer and its inputs from the float model (a second stream of hidden states).
     float_steps = [s for s in steps if getattr(s, "uses_float_inputs", False)] if propagate else []
+    streams = 6 if float_steps else 3
+    captured_on = offload if offload is not None else _capture_home(model, batches, device, streams)
+    start = time.perf_counter()
+    with tensors_moved(modules_outside(model, layers), device, weights_change=False, on_use=True), \
+            record_function("quark.capture"):
+        cache = capture_decoder_inputs(model, batches, layers, captured_on, device)
+    logger.debug("%s: decoder inputs (kept on %s) captured in %.2fs", desc, captured_on, time.perf_counter() - start)
     if offload is None:
-        offload = _activation_home(cache, device, streams=6 if float_steps else 3)
-        if offload != "cpu":
+        offload = _activation_home(cache, device, streams)
+        if torch.device(offload) != torch.device(captured_on):
             cache = _cache_on(cache, offload)
-            release_pinned_cache()  # the captured copies' staging memory (an 8B model, 128 x 512 tokens: 0.5 GiB)
+            if offload != "cpu":
+                release_pinned_cache()  # the captured copies' staging memory (8B, 128 x 512 tokens: 0.5 GiB)
     own_backup = backup is None
     backup = backup if backup is not None else ModelBackup()
     # the hidden states travel in ``hidden`` from here on: layer 0's inputs are freed once it is done (as large
