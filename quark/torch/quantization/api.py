@@ -317,7 +317,7 @@ def _units_loaded(model: nn.Module, device: torch.device, weights_change: bool) 
         yield model
         return
     units = _placement_units(model)
-    mover = layer_mover(device)
+    mover = layer_mover(device, trim=False)  # no heap trimming per unit here, as before the mover
     prefetch = None
     try:
         for k, unit in enumerate(units):

@@ -68,9 +68,9 @@ def _module_to(module: nn.Module, device: torch.device | str, params: bool = Tru
 OVERLAP_LAYER_COPIES = os.environ.get("QUARK_OVERLAP_COPIES", "1") != "0"
 
 
-def layer_mover(device: torch.device | str) -> LayerMover | None:
+def layer_mover(device: torch.device | str, trim: bool = True) -> LayerMover | None:
     """A :class:`LayerMover` for a CUDA compute ``device`` (None elsewhere, or with the overlap off)."""
-    return LayerMover(device) if OVERLAP_LAYER_COPIES and torch.device(device).type == "cuda" else None
+    return LayerMover(device, trim) if OVERLAP_LAYER_COPIES and torch.device(device).type == "cuda" else None
 
 
 def in_cpu_memory(module: nn.Module) -> bool:
@@ -86,11 +86,14 @@ class LayerMover:
     copy waits for it: on an H100, an 8B layer's ~70 ms to the device and ~60 ms back (staging included) were
     time the device stood idle at every layer. Jobs run in order, so a prefetch starts after the previous
     layer's write-back (its device memory freed first). :meth:`wait` blocks until every job is done and raises
-    the first error of a write-back.
+    the first error of a write-back. With ``trim`` each write-back ends by returning freed heap memory to the
+    system (``malloc_trim``, as the runner did after each layer; it holds glibc's locks while it walks the heap,
+    so passes of short units such as ``freeze``'s do without).
     """
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, trim: bool = True) -> None:
         self.device = normalize_device(device)
+        self.trim = trim
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quark-layer-mover")
         self._stream: torch.cuda.Stream | None = None
         self._writes: list[Future] = []
@@ -116,7 +119,8 @@ class LayerMover:
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
             stream.wait_event(queued)
             _module_to(module, home)  # synchronous per tensor: each device copy is read before it is freed
-        release_host_memory()  # the freed staging and the tensors replaced (glibc keeps them otherwise)
+        if self.trim:  # the freed staging and the tensors replaced (glibc keeps them otherwise)
+            release_host_memory()
 
     def wait(self) -> None:
         """Block until every job is done; the first write-back error is raised (after all have finished)."""
