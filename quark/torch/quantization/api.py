@@ -22,7 +22,6 @@ from quark.torch.quantization.calibration.batches import materialize, model_devi
 from quark.torch.quantization.calibration.layer_forward import forward_layerwise
 from quark.torch.quantization.calibration.layerwise import find_decoder_layers
 from quark.torch.quantization.calibration.placement import (
-    in_cpu_memory,
     layer_mover,
     modules_outside,
     normalize_device,
@@ -318,20 +317,17 @@ def _units_loaded(model: nn.Module, device: torch.device, weights_change: bool) 
         return
     units = _placement_units(model)
     mover = layer_mover(device, trim=False)  # no heap trimming per unit here, as before the mover
-    prefetch = None
     try:
         for k, unit in enumerate(units):
-            ready, prefetch = (prefetch.take() if prefetch is not None else None), None
+            ready = mover.take(unit) if mover is not None else None
             with onloaded(unit, device, weights_change=weights_change, ready=ready,
                           mover=mover if weights_change else None):
-                if mover is not None and k + 1 < len(units) and in_cpu_memory(units[k + 1]):
-                    prefetch = mover.prefetch(units[k + 1])
+                if mover is not None and k + 1 < len(units):
+                    mover.read_ahead(units[k + 1])
                 yield unit
         if mover is not None:
             mover.wait()
     finally:
-        if prefetch is not None:
-            prefetch.drop()
         if mover is not None:
             mover.close()
 

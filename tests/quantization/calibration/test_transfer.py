@@ -111,10 +111,10 @@ def test_a_prefetched_layer_hands_over_only_what_is_unchanged() -> None:
     layer.register_buffer("zero", torch.zeros(32))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     mover = LayerMover("cuda")
-    prefetch = mover.prefetch(layer)
+    mover.read_ahead(layer)
     layer[0].bias.data = torch.ones(32)  # replaced
     layer.zero = torch.full((32,), 3.0)  # a buffer replaced
-    ready = prefetch.take()
+    ready = mover.take(layer)
     assert len(ready) == 4  # weight, LayerNorm's weight and bias, scale
     assert all(t.is_cuda for t in ready.values())
     with onloaded(layer, "cuda", weights_change=False, ready=ready):

@@ -41,7 +41,6 @@ from quark.torch.quantization.calibration.batches import model_device, model_inp
 from quark.torch.quantization.calibration.batching import call_batch, checked_merge, merging_enabled, split_like
 from quark.torch.quantization.calibration.oom import CallsOnDevice, LayerRetry
 from quark.torch.quantization.calibration.placement import (
-    LayerPrefetch,
     in_cpu_memory,
     layer_mover,
     modules_outside,
@@ -713,7 +712,6 @@ def run_layerwise(
     # layers in CPU memory cross to and from a GPU while it computes: the next layer is copied there while this
     # one is searched (one more layer on the device), a finished one goes home on a background thread
     mover = layer_mover(device)
-    prefetch: LayerPrefetch | None = None
     try:
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", leave=False)
         for i in bar:
@@ -727,23 +725,20 @@ def run_layerwise(
                 # until the backup's writer has saved them: no copy, and nothing crosses back from the device
                 with record_function("quark.backup"):
                     backup.save(layer, copy=False)
-            ready, prefetch = (prefetch.take() if prefetch is not None else None), None
+            ready = mover.take(layer) if mover is not None else None
             while True:
                 try:
                     with record_function("quark.layer"), onloaded(layer, device, weights_change=True, ready=ready,
                                                                   mover=mover):
                         ready = None
-                        if mover is not None and i + 1 < len(layers) and in_cpu_memory(layers[i + 1]):
-                            prefetch = mover.prefetch(layers[i + 1])
+                        if mover is not None and i + 1 < len(layers):
+                            mover.read_ahead(layers[i + 1])
                         hidden, hidden_float, merge_ok = _layer_pass(
                             layer, i, name, steps, cache, hidden, hidden_float, float_steps, device, offload,
                             merge_ok if not retry.unmerged else False, propagate, backup, desc, retry)
                     break
                 except torch.OutOfMemoryError as error:
                     if mover is not None:  # the copies in flight go first, and no more are made
-                        if prefetch is not None:
-                            prefetch.drop()
-                        prefetch = None
                         mover.wait()
                         mover.close()
                         mover = None
@@ -761,8 +756,6 @@ def run_layerwise(
         if mover is not None:
             mover.wait()  # every layer home (a failed write-back raises here, and the model is restored)
     except BaseException:
-        if prefetch is not None:
-            prefetch.drop()
         if mover is not None:
             mover.close()
         backup.restore()

@@ -41,6 +41,23 @@ def move_to(obj: Any, device: torch.device | str, keep_pinned: bool = False) -> 
     return obj
 
 
+def _placed_tensors(module: nn.Module, params: bool = True
+                    ) -> Iterator[tuple[tuple[int, str], Any, torch.Tensor]]:
+    """Each parameter of ``module`` (tied ones once) and each buffer as ``(key, holder, tensor)``: a parameter's key
+    is ``(id(p), "")`` and its holder the parameter (its tensor ``p.data``), a buffer's ``(id(sub), name)`` and its
+    holder the module owning it. The keys of :meth:`LayerPrefetch.take`'s copies, which :func:`_module_to` uses."""
+    seen: set[int] = set()
+    for sub in module.modules():
+        if params:
+            for p in sub.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (id(p), ""), p, p.data
+        for name, b in sub._buffers.items():
+            if b is not None:
+                yield (id(sub), name), sub, b
+
+
 def _module_to(module: nn.Module, device: torch.device | str, params: bool = True,
                ready: dict[tuple[int, str], torch.Tensor] | None = None) -> None:
     """``module.to(device)`` (parameters through ``.data``, so tied ones stay tied), each tensor moved with
@@ -48,18 +65,15 @@ def _module_to(module: nn.Module, device: torch.device | str, params: bool = Tru
     only."""
     device = torch.device(device)
     ready = ready or {}
-    seen: set[int] = set()
-    for sub in module.modules():
-        if params:
-            for p in sub.parameters(recurse=False):
-                if id(p) not in seen and p.device != device:
-                    seen.add(id(p))
-                    copy = ready.get((id(p), ""))
-                    p.data = copy if copy is not None else transfer(p.data, device)
-        for name, b in sub._buffers.items():
-            if b is not None and b.device != device:
-                copy = ready.get((id(sub), name))
-                sub._buffers[name] = copy if copy is not None else transfer(b, device)
+    for key, holder, tensor in _placed_tensors(module, params):
+        if tensor.device == device:
+            continue
+        copy = ready.get(key)
+        moved = copy if copy is not None else transfer(tensor, device)
+        if key[1]:
+            holder._buffers[key[1]] = moved
+        else:
+            holder.data = moved
 
 
 #: Whether modules in CPU memory cross to and from a GPU compute device on a background thread while it computes
@@ -81,10 +95,10 @@ def in_cpu_memory(module: nn.Module) -> bool:
 
 class LayerMover:
     """Moves decoder layers between CPU memory and a CUDA device on one background thread and a side stream,
-    while the device computes: :meth:`prefetch` copies the next layer there ahead of its turn, :meth:`write_back`
+    while the device computes: :meth:`read_ahead` copies the next layer there ahead of its turn, :meth:`write_back`
     brings a finished layer home. A layer in ordinary CPU memory crosses at ~5-7 GB/s and the thread making the
     copy waits for it: on an H100, an 8B layer's ~70 ms to the device and ~60 ms back (staging included) were
-    time the device stood idle at every layer. Jobs run in order, so a prefetch starts after the previous
+    time the device stood idle at every layer. Jobs run in order, so a read-ahead starts after the previous
     layer's write-back (its device memory freed first). :meth:`wait` blocks until every job is done and raises
     the first error of a write-back. With ``trim`` each write-back ends by returning freed heap memory to the
     system (``malloc_trim``, as the runner did after each layer; it holds glibc's locks while it walks the heap,
@@ -97,15 +111,35 @@ class LayerMover:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quark-layer-mover")
         self._stream: torch.cuda.Stream | None = None
         self._writes: list[Future] = []
+        self._ahead: LayerPrefetch | None = None
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         return self._stream
 
-    def prefetch(self, module: nn.Module) -> LayerPrefetch:
-        """Start copying ``module``'s CPU tensors to the device (after the jobs already queued)."""
-        return LayerPrefetch(module, self)
+    def read_ahead(self, module: nn.Module) -> None:
+        """Start copying ``module`` to the device (after the jobs already queued) when it sits in CPU memory; its
+        turn's :meth:`take` hands the copies over (an earlier read-ahead not taken is dropped)."""
+        self._drop_ahead()
+        if in_cpu_memory(module):
+            self._ahead = LayerPrefetch(module, self)
+
+    def take(self, module: nn.Module) -> dict[tuple[int, str], torch.Tensor] | None:
+        """The copies read ahead for ``module`` (:meth:`LayerPrefetch.take`), for :func:`onloaded`'s ``ready``; None
+        when it was not read ahead."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead.module is not module:
+            ahead.drop()
+            return None
+        return ahead.take()
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.drop()
+            self._ahead = None
 
     def write_back(self, module: nn.Module, home: torch.device) -> None:
         """Move ``module`` (on the device) to ``home`` once the work queued on the current stream is done; the
@@ -131,7 +165,9 @@ class LayerMover:
             raise first
 
     def close(self) -> None:
-        """Wait for the jobs (errors are the caller's to have seen through :meth:`wait`) and stop the worker."""
+        """Drop what was read ahead, wait for the jobs (errors are the caller's to have seen through :meth:`wait`)
+        and stop the worker."""
+        self._drop_ahead()
         for f in self._writes:
             f.exception()
         self._writes = []
@@ -148,19 +184,13 @@ class LayerPrefetch:
     """
 
     def __init__(self, module: nn.Module, mover: LayerMover) -> None:
+        self.module = module
         self.device = mover.device
         self._mover = mover
         # (key, holder, tensor, its version): the tensor held keeps its memory from being reused meanwhile
-        self._sources: list[tuple[tuple[int, str], Any, torch.Tensor, int]] = []
-        seen: set[int] = set()
-        for sub in module.modules():
-            for p in sub.parameters(recurse=False):
-                if id(p) not in seen and p.device.type == "cpu":
-                    seen.add(id(p))
-                    self._sources.append(((id(p), ""), p, p.data, p._version))
-            for name, b in sub._buffers.items():
-                if b is not None and b.device.type == "cpu":
-                    self._sources.append(((id(sub), name), sub, b, b._version))
+        self._sources: list[tuple[tuple[int, str], Any, torch.Tensor, int]] = [
+            (key, holder, tensor, (tensor if key[1] else holder)._version)
+            for key, holder, tensor in _placed_tensors(module) if tensor.device.type == "cpu"]
         self._copies: dict[tuple[int, str], torch.Tensor] = {}
         self._event: torch.cuda.Event | None = None
         self._done = mover._worker.submit(self._copy)
