@@ -286,7 +286,7 @@ def _warm_clip_kernels(kind: str, rows: int, groups: int, dtype: torch.dtype, gr
     wg = torch.linspace(-1, 1, batch * rows * groups * gs, device=device).reshape(batch, rows, groups, gs).to(dtype)
     lo, hi = (t.float() for t in torch.aminmax(wg, dim=-1))
     max0 = torch.maximum(-lo, hi)
-    ratios = 1 - torch.arange(CLIP_STEPS, device=device, dtype=torch.float32) / N_GRID
+    ratios = _clip_ratios(device)
     cov = torch.eye(gs, device=device).expand(groups, gs, gs).contiguous()
     if kind == "candidates":
         scale, zp = minmax_qparams(lo, hi, grid)
@@ -339,7 +339,7 @@ def _fused_candidate_weights(scaled: torch.Tensor, cov: torch.Tensor, grid: Weig
     lo, hi = torch.aminmax(xg, dim=-1)  # exact in the weight's dtype
     lo, hi = lo.float(), hi.float()
     max0 = torch.maximum(-lo, hi)
-    ratios = 1 - torch.arange(CLIP_STEPS, device=scaled.device, dtype=torch.float32) / N_GRID
+    ratios = _clip_ratios(scaled.device)
     bound = max0[:, None] * ratios[None, :, None, None]  # [batch, steps, rows, G]
     scale, zp = _clipped_qparams(lo[:, None], hi[:, None], bound, grid, None)
     del bound
@@ -477,7 +477,7 @@ def clip_search(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid, oc_chunk: 
         return w
     scale2 = stage_two_scale(w3[0], grid)
     groups = cols // gs
-    ratios = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=torch.float32) / N_GRID
+    ratios = _clip_ratios(w.device)
     if (cov.dim() == 3 or batch == 1) and _clip_kernel_applies(w3, grid):
         def kernel() -> torch.Tensor:
             # bfloat16 and float32 weights are read as they are (the kernel converts each element exactly)
@@ -533,6 +533,11 @@ def _clipped_qparams(wmin: torch.Tensor, wmax: torch.Tensor, bound: torch.Tensor
     hi = torch.clamp(wmax, -bound, bound)
     scale, zp = minmax_qparams(lo, hi, grid)
     return second_stage_scales(scale, grid, scale2)[0], zp
+
+
+def _clip_ratios(device: torch.device) -> torch.Tensor:
+    """The clipping search's shrink ratios ``1, 0.95, ..., 0.55`` (``CLIP_STEPS``, float32)."""
+    return 1 - torch.arange(CLIP_STEPS, device=device, dtype=torch.float32) / N_GRID
 
 
 def _clip_kernel_applies(w: torch.Tensor, grid: WeightGrid) -> bool:
