@@ -10,8 +10,6 @@
 #   bash .gpuq/scripts/call_disk.sh     carry .gpuq/whl312 .gpuq/scripts          disk placement, read-ahead on/off
 #   bash .gpuq/scripts/call_big.sh      carry .gpuq/whl312 .gpuq/scripts          32-layer 8B speed, 70B from disk
 #   bash .gpuq/scripts/call_profile.sh  carry .gpuq/whl312 .gpuq/scripts          stage profile, memory trace, clip kernel
-#   bash .gpuq/scripts/call_next.sh     carry .gpuq/whl312 .gpuq/scripts          GPU tests, 32-layer AWQ/GPTQ, a whole
-#                                       3-layer AWQ profile (the time outside the layer loop), 70B from disk
 #   bash .gpuq/scripts/call_speed.sh    carry .gpuq/whl312 .gpuq/scripts          GPU tests, 32-layer AWQ/GPTQ on an empty
 #                                       Triton cache, 8-layer AWQ with the layer copies overlapped or not, a 3-layer AWQ
 #                                       profile with the GPU's gaps, 70B GPTQ from disk (3 layers)
@@ -89,14 +87,6 @@ timeout 150 python3 bench/bench_speed.py --shape 8b --layers 4 --device cuda --r
   --profile "$OUT/prof" --profile_layers 2:4
 timeout 100 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu,gptq:cpu --memory_trace "$OUT/mem"
 timeout 60 python3 bench/bench_clip_kernel.py | tee "$OUT/clip.jsonl"
-EOS
-cat > .gpuq/scripts/call_next.sh <<'EOS'
-source .gpuq/scripts/setup.sh
-timeout 100 python3 -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tail -6
-timeout 200 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs awq:cpu,gptq:cpu | tee "$OUT/speed32.jsonl"
-timeout 90 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
-timeout 200 python3 bench/bench_speed.py --shape 70b --layers 3 --device cuda --runs gptq:disk --disk_dir /tmp/l70 \
-  | tee "$OUT/l70.jsonl"
 EOS
 cat > .gpuq/scripts/call_speed.sh <<'EOS'
 source .gpuq/scripts/setup.sh
