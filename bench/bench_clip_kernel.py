@@ -7,8 +7,9 @@ Prints one JSON object per variant; not a timed test.
 
 With ``--candidates``: one AWQ scale candidate's weights ``Q(clip(w * s)) / s`` on the same weight with symmetric
 int4 groups (the Llama template's), the PyTorch ops (clipping through the clip kernel, then fake quantization and
-the division in PyTorch) against the fused path (the clip kernel reading the bf16 candidates, one kernel for the
-rest), and their parts; checks that both give the same weights. Prints one JSON object.
+the division in PyTorch) against the fused path (one kernel: scaling, the clipping search with its grid
+parameters, quantization and division), and the old path's parts; checks that both give the same weights. Prints
+one JSON object.
 
     python bench/bench_clip_kernel.py [--candidates]
 """
@@ -83,18 +84,19 @@ def _time_candidates(w: torch.Tensor, se: torch.Tensor, cov: torch.Tensor, grid,
     xg = scaled.reshape(1, rows, cols // group, group)
     lo, hi = (t.float() for t in torch.aminmax(xg, dim=-1))
     max0 = torch.maximum(-lo, hi)
-    ratios = 1 - torch.arange(awq.CLIP_STEPS, device=w.device, dtype=torch.float32) / awq.N_GRID
+    ratios = awq._clip_ratios(w.device)
     scale, zp = awq._clipped_qparams(lo[:, None], hi[:, None], max0[:, None] * ratios[None, :, None, None], grid, None)
+    covs = awq._candidate_covariances(cov, se)
     ms = {
         "pytorch_ops": triton.testing.do_bench(lambda: awq._candidate_weights_torch(scaled, se, cov, grid), rep=300),
-        "fused": triton.testing.do_bench(lambda: awq._fused_candidate_weights(scaled, cov, grid, se), rep=300),
+        "fused": triton.testing.do_bench(lambda: awq._fused_candidate_weights(w, se, covs, grid), rep=300),
         "part_scale_weights": triton.testing.do_bench(lambda: w[None] * se[:, None, :], rep=100),
         "part_aminmax": triton.testing.do_bench(lambda: torch.aminmax(xg, dim=-1), rep=100),
         "part_clip_kernel": triton.testing.do_bench(
             lambda: best_clip_steps(xg, max0, scale, zp, ratios, awq._candidate_covariances(cov, se), grid), rep=300),
     }
     same = torch.equal(awq._candidate_weights_torch(scaled, se, cov, grid),
-                       awq._fused_candidate_weights(scaled, cov, grid, se))
+                       awq._fused_candidate_weights(w, se, covs, grid))
     print(json.dumps({"ms": {k: round(v, 3) for k, v in ms.items()}, "bit_identical": same,
                       "device": torch.cuda.get_device_name()}), flush=True)
 

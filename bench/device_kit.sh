@@ -13,6 +13,8 @@
 #   bash .gpuq/scripts/call_speed.sh    carry .gpuq/whl312 .gpuq/scripts          GPU tests, 32-layer AWQ/GPTQ on an empty
 #                                       Triton cache, 8-layer AWQ with the layer copies overlapped or not, a 3-layer AWQ
 #                                       profile with the GPU's gaps, 70B GPTQ from disk (3 layers)
+#   bash .gpuq/scripts/call_awq.sh      carry .gpuq/whl312 .gpuq/scripts          GPU tests of the algorithms, 32-layer AWQ
+#                                       on an empty and a warm Triton cache, 3-layer AWQ profile, one candidate's kernel
 #   bash .gpuq/scripts/call_gguf1.sh    carry .gpuq/whl312 .gpuq/scripts .gpuq/p1  then call_quality.sh at once
 #   bash .gpuq/scripts/call_ab.sh       carry .gpuq/whl312 .gpuq/scripts .gpuq/base   this tree against BASE (a git
 #                                       revision, default HEAD~1: BASE=<rev> bash bench/device_kit.sh), runs in turns
@@ -101,6 +103,15 @@ done
 timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
 timeout 180 python3 bench/bench_speed.py --shape 70b --layers 3 --device cuda --runs gptq:disk --disk_dir /tmp/l70 \
   | tee "$OUT/l70.jsonl"
+EOS
+cat > .gpuq/scripts/call_awq.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+timeout 150 python3 -m pytest -m gpu tests/algorithm -q -p no:cacheprovider 2>&1 | tail -8
+TRITON_CACHE_DIR=/tmp/triton_fresh timeout 150 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda \
+  --runs awq:cpu | tee "$OUT/speed32_fresh.jsonl"
+timeout 150 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda --runs awq:cpu | tee "$OUT/speed32_warm.jsonl"
+timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
+timeout 40 python3 bench/bench_clip_kernel.py --candidates | tee "$OUT/candidates.jsonl"
 EOS
 cat > .gpuq/scripts/call_gguf1.sh <<'EOS'
 source .gpuq/scripts/setup.sh

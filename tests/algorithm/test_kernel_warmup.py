@@ -83,14 +83,16 @@ def test_a_kernel_failing_during_the_warm_up_is_left_to_the_real_call(monkeypatc
 
 
 @pytest.mark.parametrize("clip_in_scale_search", [True, False])
-def test_awq_warms_up_one_call_per_kernel_variant(monkeypatch: pytest.MonkeyPatch, clip_in_scale_search: bool) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_awq_warms_up_one_call_per_kernel_variant(monkeypatch: pytest.MonkeyPatch, clip_in_scale_search: bool,
+                                                  fused: bool) -> None:
     step = _awq_step(clip_in_scale_search)
     monkeypatch.setattr(awq, "_clip_kernel_applies", lambda w, grid: True)  # as on a GPU
-    monkeypatch.setattr(awq, "_fused_candidates_apply", lambda w, grid: True)
+    monkeypatch.setattr(awq, "_fused_candidates_apply", lambda w, grid: fused)
     calls = awq._warmup_calls(step, step._first_layer, step.active[0], step.grids[0], torch.device("cpu"))
     kinds = [c.args[0] if c.func is awq._warm_clip_kernels else "error" for c in calls]
-    # the final clipping launches the scale candidates' variant of the clip kernel: one call for both
-    assert kinds == (["clip", "candidates", "error"] if clip_in_scale_search else ["clip", "error"])
+    # the scale candidates' kernel also does the final clipping; without it, the clip kernel does both
+    assert kinds == (["candidates", "error"] if fused else ["clip", "error"])
     # hidden 64 and FFN 128 in groups of 32: every linear has 2 or 4 groups (neither 1 nor a multiple of 16)
     assert {(c.args[1], c.args[2]) for c in calls if c.func is awq._warm_clip_kernels} == {(16, 17)}
 
@@ -182,8 +184,10 @@ def test_the_search_compiles_nothing_after_its_warm_up_on_the_gpu(tmp_path: Path
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     names = " ".join(report["compiled"])
-    kernels = (("_clip_search_kernel", "_clipped_candidates_kernel", "_squared_error_kernel") if algorithm == "awq"
+    kernels = (("_candidate_weights_kernel", "_squared_error_kernel") if algorithm == "awq"
                else ("_block_kernel", "_range_search_kernel"))
     for kernel in kernels:
         assert kernel in names, report
+    if algorithm == "awq":  # the scale candidates' kernel does the final clipping too
+        assert "_clip_search_kernel" not in names, report
     assert len(report["marks"]) == 1 and report["marks"][0] == len(report["compiled"]), report

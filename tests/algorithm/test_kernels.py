@@ -28,6 +28,7 @@ GRIDS = [
     WeightGrid(Dtype.uint4, QSchemeType.per_group, 16, False, RoundType.round),
     WeightGrid(Dtype.int8, QSchemeType.per_group, 64, True, RoundType.floor),
 ]
+UINT4_SYMMETRIC = WeightGrid(Dtype.uint4, QSchemeType.per_group, 32, True, RoundType.half_even)  # zero point 8
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,14 +55,14 @@ def _candidates(grid: WeightGrid, device: str, dtype: torch.dtype, kernel_clip: 
     w, cov, s = _clip_problem(grid, device, out=300 if device == "cuda" else 40, cols=512 if device == "cuda" else 128,
                               batch=2)
     s = s.to(dtype)
-    scaled = (w * 0.05).to(dtype) * s[:, None, :]
+    w = (w[0] * 0.05).to(dtype)
     old = kernels.USE_TRITON
     try:
         kernels.USE_TRITON = kernel_clip
-        ref = awq._candidate_weights_torch(scaled, s, cov, grid)
+        ref = awq._candidate_weights_torch(w[None] * s[:, None, :], s, cov, grid)
         kernels.USE_TRITON = True
-        assert awq._fused_candidates_apply(scaled, grid)
-        return ref, awq._fused_candidate_weights(scaled, cov, grid, s)
+        assert awq._fused_candidates_apply(w, grid)
+        return ref, awq._fused_candidate_weights(w, s, awq._candidate_covariances(cov, s), grid)
     finally:
         kernels.USE_TRITON = old
 
@@ -106,7 +107,7 @@ INTERPRETED = textwrap.dedent("""
             ref, got = t._both(Patch(), run)
             assert torch.equal(ref.weight, got.weight) and ref.loss == got.loss, (grid, desc)
     for dtype in (torch.bfloat16, torch.float32):  # each step rounds to bfloat16 as PyTorch's ops do
-        for grid in t.GRIDS:
+        for grid in t.GRIDS + [t.UINT4_SYMMETRIC]:
             ref, got = t._candidates(grid, "cpu", dtype, kernel_clip=False)
             assert got.dtype == dtype and torch.equal(ref, got), (grid, dtype)
     from quark.torch.algorithm.kernels.error import squared_error_sum
@@ -116,6 +117,12 @@ INTERPRETED = textwrap.dedent("""
     from quark.torch.algorithm.awq import awq
     for kind in ("clip", "candidates"):  # AWQ's warm-up launches match the kernels
         awq._warm_clip_kernels(kind, 16, 17, torch.bfloat16, t.GRIDS[0], torch.device("cpu"))
+    for dtype in (torch.bfloat16, torch.float32):  # the final clipping through the candidates' kernel
+        for grid in t.GRIDS + [t.UINT4_SYMMETRIC]:
+            w, cov, _ = t._clip_problem(grid, "cpu")
+            wd = (w[0] * 0.05).to(dtype)
+            ref, got = t._both(Patch(), lambda: awq._final_clip(wd, cov, grid))
+            assert got.dtype == dtype and torch.equal(ref.to(dtype), got), (grid, dtype)
     for grid in t.GRIDS:  # a bfloat16 weight is read as it is
         w, cov, _ = t._clip_problem(grid, "cpu")
         w16 = (w[0] * 0.05).to(torch.bfloat16)
@@ -171,7 +178,7 @@ def test_clip_kernel_matches_on_the_gpu(grid: WeightGrid, monkeypatch: pytest.Mo
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.dtype.name)
+@pytest.mark.parametrize("grid", [*GRIDS, UINT4_SYMMETRIC], ids=lambda g: f"{g.dtype.name}-{g.symmetric}")
 def test_candidate_kernel_matches_on_the_gpu(grid: WeightGrid) -> None:
     """Given the clip kernel's choices, the fused candidate weights equal PyTorch's ops on them bit for bit (the
     division by the scales and every rounding to bfloat16 included)."""

@@ -35,3 +35,27 @@ def test_all_zero_tokens_do_not_lower_the_median():
     padded = torch.cat([x, torch.zeros(20, 6)])
     assert torch.equal(capped_tokens(padded, ratio=10.0)[:9], capped_tokens(x, ratio=10.0))
     assert torch.equal(capped_tokens(padded, ratio=10.0)[9:], torch.zeros(20, 6))
+
+
+def test_the_factors_computed_without_waiting_are_those_of_cap_factors(monkeypatch):
+    """The GPU's sync-free factors: the same as :func:`tokens.cap_factors` where it caps, exactly 1 where it
+    returns None (an even count's median is the lower middle value in both)."""
+    g = torch.Generator().manual_seed(3)
+    massive = torch.rand(12, generator=g) + 0.5
+    massive[2] = 400.0
+    with_zeros = torch.cat([massive, torch.zeros(5)])
+    cases = [
+        (massive, None),  # one massive token
+        (torch.rand(8, generator=g) + 0.5, None),  # nothing to cap
+        (with_zeros, None),  # zero tokens do not lower the median
+        (torch.tensor([0.0, 0.0, 3.0]), None),  # fewer than two positive peaks
+        (torch.zeros(4), None),
+        (massive[:6], massive),  # the median of every rank's peaks
+    ]
+    for peak, every in cases:
+        expected = tokens.cap_factors(peak, 10.0, median_of=every)
+        got = tokens.cap_factors_without_waiting(peak, 10.0, median_of=every)
+        assert torch.equal(got, torch.ones_like(peak) if expected is None else expected), (peak, every)
+    assert tokens.cap_factors(massive, 10.0) is not None
+    monkeypatch.setattr(tokens, "MASSIVE_TOKEN_RATIO", None)  # capping off
+    assert tokens.cap_factors_without_waiting(massive) is None

@@ -57,7 +57,7 @@ from quark.torch.algorithm.utils.specs import weight_spec_for
 from quark.torch.quantization.calibration import distributed
 from quark.torch.quantization.calibration.distributed import all_reduce_
 from quark.torch.quantization.calibration.layerwise import ModelBackup, find_decoder_layers, run_layerwise
-from quark.torch.quantization.config.type import QSchemeType
+from quark.torch.quantization.config.type import QSchemeType, ScaleType
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,9 @@ class AwqStep(ScalingStep):
             if me < len(owned):
                 se = expanded[owned[me]:owned[me] + chunk]
                 with record_function("awq.candidate_weights"):
-                    mine = {n: self._candidate_weights(saved[n], se, covariances, grids[n]) for n in quantized}
+                    per_candidate: dict[int, torch.Tensor] = {}  # the group's linears share their input
+                    mine = {n: self._candidate_weights(saved[n], se, covariances, per_candidate, grids[n])
+                            for n in quantized}
             for owner, r0 in enumerate(owned):
                 if ranks == 1:
                     yield r0, mine
@@ -219,15 +221,19 @@ class AwqStep(ScalingStep):
                 yield r0, batch
 
     def _candidate_weights(self, w: torch.Tensor, se: torch.Tensor, covariances: dict[int, torch.Tensor],
-                           grid: WeightGrid) -> torch.Tensor:
-        """``[candidates, out, in]``: ``Q(clip(w * s)) / s`` for each row ``s`` of ``se`` (one batch)."""
-        scaled = w[None] * se[:, None, :]
+                           per_candidate: dict[int, torch.Tensor], grid: WeightGrid) -> torch.Tensor:
+        """``[candidates, out, in]``: ``Q(clip(w * s)) / s`` for each row ``s`` of ``se`` (one batch).
+        ``per_candidate`` keeps the batch's candidate covariances by group size for the group's other linears."""
         clip = self.clip_in_scale_search and not grid.is_block
-        if clip and _fused_candidates_apply(scaled, grid):
-            cov = covariances[grid.group_size]
-            return kernel_or_twin("awq_candidate_weights", lambda: _fused_candidate_weights(scaled, cov, grid, se),
-                                  lambda: _candidate_weights_torch(scaled, se, cov, grid))
-        return _candidate_weights_torch(scaled, se, covariances[grid.group_size] if clip else None, grid)
+        gs = grid.group_size
+        if clip and _fused_candidates_apply(w, grid):
+            if gs not in per_candidate:
+                per_candidate[gs] = _candidate_covariances(covariances[gs], se)
+            covs = per_candidate[gs]
+            return kernel_or_twin("awq_candidate_weights", lambda: _fused_candidate_weights(w, se, covs, grid),
+                                  lambda: _candidate_weights_torch(w[None] * se[:, None, :], se, covariances[gs],
+                                                                   grid))
+        return _candidate_weights_torch(w[None] * se[:, None, :], se, covariances[gs] if clip else None, grid)
 
     @torch.no_grad()
     def after_scaling(self, layer: nn.Module, index: int, results: list[ScaleResult]) -> None:
@@ -238,7 +244,7 @@ class AwqStep(ScalingStep):
         for name, fc, owner in zip(names, fcs, owners):
             if owner == distributed.rank():
                 with record_function("awq.final_clip"):
-                    fc.weight.data.copy_(clip_search(fc.weight.data, self._clip_covariances[name],
+                    fc.weight.data.copy_(_final_clip(fc.weight.data, self._clip_covariances[name],
                                                      self.grids[index][name]))
             distributed.broadcast_(fc.weight.data, owner, f"AWQ {name} of decoder layer {index}: clipped weight")
         self._clip_covariances = {}
@@ -247,8 +253,9 @@ class AwqStep(ScalingStep):
 def _warmup_calls(step: AwqStep, layer: nn.Module, groups: Sequence[ScalingGroup], grids: dict[str, WeightGrid],
                   device: torch.device) -> list[Callable[[], object]]:
     """The kernel launches of ``layer``'s search on tiny inputs of the same specialisation, one call per distinct
-    kernel variant, so that they compile in parallel: the clip kernel (the weights' dtype, one covariance per
-    candidate: the scale candidates' and the final clipping's), the clipped candidates, the output error.
+    kernel variant, so that they compile in parallel: the scale candidates' kernel (also the final clipping's),
+    or where it does not apply the clip kernel (the weights' dtype, one covariance per candidate), and the output
+    error.
     ``tests/algorithm/test_kernel_warmup.py`` checks on a GPU that the search then compiles nothing."""
     calls: dict[tuple, Callable[[], object]] = {}
     for g in groups:
@@ -262,10 +269,10 @@ def _warmup_calls(step: AwqStep, layer: nn.Module, groups: Sequence[ScalingGroup
             probe = torch.empty(1, rows, groups_ * gs, dtype=dtype, device=device)
             if not _clip_kernel_applies(probe, grid):
                 continue
-            if step.clip_in_scale_search and _fused_candidates_apply(probe, grid):
-                for kind in ("clip", "candidates"):
-                    calls.setdefault((kind, dtype, grid, rows, groups_),
-                                     partial(_warm_clip_kernels, kind, rows, groups_, dtype, grid, device))
+            if _fused_candidates_apply(probe, grid):  # the scale candidates and the final clipping
+                calls.setdefault(("candidates", dtype, grid, rows, groups_),
+                                 partial(_warm_clip_kernels, "candidates", rows, groups_, dtype, grid, device))
+                continue
             final = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32  # as clip_search reads it
             calls.setdefault(("clip", final, grid, rows, groups_),
                              partial(_warm_clip_kernels, "clip", rows, groups_, final, grid, device))
@@ -277,22 +284,22 @@ def _warmup_calls(step: AwqStep, layer: nn.Module, groups: Sequence[ScalingGroup
 
 def _warm_clip_kernels(kind: str, rows: int, groups: int, dtype: torch.dtype, grid: WeightGrid,
                        device: torch.device) -> None:
-    """One launch of a clip kernel as :func:`_fused_candidate_weights` and :func:`_kernel_clip` make it (``clip``), or
-    of the clipped candidates' (``candidates``), on ``[2, rows, groups, gs]`` weights."""
-    from quark.torch.algorithm.kernels.clip import best_clip_steps, clipped_candidates
+    """One launch of the clip kernel as :func:`_kernel_clip` makes it (``clip``), or of the scale candidates' kernel
+    as :func:`_fused_candidate_weights` makes it (``candidates``), on ``[2, rows, groups, gs]`` weights."""
+    from quark.torch.algorithm.kernels.clip import best_clip_steps
 
     gs = grid.group_size
     batch = 2
     wg = torch.linspace(-1, 1, batch * rows * groups * gs, device=device).reshape(batch, rows, groups, gs).to(dtype)
-    lo, hi = (t.float() for t in torch.aminmax(wg, dim=-1))
-    max0 = torch.maximum(-lo, hi)
     ratios = _clip_ratios(device)
     cov = torch.eye(gs, device=device).expand(groups, gs, gs).contiguous()
     if kind == "candidates":
-        scale, zp = minmax_qparams(lo, hi, grid)
-        clipped_candidates(wg.reshape(batch, rows, groups * gs), torch.ones(batch, groups * gs, dtype=dtype,
-                                                                            device=device), max0, scale, zp, grid)
+        _fused_candidate_weights(wg[0].reshape(rows, groups * gs), torch.ones(batch, groups * gs, dtype=dtype,
+                                                                             device=device),
+                                 cov.expand(batch, *cov.shape), grid)
         return
+    lo, hi = (t.float() for t in torch.aminmax(wg, dim=-1))
+    max0 = torch.maximum(-lo, hi)
     scale, zp = _clipped_qparams(lo[:, None], hi[:, None], max0[:, None] * ratios[None, :, None, None], grid, None)
     best_clip_steps(wg, max0, scale, zp, ratios, cov.expand(batch, *cov.shape), grid)
 
@@ -300,6 +307,20 @@ def _warm_clip_kernels(kind: str, rows: int, groups: int, dtype: torch.dtype, gr
 def _warm_error(dtype: torch.dtype, device: torch.device) -> None:
     a = torch.zeros(64, 16, dtype=dtype, device=device)  # the outputs' sizes are multiples of 16
     _squared_error_sum(a, a)
+
+
+def _final_clip(w: torch.Tensor, cov: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    """:func:`clip_search` of the scaled weight ``w [out, in]``; where the scale candidates' kernel applies, through
+    it (``s`` = 1, the clipped weight written as it is): the same choices, and one kernel fewer to compile."""
+    if not _fused_candidates_apply(w, grid):
+        return clip_search(w, cov, grid)
+    from quark.torch.algorithm.kernels.clip import candidate_weights
+
+    ones = torch.ones(1, w.shape[1], dtype=w.dtype, device=w.device)
+    return kernel_or_twin("awq_candidate_weights",
+                          lambda: candidate_weights(w, ones, cov[None], _clip_ratios(w.device), grid,
+                                                    clipped_only=True)[0],
+                          lambda: clip_search(w, cov, grid))
 
 
 def _candidate_weights_torch(scaled: torch.Tensor, se: torch.Tensor, cov: torch.Tensor | None,
@@ -314,42 +335,24 @@ def _candidate_weights_torch(scaled: torch.Tensor, se: torch.Tensor, cov: torch.
     return quantized / se[:, None, :]
 
 
-def _fused_candidates_apply(scaled: torch.Tensor, grid: WeightGrid) -> bool:
-    """Whether :func:`_fused_candidate_weights` takes these candidates: the clip kernel's grids (one-stage integer
-    groups), weights in bfloat16 or float32."""
-    return (grid.qscheme == QSchemeType.per_group and grid.scale_dtype is None and _clip_kernel_applies(scaled, grid)
-            and scaled.dtype in (torch.bfloat16, torch.float32))
+def _fused_candidates_apply(w: torch.Tensor, grid: WeightGrid) -> bool:
+    """Whether :func:`_fused_candidate_weights` takes weight ``w``'s candidates: the clip kernel's grids (one-stage
+    integer groups) with float scales, weights in bfloat16 or float32."""
+    return (grid.qscheme == QSchemeType.per_group and grid.scale_dtype is None
+            and grid.scale_type == ScaleType.float and _clip_kernel_applies(w, grid)
+            and w.dtype in (torch.bfloat16, torch.float32) and w.shape[-1] % grid.group_size == 0)
 
 
-def _fused_candidate_weights(scaled: torch.Tensor, cov: torch.Tensor, grid: WeightGrid,
-                             se: torch.Tensor) -> torch.Tensor:
-    """:func:`_candidate_weights_torch` with clipping through the Triton kernels, bit for bit: the clip kernel
-    reads the scaled candidates in their dtype, and one kernel clips, fake-quantizes and divides by ``s``
-    (:func:`~quark.torch.algorithm.kernels.clip.clipped_candidates`). Each clipped group's grid parameters are the
-    min-max ones of the clipped group in the weight's dtype, from the unclipped group's range (clamping and
-    rounding commute with the minimum and maximum), as :func:`fake_quant_weight` computes them."""
-    from quark.torch.algorithm.kernels.clip import best_clip_steps, clipped_candidates
+def _fused_candidate_weights(w: torch.Tensor, se: torch.Tensor, covs: torch.Tensor,
+                             grid: WeightGrid) -> torch.Tensor:
+    """:func:`_candidate_weights_torch` of ``w [out, in]`` scaled by each row of ``se`` in one Triton kernel a batch,
+    bit for bit (:func:`~quark.torch.algorithm.kernels.clip.candidate_weights`): the scaled weight in its dtype,
+    each ratio's clipped min-max grid from the group's range (clamping and rounding commute with the minimum and
+    maximum), judged with the candidate's covariance ``covs [B, G, gs, gs]`` (:func:`_candidate_covariances`), the
+    best clipped, quantized and divided by ``s``."""
+    from quark.torch.algorithm.kernels.clip import candidate_weights
 
-    batch, out, cols = scaled.shape
-    gs = grid.group_size
-    groups = cols // gs
-    if cov.shape != (groups, gs, gs):
-        raise ValueError(f"AWQ: covariance of shape {tuple(cov.shape)} does not match {cols} inputs in groups of {gs}")
-    xg = scaled.reshape(batch, out, groups, gs)
-    lo, hi = torch.aminmax(xg, dim=-1)  # exact in the weight's dtype
-    lo, hi = lo.float(), hi.float()
-    max0 = torch.maximum(-lo, hi)
-    ratios = _clip_ratios(scaled.device)
-    bound = max0[:, None] * ratios[None, :, None, None]  # [batch, steps, rows, G]
-    scale, zp = _clipped_qparams(lo[:, None], hi[:, None], bound, grid, None)
-    del bound
-    best = best_clip_steps(xg, max0, scale, zp, ratios, _candidate_covariances(cov, se), grid)
-    del scale, zp
-    bound = max0 * ratios[best]
-    clipped_lo = torch.clamp(lo, -bound, bound).to(scaled.dtype).float()
-    clipped_hi = torch.clamp(hi, -bound, bound).to(scaled.dtype).float()
-    scale, zp = minmax_qparams(clipped_lo, clipped_hi, grid)
-    return clipped_candidates(scaled, se, bound, scale, zp, grid)
+    return candidate_weights(w, se, covs, _clip_ratios(w.device), grid)
 
 
 def group_input_covariance(x: torch.Tensor, group_size: int, token_chunk: int | None = None) -> torch.Tensor:
@@ -535,9 +538,16 @@ def _clipped_qparams(wmin: torch.Tensor, wmax: torch.Tensor, bound: torch.Tensor
     return second_stage_scales(scale, grid, scale2)[0], zp
 
 
+_RATIOS: dict[torch.device, torch.Tensor] = {}
+
+
 def _clip_ratios(device: torch.device) -> torch.Tensor:
-    """The clipping search's shrink ratios ``1, 0.95, ..., 0.55`` (``CLIP_STEPS``, float32)."""
-    return 1 - torch.arange(CLIP_STEPS, device=device, dtype=torch.float32) / N_GRID
+    """The clipping search's shrink ratios ``1, 0.95, ..., 0.55`` (``CLIP_STEPS``, float32), made once per device
+    (the candidates' search asks for them ~140 times a layer). Read-only."""
+    device = torch.device(device)
+    if device not in _RATIOS:
+        _RATIOS[device] = 1 - torch.arange(CLIP_STEPS, device=device, dtype=torch.float32) / N_GRID
+    return _RATIOS[device]
 
 
 def _clip_kernel_applies(w: torch.Tensor, grid: WeightGrid) -> bool:

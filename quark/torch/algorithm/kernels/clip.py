@@ -3,10 +3,11 @@
 For every (candidate, row, group) and every shrink ratio ``r``, the error of the clipped and quantized
 group ``e = Q(clip(w, ±r·max|w|)) - w`` is judged on the outputs as ``e C eᵀ`` with the group's input
 covariance ``C``; the kernel keeps the first ratio of least error. AWQ's scale candidates (inputs ``x / s``)
-come each with its own covariance ``C / (s sᵀ)``, from the caller (``awq._candidate_covariances``). The
-grid parameters of each ratio (a few per group) are computed by the callers with the PyTorch
-formulas, so the kernel only rounds: the weight is read once per candidate instead of once per op
-and ratio.
+come each with its own covariance ``C / (s sᵀ)``, from the caller (``awq._candidate_covariances``).
+:func:`best_clip_steps` (AWQ's final clipping) takes each ratio's grid parameters from the caller's
+PyTorch formulas; :func:`candidate_weights` (AWQ's scale candidates) computes them in the kernel with the same
+float32 operations (:func:`_range_qparams`) and goes on to the clipped, quantized and rescaled candidate, so a
+candidate is one launch that reads the weight once instead of ~45 small ones.
 
 Every kernel here launches with ``enable_fp_fusion=False``. With fusion (Triton 3.6's default on CUDA)
 the compiler may turn ``v = x * inv`` and the rounding's ``v - floor(v)`` into one fused multiply-add,
@@ -23,8 +24,10 @@ import triton
 import triton.language as tl
 
 from quark.torch.algorithm.kernels import grid_arguments
-from quark.torch.algorithm.kernels.grid import fake_quant_int
+from quark.torch.algorithm.kernels.grid import fake_quant_int, round_to_grid
 from quark.torch.algorithm.utils.quant import WeightGrid
+from quark.torch.quantization.formats.table import FORMATS
+from quark.torch.quantization.observer.observer import int_range_divisor, symmetric_zero_point
 
 #: Precision of the kernel's ``e C`` products. ``"tf32"`` (one TF32 product on the tensor cores: inputs
 #: rounded to 10 mantissa bits, float32 sums) judges each ratio's error to ~1e-3 of itself, so only near-ties
@@ -120,47 +123,110 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _clipped_candidates_kernel(x_ptr, s_ptr, bound_ptr, scale_ptr, inv_ptr, zp_ptr, out_ptr, rows, cols, groups,
-                               qmin, qmax, GS: tl.constexpr, BR: tl.constexpr, BF16: tl.constexpr,
-                               METHOD: tl.constexpr, ZERO_FREE: tl.constexpr, EXACT: tl.constexpr):
-    b, g, _, c, in_rows, at, p = _group_tile(rows, cols, groups, GS, BR)
-    x = tl.load(x_ptr + at, mask=in_rows[:, None], other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + b * cols + g * GS + c).to(tl.float32)
-    bound = tl.load(bound_ptr + p, mask=in_rows, other=0.0)
-    scale = tl.load(scale_ptr + p, mask=in_rows, other=1.0)
-    inv = tl.load(inv_ptr + p, mask=in_rows, other=1.0)
-    zp = tl.load(zp_ptr + p, mask=in_rows, other=0.0)
+def _range_qparams(lo, hi, qmin, qmax, divisor, midpoint, eps, SYMMETRIC: tl.constexpr):
+    """Min-max scale and zero point of integer groups ranging over ``[lo, hi]``, op for op as the observers'
+    ``range_to_qparams`` (float32, float scales, integer zero points): the range widened to include 0,
+    correctly rounded divisions, scales at least ``eps``, zero points rounded half to even and clamped."""
+    min_neg = tl.minimum(lo, 0.0)
+    max_pos = tl.maximum(hi, 0.0)
+    if SYMMETRIC:
+        scale = tl.math.div_rn(tl.maximum(-min_neg, max_pos), divisor)
+        scale = tl.where(scale < eps, eps, scale)  # NaN stays NaN, as torch.clamp keeps it
+        zp = tl.zeros_like(scale) + midpoint
+    else:
+        scale = tl.math.div_rn(max_pos - min_neg, divisor)
+        scale = tl.where(scale < eps, eps, scale)
+        zp = qmin - round_to_grid(tl.math.div_rn(min_neg, scale), 0)
+        zp = tl.minimum(tl.maximum(zp, qmin), qmax)
+    return scale, zp
+
+
+@triton.jit(do_not_specialize=["clipped_only"])  # one compilation serves both uses
+def _candidate_weights_kernel(w_ptr, s_ptr, cov_ptr, ratio_ptr, out_ptr, rows, cols, groups, qmin, qmax, divisor,
+                              midpoint, eps, clipped_only, GS: tl.constexpr, BR: tl.constexpr, STEPS: tl.constexpr,
+                              BF16: tl.constexpr, SYMMETRIC: tl.constexpr, METHOD: tl.constexpr,
+                              ZERO_FREE: tl.constexpr, EXACT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // groups
+    g = pid % groups
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    c = tl.arange(0, GS)
+    in_rows = r < rows
+    col = g * GS + c
+    w = tl.load(w_ptr + r[:, None] * cols + col[None, :], mask=in_rows[:, None], other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + b * cols + col).to(tl.float32)
+    x = w * s[None, :]
+    if BF16:  # the scaled weight in the weight's dtype, as w * s of two bfloat16 tensors
+        x = _round_bf16(x)
+    lo = tl.min(x, 1)
+    hi = tl.max(x, 1)
+    max0 = tl.maximum(-lo, hi)
+    cov = tl.load(cov_ptr + (b * groups + g) * GS * GS + c[:, None] * GS + c[None, :])
+    best_err = tl.full([BR], float("inf"), tl.float32)
+    best_k = tl.zeros([BR], tl.int32)
+    for k in range(STEPS):
+        bound = max0 * tl.load(ratio_ptr + k)
+        scale, zp = _range_qparams(tl.minimum(tl.maximum(lo, -bound), bound),
+                                   tl.minimum(tl.maximum(hi, -bound), bound), qmin, qmax, divisor, midpoint, eps,
+                                   SYMMETRIC)
+        inv = tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
+        cur = tl.minimum(tl.maximum(x, -bound[:, None]), bound[:, None])
+        e = fake_quant_int(cur, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT) - x
+        err = tl.sum(tl.dot(e, cov, input_precision=DOT_PRECISION) * e, 1)
+        err = tl.where(err != err, float("inf"), err)  # NaN never wins
+        better = err < best_err
+        best_err = tl.where(better, err, best_err)
+        best_k = tl.where(better, k, best_k)
+    bound = max0 * tl.load(ratio_ptr + best_k)
     v = tl.minimum(tl.maximum(x, -bound[:, None]), bound[:, None])
     if BF16:  # each step rounds to the weight's dtype, as the PyTorch ops on bfloat16 tensors do
         v = _round_bf16(v)
-    v = fake_quant_int(v, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT)
-    if BF16:
-        v = _round_bf16(v)
-    v = tl.math.div_rn(v, s[None, :])
-    if BF16:
-        v = _round_bf16(v)
-    tl.store(out_ptr + at, v.to(out_ptr.dtype.element_ty), mask=in_rows[:, None])
+    if clipped_only == 0:
+        lo = tl.minimum(tl.maximum(lo, -bound), bound)
+        hi = tl.minimum(tl.maximum(hi, -bound), bound)
+        if BF16:  # the clipped group's range in the weight's dtype, as the clipped weight has it
+            lo = _round_bf16(lo)
+            hi = _round_bf16(hi)
+        scale, zp = _range_qparams(lo, hi, qmin, qmax, divisor, midpoint, eps, SYMMETRIC)
+        inv = tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
+        v = fake_quant_int(v, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT)
+        if BF16:
+            v = _round_bf16(v)
+        v = tl.math.div_rn(v, s[None, :])
+        if BF16:
+            v = _round_bf16(v)
+    tl.store(out_ptr + b * rows * cols + r[:, None] * cols + col[None, :], v.to(out_ptr.dtype.element_ty),
+             mask=in_rows[:, None])
 
 
-def clipped_candidates(x: torch.Tensor, input_scales: torch.Tensor, bound: torch.Tensor, scale: torch.Tensor,
-                       zp: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
-    """``Q(clip(x, ±bound)) / s`` of AWQ's scaled candidates ``x [batch, rows, G * gs]`` (bfloat16 or float32), in
-    their dtype: ``bound``, ``scale`` and ``zp [batch, rows, G]`` are each clipped group's bound and grid
-    parameters, ``input_scales [batch, G * gs]`` each candidate's ``s``. One pass instead of the ~15 of the
-    PyTorch ops (clamp, cast, fake quantization, division), rounding to the dtype where each of them does."""
-    if x.dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"clipped_candidates: weights of dtype {x.dtype}; allowed: bfloat16, float32")
-    batch, rows, cols = x.shape
+def candidate_weights(w: torch.Tensor, input_scales: torch.Tensor, covs: torch.Tensor, ratios: torch.Tensor,
+                      grid: WeightGrid, clipped_only: bool = False) -> torch.Tensor:
+    """AWQ's clipped scale candidates ``Q(clip(w * s)) / s`` (``[batch, rows, G * gs]`` in ``w``'s dtype) of a
+    weight ``w [rows, G * gs]`` (bfloat16 or float32) for each row ``s`` of ``input_scales [batch, G * gs]`` (in
+    ``w``'s dtype), in one pass: each group of ``w * s`` is clipped to the shrink ratio of ``ratios`` whose
+    error ``e C eᵀ`` is least, with ``C`` the candidate's input covariance (``covs [batch, G, gs, gs]``), then
+    fake-quantized on its min-max grid and divided by ``s``, rounding to the dtype where the PyTorch ops do.
+    For one-stage integer groups with float scales (``awq._fused_candidates_apply``). ``clipped_only``: the
+    clipped ``w * s`` itself, neither quantized nor divided (AWQ's final clipping, with ``s`` = 1)."""
+    if w.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"candidate_weights: weights of dtype {w.dtype}; allowed: bfloat16, float32")
+    rows, cols = w.shape
+    batch = input_scales.shape[0]
     gs = grid.group_size
     groups = cols // gs
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    scale = scale.float().contiguous()
-    block_rows = 64 if gs <= 64 else 32
-    _clipped_candidates_kernel[(batch * groups, triton.cdiv(rows, block_rows))](
-        x, input_scales.contiguous(), bound.float().contiguous(), scale, torch.reciprocal(scale),
-        zp.float().contiguous(), out, rows, cols, groups, GS=gs, BR=block_rows, BF16=x.dtype == torch.bfloat16,
-        num_warps=4, enable_fp_fusion=False, **grid_arguments(grid))
+    if covs.shape != (batch, groups, gs, gs):
+        raise ValueError(f"candidate_weights: covariances of shape {tuple(covs.shape)}, expected "
+                         f"{(batch, groups, gs, gs)}")
+    info = FORMATS[grid.dtype]
+    out = torch.empty(batch, rows, cols, dtype=w.dtype, device=w.device)
+    block_rows = CLIP_BLOCK_ROWS or (64 if gs <= 64 else 32)
+    _candidate_weights_kernel[(batch * groups, triton.cdiv(rows, block_rows))](
+        w.contiguous(), input_scales.to(w.dtype).contiguous(), covs.float().contiguous(), ratios.float().contiguous(),
+        out, rows, cols, groups, divisor=int_range_divisor(info, symmetric=grid.symmetric),
+        midpoint=symmetric_zero_point(info), eps=torch.finfo(torch.float32).eps, clipped_only=int(clipped_only),
+        GS=gs, BR=block_rows, STEPS=ratios.numel(), BF16=w.dtype == torch.bfloat16, SYMMETRIC=grid.symmetric,
+        DOT_PRECISION=CLIP_DOT_PRECISION, num_warps=CLIP_NUM_WARPS or (8 if gs >= 128 else 4),
+        enable_fp_fusion=False, **grid_arguments(grid))
     return out
 
 

@@ -48,6 +48,21 @@ def cap_factors(peak: torch.Tensor, ratio: float | None = None,
     return limit / peak.clamp(min=limit)
 
 
+def cap_factors_without_waiting(peak: torch.Tensor, ratio: float | None = None,
+                                median_of: torch.Tensor | None = None) -> torch.Tensor | None:
+    """:func:`cap_factors` computed on ``peak``'s device without reading anything back (each of its tests is a
+    synchronisation that idles a GPU): factors of exactly 1 where it returns None, the same factors otherwise.
+    None only when capping is off (``ratio`` None)."""
+    ratio = MASSIVE_TOKEN_RATIO if ratio is None else ratio
+    if ratio is None:
+        return None
+    every = peak if median_of is None else median_of
+    positive = every > 0
+    limit = float(ratio) * torch.where(positive, every, float("nan")).nanmedian()  # the median of the positive ones
+    factors = limit / peak.clamp(min=limit)  # limit / limit = 1 for the peaks within it
+    return torch.where(positive.sum() >= 2, factors, torch.ones_like(factors))
+
+
 def capped_tokens(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor:
     """``x [..., d]`` as ``[tokens, d]`` with every token's peak capped at ``ratio`` × the median peak."""
     flat = x.reshape(-1, x.shape[-1])

@@ -51,6 +51,18 @@ def _div(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
     return numerator / torch.full_like(numerator, denominator)
 
 
+def int_range_divisor(info: FormatInfo, *, symmetric: bool) -> float:
+    """What an integer grid's range is divided by for its scale: ``(qmax - qmin) / 2`` symmetric (the range is
+    ``max|x|``), else ``qmax - qmin``."""
+    return (info.qmax - info.qmin) / 2 if symmetric else float(info.qmax - info.qmin)
+
+
+def symmetric_zero_point(info: FormatInfo) -> float:
+    """A symmetric integer grid's zero point: 0 for signed codes; unsigned codes centre the grid on the middle
+    code (uint4: 8, uint8: 128)."""
+    return 0.0 if info.signed else float((info.qmax + info.qmin + 1) // 2)
+
+
 def range_to_qparams(min_val: torch.Tensor, max_val: torch.Tensor, info: FormatInfo, *,
                      symmetric: bool, scale_type: ScaleType = ScaleType.float,
                      zero_point_type: ZeroPointType = ZeroPointType.int32,
@@ -64,12 +76,10 @@ def range_to_qparams(min_val: torch.Tensor, max_val: torch.Tensor, info: FormatI
     if info.kind == "int":
         if symmetric:
             amax = torch.maximum(-min_neg, max_pos)
-            scale = _div(amax, (info.qmax - info.qmin) / 2)
-            # unsigned codes centre the symmetric grid on the middle code (uint4: 8, uint8: 128)
-            midpoint = 0.0 if info.signed else float((info.qmax + info.qmin + 1) // 2)
-            zero_point = torch.full_like(scale, midpoint)
+            scale = _div(amax, int_range_divisor(info, symmetric=True))
+            zero_point = torch.full_like(scale, symmetric_zero_point(info))
         else:
-            scale = _div(max_pos - min_neg, info.qmax - info.qmin)
+            scale = _div(max_pos - min_neg, int_range_divisor(info, symmetric=False))
             scale = torch.clamp(scale, min=_EPS)
             if zero_point_type == ZeroPointType.float32:
                 zero_point = info.qmin - min_neg / scale
