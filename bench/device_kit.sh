@@ -15,16 +15,16 @@
 #                                       profile with the GPU's gaps, 70B GPTQ from disk (3 layers)
 #   bash .gpuq/scripts/call_awq.sh      carry .gpuq/whl312 .gpuq/scripts          GPU tests of the algorithms, 32-layer AWQ
 #                                       on an empty and a warm Triton cache, 3-layer AWQ profile, one candidate's kernel
-#   bash .gpuq/scripts/call_one.sh      carry .gpuq/whl312 .gpuq/scripts .gpuq/q1  kernel GPU tests, 32-layer AWQ on an
-#                                       empty Triton cache, 3-layer AWQ profile; keeps the GGUF's first part
-#   bash .gpuq/scripts/call_two.sh      carry .gpuq/scripts .gpuq/q2               at once after call_one: the quality rows
-#   bash .gpuq/scripts/call_gguf1.sh    carry .gpuq/whl312 .gpuq/scripts .gpuq/p1  then call_quality.sh at once
+#   bash .gpuq/scripts/call_one.sh      carry .gpuq/whl312 .gpuq/scripts          kernel GPU tests, 32-layer AWQ on an empty
+#                                       Triton cache, 3-layer AWQ profile; then call_gguf1 and call_quality at once
+#   bash .gpuq/scripts/call_gguf1.sh    carry .gpuq/scripts .gpuq/p1               right after a call that installed the
+#                                       wheels (same warm machine), then call_quality.sh at once
 #   bash .gpuq/scripts/call_ab.sh       carry .gpuq/whl312 .gpuq/scripts .gpuq/base   this tree against BASE (a git
 #                                       revision, default HEAD~1: BASE=<rev> bash bench/device_kit.sh), runs in turns
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gpuq/' .git/info/exclude 2>/dev/null || echo '/.gpuq/' >> .git/info/exclude
-rm -rf .gpuq/p1 .gpuq/p2 .gpuq/scripts .gpuq/base .gpuq/whl312 .gpuq/ref  # wheels fresh: two versions of one package stop the install
+rm -rf .gpuq/q1 .gpuq/q2 .gpuq/p1 .gpuq/p2 .gpuq/scripts .gpuq/base .gpuq/whl312 .gpuq/ref  # wheels fresh: two versions of one package stop the install
 mkdir -p .gpuq/base && git archive "${BASE:-HEAD~1}" quark bench | tar -x -C .gpuq/base
 mkdir -p .gpuq/whl312 .gpuq/ref .gpuq/p1 .gpuq/p2 .gpuq/assets .gpuq/scripts
 py312=(--only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
@@ -43,13 +43,6 @@ fi
 split -b 50000000 "$HOME/.cache/quark-torch/$gguf" .gpuq/gguf.part
 mv .gpuq/gguf.partaa .gpuq/p1/ && mv .gpuq/gguf.partab .gpuq/p2/
 cp -r ../shared/assets/text .gpuq/assets/
-# the two-call kit (call_one.sh, call_two.sh): the wheels with the GGUF's first 35 MB, then the rest with the
-# quality benchmark's two texts compressed, each under the 64 MiB a call carries
-rm -rf .gpuq/q1 .gpuq/q2 && mkdir -p .gpuq/q1 .gpuq/q2
-head -c 35000000 "$HOME/.cache/quark-torch/$gguf" > .gpuq/q1/gguf.part1
-tail -c +35000001 "$HOME/.cache/quark-torch/$gguf" > .gpuq/q2/gguf.part2
-sha256sum "$HOME/.cache/quark-torch/$gguf" | cut -d' ' -f1 > .gpuq/q2/gguf.sha256
-tar -C ../shared/assets -cJf .gpuq/q2/text.tar.xz text/wikitext-2-raw text/c4-sample
 cat > .gpuq/scripts/setup.sh <<'EOS'
 # sourced by each call: the carried wheels into /tmp/site (once per machine)
 if [ ! -f /tmp/site/.done ] && [ -d .gpuq/whl312 ]; then
@@ -125,21 +118,11 @@ timeout 40 python3 bench/bench_clip_kernel.py --candidates | tee "$OUT/candidate
 EOS
 cat > .gpuq/scripts/call_one.sh <<'EOS'
 source .gpuq/scripts/setup.sh
-mkdir -p /tmp/q && cp .gpuq/q1/gguf.part1 /tmp/q/
 timeout 100 python3 -m pytest -m gpu tests/algorithm/test_kernels.py tests/algorithm/test_kernel_warmup.py -q \
   -p no:cacheprovider 2>&1 | tail -12
 TRITON_CACHE_DIR=/tmp/triton_fresh timeout 150 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda \
   --runs awq:cpu | tee "$OUT/speed32_fresh.jsonl"
 timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
-EOS
-cat > .gpuq/scripts/call_two.sh <<'EOS'
-source .gpuq/scripts/setup.sh
-gguf=~/.cache/quark-torch/SmolLM2-135M-Instruct.Q4_1.gguf
-mkdir -p ~/.cache/quark-torch /tmp/assets && cat /tmp/q/gguf.part1 .gpuq/q2/gguf.part2 > $gguf
-echo "$(cat .gpuq/q2/gguf.sha256)  $gguf" | sha256sum -c - || exit 3
-tar -C /tmp/assets -xJf .gpuq/q2/text.tar.xz
-timeout 540 python3 bench/quality.py --device cuda --assets /tmp/assets \
-  --schemes "${ROWS:-float,int4_g64_awq,int4_g64_gptq,mxfp4_awq,mxfp4_gptq}"
 EOS
 cat > .gpuq/scripts/call_gguf1.sh <<'EOS'
 source .gpuq/scripts/setup.sh
