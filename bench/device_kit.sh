@@ -118,7 +118,7 @@ timeout 40 python3 bench/bench_clip_kernel.py --candidates | tee "$OUT/candidate
 EOS
 cat > .gpuq/scripts/call_one.sh <<'EOS'
 source .gpuq/scripts/setup.sh
-timeout 100 python3 -m pytest -m gpu tests/algorithm/test_kernels.py tests/algorithm/test_kernel_warmup.py -q \
+timeout 100 python3 -m pytest -m gpu tests/algorithm/test_kernels.py tests/algorithm/test_kernel_warmup.py tests/algorithm/test_tokens.py -q \
   -p no:cacheprovider 2>&1 | tail -12
 TRITON_CACHE_DIR=/tmp/triton_fresh timeout 150 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda \
   --runs awq:cpu | tee "$OUT/speed32_fresh.jsonl"

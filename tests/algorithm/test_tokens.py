@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from quark.torch.algorithm.utils import tokens
@@ -59,3 +60,15 @@ def test_the_factors_computed_without_waiting_are_those_of_cap_factors(monkeypat
     assert tokens.cap_factors(massive, 10.0) is not None
     monkeypatch.setattr(tokens, "MASSIVE_TOKEN_RATIO", None)  # capping off
     assert tokens.cap_factors_without_waiting(massive) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capped_tokens_on_the_gpu_equal_those_on_the_cpu():
+    """On a GPU the factors are computed without a synchronisation (ones where nothing is capped)."""
+    g = torch.Generator().manual_seed(0)
+    for massive in (True, False):
+        x = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+        if massive:
+            x[5] *= 500.0
+        assert torch.equal(capped_tokens(x.cuda(), 10.0).cpu(), capped_tokens(x, 10.0)), massive

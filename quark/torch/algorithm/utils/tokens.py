@@ -23,9 +23,11 @@ MASSIVE_TOKEN_RATIO: float | None = 10.0
 
 
 def token_weights(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor | None:
-    """Per-token factors ``[tokens, 1]`` that cap each token's peak (None when nothing is capped)."""
+    """Per-token factors ``[tokens, 1]`` that cap each token's peak (None when nothing is capped; on a GPU, factors
+    of 1 instead of a synchronisation to find that out: :func:`cap_factors_without_waiting`)."""
     flat = x.reshape(-1, x.shape[-1])
-    factors = cap_factors(flat.detach().abs().amax(-1, keepdim=True).float(), ratio)
+    peaks = flat.detach().abs().amax(-1, keepdim=True).float()
+    factors = (cap_factors_without_waiting if flat.is_cuda else cap_factors)(peaks, ratio)
     return None if factors is None else factors.to(flat.dtype)
 
 
