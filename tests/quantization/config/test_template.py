@@ -18,7 +18,7 @@ from quark.torch.quantization.config.config import (
     SmoothQuantConfig,
 )
 from quark.torch.quantization.config.template import LLMTemplate, isolated_registry, set_algo_config_fallback
-from quark.torch.quantization.config.templates import all_families
+from quark.torch.quantization.config.templates import all_families, recent
 from quark.torch.quantization.config.type import Dtype, QSchemeType
 
 
@@ -451,6 +451,29 @@ TINY_CONFIGS = {
             vision_output_dim=64,
         ).to_dict(),
     ),
+    "Gemma2ForCausalLM": lambda: transformers.Gemma2Config(**_COMMON, head_dim=16),
+    "Gemma3ForCausalLM": lambda: transformers.Gemma3TextConfig(**_COMMON, head_dim=16),
+    "Gemma3ForConditionalGeneration": lambda: transformers.Gemma3Config(
+        text_config=dict(_COMMON, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=127, boi_token_index=125, eoi_token_index=126,
+    ),
+    "Qwen3ForCausalLM": lambda: transformers.Qwen3Config(**_COMMON, head_dim=16),
+    "Qwen3MoeForCausalLM": lambda: transformers.Qwen3MoeConfig(
+        **_COMMON, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2
+    ),
+    "Olmo2ForCausalLM": lambda: transformers.Olmo2Config(**_COMMON, pad_token_id=0, eos_token_id=1),
+    "GptOssForCausalLM": lambda: transformers.GptOssConfig(
+        **_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "Llama4ForConditionalGeneration": lambda: transformers.Llama4Config(
+        text_config=dict(_COMMON, head_dim=16, num_local_experts=2, intermediate_size_mlp=128, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                           projector_output_dim=64),
+    ),
 }
 HF_FAMILIES = [f for f in all_families() if f["hf_architecture"] is not None]
 
@@ -504,3 +527,16 @@ def test_templates_carry_family_algorithm_configs():
     assert LLMTemplate.get("mllama").awq_config is None
     assert LLMTemplate.get("grok-1").autosmoothquant_config is None
     assert "self_attention.query_key_value" in LLMTemplate.get("chatglm").gptq_config.inside_layer_modules
+
+
+@pytest.mark.parametrize("family", recent.FAMILIES, ids=lambda f: f["model_type"])
+def test_newer_families_are_registered_and_discover_their_algorithms(family):
+    """``LLMTemplate.get(model_type)`` works for the families newer than the seeds' table, as in the reference;
+    their algorithms find the scaling groups in the model (no layer names), on the family's decoder layers."""
+    t = LLMTemplate.get(family["model_type"])
+    assert family["model_type"] in LLMTemplate.list_available()
+    config = roundtrip(t.get_config(scheme="int4_wo_32", algorithm=["awq", "gptq"]))
+    awq, gptq = config.algo_config
+    assert awq.scaling_layers is None and gptq.inside_layer_modules is None
+    assert awq.model_decoder_layers == gptq.model_decoder_layers == family["decoder_layers"]
+    assert config.exclude == family["exclude"]

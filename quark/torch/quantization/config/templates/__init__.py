@@ -1,6 +1,6 @@
 """Model-family knowledge for :class:`~quark.torch.quantization.config.template.LLMTemplate`, as data.
 
-Each family module (``dense``, ``legacy``, ``moe``) exports ``FAMILIES``, a list of
+Each family module (``dense``, ``legacy``, ``moe``, ``recent``) exports ``FAMILIES``, a list of
 :class:`FamilySpec` dicts of plain strings and lists; ``all_families()`` concatenates them and
 ``template.py`` turns them into ``LLMTemplate`` objects and algorithm configs. ``schemes`` holds
 the built-in scheme table.
@@ -38,14 +38,15 @@ Keys of a :class:`FamilySpec`:
     ``RotationConfig.scaling_layers``: the norm -> Linear groups of a block into which the
     rotation is fused (same format as ``scaling_layers``).
 ``algorithms``
-    Algorithms this family has data for, among awq, smoothquant, autosmoothquant, gptq, rotation.
+    Algorithms this family has data for, among awq, smoothquant, autosmoothquant, gptq, rotation; the others
+    find their layers from the model when they run (``recent``'s families have none).
 """
 
 from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from quark.torch.quantization.config.templates import dense, legacy, moe
+from quark.torch.quantization.config.templates import dense, legacy, moe, recent
 
 
 class ScalingGroup(TypedDict, total=False):
@@ -74,8 +75,8 @@ class FamilySpec(TypedDict, total=False):
 
 
 def all_families() -> list[dict[str, Any]]:
-    """Every built-in family, in a stable order (dense llama-likes, older layouts, MoE)."""
-    return [*dense.FAMILIES, *legacy.FAMILIES, *moe.FAMILIES]
+    """Every built-in family, in a stable order (dense llama-likes, older layouts, MoE, newer families)."""
+    return [*dense.FAMILIES, *legacy.FAMILIES, *moe.FAMILIES, *recent.FAMILIES]
 
 
 __all__ = ["FamilySpec", "ScalingGroup", "all_families"]
