@@ -122,7 +122,8 @@ timeout 100 python3 -m pytest -m gpu tests/algorithm/test_kernels.py tests/algor
   -p no:cacheprovider 2>&1 | tail -12
 TRITON_CACHE_DIR=/tmp/triton_fresh timeout 150 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda \
   --runs awq:cpu | tee "$OUT/speed32_fresh.jsonl"
-timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu --profile "$OUT/prof"
+[ -n "${NO_PROFILE:-}" ] || timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu \
+  --profile "$OUT/prof"
 EOS
 cat > .gpuq/scripts/call_gguf1.sh <<'EOS'
 source .gpuq/scripts/setup.sh
