@@ -236,3 +236,53 @@ def test_squared_error_kernel_matches_float64_on_the_gpu() -> None:
     exact = float((a.double() - b.double()).pow(2).sum())
     assert abs(float(squared_error_sum(a, b)) - exact) <= 1e-6 * exact
     assert abs(float(_squared_error_torch(a, b)) - exact) <= 1e-6 * exact
+
+
+AWQ_END_TO_END = textwrap.dedent("""
+    import sys
+    from dataclasses import replace
+    import torch
+    sys.path.insert(0, "tests/algorithm")
+    from tiny_models import make_batches, make_model
+    from quark.torch.algorithm import kernels
+    from quark.torch.algorithm.awq import awq
+    from quark.torch.quantization.config.config import AWQConfig, Config, QuantizationConfig
+    from quark.torch.quantization.config.custom_config import UINT4_PER_GROUP_ASYM_SPEC
+
+    used = []
+    fused = awq._fused_candidate_weights
+    def spy(*args):
+        used.append(args[0].shape)
+        return fused(*args)
+    awq._fused_candidate_weights = spy
+    awq._squared_error_sum = awq._squared_error_torch  # its kernel sums in another order
+    weights = {}
+    for on in (False, True):
+        kernels.USE_TRITON = on
+        model = make_model("llama").to(torch.bfloat16)
+        for symmetric in (True, False):
+            spec = replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=32, symmetric=symmetric)
+            config = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["lm_head"])
+            awq.AwqProcessor(model, AWQConfig(), make_batches(4), quant_config=config).apply()
+        weights[on] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert used, "the candidates' kernel never ran"
+    start = make_model("llama").to(torch.bfloat16).state_dict()
+    changed = [n for n in weights[True] if not torch.equal(weights[True][n], start[n])]
+    assert changed, "AWQ changed nothing"
+    differ = [n for n in weights[True] if not torch.equal(weights[True][n], weights[False][n])]
+    assert not differ, differ
+    print("awq end to end equal", len(used), len(changed))
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_awq_through_the_interpreted_candidates_kernel_equals_the_pytorch_path() -> None:
+    """A whole AWQ run (tiny bf16 Llama, uint4 g32 symmetric then asymmetric) with its scale candidates and final
+    clipping through the candidates' kernel (Triton's interpreter) gives the weights of the PyTorch path bit for
+    bit: the kernel's batches, covariances and final clipping are wired as the twin's."""
+    env = {**os.environ, "QUARK_TRITON": "interpret", "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", AWQ_END_TO_END], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "awq end to end equal" in done.stdout
