@@ -57,9 +57,23 @@ def test_the_warm_up_runs_every_call_in_other_threads_and_survives_a_failure(
         warm = KernelWarmup([call(t) for t in "abcd"], "cpu", "test")
         warm.wait()
     assert sorted(seen) == [("a", True), ("b", True), ("c", True), ("d", True)]
-    assert seen[0] == ("a", True)  # the first call runs alone, before the others
+    assert seen[0] == ("a", True)  # no driver to start on a CPU: the first call runs alone, before the others
     assert "no compiler here" in caplog.text
     assert not warming_up()
+
+
+def test_with_the_driver_started_first_every_call_compiles_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once Triton's driver is up, no call waits for another: all of them are in flight together (a barrier
+    that only opens when every call has reached it)."""
+    from quark.torch.algorithm.kernels import warmup
+
+    assert not warmup._driver_ready(torch.device("cpu"))  # only a CUDA device has a driver to start
+    started: list[str] = []
+    monkeypatch.setattr(warmup, "_driver_ready", lambda device: started.append(str(device)) or True)
+    barrier = threading.Barrier(4, timeout=10)
+    passed: list[int] = []
+    KernelWarmup([lambda: passed.append(barrier.wait()) for _ in range(4)], "cpu", "test").wait()
+    assert started == ["cpu"] and sorted(passed) == [0, 1, 2, 3]
 
 
 def test_a_kernel_failing_during_the_warm_up_is_left_to_the_real_call(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,12 +42,28 @@ def specialised_size(n: int) -> int:
     return 16 if n % 16 == 0 else 17
 
 
+def _driver_ready(device: torch.device) -> bool:
+    """Start Triton's driver for a CUDA ``device`` (its C module, compiled on first use where the cache is empty,
+    which every kernel launch shares); whether it is up."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton
+
+        triton.runtime.driver.active.get_current_device()
+    except Exception as error:  # the first warm-up call then starts it, alone
+        logger.debug("Triton's driver did not start ahead of the warm-up (%s: %s)", type(error).__name__, error)
+        return False
+    return True
+
+
 class KernelWarmup:
     """Runs ``calls`` (each launching kernels on tiny tensors of ``device``) in background threads.
 
-    The first call runs alone (it initialises Triton's driver module, which the others share), the rest
-    in parallel. A call that fails is logged and skipped: the real launch compiles (or falls back) as it
-    would have. :meth:`wait` blocks until every call is done.
+    Triton's driver starts first, alone (the compilations share it); then every call runs in parallel, so the
+    warm-up lasts about as long as its longest compilation. Where the driver cannot be started on its own, the
+    first call runs alone (starting it) and the rest in parallel. A call that fails is logged and skipped: the
+    real launch compiles (or falls back) as it would have. :meth:`wait` blocks until every call is done.
     """
 
     def __init__(self, calls: Sequence[Callable[[], object]], device: torch.device | str, name: str) -> None:
@@ -71,8 +87,10 @@ class KernelWarmup:
     def _run(self) -> None:
         if not self._calls:
             return
-        self._attempt(self._calls[0])
-        rest = self._calls[1:]
+        rest = self._calls
+        if not _driver_ready(self.device):
+            self._attempt(self._calls[0])
+            rest = self._calls[1:]
         if rest:
             with ThreadPoolExecutor(min(len(rest), MAX_THREADS), thread_name_prefix=f"quark-{self.name}") as pool:
                 list(pool.map(self._attempt, rest))
