@@ -301,3 +301,19 @@ def test_the_auto_config_of_a_model_with_two_layer_structures_gives_the_discover
         results.append({k: v.clone() for k, v in model.state_dict().items()})
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_a_kv_cache_scheme_whose_patterns_name_no_linear_is_refused_before_any_work():
+    """DeepSeek-V3's attention has no k_proj / v_proj (multi-head latent attention): the generic template's KV-cache
+    patterns match nothing, which used to quantize no cache without a word. Refused, naming the model's
+    projections, and the model is left as it was."""
+    model = _model("deepseek_v3")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = _config("deepseek_v3", "w_fp8_a_fp8", [], kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match=r"kv_cache_quant_config.*match no nn.Linear.*kv_b_proj"):
+        ModelQuantizer(config).quantize_model(model, BATCHES)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(type(m).__name__ == "QuantLinear" for m in model.modules())
+    patterns = {"*kv_b_proj": config.kv_cache_quant_config["*k_proj"]}
+    config.kv_cache_quant_config = patterns  # named: accepted
+    ModelQuantizer(config).quantize_model(model, BATCHES[:2])

@@ -30,6 +30,7 @@ from quark.torch.quantization.calibration.placement import (
 )
 from quark.torch.quantization.calibration.weight_source import disk_weights
 from quark.torch.quantization.config.config import Config
+from quark.torch.quantization.config.resolve import name_matches
 from quark.torch.quantization.model_transformation import (
     all_quantizers,
     plan_quantization,
@@ -84,6 +85,24 @@ def _algo_list(value: Any) -> list[Any]:
 def _algo_name(algo: Any) -> str:
     return str(getattr(algo, "name", type(algo).__name__)).lower()
 
+
+
+def _require_kv_cache_layers(model: nn.Module, config: Config) -> None:
+    """A KV-cache scheme whose patterns name no Linear of the model would quantize no cache: refused before any
+    work, naming the patterns and the model's attention projections."""
+    patterns = list(config.kv_cache_quant_config or {})
+    if not patterns:
+        return
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if any(name_matches(name, pattern) for name in linears for pattern in patterns):
+        return
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linears if "attn" in name or "attention" in name}) or \
+        sorted({name.rsplit(".", 1)[-1] for name in linears})
+    raise ValueError(
+        f"Config.kv_cache_quant_config: the patterns {patterns} match no nn.Linear of {type(model).__name__}, so no "
+        f"KV cache would be quantized; its attention's Linears are named {leaves[:12]}. Name the key/value "
+        "projections (LLMTemplate(kv_layer_name=[...]) or the config's kv_cache_quant_config), or quantize "
+        "without a KV-cache scheme.")
 
 class ModelQuantizer:
     """Quantize a PyTorch model in place according to a :class:`Config`.
@@ -150,6 +169,7 @@ class ModelQuantizer:
         if not isinstance(model, nn.Module):
             raise ValueError(f"quantize_model(model=...) needs an nn.Module, got {type(model).__name__}")
         pre, advanced = self._split_algorithms()
+        _require_kv_cache_layers(model, self.config)
         plan, excluded = plan_quantization(model, self.config)
         if not plan:
             logger.warning("no module matched the quantization config: nothing to quantize")
