@@ -317,3 +317,30 @@ def test_a_kv_cache_scheme_whose_patterns_name_no_linear_is_refused_before_any_w
     patterns = {"*kv_b_proj": config.kv_cache_quant_config["*k_proj"]}
     config.kv_cache_quant_config = patterns  # named: accepted
     ModelQuantizer(config).quantize_model(model, BATCHES[:2])
+
+
+def test_the_command_line_refuses_such_a_kv_cache_scheme_before_the_float_evaluation(tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from quark.torch.llm import pipeline
+    from quark.torch.llm.cli import main
+    from quark.torch.llm.model_loading import EMBEDDED_CALIBRATION_TEXT, EMBEDDED_MODEL_DIR
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the float model was evaluated before the KV-cache check")
+
+    monkeypatch.setattr(pipeline, "_evaluate", no_evaluation)
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(FAMILIES["deepseek_v3"]()).save_pretrained(folder)
+    shutil.copy(EMBEDDED_MODEL_DIR / "tokenizer.model", folder / "tokenizer.model")
+    stories = [s.strip() for s in EMBEDDED_CALIBRATION_TEXT.read_text(encoding="utf-8").split("<|endoftext|>")]
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in stories if s))
+    (tmp_path / "eval.txt").write_text("\n\n".join(stories[:2]))
+    code = main(["--model_dir", str(folder), "--device", "cpu", "--dataset", str(tmp_path / "calib.jsonl"),
+                 "--num_calib_data", "2", "--seq_len", "32", "--ppl_dataset", str(tmp_path / "eval.txt"),
+                 "--quant_scheme", "w_fp8_a_fp8", "--kv_cache_dtype", "fp8", "--output_dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "match no nn.Linear of DeepseekV3ForCausalLM" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

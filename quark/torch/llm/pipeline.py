@@ -198,9 +198,12 @@ def _check_rotation(config: Any, hf_config: Any, unfit_layers: str, summary: Run
 
 
 def _check_layers(model: nn.Module, config: Any, args: argparse.Namespace, summary: RunSummary) -> None:
-    """Shapes against the config (``--unfit_layers``) and the config against every asked export."""
+    """The KV-cache patterns against the model, shapes against the config (``--unfit_layers``) and the config
+    against every asked export."""
+    from quark.torch.quantization.api import require_kv_cache_layers
     from quark.torch.quantization.model_transformation import fit_config_to_model
 
+    require_kv_cache_layers(model, config)  # before the float evaluation, not after it
     unfit = fit_config_to_model(model, config)
     summary.unfit_layers += [u.to_dict() for u in unfit]
     export_step.check_export_layers(model, config, args.model_export or [], args.custom_mode)

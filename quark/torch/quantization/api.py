@@ -87,7 +87,7 @@ def _algo_name(algo: Any) -> str:
 
 
 
-def _require_kv_cache_layers(model: nn.Module, config: Config) -> None:
+def require_kv_cache_layers(model: nn.Module, config: Config) -> None:
     """A KV-cache scheme whose patterns name no Linear of the model would quantize no cache: refused before any
     work, naming the patterns and the model's attention projections."""
     patterns = list(config.kv_cache_quant_config or {})
@@ -169,7 +169,7 @@ class ModelQuantizer:
         if not isinstance(model, nn.Module):
             raise ValueError(f"quantize_model(model=...) needs an nn.Module, got {type(model).__name__}")
         pre, advanced = self._split_algorithms()
-        _require_kv_cache_layers(model, self.config)
+        require_kv_cache_layers(model, self.config)
         plan, excluded = plan_quantization(model, self.config)
         if not plan:
             logger.warning("no module matched the quantization config: nothing to quantize")
