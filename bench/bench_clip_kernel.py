@@ -97,7 +97,21 @@ def _time_candidates(w: torch.Tensor, se: torch.Tensor, cov: torch.Tensor, grid,
     }
     same = torch.equal(awq._candidate_weights_torch(scaled, se, cov, grid),
                        awq._fused_candidate_weights(w, se, covs, grid))
-    print(json.dumps({"ms": {k: round(v, 3) for k, v in ms.items()}, "bit_identical": same,
+    # the candidates' kernel holds ~180 registers a thread at 32 rows (one 8-warp program per SM) where the clip
+    # kernel holds 128 (two): 16 rows a program fits 128 with a few bytes spilled
+    from quark.torch.algorithm.kernels import clip
+
+    for rows_per_program in (16, 64):
+        clip.CLIP_BLOCK_ROWS = rows_per_program
+        try:
+            ms[f"fused_{rows_per_program}_rows"] = triton.testing.do_bench(
+                lambda: awq._fused_candidate_weights(w, se, covs, grid), rep=300)
+        except Exception as error:  # a tile that does not fit the device
+            ms[f"fused_{rows_per_program}_rows"] = None
+            print(json.dumps({"rows": rows_per_program, "error": str(error).splitlines()[0][:160]}), flush=True)
+        finally:
+            clip.CLIP_BLOCK_ROWS = None
+    print(json.dumps({"ms": {k: None if v is None else round(v, 3) for k, v in ms.items()}, "bit_identical": same,
                       "device": torch.cuda.get_device_name()}), flush=True)
 
 

@@ -16,7 +16,8 @@
 #   bash .gpuq/scripts/call_awq.sh      carry .gpuq/whl312 .gpuq/scripts          GPU tests of the algorithms, 32-layer AWQ
 #                                       on an empty and a warm Triton cache, 3-layer AWQ profile, one candidate's kernel
 #   bash .gpuq/scripts/call_one.sh      carry .gpuq/whl312 .gpuq/scripts          kernel GPU tests, 32-layer AWQ on an empty
-#                                       Triton cache, 3-layer AWQ profile; then call_gguf1 and call_quality at once
+#                                       Triton cache, the candidates' kernel against the old path's parts and at 16/64
+#                                       rows a program, 3-layer AWQ profile; then call_gguf1 and call_quality at once
 #   bash .gpuq/scripts/call_gguf1.sh    carry .gpuq/scripts .gpuq/p1               right after a call that installed the
 #                                       wheels (same warm machine), then call_quality.sh at once
 #   bash .gpuq/scripts/call_ab.sh       carry .gpuq/whl312 .gpuq/scripts .gpuq/base   this tree against BASE (a git
@@ -122,6 +123,7 @@ timeout 100 python3 -m pytest -m gpu tests/algorithm/test_kernels.py tests/algor
   -p no:cacheprovider 2>&1 | tail -12
 TRITON_CACHE_DIR=/tmp/triton_fresh timeout 150 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda \
   --runs awq:cpu | tee "$OUT/speed32_fresh.jsonl"
+timeout 60 python3 bench/bench_clip_kernel.py --candidates | tee "$OUT/candidates.jsonl"
 [ -n "${NO_PROFILE:-}" ] || timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu \
   --profile "$OUT/prof"
 EOS

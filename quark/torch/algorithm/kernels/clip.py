@@ -192,6 +192,7 @@ def _candidate_weights_kernel(w_ptr, s_ptr, cov_ptr, ratio_ptr, out_ptr, rows, c
         v = fake_quant_int(v, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT)
         if BF16:
             v = _round_bf16(v)
+        s = tl.load(s_ptr + b * cols + col).to(tl.float32)  # read again: not held through the loop's registers
         v = tl.math.div_rn(v, s[None, :])
         if BF16:
             v = _round_bf16(v)
