@@ -286,3 +286,33 @@ def test_awq_through_the_interpreted_candidates_kernel_equals_the_pytorch_path()
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "awq end to end equal" in done.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_candidates_kernel_compiles_for_an_h100(dtype: str, symmetric: bool, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled ahead for sm_90 with Triton's own ptxas (no GPU needed), as AWQ launches it on a Llama-3 int4 g128
+    weight, so a kernel that would not build on the H100 fails here rather than falling back to its twin there."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from quark.torch.algorithm.kernels.clip import _candidate_weights_kernel
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    pointer = f"*{dtype}"
+    signature = {"w_ptr": pointer, "s_ptr": pointer, "cov_ptr": "*fp32", "ratio_ptr": "*fp32", "out_ptr": pointer,
+                 "rows": "i32", "cols": "i32", "groups": "i32", "qmin": "fp32", "qmax": "fp32", "divisor": "fp32",
+                 "midpoint": "fp32", "eps": "fp32", "clipped_only": "i32"}
+    constants = dict(GS=128, BR=32, STEPS=10, BF16=dtype == "bf16", SYMMETRIC=symmetric, METHOD=0,
+                     ZERO_FREE=symmetric, EXACT=False, DOT_PRECISION="tf32")
+    source = ASTSource(fn=_candidate_weights_kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                       constexprs=constants)
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 8, "enable_fp_fusion": False})
+    except FileNotFoundError as error:  # a Triton without the NVIDIA toolchain (ptxas)
+        pytest.skip(f"no CUDA toolchain in this Triton: {error}")
+    assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
