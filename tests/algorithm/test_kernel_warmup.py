@@ -205,3 +205,12 @@ def test_the_search_compiles_nothing_after_its_warm_up_on_the_gpu(tmp_path: Path
     if algorithm == "awq":  # the scale candidates' kernel does the final clipping too
         assert "_clip_search_kernel" not in names, report
     assert len(report["marks"]) == 1 and report["marks"][0] == len(report["compiled"]), report
+
+
+def test_a_warm_up_starts_only_on_a_gpu_with_something_to_compile() -> None:
+    from quark.torch.algorithm.kernels import warmup
+
+    asked: list[torch.device] = []
+    assert warmup.start_warmup("cpu", "test", lambda device: asked.append(device) or [lambda: None]) is None
+    assert asked == []  # not even asked for its calls off a GPU
+    warmup.finished(None)  # nothing to wait for

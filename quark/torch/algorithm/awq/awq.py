@@ -31,7 +31,7 @@ from torch.profiler import record_function
 
 from quark.torch.algorithm.awq.inputs import GroupInputStats, group_input_stats, output_error
 from quark.torch.algorithm.kernels import kernel_group_size, kernel_or_twin, kernels_apply, triton_applies
-from quark.torch.algorithm.kernels.warmup import KernelWarmup, specialised_size
+from quark.torch.algorithm.kernels.warmup import KernelWarmup, finished, specialised_size, start_warmup
 from quark.torch.algorithm.utils.model_info import (
     ScalingGroup,
     applies_to,
@@ -83,18 +83,10 @@ class AwqStep(ScalingStep):
     def prepare(self, device: torch.device | str) -> None:
         """Start compiling the Triton kernels the first layer's search launches (:mod:`...kernels.warmup`), on a
         GPU whose kernels apply."""
-        device = torch.device(device)
-        if device.type != "cuda" or self._first_layer is None or not self.active or not triton_applies(
-                torch.empty(0, device=device)):
-            return
-        calls = _warmup_calls(self, self._first_layer, self.active[0], self.grids[0], device)
-        if calls:
-            self._warmup = KernelWarmup(calls, device, "AWQ")
-
-    def _warmed_up(self) -> None:
-        if self._warmup is not None:
-            self._warmup.wait()
-            self._warmup = None
+        first = self._first_layer
+        if first is not None and self.active:
+            self._warmup = start_warmup(device, "AWQ", lambda on: _warmup_calls(self, first, self.active[0],
+                                                                                 self.grids[0], on))
 
     @torch.no_grad()
     def search(self, layer: nn.Module, index: int, inputs: list) -> list[ScaleResult]:
@@ -161,7 +153,8 @@ class AwqStep(ScalingStep):
         else:
             module, calls = self.inspect_calls(layer, g)
             reference = self.run(module, calls)
-        self._warmed_up()
+        finished(self._warmup)
+        self._warmup = None
         for r0, weights in self._candidate_batches(saved, quantized, expanded, chunk, covariances, grids):
             for k in range(next(iter(weights.values())).shape[0]):
                 if linear_only:

@@ -23,8 +23,8 @@ from quark.torch.algorithm.gptq.math import (
     hessian_from_sum,
     stackable,
 )
-from quark.torch.algorithm.kernels import kernels_apply, triton_applies
-from quark.torch.algorithm.kernels.warmup import KernelWarmup, specialised_size
+from quark.torch.algorithm.kernels import kernels_apply
+from quark.torch.algorithm.kernels.warmup import KernelWarmup, finished, specialised_size, start_warmup
 from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import ALL_QSCHEMES, ALL_WEIGHT_DTYPES, WeightGrid, weight_grid_from_spec
@@ -92,13 +92,10 @@ class GptqStep:
     def prepare(self, device: torch.device | str) -> None:
         """Start compiling the Triton kernels the first layer's solves launch (:mod:`...kernels.warmup`), on a GPU
         whose kernels apply."""
-        device = torch.device(device)
-        if (device.type != "cuda" or self._first_layer is None or not self.grids
-                or not triton_applies(torch.empty(0, device=device))):
-            return
-        calls = _warmup_calls(self._first_layer, self.grids[0], self._options("warm-up", True), device)
-        if calls:
-            self._warmup = KernelWarmup(calls, device, "GPTQ")
+        first = self._first_layer
+        if first is not None and self.grids:
+            self._warmup = start_warmup(device, "GPTQ", lambda on: _warmup_calls(first, self.grids[0],
+                                                                                  self._options("warm-up", True), on))
 
     def _options(self, name: str, scratch: bool) -> dict[str, Any]:
         """``gptq_quantize``'s keyword arguments from the config."""
@@ -235,9 +232,8 @@ class GptqStep:
         grid = self.grids[index][names[0]]
         options = self._options(" + ".join(full[n] for n in solve), scratch)
         damp = options["damp_percent"]
-        if self._warmup is not None:
-            self._warmup.wait()
-            self._warmup = None
+        finished(self._warmup)
+        self._warmup = None
         modules = [layer.get_submodule(n) for n in solve]
         if len(solve) > 1:
             results = gptq_quantize_stacked([m.weight.data for m in modules], h, grid, **options)
