@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from quark.torch.algorithm.utils.gram import add_gram_rows, gram, half_gemm, matmul_f32
-from quark.torch.algorithm.utils.tokens import cap_factors, cap_factors_without_waiting
+from quark.torch.algorithm.utils.tokens import cap_factors
 from quark.torch.quantization.calibration.distributed import all_gather_cat, all_reduce_
 
 __all__ = ["GroupInputStats", "group_input_stats", "output_error"]
@@ -107,9 +107,7 @@ def group_input_stats(xs: Sequence[torch.Tensor], group_sizes: Iterable[int], fu
     cols, device = xs[0].shape[-1], xs[0].device
     sizes = sorted(set(group_sizes))
     peaks = torch.cat([c.abs().amax(-1).float() for c in _chunks(xs, token_chunk)])
-    every_peak = all_gather_cat(peaks, "AWQ token peaks")
-    # on a GPU, factors of 1 (the same products) rather than a synchronisation to find out that none are needed
-    factors = (cap_factors_without_waiting if peaks.is_cuda else cap_factors)(peaks, median_of=every_peak)
+    factors = cap_factors(peaks, median_of=all_gather_cat(peaks, "AWQ token peaks"))
     # float64 sums divided once: the float32 statistics do not depend on how the tokens were split over
     # calls or ranks (on a GPU each half-precision chunk's product is float32, then summed in float64)
     abs_sum = torch.zeros(cols, dtype=torch.float64, device=device)

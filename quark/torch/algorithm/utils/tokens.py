@@ -24,10 +24,9 @@ MASSIVE_TOKEN_RATIO: float | None = 10.0
 
 def token_weights(x: torch.Tensor, ratio: float | None = None) -> torch.Tensor | None:
     """Per-token factors ``[tokens, 1]`` that cap each token's peak (None when nothing is capped; on a GPU, factors
-    of 1 instead of a synchronisation to find that out: :func:`cap_factors_without_waiting`)."""
+    of 1: :func:`cap_factors`)."""
     flat = x.reshape(-1, x.shape[-1])
-    peaks = flat.detach().abs().amax(-1, keepdim=True).float()
-    factors = (cap_factors_without_waiting if flat.is_cuda else cap_factors)(peaks, ratio)
+    factors = cap_factors(flat.detach().abs().amax(-1, keepdim=True).float(), ratio)
     return None if factors is None else factors.to(flat.dtype)
 
 
@@ -36,7 +35,11 @@ def cap_factors(peak: torch.Tensor, ratio: float | None = None,
     """Float32 factors (``peak``'s shape) that cap each token's peak |activation| ``peak`` (float32, one
     per token) at ``ratio`` × the median of the non-zero ones of ``median_of`` (default: of ``peak``); None
     when nothing is capped. Statistics streamed over several calls take the peaks of all their tokens first, and
-    data-parallel ranks those of every rank (all-gathered), so the median is one process's."""
+    data-parallel ranks those of every rank (all-gathered), so the median is one process's. On a GPU the factors
+    come from :func:`cap_factors_without_waiting` (exact ones where nothing is capped: the same products).
+    """
+    if peak.is_cuda:
+        return cap_factors_without_waiting(peak, ratio, median_of)
     ratio = MASSIVE_TOKEN_RATIO if ratio is None else ratio
     every = peak if median_of is None else median_of
     # all-zero tokens carry nothing (Llama 4's experts see every token, the ones not routed to them as zeros):
