@@ -132,14 +132,20 @@ INTERPRETED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-def test_interpreted_kernels_equal_the_pytorch_paths() -> None:
+def _run_interpreted(script: str, timeout: int) -> str:
+    """Run ``script`` in a child process whose Triton kernels go through Triton's interpreter (chosen before
+    Triton is imported); its standard output, after checking that it succeeded."""
     env = {**os.environ, "QUARK_TRITON": "interpret", "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "interpreted kernels equal" in done.stdout
+    return done.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_interpreted_kernels_equal_the_pytorch_paths() -> None:
+    assert "interpreted kernels equal" in _run_interpreted(INTERPRETED, timeout=600)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -280,12 +286,7 @@ def test_awq_through_the_interpreted_candidates_kernel_equals_the_pytorch_path()
     """A whole AWQ run (tiny bf16 Llama, uint4 g32 symmetric then asymmetric) with its scale candidates and final
     clipping through the candidates' kernel (Triton's interpreter) gives the weights of the PyTorch path bit for
     bit: the kernel's batches, covariances and final clipping are wired as the twin's."""
-    env = {**os.environ, "QUARK_TRITON": "interpret", "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", AWQ_END_TO_END], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "awq end to end equal" in done.stdout
+    assert "awq end to end equal" in _run_interpreted(AWQ_END_TO_END, timeout=900)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")

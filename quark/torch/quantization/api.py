@@ -86,7 +86,6 @@ def _algo_name(algo: Any) -> str:
     return str(getattr(algo, "name", type(algo).__name__)).lower()
 
 
-
 def require_kv_cache_layers(model: nn.Module, config: Config) -> None:
     """A KV-cache scheme whose patterns name no Linear of the model would quantize no cache: refused before any
     work, naming the patterns and the model's attention projections."""
@@ -103,6 +102,7 @@ def require_kv_cache_layers(model: nn.Module, config: Config) -> None:
         f"KV cache would be quantized; its attention's Linears are named {leaves[:12]}. Name the key/value "
         "projections (LLMTemplate(kv_layer_name=[...]) or the config's kv_cache_quant_config), or quantize "
         "without a KV-cache scheme.")
+
 
 class ModelQuantizer:
     """Quantize a PyTorch model in place according to a :class:`Config`.
