@@ -58,6 +58,16 @@ def _group_tile(rows, cols, groups, GS: tl.constexpr, BR: tl.constexpr):
 
 
 @triton.jit
+def _keep_better(e, cov, k, best_err, best_k, DOT_PRECISION: tl.constexpr):
+    """Each row's error ``e C eᵀ`` for ratio ``k``; ``(best_err, best_k)`` updated where it is less (the first of
+    equal minima stays; NaN never wins)."""
+    err = tl.sum(tl.dot(e, cov, input_precision=DOT_PRECISION) * e, 1)
+    err = tl.where(err != err, float("inf"), err)
+    better = err < best_err
+    return tl.where(better, err, best_err), tl.where(better, k, best_k)
+
+
+@triton.jit
 def _clip_search_kernel(w_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_ptr, ratio_ptr, best_ptr,
                         rows, cols, groups, qmin, qmax,
                         GS: tl.constexpr, BR: tl.constexpr, STEPS: tl.constexpr, COV_PER_CANDIDATE: tl.constexpr,
@@ -78,12 +88,7 @@ def _clip_search_kernel(w_ptr, cov_ptr, scale_ptr, inv_ptr, zp_ptr, max_ptr, rat
         inv = tl.load(inv_ptr + p, mask=in_rows, other=1.0)
         zp = tl.load(zp_ptr + p, mask=in_rows, other=0.0)
         q = fake_quant_int(cur, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT)
-        e = q - w
-        err = tl.sum(tl.dot(e, cov, input_precision=DOT_PRECISION) * e, 1)
-        err = tl.where(err != err, float("inf"), err)  # NaN never wins
-        better = err < best_err
-        best_err = tl.where(better, err, best_err)
-        best_k = tl.where(better, k, best_k)
+        best_err, best_k = _keep_better(q - w, cov, k, best_err, best_k, DOT_PRECISION)
     tl.store(best_ptr + row_group, best_k, mask=in_rows)
 
 
@@ -172,11 +177,7 @@ def _candidate_weights_kernel(w_ptr, s_ptr, cov_ptr, ratio_ptr, out_ptr, rows, c
         inv = tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
         cur = tl.minimum(tl.maximum(x, -bound[:, None]), bound[:, None])
         e = fake_quant_int(cur, inv[:, None], scale[:, None], zp[:, None], qmin, qmax, METHOD, ZERO_FREE, EXACT) - x
-        err = tl.sum(tl.dot(e, cov, input_precision=DOT_PRECISION) * e, 1)
-        err = tl.where(err != err, float("inf"), err)  # NaN never wins
-        better = err < best_err
-        best_err = tl.where(better, err, best_err)
-        best_k = tl.where(better, k, best_k)
+        best_err, best_k = _keep_better(e, cov, k, best_err, best_k, DOT_PRECISION)
     bound = max0 * tl.load(ratio_ptr + best_k)
     v = tl.minimum(tl.maximum(x, -bound[:, None]), bound[:, None])
     if BF16:  # each step rounds to the weight's dtype, as the PyTorch ops on bfloat16 tensors do
