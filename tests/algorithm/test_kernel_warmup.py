@@ -211,6 +211,6 @@ def test_a_warm_up_starts_only_on_a_gpu_with_something_to_compile() -> None:
     from quark.torch.algorithm.kernels import warmup
 
     asked: list[torch.device] = []
-    assert warmup.start_warmup("cpu", "test", lambda device: asked.append(device) or [lambda: None]) is None
+    assert kernels.start_warmup("cpu", "test", lambda device: asked.append(device) or [lambda: None]) is None
     assert asked == []  # not even asked for its calls off a GPU
     warmup.finished(None)  # nothing to wait for

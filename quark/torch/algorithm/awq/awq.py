@@ -30,8 +30,14 @@ from torch import nn
 from torch.profiler import record_function
 
 from quark.torch.algorithm.awq.inputs import GroupInputStats, group_input_stats, output_error
-from quark.torch.algorithm.kernels import kernel_group_size, kernel_or_twin, kernels_apply, triton_applies
-from quark.torch.algorithm.kernels.warmup import KernelWarmup, finished, specialised_size, start_warmup
+from quark.torch.algorithm.kernels import (
+    kernel_group_size,
+    kernel_or_twin,
+    kernels_apply,
+    start_warmup,
+    triton_applies,
+)
+from quark.torch.algorithm.kernels.warmup import KernelWarmup, finished, specialised_size
 from quark.torch.algorithm.utils.model_info import (
     ScalingGroup,
     applies_to,

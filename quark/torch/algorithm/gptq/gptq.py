@@ -23,8 +23,8 @@ from quark.torch.algorithm.gptq.math import (
     hessian_from_sum,
     stackable,
 )
-from quark.torch.algorithm.kernels import kernels_apply
-from quark.torch.algorithm.kernels.warmup import KernelWarmup, finished, specialised_size, start_warmup
+from quark.torch.algorithm.kernels import kernels_apply, start_warmup
+from quark.torch.algorithm.kernels.warmup import KernelWarmup, finished, specialised_size
 from quark.torch.algorithm.utils.model_info import sequential_groups
 from quark.torch.algorithm.utils.processor import AlgorithmProcessor
 from quark.torch.algorithm.utils.quant import ALL_QSCHEMES, ALL_WEIGHT_DTYPES, WeightGrid, weight_grid_from_spec

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 
-from quark.torch.algorithm.kernels.warmup import warming_up
+from quark.torch.algorithm.kernels.warmup import KernelWarmup, warming_up
 from quark.torch.algorithm.utils.quant import WeightGrid
 from quark.torch.quantization.config.type import RoundType
 from quark.torch.quantization.formats.affine import get_integer_division
@@ -87,3 +87,14 @@ def kernel_or_twin(name: str, kernel: Callable[[], T], twin: Callable[[], T]) ->
         _FAILED[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         logger.warning("Triton kernel %s failed (%s); using its PyTorch twin from here on", name, _FAILED[name])
         return twin()
+
+
+def start_warmup(device: torch.device | str, name: str,
+                 make_calls: Callable[[torch.device], Sequence[Callable[[], object]]]) -> KernelWarmup | None:
+    """A step's ``prepare``: a :class:`~.warmup.KernelWarmup` of ``make_calls(device)`` on a CUDA ``device`` whose
+    Triton kernels apply; None elsewhere, or when there is nothing to compile."""
+    device = torch.device(device)
+    if device.type != "cuda" or not triton_applies(torch.empty(0, device=device)):
+        return None
+    calls = make_calls(device)
+    return KernelWarmup(calls, device, name) if calls else None

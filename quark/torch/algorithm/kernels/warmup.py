@@ -105,19 +105,6 @@ class KernelWarmup:
                      len(self._calls), time.perf_counter() - self._started, time.perf_counter() - start)
 
 
-def start_warmup(device: torch.device | str, name: str,
-                 make_calls: Callable[[torch.device], Sequence[Callable[[], object]]]) -> KernelWarmup | None:
-    """A step's ``prepare``: a :class:`KernelWarmup` of ``make_calls(device)`` on a CUDA ``device`` whose Triton
-    kernels apply; None elsewhere, or when there is nothing to compile."""
-    from quark.torch.algorithm.kernels import triton_applies  # the package imports this module
-
-    device = torch.device(device)
-    if device.type != "cuda" or not triton_applies(torch.empty(0, device=device)):
-        return None
-    calls = make_calls(device)
-    return KernelWarmup(calls, device, name) if calls else None
-
-
 def finished(warmup: KernelWarmup | None) -> None:
     """Wait for ``warmup`` where there is one; the step then drops it (``self._warmup = None``), so later launches
     neither wait nor log again."""
