@@ -236,6 +236,7 @@ def run_one(args: argparse.Namespace) -> dict:
     nproc = _start_ranks(args)
     scheme, placement = args.one_run.split(":")
     cuda = torch.device(args.device).type == "cuda"
+    runtime_gib = _start_cuda_runtime(args.device) if cuda else 0.0
     start = time.perf_counter()
     offload = None
     if placement == "disk":
@@ -292,6 +293,9 @@ def run_one(args: argparse.Namespace) -> dict:
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "model_gpu_gib": round(base_gpu, 2) if cuda else None,
         "peak_host_gib": round(_peak_rss_gib(), 2),
+        # CUDA's runtime, started before the model is built: counted in host_before_quantize_gib, so the growth
+        # to peak_host_during_quantize_gib is what the run itself adds
+        "host_cuda_runtime_gib": round(runtime_gib, 2),
         "host_before_quantize_gib": round(host.before / 2**30, 2),
         "peak_host_during_quantize_gib": round(host.peak / 2**30, 2),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -307,6 +311,18 @@ def run_one(args: argparse.Namespace) -> dict:
         "layer_host_gib": [list(h) for h in layer_host],
         "pinned_host_gib": round(_pinned_bytes() / 2**30, 2),
     }
+
+
+def _start_cuda_runtime(device: str) -> float:
+    """Start what any GPU program pays for once (the CUDA context, cuBLAS, cuDNN's attention) with a bfloat16
+    matmul and an attention call; the host memory that took, in GiB."""
+    import torch
+
+    before = _rss_bytes()
+    x = torch.randn(1, 8, 128, 128, device=device, dtype=torch.bfloat16)  # Llama-3 heads: 128 wide
+    (x @ x.transpose(-1, -2)).sum().item()
+    torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True).sum().item()
+    return (_rss_bytes() - before) / 2**30
 
 
 def _stage_seconds(quantizer) -> dict[str, float]:
