@@ -266,10 +266,9 @@ AWQ_END_TO_END = textwrap.dedent("""
     for on in (False, True):
         kernels.USE_TRITON = on
         model = make_model("llama").to(torch.bfloat16)
-        for symmetric in (True, False):
-            spec = replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=32, symmetric=symmetric)
-            config = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["lm_head"])
-            awq.AwqProcessor(model, AWQConfig(), make_batches(4), quant_config=config).apply()
+        spec = replace(UINT4_PER_GROUP_ASYM_SPEC, group_size=32)  # symmetric grids: the kernel-level test
+        config = Config(global_quant_config=QuantizationConfig(weight=spec), exclude=["lm_head"])
+        awq.AwqProcessor(model, AWQConfig(), make_batches(4), quant_config=config).apply()
         weights[on] = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert used, "the candidates' kernel never ran"
     start = make_model("llama").to(torch.bfloat16).state_dict()
@@ -283,7 +282,7 @@ AWQ_END_TO_END = textwrap.dedent("""
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_awq_through_the_interpreted_candidates_kernel_equals_the_pytorch_path() -> None:
-    """A whole AWQ run (tiny bf16 Llama, uint4 g32 symmetric then asymmetric) with its scale candidates and final
+    """A whole AWQ run (tiny bf16 Llama, uint4 g32 asymmetric) with its scale candidates and final
     clipping through the candidates' kernel (Triton's interpreter) gives the weights of the PyTorch path bit for
     bit: the kernel's batches, covariances and final clipping are wired as the twin's."""
     assert "awq end to end equal" in _run_interpreted(AWQ_END_TO_END, timeout=900)
