@@ -40,7 +40,7 @@ WORKER = textwrap.dedent("""
     folder, threads = sys.argv[1], int(sys.argv[2])
     if threads > 0:
         torch.set_num_threads(threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_kernels=False).eval()
     data = torch.load(folder + "/calib.pt", weights_only=True)
     config = LLMTemplate.get("llama").get_config(scheme="uint4_wo_128", algorithm="awq", exclude_layers=["lm_head"])
     start = time.perf_counter()

@@ -57,7 +57,7 @@ def main() -> None:
     stories = [s.strip() for s in (MODEL / "calibration.txt").read_text().split("<|endoftext|>") if s.strip()]
     documents = [[1, *sp.encode(s)] for s in stories]
     for gguf_type in ("F16", "Q8_0", "Q4_1", "Q4_0"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, use_kernels=False).eval()
         config = _config(gguf_type)
         if config is not None:
             ModelQuantizer(config).quantize_model(model, None)

@@ -69,7 +69,7 @@ def _weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
 def run(model_dir: Path, device: str, schemes: list[str], n_batches: int, seq_len: int) -> None:
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_kernels=False).to(device).eval()
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (1, seq_len), generator=gen).to(device) for _ in range(n_batches)]

@@ -251,7 +251,8 @@ def run_one(args: argparse.Namespace) -> dict:
         import transformers
 
         home = args.device if placement == "gpu" else "cpu"
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", device_map=home).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", device_map=home,
+                                                                  use_kernels=False).eval()
     else:
         model = build_model(args.shape, args.layers, placement, args.device)
     build_s = time.perf_counter() - start

@@ -18,6 +18,7 @@
 #   bash .gpuq/scripts/call_one.sh      carry .gpuq/whl312 .gpuq/scripts          kernel GPU tests, 32-layer AWQ on an empty
 #                                       Triton cache, the candidates' kernel against the old path's parts and at 16/64
 #                                       rows a program, 3-layer AWQ profile; then call_gguf1 and call_quality at once
+#   bash .gpuq/scripts/call_speed32.sh  carry .gpuq/whl312 .gpuq/scripts          AWQ and GPTQ, 32 layers, empty Triton cache
 #   bash .gpuq/scripts/call_gguf1.sh    carry .gpuq/scripts .gpuq/p1               right after a call that installed the
 #                                       wheels (same warm machine), then call_quality.sh at once
 #   bash .gpuq/scripts/call_ab.sh       carry .gpuq/whl312 .gpuq/scripts .gpuq/base   this tree against BASE (a git
@@ -126,6 +127,11 @@ TRITON_CACHE_DIR=/tmp/triton_fresh timeout 150 python3 bench/bench_speed.py --sh
 timeout 60 python3 bench/bench_clip_kernel.py --candidates | tee "$OUT/candidates.jsonl"
 [ -n "${NO_PROFILE:-}" ] || timeout 60 python3 bench/bench_speed.py --shape 8b --layers 3 --device cuda --runs awq:cpu \
   --profile "$OUT/prof"
+EOS
+cat > .gpuq/scripts/call_speed32.sh <<'EOS'
+source .gpuq/scripts/setup.sh
+TRITON_CACHE_DIR=/tmp/triton_fresh timeout 250 python3 bench/bench_speed.py --shape 8b --layers 32 --device cuda \
+  --runs awq:cpu,gptq:cpu | tee "$OUT/speed32.jsonl"
 EOS
 cat > .gpuq/scripts/call_gguf1.sh <<'EOS'
 source .gpuq/scripts/setup.sh

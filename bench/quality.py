@@ -134,7 +134,9 @@ def main() -> None:
 
     gguf = fetch_model()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    # use_kernels=False: transformers 5.25 otherwise swaps in hub kernels (and needs the `kernels` package) on a GPU
+    base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                use_kernels=False).eval()
     base.config.use_cache = False
     info = TokenizerInfo(tokenizer, add_bos=False)
     text = (args.assets / "text/wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8")

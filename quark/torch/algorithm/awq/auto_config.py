@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, use_kernels=False)  # the torch forwards, no hub fetch
     model.eval()
     json.dump(awq_auto_config_helper(model), __import__("sys").stdout, indent=2)
     __import__("sys").stdout.write("\n")
