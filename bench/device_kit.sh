@@ -71,8 +71,11 @@ EOS
 cat > .gpuq/scripts/call_quality.sh <<'EOS'
 source .gpuq/scripts/setup.sh
 mkdir -p ~/.cache/quark-torch && cat /tmp/q/gguf.partaa .gpuq/p2/gguf.partab > ~/.cache/quark-torch/SmolLM2-135M-Instruct.Q4_1.gguf
+# the rows to $OUT (the reply's tail is 12,000 characters: the progress bars on stderr would push them out)
 timeout 560 python3 bench/quality.py --device cuda --assets .gpuq/assets \
-  --schemes "${ROWS:-float,int4_g64_awq,int4_g64_gptq,mxfp4_awq,mxfp4_gptq}"
+  --schemes "${ROWS:-float,int4_g64_awq,int4_g64_gptq,mxfp4_awq,mxfp4_gptq}" 2>"$OUT/quality.err" \
+  | tee "$OUT/quality.jsonl"
+tail -c 2000 "$OUT/quality.err"
 EOS
 cat > .gpuq/scripts/call_disk.sh <<'EOS'
 source .gpuq/scripts/setup.sh
