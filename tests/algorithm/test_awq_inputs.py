@@ -32,7 +32,10 @@ def _tokens(n: int = 300, cols: int = 64, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def test_streamed_statistics_equal_the_concatenated_tokens_reference() -> None:
+@pytest.mark.parametrize("gram_rows", [2048, 5])  # one product per chunk, or chunks in pieces of 5 tokens
+def test_streamed_statistics_equal_the_concatenated_tokens_reference(gram_rows: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inputs, "GRAM_ROWS", gram_rows)
     x = _tokens()
     pieces = [x[:13].reshape(1, 13, -1), x[13:200], x[200:]]  # calls of any shape and split
     stats = group_input_stats(pieces, [16, 32], full=True, token_chunk=37)
