@@ -107,6 +107,22 @@ def test_auto_config_command(tmp_path):
     assert cfg["model_decoder_layers"] == "model.layers" and len(cfg["scaling_layers"]) == 4
 
 
+def test_auto_config_command_refuses_pickled_weights(tmp_path):
+    """A folder with only a pickled ``pytorch_model.bin`` is refused (exit 2, the field and the reason named): the
+    command reads safetensors only."""
+    import torch
+    from safetensors.torch import load_file
+
+    make_model("qwen2").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    torch.save(load_file(weights), tmp_path / "pytorch_model.bin")  # a loadable pickle: transformers would read it
+    weights.unlink()
+    out = subprocess.run([sys.executable, "-m", "quark.torch.algorithm.awq.auto_config", "--model_dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and not out.stdout
+    assert "--model_dir" in out.stderr and "safetensors" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_candidate_slices_tail_then_head_longest_first():
     from quark.torch.algorithm.utils.scaling import candidate_slices
 

@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, use_kernels=False)  # the torch forwards, no hub fetch
+    try:
+        # safetensors only: a pickled pytorch_model.bin can run code when loaded; the torch forwards, no hub fetch
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, use_safetensors=True, use_kernels=False)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--model_dir {args.model_dir!r}: cannot load a causal LM from its safetensors weights "
+                     f"({str(exc).splitlines()[0]}); pickled .bin weights are never read: convert them to "
+                     "safetensors first")
     model.eval()
     json.dump(awq_auto_config_helper(model), __import__("sys").stdout, indent=2)
     __import__("sys").stdout.write("\n")
