@@ -315,14 +315,17 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 def _start_cuda_runtime(device: str) -> float:
-    """Start what any GPU program pays for once (the CUDA context, cuBLAS, cuDNN's attention) with a bfloat16
-    matmul and an attention call; the host memory that took, in GiB."""
+    """Start what any GPU program pays for once (the CUDA context, cuBLAS, cuDNN's attention, cuSOLVER) with a
+    bfloat16 matmul, an attention call and GPTQ's float32 Cholesky steps; the host memory that took, in GiB."""
     import torch
 
     before = _rss_bytes()
     x = torch.randn(1, 8, 128, 128, device=device, dtype=torch.bfloat16)  # Llama-3 heads: 128 wide
     (x @ x.transpose(-1, -2)).sum().item()
     torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True).sum().item()
+    h = torch.eye(64, device=device) * 2.0
+    lower = torch.linalg.cholesky_ex(h)[0]
+    torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)[0].sum().item()
     return (_rss_bytes() - before) / 2**30
 
 
