@@ -243,14 +243,19 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch
 #: beside its 0.47 GB bf16 weight). Every element's arithmetic is the same either way.
 CHUNK_ELEMENTS = 1 << 24
 
+#: The same on the CPU, where a step's temporaries (4 MiB each) then stay in the caches: quantizing Llama-3-8B's
+#: down_proj weight (int4 g128) took 493 ms at ``1 << 24`` and 122 ms at ``1 << 20`` on a 2-core x86-64 CPU.
+CPU_CHUNK_ELEMENTS = 1 << 20
+
 
 def _by_leading_rows(fn: Callable[..., torch.Tensor], x: torch.Tensor,
                      params: list[torch.Tensor | None]) -> torch.Tensor:
-    """``fn(x, *params)``, computed ``CHUNK_ELEMENTS`` at a time along ``x``'s first dimension into one output.
+    """``fn(x, *params)``, computed ``CHUNK_ELEMENTS`` (CPU: ``CPU_CHUNK_ELEMENTS``) at a time along ``x``'s first dimension into one output.
     ``params`` broadcast against ``x``: one with ``x``'s dimensions and a first dimension above 1 is sliced with
     it, the others serve every slice. A tensor that needs its gradient runs whole (no in-place assembly)."""
     rows = x.shape[0] if x.dim() else 1
-    step = max(1, CHUNK_ELEMENTS // max(x[0].numel() if x.dim() else 1, 1))
+    chunk = CHUNK_ELEMENTS if x.device.type != "cpu" else min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS)
+    step = max(1, chunk // max(x[0].numel() if x.dim() else 1, 1))
     if step >= rows or (x.requires_grad and torch.is_grad_enabled()):
         return fn(x, *params)
 
