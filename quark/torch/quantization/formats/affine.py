@@ -251,8 +251,9 @@ CPU_CHUNK_ELEMENTS = 1 << 20
 def _by_leading_rows(fn: Callable[..., torch.Tensor], x: torch.Tensor,
                      params: list[torch.Tensor | None]) -> torch.Tensor:
     """``fn(x, *params)``, computed ``CHUNK_ELEMENTS`` (CPU: ``CPU_CHUNK_ELEMENTS``) at a time along ``x``'s first
-    dimension into one output. ``params`` broadcast against ``x``: one with ``x``'s dimensions and a first dimension above 1 is sliced with
-    it, the others serve every slice. A tensor that needs its gradient runs whole (no in-place assembly)."""
+    dimension into one output. ``params`` broadcast against ``x``: one with ``x``'s dimensions and a first
+    dimension above 1 is sliced with it, the others serve every slice. A tensor that needs its gradient runs
+    whole (no in-place assembly)."""
     rows = x.shape[0] if x.dim() else 1
     chunk = CHUNK_ELEMENTS if x.device.type != "cpu" else min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS)
     step = max(1, chunk // max(x[0].numel() if x.dim() else 1, 1))
