@@ -6,7 +6,8 @@
 # Then, on the device machine (each a separate call while it stays warm; "carry" the folders named):
 #   bash .gpuq/scripts/call_tests.sh    carry .gpuq/whl312 .gpuq/scripts          GPU tests + 8B-shape speed
 #   bash .gpuq/scripts/call_part1.sh    carry .gpuq/scripts .gpuq/p1 .gpuq/ref     keeps part 1; old paths, amd-quark
-#   bash .gpuq/scripts/call_quality.sh  carry .gpuq/scripts .gpuq/p2 .gpuq/assets  joins the GGUF; quality rows
+#   bash .gpuq/scripts/call_quality.sh  carry .gpuq/scripts .gpuq/p2 .gpuq/assets  joins the GGUF; quality rows (the
+#                                       rows of results.md section 1 that the algorithms' GPU paths touch; ROWS=...)
 #   bash .gpuq/scripts/call_disk.sh     carry .gpuq/whl312 .gpuq/scripts          disk placement, read-ahead on/off
 #   bash .gpuq/scripts/call_big.sh      carry .gpuq/whl312 .gpuq/scripts          32-layer 8B speed, 70B from disk
 #   bash .gpuq/scripts/call_profile.sh  carry .gpuq/whl312 .gpuq/scripts          stage profile, memory trace, clip kernel
@@ -73,7 +74,8 @@ source .gpuq/scripts/setup.sh
 mkdir -p ~/.cache/quark-torch && cat /tmp/q/gguf.partaa .gpuq/p2/gguf.partab > ~/.cache/quark-torch/SmolLM2-135M-Instruct.Q4_1.gguf
 # the rows to $OUT (the reply's tail is 12,000 characters: the progress bars on stderr would push them out)
 timeout 560 python3 bench/quality.py --device cuda --assets .gpuq/assets \
-  --schemes "${ROWS:-float,int4_g64_awq,int4_g64_gptq,mxfp4_awq,mxfp4_gptq}" 2>"$OUT/quality.err" \
+  --schemes "${ROWS:-float,int4_g64_gptq,int4_g64_awq,fp8,fp8_gptq,int4_per_channel_gptq,int8_quarot_gptq}" \
+  2>"$OUT/quality.err" \
   | tee "$OUT/quality.jsonl"
 tail -c 2000 "$OUT/quality.err"
 EOS
