@@ -243,8 +243,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch
 #: beside its 0.47 GB bf16 weight). Every element's arithmetic is the same either way.
 CHUNK_ELEMENTS = 1 << 24
 
-#: The same on the CPU, where a step's temporaries (4 MiB each) then stay in the caches: quantizing Llama-3-8B's
-#: down_proj weight (int4 g128) took 493 ms at ``1 << 24`` and 122 ms at ``1 << 20`` on a 2-core x86-64 CPU.
+#: The same on the CPU, where a step's temporaries (4 MiB each) then stay in the caches: the int4 g128 codes of
+#: Llama-3-8B's down_proj weight take 0.44 s at ``1 << 24`` and 0.08 s at ``1 << 20`` on a 2-core x86-64 CPU
+#: (``bench/bench_formats.py``; ``1 << 18`` is no faster).
 CPU_CHUNK_ELEMENTS = 1 << 20
 
 
