@@ -4,8 +4,9 @@ Both functions take a tensor through their float32 arithmetic a few rows at a ti
 (``formats.affine.CHUNK_ELEMENTS`` elements on a GPU, ``CPU_CHUNK_ELEMENTS`` on the CPU). For each step
 size this times, on Llama-3-8B-shaped tensors, the int4 g128 codes of a down_proj weight (what ``freeze``
 does), its fake-quantized values (what calibration forwards do), and an fp8 per-tensor fake-quantized
-activation batch, and prints one JSON object per step size with each time and its ratio to the
-``--baseline`` step size's (results are identical at every step size: the same arithmetic per element).
+activation batch, and prints one JSON object per step size with each time (the best of ``--repeats``) and its
+ratio to the ``--baseline`` step size's (results are identical at every step size: the same arithmetic per
+element).
 
     python bench/bench_formats.py                       # CPU, 8B shapes
     python bench/bench_formats.py --device cuda
@@ -17,25 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from collections.abc import Callable
 
 import torch
+from bench_gptq import best_time  # this folder is the script's import path
 
 from quark.torch.quantization import formats
 from quark.torch.quantization.formats import affine
-
-
-def _seconds(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for step in steps:
             affine.CHUNK_ELEMENTS = affine.CPU_CHUNK_ELEMENTS = 1 << step
-            rows[step] = {name: _seconds(fn, args.repeats, device) for name, fn in cases.items()}
+            rows[step] = {name: best_time(fn, args.repeats, device) for name, fn in cases.items()}
     finally:
         affine.CHUNK_ELEMENTS, affine.CPU_CHUNK_ELEMENTS = saved
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

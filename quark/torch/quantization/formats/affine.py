@@ -244,8 +244,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor | None, zero_point: torch
 CHUNK_ELEMENTS = 1 << 24
 
 #: The same on the CPU, where a step's temporaries (4 MiB each) then stay in the caches: the int4 g128 codes of
-#: Llama-3-8B's down_proj weight take 0.44 s at ``1 << 24`` and 0.08 s at ``1 << 20`` on a 2-core x86-64 CPU
-#: (``bench/bench_formats.py``; ``1 << 18`` is no faster).
+#: Llama-3-8B's down_proj weight take 0.42-0.48 s at ``1 << 24`` and 0.08-0.12 s at ``1 << 20`` on a 2-core x86-64
+#: CPU (``bench/bench_formats.py``, four runs; ``1 << 18`` is within the runs' noise of ``1 << 20``).
 CPU_CHUNK_ELEMENTS = 1 << 20
 
 
